@@ -1,0 +1,38 @@
+/*
+ * Time helpers: wall and monotonic clocks, durations in the Go-like form the
+ * configuration uses ("250ms", "5s", "1h30m", "168h"), RFC 3339 formatting,
+ * and capped exponential backoff with jitter.
+ */
+#ifndef LOOM_CLOCK_H
+#define LOOM_CLOCK_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* Milliseconds since the Unix epoch. */
+int64_t loom_now_ms(void);
+/* Microseconds since the Unix epoch. */
+int64_t loom_now_us(void);
+/* Monotonic nanoseconds (for timing, never for timestamps). */
+int64_t loom_mono_ns(void);
+/* Monotonic milliseconds. */
+int64_t loom_mono_ms(void);
+
+/* Parses a duration such as "1h30m", "250ms", "10s", "0"; units ns us ms s m h d.
+ * Returns 0 and the duration in milliseconds, or LOOM_EINVAL (also on overflow
+ * or a sub-millisecond remainder). */
+int loom_duration_parse_ms(const char *s, int64_t *out_ms);
+/* Formats milliseconds as a duration string ("1h30m", "250ms", "0s"). */
+void loom_duration_format(int64_t ms, char *buf, size_t size);
+
+/* Formats Unix microseconds as RFC 3339 UTC with microseconds ("...Z"). */
+void loom_rfc3339_format(int64_t unix_us, char *buf, size_t size);
+
+/* Sleeps for ms milliseconds (resumes after signals). */
+void loom_sleep_ms(int64_t ms);
+
+/* Capped exponential backoff with full jitter: a random delay in
+ * [base/2, min(cap, base * 2^attempt)] milliseconds. attempt starts at 0. */
+int64_t loom_backoff_ms(int attempt, int64_t base_ms, int64_t cap_ms);
+
+#endif

@@ -1,0 +1,40 @@
+/*
+ * cli.h: private plumbing shared by the `loom` subcommands (engine/src/cli_*.c).
+ */
+#ifndef LOOM_CLI_H
+#define LOOM_CLI_H
+
+#include "loom/app.h"
+#include "loom/config.h"
+#include "loom/db.h"
+
+#include <stdbool.h>
+
+typedef struct cli_ctx {
+    const loom_app_t *app;
+    loom_config_t cfg; /* loaded before a command that needs it runs */
+} cli_ctx_t;
+
+typedef struct cli_command {
+    const char *name;
+    const char *summary; /* one line for `loom --help` */
+    const char *usage;   /* the whole `loom CMD --help` text */
+    bool needs_config;
+    int (*run)(cli_ctx_t *ctx, int argc, char **argv); /* argv[0] is the command */
+} cli_command_t;
+
+extern const cli_command_t cli_migrate_command;
+extern const cli_command_t cli_dev_command;
+
+/* Prints "loom CMD: message" and a hint to stderr; returns LOOM_EXIT_USAGE. */
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prints "loom CMD: message" to stderr; returns LOOM_EXIT_FAILURE. */
+int cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Opens a pool on LOOM_DATABASE_URL, or explains that it is unset. */
+int cli_open_db(cli_ctx_t *ctx, const char *cmd, int size, loom_db_pool_t **pool);
+
+/* Sets up logging from the configuration. */
+void cli_setup_logging(const loom_config_t *cfg);
+
+#endif

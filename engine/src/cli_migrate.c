@@ -1,0 +1,121 @@
+/*
+ * cli_migrate.c: `loom migrate up | down [N] | status`.
+ */
+#include "cli.h"
+#include "loom/log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int migrate_up(loom_db_t *db, const loom_app_t *app)
+{
+    loom_error_t err;
+    int applied = 0;
+    if (loom_migrate_up(db, &app->migrations, &applied, &err) != 0)
+        return cli_fail("migrate up", "%s", err.message);
+    printf("%d migration%s applied; schema is up to date (%zu known)\n", applied,
+           applied == 1 ? "" : "s", app->migrations.count);
+    return LOOM_EXIT_OK;
+}
+
+static int migrate_down(loom_db_t *db, const loom_app_t *app, int steps)
+{
+    loom_error_t err;
+    int reverted = 0;
+    int rc = loom_migrate_down(db, &app->migrations, steps, &reverted, &err);
+    printf("%d migration%s reverted\n", reverted, reverted == 1 ? "" : "s");
+    if (rc != 0)
+        return cli_fail("migrate down", "%s", err.message);
+    return LOOM_EXIT_OK;
+}
+
+static int migrate_status(loom_db_t *db, const loom_app_t *app)
+{
+    loom_error_t err;
+    loom_migration_status_t *st = NULL;
+    size_t n = 0;
+    if (loom_migrate_status(db, &app->migrations, &st, &n, &err) != 0)
+        return cli_fail("migrate status", "%s", err.message);
+    int changed = 0, pending = 0;
+    printf("%-8s %-32s %-8s %s\n", "VERSION", "NAME", "STATE", "APPLIED AT");
+    for (size_t i = 0; i < n; i++) {
+        printf("%04d     %-32s %-8s %s\n", st[i].version, st[i].name,
+               loom_migration_state_name(st[i].state),
+               st[i].applied_at[0] ? st[i].applied_at : "-");
+        changed += st[i].state == LOOM_MIGRATION_CHANGED;
+        pending += st[i].state == LOOM_MIGRATION_PENDING;
+    }
+    free(st);
+    printf("%d pending, %d changed since applied\n", pending, changed);
+    if (changed)
+        return cli_fail("migrate status", "%d applied migration file%s changed: restore %s",
+                        changed, changed == 1 ? " was" : "s were", changed == 1 ? "it" : "them");
+    return LOOM_EXIT_OK;
+}
+
+static int cmd_migrate(cli_ctx_t *ctx, int argc, char **argv)
+{
+    if (argc < 2)
+        return cli_usage_error("migrate", "missing subcommand: up, down or status");
+    const char *sub = argv[1];
+    int steps = 1;
+    for (int i = 2; i < argc; i++)
+        if (argv[i][0] == '-')
+            return cli_usage_error("migrate", "unknown option '%s'", argv[i]);
+    if (strcmp(sub, "down") == 0) {
+        if (argc > 3)
+            return cli_usage_error("migrate", "unexpected argument '%s'", argv[3]);
+        if (argc == 3) {
+            char *end = NULL;
+            long v = strtol(argv[2], &end, 10);
+            if (!*argv[2] || *end || v < 1 || v > 100000)
+                return cli_usage_error("migrate", "down takes a count of at least 1, not '%s'",
+                                       argv[2]);
+            steps = (int)v;
+        }
+    } else if (strcmp(sub, "up") == 0 || strcmp(sub, "status") == 0) {
+        if (argc > 2)
+            return cli_usage_error("migrate", "unexpected argument '%s'", argv[2]);
+    } else {
+        return cli_usage_error("migrate", "unknown subcommand '%s': use up, down or status", sub);
+    }
+
+    loom_db_pool_t *pool = NULL;
+    int rc = cli_open_db(ctx, "migrate", 1, &pool);
+    if (rc != 0)
+        return rc;
+    loom_db_t *db = NULL;
+    loom_error_t err;
+    if (loom_db_acquire(pool, &db, &err) != 0) {
+        loom_db_pool_free(pool);
+        return cli_fail("migrate", "%s", err.message);
+    }
+    if (strcmp(sub, "up") == 0)
+        rc = migrate_up(db, ctx->app);
+    else if (strcmp(sub, "down") == 0)
+        rc = migrate_down(db, ctx->app, steps);
+    else
+        rc = migrate_status(db, ctx->app);
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+    return rc;
+}
+
+const cli_command_t cli_migrate_command = {
+    "migrate", "apply, revert or list schema migrations",
+    "usage: loom migrate up\n"
+    "       loom migrate down [N]\n"
+    "       loom migrate status\n"
+    "\n"
+    "Schema migrations are the numbered files of migrations/ (NNNN_name.up.sql and\n"
+    ".down.sql), built into the binary. Each applied one is recorded with its\n"
+    "version, name and SHA-256; a run refuses to start when an applied file has\n"
+    "changed. Several processes may migrate at once: they take turns.\n"
+    "\n"
+    "  up        apply every pending migration, in order\n"
+    "  down [N]  revert the last N applied migrations (default 1), newest first\n"
+    "  status    list every migration: applied (when), pending, CHANGED or missing\n"
+    "\n"
+    "Needs LOOM_DATABASE_URL.\n",
+    true, cmd_migrate};

@@ -1,0 +1,159 @@
+/*
+ * clock.c: clocks, durations, RFC 3339 and backoff.
+ */
+#include "loom/clock.h"
+#include "loom/error.h"
+#include "loom/uuid.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+int64_t loom_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t loom_now_ms(void)
+{
+    return loom_now_us() / 1000;
+}
+
+int64_t loom_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int64_t loom_mono_ms(void)
+{
+    return loom_mono_ns() / 1000000;
+}
+
+static const struct {
+    const char *unit;
+    int64_t ns;
+} units[] = {
+    /* longest first so "ms" is not read as "m" */
+    {"ns", 1},
+    {"us", 1000},
+    {"ms", 1000000},
+    {"s", 1000000000LL},
+    {"m", 60LL * 1000000000LL},
+    {"h", 3600LL * 1000000000LL},
+    {"d", 86400LL * 1000000000LL},
+};
+
+int loom_duration_parse_ms(const char *s, int64_t *out_ms)
+{
+    if (!s || !*s)
+        return LOOM_EINVAL;
+    if (strcmp(s, "0") == 0) {
+        *out_ms = 0;
+        return 0;
+    }
+    __int128 total_ns = 0;
+    const char *p = s;
+    while (*p) {
+        if (!isdigit((unsigned char)*p))
+            return LOOM_EINVAL;
+        __int128 n = 0;
+        while (isdigit((unsigned char)*p)) {
+            n = n * 10 + (*p - '0');
+            if (n > (__int128)INT64_MAX)
+                return LOOM_EINVAL;
+            p++;
+        }
+        size_t best = 0;
+        int64_t mult = 0;
+        for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+            size_t ul = strlen(units[i].unit);
+            if (ul > best && strncmp(p, units[i].unit, ul) == 0 && !isalpha((unsigned char)p[ul])) {
+                best = ul;
+                mult = units[i].ns;
+            }
+        }
+        if (best == 0)
+            return LOOM_EINVAL;
+        p += best;
+        total_ns += n * mult;
+        if (total_ns > (__int128)INT64_MAX * 1000000)
+            return LOOM_EINVAL;
+    }
+    if (total_ns % 1000000 != 0)
+        return LOOM_EINVAL;
+    *out_ms = (int64_t)(total_ns / 1000000);
+    return 0;
+}
+
+void loom_duration_format(int64_t ms, char *buf, size_t size)
+{
+    if (ms == 0) {
+        snprintf(buf, size, "0s");
+        return;
+    }
+    int64_t h = ms / 3600000, m = ms / 60000 % 60, s = ms / 1000 % 60, r = ms % 1000;
+    size_t off = 0;
+    buf[0] = '\0';
+#define PUT(fmt, v)                                                                     \
+    do {                                                                                \
+        int n_ = snprintf(buf + off, off < size ? size - off : 0, fmt, (long long)(v)); \
+        if (n_ > 0)                                                                     \
+            off += (size_t)n_;                                                          \
+    } while (0)
+    if (h)
+        PUT("%lldh", h);
+    if (m)
+        PUT("%lldm", m);
+    if (s)
+        PUT("%llds", s);
+    if (r)
+        PUT("%lldms", r);
+#undef PUT
+}
+
+void loom_rfc3339_format(int64_t unix_us, char *buf, size_t size)
+{
+    time_t secs = (time_t)(unix_us / 1000000);
+    int64_t frac = unix_us % 1000000;
+    if (frac < 0) {
+        frac += 1000000;
+        secs -= 1;
+    }
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
+}
+
+void loom_sleep_ms(int64_t ms)
+{
+    if (ms <= 0)
+        return;
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+int64_t loom_backoff_ms(int attempt, int64_t base_ms, int64_t cap_ms)
+{
+    if (base_ms < 1)
+        base_ms = 1;
+    if (cap_ms < base_ms)
+        cap_ms = base_ms;
+    int64_t ceiling = base_ms;
+    for (int i = 0; i < attempt && ceiling < cap_ms; i++)
+        ceiling *= 2;
+    if (ceiling > cap_ms)
+        ceiling = cap_ms;
+    int64_t floor_ms = ceiling / 2;
+    uint64_t r;
+    loom_random_bytes(&r, sizeof(r));
+    return floor_ms + (int64_t)(r % (uint64_t)(ceiling - floor_ms + 1));
+}

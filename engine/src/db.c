@@ -1,0 +1,396 @@
+/*
+ * db.c: libpq connection pool, lazily prepared statements, SQLSTATE mapping
+ * and the retrying transaction runner.
+ *
+ * The pool is a fixed array of slots guarded by one mutex. A slot's PGconn is
+ * created on first use and replaced after it breaks, so a database restart
+ * costs each slot one failed attempt and nothing else.
+ */
+#include "loom/db.h"
+#include "loom/clock.h"
+#include "loom/log.h"
+#include "loom/mem.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct loom_db {
+    loom_db_pool_t *pool;
+    PGconn *pg;
+    bool in_use;
+    const loom_db_stmt_t **prepared; /* statements prepared on this pg */
+    size_t n_prepared, cap_prepared;
+};
+
+struct loom_db_pool {
+    char *conninfo;
+    loom_db_pool_opts_t opts;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    loom_db_t *slots;
+    int size;
+};
+
+/* ---- errors --------------------------------------------------------------- */
+
+static const char *first_line(const char *msg, char *buf, size_t size)
+{
+    if (!msg || !*msg)
+        return "no message";
+    size_t n = strcspn(msg, "\n");
+    snprintf(buf, size, "%.*s", (int)n, msg);
+    return buf;
+}
+
+int loom_db_error(PGconn *pg, const PGresult *res, loom_error_t *err)
+{
+    char line[LOOM_ERROR_MESSAGE_MAX];
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *msg = res ? PQresultErrorMessage(res) : NULL;
+    if ((!msg || !*msg) && pg)
+        msg = PQerrorMessage(pg);
+    const char *text = first_line(msg, line, sizeof(line));
+    /* libpq prefixes "ERROR:  "; keep the reason only. */
+    if (strncmp(text, "ERROR:  ", 8) == 0)
+        text += 8;
+
+    if (state && (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0))
+        return loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE, "%s (SQLSTATE %s)", text,
+                              state);
+    if ((state && (strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 ||
+                   strcmp(state, "57P02") == 0 || strcmp(state, "57P03") == 0)) ||
+        (pg && PQstatus(pg) == CONNECTION_BAD) || (!state && !res)) {
+        int rc =
+            loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost: %s", text);
+        (void)rc;
+        return LOOM_EDBCONN;
+    }
+    if (state && strcmp(state, "57014") == 0)
+        return loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "statement canceled: %s", text);
+    if (state && strcmp(state, "25006") == 0)
+        return loom_error_set(err, LOOM_CODE_READ_ONLY_VIOLATION, "%s", text);
+    if (state && strcmp(state, "23505") == 0)
+        return loom_error_set(err, LOOM_CODE_ALREADY_EXISTS, "%s", text);
+    loom_error_set(err, LOOM_CODE_DB_ERROR, "%s (SQLSTATE %s)", text, state ? state : "none");
+    return LOOM_EDB;
+}
+
+bool loom_db_error_is_transient(const loom_error_t *err)
+{
+    return err && err->code &&
+           (strcmp(err->code, "SERIALIZATION_FAILURE") == 0 ||
+            strcmp(err->code, "DB_UNAVAILABLE") == 0);
+}
+
+/* ---- connections ----------------------------------------------------------- */
+
+static int db_connect(loom_db_t *db, loom_error_t *err)
+{
+    loom_db_pool_t *pool = db->pool;
+    /* Defaults first: values inside the conninfo (expanded from dbname) win. */
+    const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
+    const char *vals[] = {"5", pool->opts.application_name, pool->conninfo, NULL};
+    db->pg = PQconnectdbParams(keys, vals, 1);
+    db->n_prepared = 0;
+    if (!db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "could not connect: out of memory");
+    if (PQstatus(db->pg) != CONNECTION_OK) {
+        char line[LOOM_ERROR_MESSAGE_MAX];
+        loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "could not connect to the database: %s",
+                       first_line(PQerrorMessage(db->pg), line, sizeof(line)));
+        PQfinish(db->pg);
+        db->pg = NULL;
+        return LOOM_EDBCONN;
+    }
+    if (pool->opts.read_only) {
+        PGresult *r = PQexec(db->pg, "SET default_transaction_read_only = on");
+        bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+        PQclear(r);
+        if (!ok) {
+            int rc = loom_db_error(db->pg, NULL, err);
+            PQfinish(db->pg);
+            db->pg = NULL;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static void db_disconnect(loom_db_t *db)
+{
+    if (db->pg)
+        PQfinish(db->pg);
+    db->pg = NULL;
+    db->n_prepared = 0;
+}
+
+int loom_db_pool_new(const char *conninfo, const loom_db_pool_opts_t *opts, loom_db_pool_t **out,
+                     loom_error_t *err)
+{
+    if (!conninfo || !out)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "no database URL given");
+    loom_db_pool_t *pool = loom_xcalloc(1, sizeof(*pool));
+    if (opts)
+        pool->opts = *opts;
+    if (pool->opts.size <= 0)
+        pool->opts.size = 4;
+    if (pool->opts.acquire_timeout_ms <= 0)
+        pool->opts.acquire_timeout_ms = 30000;
+    if (!pool->opts.application_name)
+        pool->opts.application_name = "loom";
+    pool->conninfo = loom_xstrdup(conninfo);
+    pool->size = pool->opts.size;
+    pool->slots = loom_xcalloc((size_t)pool->size, sizeof(*pool->slots));
+    for (int i = 0; i < pool->size; i++)
+        pool->slots[i].pool = pool;
+    pthread_mutex_init(&pool->mu, NULL);
+    pthread_cond_init(&pool->cond, NULL);
+    int rc = db_connect(&pool->slots[0], err);
+    if (rc != 0) {
+        loom_db_pool_free(pool);
+        return rc;
+    }
+    *out = pool;
+    return 0;
+}
+
+void loom_db_pool_free(loom_db_pool_t *pool)
+{
+    if (!pool)
+        return;
+    for (int i = 0; i < pool->size; i++) {
+        db_disconnect(&pool->slots[i]);
+        free(pool->slots[i].prepared);
+    }
+    pthread_mutex_destroy(&pool->mu);
+    pthread_cond_destroy(&pool->cond);
+    free(pool->slots);
+    free(pool->conninfo);
+    free(pool);
+}
+
+bool loom_db_pool_read_only(const loom_db_pool_t *pool)
+{
+    return pool->opts.read_only;
+}
+
+int loom_db_acquire(loom_db_pool_t *pool, loom_db_t **out, loom_error_t *err)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += pool->opts.acquire_timeout_ms / 1000;
+    until.tv_nsec += (pool->opts.acquire_timeout_ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    loom_db_t *db = NULL;
+    pthread_mutex_lock(&pool->mu);
+    for (;;) {
+        /* Prefer a slot that is already connected. */
+        for (int i = 0; i < pool->size && !db; i++)
+            if (!pool->slots[i].in_use && pool->slots[i].pg)
+                db = &pool->slots[i];
+        for (int i = 0; i < pool->size && !db; i++)
+            if (!pool->slots[i].in_use)
+                db = &pool->slots[i];
+        if (db)
+            break;
+        if (pthread_cond_timedwait(&pool->cond, &pool->mu, &until) == ETIMEDOUT) {
+            pthread_mutex_unlock(&pool->mu);
+            return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE,
+                                  "no free database connection after %lld ms (pool of %d)",
+                                  (long long)pool->opts.acquire_timeout_ms, pool->size);
+        }
+    }
+    db->in_use = true;
+    pthread_mutex_unlock(&pool->mu);
+
+    if (db->pg && PQstatus(db->pg) != CONNECTION_OK)
+        db_disconnect(db);
+    if (!db->pg) {
+        int rc = db_connect(db, err);
+        if (rc != 0) {
+            loom_db_release(db);
+            return rc;
+        }
+    }
+    *out = db;
+    return 0;
+}
+
+void loom_db_release(loom_db_t *db)
+{
+    if (!db)
+        return;
+    loom_db_pool_t *pool = db->pool;
+    if (db->pg) {
+        if (PQstatus(db->pg) != CONNECTION_OK) {
+            db_disconnect(db);
+        } else if (PQtransactionStatus(db->pg) != PQTRANS_IDLE) {
+            PGresult *r = PQexec(db->pg, "ROLLBACK");
+            PQclear(r);
+            if (PQtransactionStatus(db->pg) != PQTRANS_IDLE)
+                db_disconnect(db);
+        }
+    }
+    pthread_mutex_lock(&pool->mu);
+    db->in_use = false;
+    pthread_cond_signal(&pool->cond);
+    pthread_mutex_unlock(&pool->mu);
+}
+
+PGconn *loom_db_pg(loom_db_t *db)
+{
+    return db->pg;
+}
+
+int loom_db_backend_pid(loom_db_t *db)
+{
+    return db->pg ? PQbackendPID(db->pg) : 0;
+}
+
+/* ---- statements ------------------------------------------------------------- */
+
+static int check_result(loom_db_t *db, PGresult *r, PGresult **res, loom_error_t *err)
+{
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        if (res)
+            *res = r;
+        else
+            PQclear(r);
+        return 0;
+    }
+    int rc = loom_db_error(db->pg, r, err);
+    PQclear(r);
+    if (res)
+        *res = NULL;
+    return rc;
+}
+
+static bool is_prepared(loom_db_t *db, const loom_db_stmt_t *stmt)
+{
+    for (size_t i = 0; i < db->n_prepared; i++)
+        if (db->prepared[i] == stmt)
+            return true;
+    return false;
+}
+
+int loom_db_exec(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
+                 PGresult **res, loom_error_t *err)
+{
+    if (!db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    if (!is_prepared(db, stmt)) {
+        PGresult *r = PQprepare(db->pg, stmt->name, stmt->sql, stmt->nparams, NULL);
+        int rc = check_result(db, r, NULL, err);
+        if (rc != 0)
+            return rc;
+        if (db->n_prepared == db->cap_prepared) {
+            db->cap_prepared = db->cap_prepared ? db->cap_prepared * 2 : 16;
+            db->prepared = loom_xrealloc(db->prepared, db->cap_prepared * sizeof(*db->prepared));
+        }
+        db->prepared[db->n_prepared++] = stmt;
+    }
+    PGresult *r = PQexecPrepared(db->pg, stmt->name, stmt->nparams, params, NULL, NULL, 0);
+    return check_result(db, r, res, err);
+}
+
+int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const *params,
+                  PGresult **res, loom_error_t *err)
+{
+    if (!db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    PGresult *r = PQexecParams(db->pg, sql, nparams, NULL, params, NULL, NULL, 0);
+    return check_result(db, r, res, err);
+}
+
+int loom_db_exec_script(loom_db_t *db, const char *sql, loom_error_t *err)
+{
+    if (!db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    /* PQexec returns the last statement's result; an error stops the script. */
+    PGresult *r = PQexec(db->pg, sql);
+    return check_result(db, r, NULL, err);
+}
+
+char *loom_db_quote_ident(PGconn *pg, const char *ident)
+{
+    char *q = PQescapeIdentifier(pg, ident, strlen(ident));
+    if (!q)
+        return NULL;
+    char *copy = loom_xstrdup(q);
+    PQfreemem(q);
+    return copy;
+}
+
+/* ---- transactions ------------------------------------------------------------ */
+
+static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, void *arg,
+                      loom_error_t *err)
+{
+    char begin[96];
+    snprintf(begin, sizeof(begin), "BEGIN%s%s%s", o->isolation ? " ISOLATION LEVEL " : "",
+             o->isolation ? o->isolation : "", o->read_only ? " READ ONLY" : "");
+    int rc = loom_db_exec_script(db, begin, err);
+    if (rc != 0)
+        return rc;
+    rc = fn(db, arg, err);
+    if (rc != 0) {
+        if (db->pg && PQstatus(db->pg) == CONNECTION_OK) {
+            PGresult *r = PQexec(db->pg, "ROLLBACK");
+            PQclear(r);
+        }
+        return rc;
+    }
+    /* COMMIT can fail with 40001 on CockroachDB and on SERIALIZABLE Postgres. */
+    PGresult *r = PQexec(db->pg, "COMMIT");
+    rc = check_result(db, r, NULL, err);
+    return rc;
+}
+
+int loom_tx_run(loom_db_pool_t *pool, loom_tx_opts_t *opts, loom_tx_fn fn, void *arg,
+                loom_error_t *err)
+{
+    loom_tx_opts_t defaults = {0};
+    loom_tx_opts_t *o = opts ? opts : &defaults;
+    int max_attempts = o->max_attempts == 0 ? 10 : o->max_attempts;
+    int64_t base = o->base_backoff_ms > 0 ? o->base_backoff_ms : 5;
+    int64_t cap = o->max_backoff_ms > 0 ? o->max_backoff_ms : 2000;
+    if (pool->opts.read_only)
+        o->read_only = true;
+    o->attempts = 0;
+
+    for (;;) {
+        loom_error_t e;
+        loom_error_clear(&e);
+        loom_db_t *db = NULL;
+        int rc = loom_db_acquire(pool, &db, &e);
+        o->attempts++;
+        if (rc == 0) {
+            rc = tx_attempt(db, o, fn, arg, &e);
+            loom_db_release(db);
+        }
+        if (rc == 0) {
+            loom_error_clear(err);
+            return 0;
+        }
+        bool again = loom_db_error_is_transient(&e) &&
+                     (max_attempts < 0 || o->attempts < max_attempts) && !(o->stop && *o->stop);
+        int64_t delay = loom_backoff_ms(o->attempts - 1, base, cap);
+        if (again && o->deadline_mono_ms > 0 && loom_mono_ms() + delay >= o->deadline_mono_ms)
+            again = false;
+        if (!again) {
+            if (err)
+                *err = e;
+            return rc;
+        }
+        LOOM_DEBUG("retrying transaction", "attempt=%d delay_ms=%lld code=%s error=%s", o->attempts,
+                   (long long)delay, e.code, e.message);
+        loom_sleep_ms(delay);
+    }
+}
