@@ -218,7 +218,26 @@ int loom_config_check(const loom_config_var_t *var, const char *value, int64_t *
     case LOOM_CFG_DB_URL: {
         char *pqerr = NULL;
         PQconninfoOption *opts = *value ? PQconninfoParse(value, &pqerr) : NULL;
-        if (!opts) {
+        const char *bad_port = NULL;
+        for (PQconninfoOption *o = opts; o && o->keyword; o++) {
+            if (strcmp(o->keyword, "port") != 0 || !o->val)
+                continue;
+            for (const char *p = o->val; *p && !bad_port;) {
+                size_t len = strcspn(p, ",");
+                long port = 0;
+                for (size_t i = 0; i < len && port <= 65535; i++)
+                    port = isdigit((unsigned char)p[i]) ? port * 10 + (p[i] - '0') : 65536;
+                if (len == 0 || port < 1 || port > 65535)
+                    bad_port = o->val;
+                p += len + (p[len] == ',');
+            }
+        }
+        if (bad_port) {
+            snprintf(allowed_buf, sizeof(allowed_buf),
+                     "a libpq connection URI or conninfo with ports 1-65535 (port \"%s\")",
+                     bad_port);
+            allowed = allowed_buf;
+        } else if (!opts) {
             snprintf(allowed_buf, sizeof(allowed_buf),
                      "a libpq connection URI (postgresql://user@host:port/db) or key=value "
                      "conninfo%s%.*s",

@@ -47,7 +47,7 @@ const char *loom_migration_state_name(loom_migration_state_t state)
 }
 
 /* Creates the bookkeeping tables. Two runners creating them at the same time
- * can collide inside Postgres's catalog (23505/42P07): try again then. */
+ * can collide inside Postgres's catalog (23505, 42P07, 42710): try again then. */
 static int bootstrap(loom_db_t *db, loom_error_t *err)
 {
     int rc = 0;
@@ -56,7 +56,8 @@ static int bootstrap(loom_db_t *db, loom_error_t *err)
         if (rc == 0)
             return 0;
         if (!loom_db_error_is_transient(err) && err && err->code &&
-            strcmp(err->code, "ALREADY_EXISTS") != 0 && !strstr(err->message, "42P07"))
+            strcmp(err->code, "ALREADY_EXISTS") != 0 && !strstr(err->message, "42P07") &&
+            !strstr(err->message, "42710"))
             return rc;
         PGresult *r = PQexec(loom_db_pg(db), "ROLLBACK");
         PQclear(r);

@@ -1,0 +1,262 @@
+/*
+ * Persistence against a real PostgreSQL: prepared statements, SQLSTATE
+ * mapping, and loom_tx_run() retrying real serialization failures and lost
+ * connections.
+ */
+#include "support.h"
+#include "loom/clock.h"
+#include "loom/db.h"
+#include "loom/pglocal.h"
+
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+static char url[512];
+
+static void setup(void)
+{
+    loom_test_db_create(url, sizeof(url));
+    loom_test_sql(url, "CREATE TABLE items (id INT PRIMARY KEY, v INT NOT NULL)");
+}
+
+TestSuite(db, .init = setup, .timeout = 120);
+
+static const loom_db_stmt_t insert_item = {"test_insert_item",
+                                           "INSERT INTO items (id, v) VALUES ($1, $2)", 2};
+static const loom_db_stmt_t get_item = {"test_get_item", "SELECT v FROM items WHERE id = $1", 1};
+
+Test(db, prepared_statements_run_and_return_rows)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 2);
+    loom_db_t *db;
+    loom_error_t err;
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    for (int i = 1; i <= 3; i++) {
+        char id[8], v[8];
+        snprintf(id, sizeof(id), "%d", i);
+        snprintf(v, sizeof(v), "%d", i * 10);
+        const char *p[] = {id, v};
+        cr_assert_eq(loom_db_exec(db, &insert_item, p, NULL, &err), 0, "%s", err.message);
+    }
+    PGresult *res;
+    const char *p[] = {"2"};
+    cr_assert_eq(loom_db_exec(db, &get_item, p, &res, &err), 0, "%s", err.message);
+    cr_assert_eq(PQntuples(res), 1);
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "20");
+    PQclear(res);
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+}
+
+Test(db, sqlstates_map_to_error_codes)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_db_t *db;
+    loom_error_t err;
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0);
+    const char *p[] = {"1", "1"};
+    cr_assert_eq(loom_db_exec(db, &insert_item, p, NULL, &err), 0);
+
+    cr_assert_neq(loom_db_exec(db, &insert_item, p, NULL, &err), 0);
+    cr_assert_str_eq(err.code, "ALREADY_EXISTS");
+    cr_assert_eq(err.cls, LOOM_ERR_CONFLICT);
+    cr_assert(strstr(err.message, "duplicate key"), "%s", err.message);
+
+    cr_assert_neq(loom_db_exec_script(db, "SELEC 1", &err), 0);
+    cr_assert_str_eq(err.code, "DB_ERROR");
+    cr_assert(strstr(err.message, "42601"), "%s", err.message);
+    cr_assert_not(err.retriable);
+
+    cr_assert_eq(loom_db_exec_script(db, "SET statement_timeout = '50ms'", &err), 0);
+    cr_assert_neq(loom_db_exec_script(db, "SELECT pg_sleep(2)", &err), 0);
+    cr_assert_str_eq(err.code, "DEADLINE_EXCEEDED");
+    cr_assert_eq(loom_db_exec_script(db, "SET statement_timeout = 0", &err), 0);
+
+    cr_assert_eq(loom_db_exec_script(db, "BEGIN READ ONLY", &err), 0);
+    cr_assert_neq(loom_db_exec_script(db, "INSERT INTO items VALUES (9, 9)", &err), 0);
+    cr_assert_str_eq(err.code, "READ_ONLY_VIOLATION");
+    loom_db_release(db); /* rolls the failed transaction back */
+
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0);
+    cr_assert_eq(PQtransactionStatus(loom_db_pg(db)), PQTRANS_IDLE);
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+}
+
+Test(db, bad_url_or_unreachable_server_is_reported_at_pool_creation)
+{
+    loom_db_pool_t *pool = NULL;
+    loom_error_t err;
+    int port = loom_free_port();
+    char bad[128];
+    snprintf(bad, sizeof(bad), "postgresql://loom@127.0.0.1:%d/loom?connect_timeout=2", port);
+    cr_assert_neq(loom_db_pool_new(bad, NULL, &pool, &err), 0);
+    cr_assert_null(pool);
+    cr_assert_str_eq(err.code, "DB_UNAVAILABLE");
+    cr_assert(err.retriable);
+    cr_assert(strstr(err.message, "could not connect"), "%s", err.message);
+}
+
+Test(db, pool_exhaustion_times_out_with_a_clear_error)
+{
+    loom_db_pool_t *pool = NULL;
+    loom_error_t err;
+    loom_db_pool_opts_t opts = {.size = 1, .acquire_timeout_ms = 200};
+    cr_assert_eq(loom_db_pool_new(url, &opts, &pool, &err), 0);
+    loom_db_t *a, *b;
+    cr_assert_eq(loom_db_acquire(pool, &a, &err), 0);
+    int64_t t0 = loom_mono_ms();
+    cr_assert_neq(loom_db_acquire(pool, &b, &err), 0);
+    cr_assert_geq(loom_mono_ms() - t0, 150);
+    cr_assert(strstr(err.message, "no free database connection"), "%s", err.message);
+    loom_db_release(a);
+    cr_assert_eq(loom_db_acquire(pool, &b, &err), 0);
+    loom_db_release(b);
+    loom_db_pool_free(pool);
+}
+
+/* ---- a real 40001 from two concurrent SERIALIZABLE transactions ---------- */
+
+typedef struct {
+    pthread_barrier_t *barrier;
+    atomic_int calls;
+    int id;
+} skew_arg_t;
+
+/* Classic write skew: both read the sum, then both insert. One must fail. */
+static int skew_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    skew_arg_t *a = arg;
+    int call = atomic_fetch_add(&a->calls, 1);
+    PGresult *res;
+    int rc = loom_db_query(db, "SELECT coalesce(sum(v), 0) FROM items", 0, NULL, &res, err);
+    if (rc != 0)
+        return rc;
+    int sum = atoi(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    if (call == 0)
+        pthread_barrier_wait(a->barrier); /* both have read before either writes */
+    char id[16], v[16];
+    snprintf(id, sizeof(id), "%d", 100 + a->id);
+    snprintf(v, sizeof(v), "%d", sum + 1);
+    const char *p[] = {id, v};
+    rc = loom_db_exec(db, &insert_item, p, NULL, err);
+    if (call == 0)
+        pthread_barrier_wait(a->barrier); /* both have written before either commits */
+    return rc;
+}
+
+typedef struct {
+    loom_db_pool_t *pool;
+    skew_arg_t *arg;
+    int rc;
+    int attempts;
+    loom_error_t err;
+} skew_run_t;
+
+static void *skew_thread(void *p)
+{
+    skew_run_t *r = p;
+    loom_tx_opts_t opts = {.isolation = "SERIALIZABLE"};
+    r->rc = loom_tx_run(r->pool, &opts, skew_body, r->arg, &r->err);
+    r->attempts = opts.attempts;
+    return NULL;
+}
+
+Test(db, tx_run_retries_a_real_serialization_failure)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 2);
+    pthread_barrier_t barrier;
+    pthread_barrier_init(&barrier, NULL, 2);
+    skew_arg_t args[2] = {{.barrier = &barrier, .id = 1}, {.barrier = &barrier, .id = 2}};
+    skew_run_t runs[2] = {{pool, &args[0]}, {pool, &args[1]}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, skew_thread, &runs[i]);
+    for (int i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(runs[0].rc, 0, "%s", runs[0].err.message);
+    cr_assert_eq(runs[1].rc, 0, "%s", runs[1].err.message);
+    /* Exactly one of them hit 40001 and ran again. */
+    cr_assert_eq(runs[0].attempts + runs[1].attempts, 3, "attempts %d and %d", runs[0].attempts,
+                 runs[1].attempts);
+    /* The retry saw the other's row: values 1 and 2, not 1 and 1. */
+    char *vals = loom_test_sql_value(url, "SELECT string_agg(v::text, ',' ORDER BY v) FROM items");
+    cr_assert_str_eq(vals, "1,2");
+    free(vals);
+    pthread_barrier_destroy(&barrier);
+    loom_db_pool_free(pool);
+}
+
+/* ---- a connection killed in the middle of a transaction ------------------- */
+
+static int killed_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    int *calls = arg;
+    if ((*calls)++ == 0) {
+        /* Another session terminates ours, as a failover or restart would. */
+        char sql[128];
+        snprintf(sql, sizeof(sql), "SELECT pg_terminate_backend(%d)", loom_db_backend_pid(db));
+        loom_test_sql(url, sql);
+    }
+    const char *p[] = {"7", "70"};
+    return loom_db_exec(db, &insert_item, p, NULL, err);
+}
+
+Test(db, tx_run_retries_on_a_lost_connection)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    int calls = 0;
+    loom_tx_opts_t opts = {0};
+    loom_error_t err;
+    cr_assert_eq(loom_tx_run(pool, &opts, killed_body, &calls, &err), 0, "%s", err.message);
+    cr_assert_eq(opts.attempts, 2);
+    char *n = loom_test_sql_value(url, "SELECT count(*) FROM items WHERE id = 7");
+    cr_assert_str_eq(n, "1");
+    free(n);
+    loom_db_pool_free(pool);
+}
+
+static int failing_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    (*(int *)arg)++;
+    return loom_db_exec_script(db, "INSERT INTO items VALUES (1, 1); SELECT 1/0", err);
+}
+
+Test(db, tx_run_does_not_retry_a_permanent_error_and_rolls_back)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    int calls = 0;
+    loom_tx_opts_t opts = {0};
+    loom_error_t err;
+    cr_assert_neq(loom_tx_run(pool, &opts, failing_body, &calls, &err), 0);
+    cr_assert_eq(calls, 1);
+    cr_assert_str_eq(err.code, "DB_ERROR");
+    cr_assert(strstr(err.message, "division by zero"), "%s", err.message);
+    char *n = loom_test_sql_value(url, "SELECT count(*) FROM items");
+    cr_assert_str_eq(n, "0");
+    free(n);
+    loom_db_pool_free(pool);
+}
+
+static int always_conflict(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    (void)db;
+    (*(int *)arg)++;
+    return loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE, "forced");
+}
+
+Test(db, tx_run_gives_up_after_max_attempts)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    int calls = 0;
+    loom_tx_opts_t opts = {.max_attempts = 4, .base_backoff_ms = 1, .max_backoff_ms = 4};
+    loom_error_t err;
+    cr_assert_neq(loom_tx_run(pool, &opts, always_conflict, &calls, &err), 0);
+    cr_assert_eq(calls, 4);
+    cr_assert_str_eq(err.code, "SERIALIZATION_FAILURE");
+    loom_db_pool_free(pool);
+}

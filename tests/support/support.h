@@ -1,0 +1,66 @@
+/*
+ * Test support: the shared fixtures the CTest run starts (a private Postgres
+ * and a real Apache Kafka broker), per-test databases, a librdkafka mock
+ * cluster, and running the loom binary as a user would.
+ */
+#ifndef LOOM_TEST_SUPPORT_H
+#define LOOM_TEST_SUPPORT_H
+
+#include "loom/db.h"
+
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Value of a fixture setting: the environment first, then the state file the
+ * fixture wrote (build/tests/testenv/env). NULL when neither has it. */
+const char *loom_test_env(const char *name);
+
+/* URL of the shared test Postgres's admin database; aborts the test with a
+ * clear message when the fixture is not running. */
+const char *loom_test_pg_url(void);
+/* Bootstrap address of the real Kafka broker fixture (same rules). */
+const char *loom_test_kafka_brokers(void);
+
+/* Creates a fresh, empty database on the test server and writes its URL. */
+void loom_test_db_create(char *url, size_t size);
+/* Same, with the engine migrations applied. */
+void loom_test_db_create_migrated(char *url, size_t size);
+/* Opens a pool on url (aborts the test on failure). */
+loom_db_pool_t *loom_test_pool(const char *url, int size);
+/* Runs SQL on a fresh connection and returns the first column of the first
+ * row as a new string ("" when there is no row); aborts on error. */
+char *loom_test_sql_value(const char *url, const char *sql);
+/* Runs SQL (no result expected); aborts on error. */
+void loom_test_sql(const char *url, const char *sql);
+
+/* A librdkafka mock cluster with `brokers` brokers; the returned handle owns
+ * it: call rd_kafka_mock_cluster_destroy(*mc), then rd_kafka_destroy().
+ * *bootstraps is borrowed from the cluster. */
+rd_kafka_t *loom_test_mock_cluster(int brokers, rd_kafka_mock_cluster_t **mc,
+                                   const char **bootstraps);
+
+/* A unique name with a prefix: "prefix_<pid>_<n>_<rand>". */
+void loom_test_unique_name(const char *prefix, char *out, size_t size);
+
+/* Path of the built loom binary. */
+const char *loom_test_bin(void);
+
+/* Runs argv with extra environment entries (NAME=value, NULL-terminated list,
+ * added to the current environment); captures stdout and stderr (new strings)
+ * and returns the exit status (or 128+signal). */
+int loom_test_run(const char *const argv[], const char *const env[], char **out, char **err);
+
+/* Starts argv in the background with stdout+stderr to a pipe; returns the pid
+ * and the read end in *fd. */
+pid_t loom_test_spawn(const char *const argv[], const char *const env[], int *fd);
+/* Reads from fd until `needle` appears or timeout_ms passes; keeps what was
+ * read in *buf (new string). Returns true when found. */
+bool loom_test_read_until(int fd, const char *needle, int timeout_ms, char **buf);
+/* Waits for pid up to timeout_ms; returns the exit status, 128+signal, or -1
+ * on timeout (then the process is killed). */
+int loom_test_wait(pid_t pid, int timeout_ms);
+
+#endif
