@@ -3,6 +3,7 @@
  * nothing else; every command lives in engine/src/cli_*.c.
  */
 #include "loom/app.h"
+#include "ops.h"
 
 extern const loom_migration_set_t loom_app_migrations;
 
@@ -12,6 +13,8 @@ int main(int argc, char **argv)
         .name = "loom",
         .version = LOOM_VERSION,
         .migrations = loom_app_migrations,
+        .ops = loom_app_ops,
+        .n_ops = loom_app_n_ops,
     };
     return loom_main(argc, argv, &app);
 }

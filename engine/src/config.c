@@ -46,6 +46,8 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_LOG_FORMAT", LOOM_CFG_ENUM, "text", "text,json", 0, 0, false, "log line format"},
     {"LOOM_API_TOKENS_FILE", LOOM_CFG_FILE, NULL, NULL, 0, 0, false,
      "API tokens, one line each: sha256-of-token slug scope[,scope...]"},
+    {"LOOM_API_TOKEN", LOOM_CFG_STRING, NULL, NULL, 0, 0, true,
+     "token `loom op --url` sends to a gateway (Authorization: Bearer)"},
     {"LOOM_DEV_DIR", LOOM_CFG_PATH, "./.loom", NULL, 0, 0, false,
      "where `loom dev` keeps its private Postgres between runs"},
     {"LOOM_SHUTDOWN_TIMEOUT", LOOM_CFG_DURATION, "30s", NULL, 0, 3600 * 1000LL, false,

@@ -333,9 +333,10 @@ char *loom_db_quote_ident(PGconn *pg, const char *ident)
 static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, void *arg,
                       loom_error_t *err)
 {
-    char begin[96];
-    snprintf(begin, sizeof(begin), "BEGIN%s%s%s", o->isolation ? " ISOLATION LEVEL " : "",
-             o->isolation ? o->isolation : "", o->read_only ? " READ ONLY" : "");
+    char begin[256];
+    snprintf(begin, sizeof(begin), "BEGIN%s%s%s%s%s", o->isolation ? " ISOLATION LEVEL " : "",
+             o->isolation ? o->isolation : "", o->read_only ? " READ ONLY" : "",
+             o->begin_extra ? "; " : "", o->begin_extra ? o->begin_extra : "");
     int rc = loom_db_exec_script(db, begin, err);
     if (rc != 0)
         return rc;

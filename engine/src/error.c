@@ -148,3 +148,13 @@ const loom_error_code_t *loom_error_code_find(const char *name)
             return &loom_error_codes[i];
     return NULL;
 }
+
+loom_error_class_t loom_error_class_from_http(int status)
+{
+    if (status >= 200 && status < 300)
+        return LOOM_ERR_NONE;
+    for (int c = LOOM_ERR_BAD_REQUEST; c < LOOM_ERR__CLASS_COUNT; c++)
+        if (class_table[c].http == status)
+            return (loom_error_class_t)c;
+    return status >= 400 && status < 500 ? LOOM_ERR_BAD_REQUEST : LOOM_ERR_INTERNAL;
+}

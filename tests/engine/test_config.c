@@ -31,6 +31,7 @@ static const case_t cases[] = {
     {"LOOM_LOG_LEVEL", "debug", "verbose", "one of debug, info, warn, error"},
     {"LOOM_LOG_FORMAT", "json", "xml", "one of text, json"},
     {"LOOM_API_TOKENS_FILE", "/etc/hostname", "/nonexistent/tokens", "readable file"},
+    {"LOOM_API_TOKEN", "tok_0123456789abcdef", "", "non-empty"},
     {"LOOM_DEV_DIR", "/tmp/loom-dev", "", "non-empty"},
     {"LOOM_SHUTDOWN_TIMEOUT", "1m30s", "30 seconds", "duration"},
 };
@@ -76,7 +77,8 @@ Test(config, bad_values_stop_with_one_line_naming_variable_value_and_allowed)
         loom_config_t cfg;
         cr_assert_eq(load1(&cfg, entry, errbuf, sizeof(errbuf)), LOOM_ECONFIG, "%s loaded", entry);
         char head[300];
-        bool secret = strcmp(cases[i].name, "LOOM_SITE_KEY") == 0;
+        bool secret = strcmp(cases[i].name, "LOOM_SITE_KEY") == 0 ||
+                      strcmp(cases[i].name, "LOOM_API_TOKEN") == 0;
         snprintf(head, sizeof(head), "invalid %s=\"%s\": expected ", cases[i].name,
                  secret ? "[redacted]" : cases[i].bad);
         cr_expect(strncmp(errbuf, head, strlen(head)) == 0, "got: %s", errbuf);

@@ -93,6 +93,7 @@ typedef struct loom_tx_opts {
     int64_t max_backoff_ms;   /* 0: 2000 */
     int64_t deadline_mono_ms; /* loom_mono_ms() value to give up at; 0: none */
     const volatile int *stop; /* when set and non-zero, stop retrying */
+    const char *begin_extra;  /* SQL sent with BEGIN in one round trip ("SET LOCAL ..."); NULL */
     int attempts;             /* out: attempts made */
 } loom_tx_opts_t;
 

@@ -119,6 +119,10 @@ typedef struct loom_error_code {
     X(BROKER_UNAVAILABLE, UNAVAILABLE, true, "Kafka cannot be reached.")                          \
     X(QUEUE_FULL, UNAVAILABLE, true, "The local producer queue is full; retry later.")            \
     X(SHUTTING_DOWN, UNAVAILABLE, true, "The process is shutting down.")                          \
+    X(GATEWAY_UNAVAILABLE, UNAVAILABLE, true,                                                     \
+      "The gateway given to `loom op --url` cannot be reached.")                                  \
+    X(GATEWAY_BAD_RESPONSE, INTERNAL, false,                                                      \
+      "The gateway answered with something other than HTTP with a JSON body.")                    \
     X(DEADLINE_EXCEEDED, TIMEOUT, true, "The call did not finish before its deadline.")
 
 typedef enum {
@@ -159,5 +163,18 @@ const loom_error_code_t *loom_error_code_find(const char *name);
 
 /* The LOOM_E* code that best matches an error class. */
 int loom_error_class_errno(loom_error_class_t cls);
+
+/* The class whose HTTP status is `status`; other 4xx map to bad_request,
+ * other statuses of 500 and above to internal, 2xx to none. */
+loom_error_class_t loom_error_class_from_http(int status);
+
+/* A service's own error codes: an array of loom_error_code_t with a name for
+ * messages. Services hand theirs to the engine in loom_app_t; docs/errors.md
+ * lists the engine's codes and every catalogue's. */
+typedef struct loom_error_catalogue {
+    const char *service; /* "messages" */
+    const loom_error_code_t *codes;
+    size_t count;
+} loom_error_catalogue_t;
 
 #endif

@@ -1,0 +1,371 @@
+/*
+ * op.c: the op table and the dispatcher.
+ *
+ * The table keeps borrowed pointers to loom_op_t, sorted by name, so a lookup
+ * is a binary search over at most a few hundred names (about 8 string
+ * comparisons). A call looks the op up, checks the request is an object,
+ * works out its deadline, opens a READ ONLY transaction (loom_tx_run, which
+ * also retries serialization failures and lost connections while the
+ * deadline allows), sets statement_timeout to the time left, runs the
+ * handler, and maps what came back: 25006 and 57014 become errors that name
+ * the op, a result produced after the deadline is discarded.
+ */
+#include "loom/op.h"
+#include "loom/clock.h"
+#include "loom/log.h"
+#include "loom/mem.h"
+#include "loom/uuid.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct loom_op_table {
+    const loom_op_t **ops; /* sorted by name */
+    size_t n, cap;
+};
+
+/* ---- the table ------------------------------------------------------------------- */
+
+loom_op_table_t *loom_op_table_new(void)
+{
+    return loom_xcalloc(1, sizeof(loom_op_table_t));
+}
+
+void loom_op_table_free(loom_op_table_t *table)
+{
+    if (!table)
+        return;
+    free(table->ops);
+    free(table);
+}
+
+bool loom_op_name_valid(const char *name)
+{
+    if (!name || !*name || strlen(name) > LOOM_OP_NAME_MAX)
+        return false;
+    bool part_empty = true;
+    for (const char *p = name; *p; p++) {
+        if (*p == '.') {
+            if (part_empty)
+                return false;
+            part_empty = true;
+        } else if ((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_') {
+            part_empty = false;
+        } else {
+            return false;
+        }
+    }
+    return !part_empty;
+}
+
+static int op_cmp(const void *a, const void *b)
+{
+    const loom_op_t *x = *(const loom_op_t *const *)a;
+    const loom_op_t *y = *(const loom_op_t *const *)b;
+    return strcmp(x->name, y->name);
+}
+
+int loom_op_table_add(loom_op_table_t *table, const loom_op_t *const *ops, size_t n,
+                      loom_error_t *err)
+{
+    if (!table || (n && !ops))
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "no op table or ops given");
+    for (size_t i = 0; i < n; i++) {
+        const loom_op_t *op = ops[i];
+        if (!op || !loom_op_name_valid(op->name))
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                  "invalid op name \"%s\": expected [a-z0-9_] parts joined by "
+                                  "'.', at most %d characters",
+                                  op && op->name ? op->name : "(null)", LOOM_OP_NAME_MAX);
+        if (!op->fn)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "op \"%s\" has no handler",
+                                  op->name);
+        if (op->timeout_ms < 0)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                  "op \"%s\" has a negative timeout", op->name);
+        bool dup = loom_op_find(table, op->name) != NULL;
+        for (size_t j = 0; j < i && !dup; j++)
+            dup = strcmp(ops[j]->name, op->name) == 0;
+        if (dup)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "op \"%s\" is registered twice",
+                                  op->name);
+    }
+    if (table->n + n > table->cap) {
+        table->cap = table->n + n;
+        table->ops = loom_xrealloc(table->ops, table->cap * sizeof(*table->ops));
+    }
+    for (size_t i = 0; i < n; i++)
+        table->ops[table->n++] = ops[i];
+    qsort(table->ops, table->n, sizeof(*table->ops), op_cmp);
+    loom_error_clear(err);
+    return 0;
+}
+
+const loom_op_t *loom_op_find(const loom_op_table_t *table, const char *name)
+{
+    if (!table || !name)
+        return NULL;
+    size_t lo = 0, hi = table->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = strcmp(name, table->ops[mid]->name);
+        if (c == 0)
+            return table->ops[mid];
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+size_t loom_op_table_count(const loom_op_table_t *table)
+{
+    return table ? table->n : 0;
+}
+
+const loom_op_t *loom_op_table_at(const loom_op_table_t *table, size_t i)
+{
+    return table && i < table->n ? table->ops[i] : NULL;
+}
+
+/* ---- runtime and context ------------------------------------------------------------ */
+
+/* Latency buckets for reads, in seconds: 0.5 ms to 10 s. */
+static const double op_buckets[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                    0.1,    0.25,  0.5,    1,     2.5,  5,     10};
+
+void loom_op_runtime_init(loom_op_runtime_t *rt, const loom_op_table_t *table, loom_db_pool_t *pool,
+                          loom_metrics_t *metrics)
+{
+    memset(rt, 0, sizeof(*rt));
+    rt->table = table;
+    rt->pool = pool;
+    rt->metrics = metrics;
+    if (metrics) {
+        static const char *const calls_labels[] = {"op", "result", NULL};
+        static const char *const duration_labels[] = {"op", NULL};
+        rt->calls = loom_metrics_counter(metrics, "loom_op_calls_total",
+                                         "Op calls by op and result (\"ok\" or the error code).",
+                                         calls_labels);
+        rt->duration = loom_metrics_histogram(
+            metrics, "loom_op_duration_seconds", "Time from the op call to its result, in seconds.",
+            duration_labels, op_buckets, sizeof(op_buckets) / sizeof(op_buckets[0]));
+    }
+}
+
+bool loom_op_ctx_has_scope(const loom_op_ctx_t *ctx, const char *scope)
+{
+    if (!ctx || !ctx->scopes || !scope)
+        return false;
+    for (const char *const *s = ctx->scopes; *s; s++)
+        if (strcmp(*s, scope) == 0)
+            return true;
+    return false;
+}
+
+int64_t loom_op_ctx_remaining_ms(const loom_op_ctx_t *ctx)
+{
+    if (!ctx || !ctx->op_deadline_mono_ms)
+        return 0;
+    int64_t left = ctx->op_deadline_mono_ms - loom_mono_ms();
+    return left > 0 ? left : 0;
+}
+
+/* ---- request helpers ------------------------------------------------------------------ */
+
+int loom_op_req_check_keys(const json_t *req, const char *const *allowed, loom_error_t *err)
+{
+    const char *key;
+    json_t *value;
+    json_object_foreach((json_t *)req, key, value)
+    {
+        (void)value;
+        bool ok = false;
+        for (const char *const *a = allowed; a && *a && !ok; a++)
+            ok = strcmp(*a, key) == 0;
+        if (!ok)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "unknown field \"%.100s\"", key);
+    }
+    return 0;
+}
+
+int loom_op_req_string(const json_t *req, const char *key, bool required, size_t max_len,
+                       const char **out, loom_error_t *err)
+{
+    *out = NULL;
+    json_t *v = json_object_get(req, key);
+    if (!v || json_is_null(v)) {
+        if (required)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "missing field \"%s\"", key);
+        return 0;
+    }
+    if (!json_is_string(v))
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "field \"%s\" must be a string",
+                              key);
+    size_t len = json_string_length(v);
+    if (len == 0 || len > max_len)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "field \"%s\" must be 1 to %zu bytes long", key, max_len);
+    if (strlen(json_string_value(v)) != len)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "field \"%s\" must not contain NUL characters", key);
+    *out = json_string_value(v);
+    return 0;
+}
+
+/* ---- calling ---------------------------------------------------------------------------- */
+
+typedef struct call {
+    loom_op_ctx_t *ctx;
+    const json_t *req;
+    json_t *res;
+    int attempts;
+} call_t;
+
+static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    call_t *c = arg;
+    /* A retried body starts afresh. */
+    json_decref(c->res);
+    c->res = NULL;
+    int64_t left = c->ctx->op_deadline_mono_ms - loom_mono_ms();
+    if (left <= 0)
+        return loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
+    /* The first attempt's statement_timeout came with its BEGIN (one round
+     * trip saved); a retry has less time left, so it sets it again. */
+    if (++c->attempts > 1) {
+        char sql[64];
+        snprintf(sql, sizeof(sql), "SET LOCAL statement_timeout = %lld", (long long)left);
+        int rc = loom_db_exec_script(db, sql, err);
+        if (rc != 0)
+            return rc;
+    }
+    loom_error_clear(err);
+    int rc;
+    rc = c->ctx->op->fn(c->ctx, db, c->req, &c->res, err);
+    if (rc == 0 && PQtransactionStatus(loom_db_pg(db)) != PQTRANS_INTRANS) {
+        /* The op ended the engine's transaction (COMMIT/ROLLBACK of its own):
+         * whatever it ran after that was outside the READ ONLY guard. */
+        return loom_error_set(err, LOOM_CODE_INTERNAL,
+                              "op \"%s\" ended its transaction; ops must not run COMMIT or "
+                              "ROLLBACK",
+                              c->ctx->op->name);
+    }
+    return rc;
+}
+
+static void record(const loom_op_ctx_t *ctx, const char *op_label, const char *result,
+                   int64_t start_ns)
+{
+    const loom_op_runtime_t *rt = ctx->rt;
+    if (!rt->calls && !rt->duration)
+        return;
+    double seconds = (double)(loom_mono_ns() - start_ns) / 1e9;
+    const char *calls_values[] = {op_label, result};
+    const char *duration_values[] = {op_label};
+    loom_metrics_counter_inc(rt->calls, calls_values);
+    loom_metrics_histogram_observe(rt->duration, duration_values, seconds);
+}
+
+int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t **res,
+                 loom_error_t *err)
+{
+    if (res)
+        *res = NULL;
+    if (!ctx || !ctx->rt || !name || !res)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "loom_op_call needs a context with a runtime, a name and a result");
+    int64_t start_ns = loom_mono_ns();
+    loom_error_t e;
+    loom_error_clear(&e);
+    if (!ctx->ray_id) {
+        loom_uuid_v7_string(ctx->ray_buf);
+        ctx->ray_id = ctx->ray_buf;
+    }
+
+    const loom_op_t *op = loom_op_find(ctx->rt->table, name);
+    if (!op) {
+        int rc = loom_error_set(&e, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
+                                name);
+        /* Unknown names share one series: callers must not grow the label set. */
+        record(ctx, "_unknown", e.code, start_ns);
+        if (err)
+            *err = e;
+        return rc;
+    }
+    if (req && !json_is_object(req)) {
+        int rc = loom_error_set(&e, LOOM_CODE_INVALID_JSON,
+                                "op \"%s\" takes a JSON object as its request", op->name);
+        record(ctx, op->name, e.code, start_ns);
+        if (err)
+            *err = e;
+        return rc;
+    }
+
+    int64_t now = start_ns / 1000000;
+    int64_t timeout = op->timeout_ms > 0 ? op->timeout_ms : LOOM_OP_DEFAULT_TIMEOUT_MS;
+    int64_t deadline = now + timeout;
+    bool callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms < deadline;
+    if (callers)
+        deadline = ctx->deadline_mono_ms;
+    ctx->op = op;
+    ctx->op_deadline_mono_ms = deadline;
+
+    json_t *empty = NULL;
+    if (!req)
+        req = empty = json_object();
+    call_t c = {.ctx = ctx, .req = req, .res = NULL};
+    int rc;
+    if (deadline <= now) {
+        rc = loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
+    } else if (op->flags & LOOM_OP_NO_DB) {
+        rc = op->fn(ctx, NULL, req, &c.res, &e);
+    } else if (!ctx->rt->pool) {
+        rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" needs a database and none is set",
+                            op->name);
+    } else {
+        /* An integer we format ourselves: nothing to inject. SET LOCAL ends
+         * with the transaction, so the pooled connection keeps its setting. */
+        char set_timeout[64];
+        snprintf(set_timeout, sizeof(set_timeout), "SET LOCAL statement_timeout = %lld",
+                 (long long)(deadline - loom_mono_ms() > 0 ? deadline - loom_mono_ms() : 1));
+        loom_tx_opts_t opts = {
+            .read_only = true, .deadline_mono_ms = deadline, .begin_extra = set_timeout};
+        rc = loom_tx_run(ctx->rt->pool, &opts, tx_body, &c, &e);
+    }
+    json_decref(empty);
+
+    int64_t end = loom_mono_ms();
+    if (rc == 0 && !c.res)
+        rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" returned no result", op->name);
+    if (rc == 0 && end > deadline)
+        rc = loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED, "ran %lld ms", (long long)(end - now));
+    if (rc != 0) {
+        json_decref(c.res);
+        c.res = NULL;
+        char reason[LOOM_ERROR_MESSAGE_MAX];
+        snprintf(reason, sizeof(reason), "%s", e.message);
+        if (!e.code) {
+            loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" failed: %s", op->name,
+                           loom_strerror(rc));
+        } else if (strcmp(e.code, "DEADLINE_EXCEEDED") == 0) {
+            loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED,
+                           "op \"%s\" did not finish within %s %lld ms: %s", op->name,
+                           callers ? "the caller's deadline of" : "its timeout of",
+                           (long long)(deadline - now), reason);
+        } else if (strcmp(e.code, "READ_ONLY_VIOLATION") == 0) {
+            loom_error_set(&e, LOOM_CODE_READ_ONLY_VIOLATION,
+                           "op \"%s\" tried to write; ops are read-only: %s", op->name, reason);
+        }
+        if (e.cls == LOOM_ERR_INTERNAL)
+            LOOM_ERROR("op failed", "op=%s ray_id=%s code=%s error=%s", op->name, ctx->ray_id,
+                       e.code, e.message);
+    }
+    record(ctx, op->name, rc == 0 ? "ok" : e.code, start_ns);
+    ctx->op = NULL;
+    *res = c.res;
+    if (err)
+        *err = e;
+    return rc != 0 ? (rc < 0 ? rc : LOOM_EIO) : 0;
+}

@@ -1,0 +1,10 @@
+/*
+ * ops.c: the op table. Add a line here for each new op file.
+ */
+#include "ops.h"
+
+const loom_op_t *const loom_app_ops[] = {
+    &loom_op_engine_commands_get,
+    &loom_op_engine_nodes_list,
+};
+const size_t loom_app_n_ops = sizeof(loom_app_ops) / sizeof(loom_app_ops[0]);

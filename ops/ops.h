@@ -1,0 +1,23 @@
+/*
+ * ops.h: the op table of this build, handed to the engine by cmd/loom/main.c
+ * (loom_app_t.ops) and used by the tests.
+ *
+ * Every op lives in its own file, grouped by service (ops/engine/nodes_list.c
+ * defines loom_op_engine_nodes_list) and is listed once in ops.c.
+ */
+#ifndef LOOM_OPS_H
+#define LOOM_OPS_H
+
+#include "loom/op.h"
+
+#include <stddef.h>
+
+/* Every op of the application, in any order (the engine sorts them). */
+extern const loom_op_t *const loom_app_ops[];
+extern const size_t loom_app_n_ops;
+
+/* service "engine": what the workers and nodes are doing */
+extern const loom_op_t loom_op_engine_commands_get;
+extern const loom_op_t loom_op_engine_nodes_list;
+
+#endif
