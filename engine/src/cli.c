@@ -31,10 +31,8 @@ static const cli_command_t version_command = {"version", "print the version",
                                               "usage: loom version\n", false, cmd_version};
 
 static const cli_command_t *const commands[] = {
-    &cli_dev_command,
-    &cli_migrate_command,
-    &config_command,
-    &version_command,
+    &cli_dev_command, &cli_worker_command,  &cli_publish_command, &cli_commands_command,
+    &cli_op_command,  &cli_migrate_command, &config_command,      &version_command,
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 

@@ -8,6 +8,7 @@
 #include "loom/config.h"
 #include "loom/db.h"
 
+#include <signal.h>
 #include <stdbool.h>
 
 typedef struct cli_ctx {
@@ -25,6 +26,16 @@ typedef struct cli_command {
 
 extern const cli_command_t cli_migrate_command;
 extern const cli_command_t cli_dev_command;
+extern const cli_command_t cli_op_command;
+extern const cli_command_t cli_worker_command;
+extern const cli_command_t cli_publish_command;
+extern const cli_command_t cli_commands_command;
+
+/* Blocks SIGINT, SIGTERM and SIGHUP in this thread (call before starting
+ * threads) and fills set with them, for sigwait(). */
+void cli_block_signals(sigset_t *set);
+/* Kafka brokers from LOOM_KAFKA_BROKERS, or explains that it is unset. */
+int cli_need_brokers(cli_ctx_t *ctx, const char *cmd);
 
 /* Prints "loom CMD: message" and a hint to stderr; returns LOOM_EXIT_USAGE. */
 int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -2,21 +2,46 @@
  * cli_migrate.c: `loom migrate up | down [N] | status`.
  */
 #include "cli.h"
+#include "loom/bus.h"
 #include "loom/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int migrate_up(loom_db_t *db, const loom_app_t *app)
+/* Creates the topics the app's consumers read, when a broker is configured. */
+static int create_topics(const cli_ctx_t *ctx)
 {
+    const loom_app_t *app = ctx->app;
+    if (!ctx->cfg.kafka_brokers) {
+        printf("kafka: LOOM_KAFKA_BROKERS is not set, no topics created\n");
+        return LOOM_EXIT_OK;
+    }
+    const char *topics[256];
+    size_t n = 0;
+    for (size_t i = 0; i < app->n_consumers; i++)
+        for (const char *const *t = app->consumers[i].topics; t && *t && n < 256; t++)
+            topics[n++] = *t;
+    int created = 0;
+    loom_error_t err;
+    if (loom_kafka_create_topics(ctx->cfg.kafka_brokers, &ctx->cfg, topics, n,
+                                 ctx->cfg.kafka_partitions, &created, &err) != 0)
+        return cli_fail("migrate up", "%s", err.message);
+    printf("kafka: %d topic%s created, %zu already there (%d partitions each)\n", created,
+           created == 1 ? "" : "s", n - (size_t)created, ctx->cfg.kafka_partitions);
+    return LOOM_EXIT_OK;
+}
+
+static int migrate_up(loom_db_t *db, const cli_ctx_t *ctx)
+{
+    const loom_app_t *app = ctx->app;
     loom_error_t err;
     int applied = 0;
     if (loom_migrate_up(db, &app->migrations, &applied, &err) != 0)
         return cli_fail("migrate up", "%s", err.message);
     printf("%d migration%s applied; schema is up to date (%zu known)\n", applied,
            applied == 1 ? "" : "s", app->migrations.count);
-    return LOOM_EXIT_OK;
+    return create_topics(ctx);
 }
 
 static int migrate_down(loom_db_t *db, const loom_app_t *app, int steps)
@@ -92,7 +117,7 @@ static int cmd_migrate(cli_ctx_t *ctx, int argc, char **argv)
         return cli_fail("migrate", "%s", err.message);
     }
     if (strcmp(sub, "up") == 0)
-        rc = migrate_up(db, ctx->app);
+        rc = migrate_up(db, ctx);
     else if (strcmp(sub, "down") == 0)
         rc = migrate_down(db, ctx->app, steps);
     else
@@ -112,6 +137,8 @@ const cli_command_t cli_migrate_command = {
     ".down.sql), built into the binary. Each applied one is recorded with its\n"
     "version, name and SHA-256; a run refuses to start when an applied file has\n"
     "changed. Several processes may migrate at once: they take turns.\n"
+    "'up' also creates the Kafka topics the consumers read, with\n"
+    "LOOM_KAFKA_PARTITIONS partitions, when LOOM_KAFKA_BROKERS is set.\n"
     "\n"
     "  up        apply every pending migration, in order\n"
     "  down [N]  revert the last N applied migrations (default 1), newest first\n"

@@ -180,6 +180,11 @@ const char *loom_test_bin(void)
     return LOOM_TEST_BIN;
 }
 
+const char *loom_test_app_bin(void)
+{
+    return LOOM_TEST_APP_BIN;
+}
+
 static char **build_env(const char *const extra[])
 {
     size_t n = 0, k = 0;

@@ -63,4 +63,15 @@ bool loom_test_read_until(int fd, const char *needle, int timeout_ms, char **buf
  * on timeout (then the process is killed). */
 int loom_test_wait(pid_t pid, int timeout_ms);
 
+/* The test consumer "test.ledger" (tests/support/test_consumer.c). */
+#include "loom/consumer.h"
+#include "loom/migrate.h"
+extern const loom_consumer_def_t loom_test_consumers[];
+extern const size_t loom_test_n_consumers;
+int loom_test_ledger_handler(loom_msg_t *msg, loom_error_t *err);
+/* Engine migrations plus the test tables. */
+loom_migration_set_t loom_test_migrations(void);
+/* Path of the loom_test_app binary (loom with the test consumer). */
+const char *loom_test_app_bin(void);
+
 #endif

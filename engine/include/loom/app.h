@@ -8,7 +8,9 @@
 #define LOOM_APP_H
 
 #include "loom/config.h"
+#include "loom/consumer.h"
 #include "loom/migrate.h"
+#include "loom/op.h"
 
 #include <stddef.h>
 
@@ -18,6 +20,12 @@ typedef struct loom_app {
     loom_migration_set_t migrations;
     const loom_config_var_t *config_vars; /* service variables, borrowed */
     size_t n_config_vars;
+    const loom_op_t *const *ops; /* the read side: pointers to ops, borrowed */
+    size_t n_ops;
+    const loom_error_catalogue_t *error_catalogues; /* services' error codes, borrowed */
+    size_t n_error_catalogues;
+    const loom_consumer_def_t *consumers; /* the write side, borrowed */
+    size_t n_consumers;
 } loom_app_t;
 
 /* Exit statuses of the loom command. */

@@ -1,0 +1,75 @@
+/*
+ * Consumers: the write side of Loom (DESIGN.md section 5).
+ *
+ * A consumer is a name, the topics it reads and a handler. The worker runs
+ * each consumer in its own Kafka consumer group ("loom.<name>"), takes up to
+ * batch_size messages of one partition, and applies them in ONE database
+ * transaction together with their loom_commands rows (the dedup record and
+ * status); the Kafka offset is committed only after that transaction commits.
+ * A redelivered message finds its row and is skipped.
+ *
+ * A handler returns 0, or an error: a 4xx class (bad_request, not_found,
+ * conflict, ...) rejects the command for good (status "rejected", never
+ * retried); anything else is transient and retried forever with capped
+ * exponential backoff and jitter, pausing only that partition.
+ */
+#ifndef LOOM_CONSUMER_H
+#define LOOM_CONSUMER_H
+
+#include "loom/arena.h"
+#include "loom/db.h"
+#include "loom/envelope.h"
+#include "loom/error.h"
+
+#include <jansson.h>
+#include <stdint.h>
+
+typedef struct loom_msg loom_msg_t;
+
+/* Applies one command. Runs inside the batch's transaction; may run again
+ * (retries, batch isolation), so it must only write through loom_msg_db(),
+ * loom_emit() and loom_publish(). */
+typedef int (*loom_handler_fn)(loom_msg_t *msg, loom_error_t *err);
+
+typedef struct loom_consumer_def {
+    const char *name;          /* "messages.store"; the group is "loom.<name>" */
+    const char *const *topics; /* NULL-terminated */
+    loom_handler_fn handler;
+    int batch_size; /* messages per transaction; 0: 100 */
+    const char *description;
+} loom_consumer_def_t;
+
+/* The transaction's connection (borrowed). */
+loom_db_t *loom_msg_db(loom_msg_t *msg);
+/* The decoded command (borrowed). */
+const loom_ce_t *loom_msg_event(const loom_msg_t *msg);
+/* The data parsed as JSON (borrowed, cached); NULL with INVALID_JSON set. */
+json_t *loom_msg_json(loom_msg_t *msg, loom_error_t *err);
+/* Memory that lives until the message is handled. */
+loom_arena_t *loom_msg_arena(loom_msg_t *msg);
+/* 1 on the first try, then 2, 3... */
+int loom_msg_attempt(const loom_msg_t *msg);
+/* Kafka coordinates of the message. */
+const char *loom_msg_topic(const loom_msg_t *msg);
+int32_t loom_msg_partition(const loom_msg_t *msg);
+int64_t loom_msg_offset(const loom_msg_t *msg);
+/* Sets the command's result, stored in loom_commands.result (steals). */
+void loom_msg_set_result(loom_msg_t *msg, json_t *result);
+
+/*
+ * Appends an event to stream_id in the command's transaction. expected_version
+ * is the version the caller last saw (0 for a new stream) or -1 to append
+ * whatever the stream holds. A stream that moved on fails with
+ * VERSION_CONFLICT. data is stolen. Events of one batch are written with one
+ * statement when the batch commits.
+ */
+int loom_emit(loom_msg_t *msg, const char *stream_id, int64_t expected_version, const char *type,
+              json_t *data, loom_error_t *err);
+
+/* Publishes a follow-up message through the outbox, in the command's
+ * transaction: a CloudEvent of `type` with data (stolen), key, caused by this
+ * command (causationid) and with its rayid. The outbox relay sends it. */
+int loom_publish(loom_msg_t *msg, const char *topic, const char *key, const char *type,
+                 json_t *data, loom_error_t *err);
+
+#endif

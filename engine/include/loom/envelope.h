@@ -1,0 +1,91 @@
+/*
+ * The message envelope: CloudEvents 1.0 on Kafka.
+ *
+ * Loom publishes in binary content mode: attributes as `ce_*` headers, the
+ * data as the message value (JSON, `content-type: application/json`), the key
+ * the stream/entity id. It reads binary mode and structured mode (the whole
+ * event as JSON, `content-type: application/cloudevents+json`), so anything
+ * that speaks the Kafka protocol binding of CloudEvents can publish to Loom.
+ *
+ * Decoding is strict: a missing or malformed required attribute is an error
+ * that names the attribute. Strings of a decoded event point into the arena
+ * given to the decoder (or into the Kafka message) and live as long as both.
+ */
+#ifndef LOOM_ENVELOPE_H
+#define LOOM_ENVELOPE_H
+
+#include "loom/arena.h"
+#include "loom/error.h"
+
+#include <jansson.h>
+#include <librdkafka/rdkafka.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define LOOM_CE_MAX_EXTENSIONS 32
+
+typedef struct loom_ce_ext {
+    const char *name;  /* [a-z0-9]{1,20} */
+    const char *value; /* as text */
+} loom_ce_ext_t;
+
+typedef struct loom_ce {
+    /* required */
+    const char *id;
+    const char *source;
+    const char *specversion; /* "1.0" */
+    const char *type;
+    /* optional (NULL when absent) */
+    const char *subject;
+    const char *time; /* RFC 3339 */
+    const char *datacontenttype;
+    const char *dataschema;
+    /* Loom's extensions (NULL when absent) */
+    const char *rayid;
+    const char *causationid;
+    const char *deadline; /* RFC 3339 */
+    const char *traceparent;
+    /* other extensions */
+    loom_ce_ext_t ext[LOOM_CE_MAX_EXTENSIONS];
+    size_t n_ext;
+    /* data: the bytes of the value (binary mode) or of `data` re-serialized /
+     * `data_base64` decoded (structured mode) */
+    const void *data;
+    size_t data_len;
+    /* Kafka key, when read from Kafka */
+    const char *key;
+    size_t key_len;
+} loom_ce_t;
+
+/* Decodes a Kafka message in binary or structured mode. Returns 0, or
+ * LOOM_EINVAL with err (INVALID_ARGUMENT) naming the attribute. */
+int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t *ce,
+                   loom_error_t *err);
+
+/* Decodes a CloudEvent in the JSON event format (structured mode) from text. */
+int loom_ce_decode_json(const char *json, size_t len, loom_arena_t *arena, loom_ce_t *ce,
+                        loom_error_t *err);
+
+/* Checks the attributes of ce (also of one built by hand). */
+int loom_ce_validate(const loom_ce_t *ce, loom_error_t *err);
+
+/* Builds the binary-mode headers of ce (new; caller destroys or hands them
+ * to rd_kafka_producev, which takes them on success). */
+rd_kafka_headers_t *loom_ce_headers(const loom_ce_t *ce);
+
+/* The event in the JSON event format (new reference). Data that is valid
+ * JSON becomes `data`; other bytes become `data_base64`. */
+json_t *loom_ce_to_json(const loom_ce_t *ce);
+
+/* Fills id (a new UUIDv7 in the arena), specversion, source
+ * ("loom://SITE/NODE") and time (now) of a new event of `type`. */
+void loom_ce_init(loom_ce_t *ce, loom_arena_t *arena, const char *site, const char *node,
+                  const char *type);
+
+/* Parses an RFC 3339 timestamp to Unix microseconds; 0 or LOOM_EINVAL. */
+int loom_rfc3339_parse(const char *s, int64_t *unix_us);
+
+/* Topic of a command type: "messages.put_batch" -> "loom.cmd.messages.put_batch". */
+void loom_topic_for_command(const char *type, char *out, size_t size);
+
+#endif

@@ -1,0 +1,54 @@
+/*
+ * The monolith-worker: every registered consumer (one thread and one Kafka
+ * consumer group each) and the outbox relay, in one process. `loom worker`
+ * and `loom dev` run it; tests run it in-process.
+ *
+ * loom_worker_stop() is the graceful shutdown of DESIGN.md section 5: stop
+ * fetching, finish the batch in flight, commit it and its offsets, leave the
+ * group.
+ */
+#ifndef LOOM_WORKER_H
+#define LOOM_WORKER_H
+
+#include "loom/bus.h"
+#include "loom/config.h"
+#include "loom/consumer.h"
+#include "loom/db.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct loom_worker loom_worker_t;
+
+typedef struct loom_worker_opts {
+    const char *brokers;      /* Kafka bootstrap servers (required) */
+    const loom_config_t *cfg; /* node id, site, LOOM_KAFKA_*; may be NULL */
+    loom_db_pool_t *pool;     /* borrowed; one connection per consumer + 1 */
+    const loom_consumer_def_t *consumers;
+    size_t n_consumers;
+    loom_producer_t *producer; /* borrowed; runs the outbox relay when set */
+    int64_t retry_base_ms;     /* first backoff of a failing partition; 0: 100 */
+    int64_t retry_max_ms;      /* backoff cap; 0: 30000 */
+    int64_t stall_after_ms;    /* lag > 0 and nothing arriving for this long; 0: 30000 */
+    const char *group_prefix;  /* consumer group = prefix + name; NULL: "loom." */
+} loom_worker_opts_t;
+
+/* Starts the threads. The options' pointers must outlive the worker. */
+int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_error_t *err);
+/* Graceful stop; joins every thread. Idempotent. */
+void loom_worker_stop(loom_worker_t *w);
+void loom_worker_free(loom_worker_t *w);
+
+/* Counters since start, summed over the consumers (for tests and logs). */
+typedef struct loom_worker_stats {
+    int64_t applied;  /* commands applied */
+    int64_t skipped;  /* redeliveries found already handled */
+    int64_t rejected; /* commands rejected for good */
+    int64_t retries;  /* transient failures (each pauses a partition) */
+    int64_t relayed;  /* outbox messages sent */
+    int64_t stalls;   /* partitions reported stalled */
+} loom_worker_stats_t;
+
+void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out);
+
+#endif

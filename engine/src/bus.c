@@ -1,0 +1,346 @@
+/*
+ * bus.c: the idempotent Kafka producer, delivery futures, topic creation.
+ *
+ * librdkafka serves delivery reports from rd_kafka_poll(); a thread of ours
+ * polls so callers never have to. Each queued message carries a small heap
+ * record with the caller's callback, freed after the report.
+ */
+#include "loom/bus.h"
+#include "loom/clock.h"
+#include "loom/log.h"
+#include "loom/mem.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct loom_producer {
+    rd_kafka_t *rk;
+    pthread_t thread;
+    atomic_int stop;
+    atomic_int in_flight;
+    int64_t flush_timeout_ms;
+};
+
+typedef struct delivery_rec {
+    loom_delivery_cb cb;
+    void *opaque;
+} delivery_rec_t;
+
+int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *err)
+{
+    switch (kerr) {
+    case RD_KAFKA_RESP_ERR__QUEUE_FULL:
+        return loom_error_set(err, LOOM_CODE_QUEUE_FULL, "could not %s: local queue full", what);
+    case RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
+    case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
+    case RD_KAFKA_RESP_ERR__INVALID_ARG:
+    case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+    case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "could not %s: %s", what,
+                              rd_kafka_err2str(kerr));
+    default:
+        return loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE, "could not %s: %s", what,
+                              rd_kafka_err2str(kerr));
+    }
+}
+
+rd_kafka_conf_t *loom_kafka_conf_new(const char *brokers, const loom_config_t *cfg, char *errbuf,
+                                     size_t errlen)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", brokers, errbuf, errlen) != RD_KAFKA_CONF_OK)
+        goto fail;
+    rd_kafka_conf_set(conf, "log_level", "4", NULL, 0); /* warnings and worse */
+    if (cfg) {
+        rd_kafka_conf_set(conf, "client.id", cfg->node_id, NULL, 0);
+        for (size_t i = 0; i < cfg->n_kafka_props; i++)
+            if (rd_kafka_conf_set(conf, cfg->kafka_props[i].key, cfg->kafka_props[i].value, errbuf,
+                                  errlen) != RD_KAFKA_CONF_OK)
+                goto fail;
+    }
+    return conf;
+fail:
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
+{
+    (void)rk;
+    loom_producer_t *p = opaque;
+    delivery_rec_t *rec = rkm->_private;
+    if (rec) {
+        loom_error_t err;
+        if (rkm->err) {
+            loom_kafka_error(rkm->err, "deliver message", &err);
+            rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
+        } else {
+            rec->cb(rec->opaque, NULL, rkm->partition, rkm->offset);
+        }
+        free(rec);
+    }
+    atomic_fetch_sub(&p->in_flight, 1);
+}
+
+static void *poll_thread(void *arg)
+{
+    loom_producer_t *p = arg;
+    while (!atomic_load(&p->stop))
+        rd_kafka_poll(p->rk, 100);
+    return NULL;
+}
+
+int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, loom_error_t *err)
+{
+    if (!opts || !opts->brokers)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "no Kafka brokers given");
+    char errbuf[512], num[32];
+    rd_kafka_conf_t *conf = loom_kafka_conf_new(opts->brokers, opts->cfg, errbuf, sizeof(errbuf));
+    if (!conf)
+        return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not configure Kafka: %s",
+                              errbuf);
+    loom_producer_t *p = loom_xcalloc(1, sizeof(*p));
+    p->flush_timeout_ms = opts->flush_timeout_ms > 0 ? opts->flush_timeout_ms : 30000;
+    snprintf(num, sizeof(num), "%d",
+             opts->queue_max_messages > 0 ? opts->queue_max_messages : 100000);
+    const char *kv[][2] = {
+        {"enable.idempotence", "true"},
+        {"acks", "all"},
+        {"queue.buffering.max.messages", num},
+        {"compression.codec", "lz4"},
+    };
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++)
+        if (rd_kafka_conf_set(conf, kv[i][0], kv[i][1], errbuf, sizeof(errbuf)) !=
+            RD_KAFKA_CONF_OK) {
+            rd_kafka_conf_destroy(conf);
+            free(p);
+            return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not configure Kafka: %s",
+                                  errbuf);
+        }
+    snprintf(num, sizeof(num), "%d", opts->linger_ms > 0 ? opts->linger_ms : 5);
+    rd_kafka_conf_set(conf, "linger.ms", num, NULL, 0);
+    rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
+    rd_kafka_conf_set_opaque(conf, p);
+    p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));
+    if (!p->rk) {
+        rd_kafka_conf_destroy(conf);
+        free(p);
+        return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not create a producer: %s",
+                              errbuf);
+    }
+    if (pthread_create(&p->thread, NULL, poll_thread, p) != 0) {
+        rd_kafka_destroy(p->rk);
+        free(p);
+        return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start the delivery thread");
+    }
+    *out = p;
+    return 0;
+}
+
+int loom_producer_flush(loom_producer_t *p, int64_t timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    rd_kafka_resp_err_t e = rd_kafka_flush(p->rk, (int)timeout_ms);
+    /* rd_kafka_flush polls too; wait for our callbacks to have run. */
+    while (atomic_load(&p->in_flight) > 0 && loom_mono_ms() < end)
+        loom_sleep_ms(5);
+    return e == RD_KAFKA_RESP_ERR_NO_ERROR && atomic_load(&p->in_flight) == 0 ? 0 : LOOM_ETIMEDOUT;
+}
+
+void loom_producer_free(loom_producer_t *p)
+{
+    if (!p)
+        return;
+    if (loom_producer_flush(p, p->flush_timeout_ms) != 0)
+        LOOM_WARN("producer closed with undelivered messages", "count=%d",
+                  atomic_load(&p->in_flight));
+    atomic_store(&p->stop, 1);
+    pthread_join(p->thread, NULL);
+    rd_kafka_destroy(p->rk);
+    free(p);
+}
+
+int loom_producer_in_flight(loom_producer_t *p)
+{
+    return atomic_load(&p->in_flight);
+}
+
+rd_kafka_t *loom_producer_handle(loom_producer_t *p)
+{
+    return p->rk;
+}
+
+int loom_producer_send_raw(loom_producer_t *p, const char *topic, const char *key, size_t key_len,
+                           rd_kafka_headers_t *hdrs, const void *value, size_t len,
+                           loom_delivery_cb cb, void *opaque, loom_error_t *err)
+{
+    delivery_rec_t *rec = NULL;
+    if (cb) {
+        rec = loom_xmalloc(sizeof(*rec));
+        rec->cb = cb;
+        rec->opaque = opaque;
+    }
+    atomic_fetch_add(&p->in_flight, 1);
+    rd_kafka_resp_err_t e = rd_kafka_producev(
+        p->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, key ? key_len : 0),
+        RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_HEADERS(hdrs),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(rec), RD_KAFKA_V_END);
+    if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        atomic_fetch_sub(&p->in_flight, 1);
+        free(rec);
+        return loom_kafka_error(e, "queue message", err);
+    }
+    return 0;
+}
+
+int loom_producer_send(loom_producer_t *p, const char *topic, const char *key, size_t key_len,
+                       const loom_ce_t *ce, loom_delivery_cb cb, void *opaque, loom_error_t *err)
+{
+    int rc = loom_ce_validate(ce, err);
+    if (rc != 0)
+        return rc;
+    rd_kafka_headers_t *hdrs = loom_ce_headers(ce);
+    rc = loom_producer_send_raw(p, topic, key, key_len, hdrs, ce->data, ce->data_len, cb, opaque,
+                                err);
+    if (rc != 0)
+        rd_kafka_headers_destroy(hdrs);
+    return rc;
+}
+
+/* ---- futures ----------------------------------------------------------------- */
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+} future_impl_t;
+
+void loom_delivery_init(loom_delivery_t *d)
+{
+    memset(d, 0, sizeof(*d));
+    future_impl_t *f = loom_xmalloc(sizeof(*f));
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_cond_init(&f->cond, NULL);
+    d->impl = f;
+}
+
+void loom_delivery_release(loom_delivery_t *d)
+{
+    future_impl_t *f = d->impl;
+    if (!f)
+        return;
+    pthread_mutex_destroy(&f->mu);
+    pthread_cond_destroy(&f->cond);
+    free(f);
+    d->impl = NULL;
+}
+
+void loom_delivery_future_cb(void *opaque, const loom_error_t *err, int32_t partition,
+                             int64_t offset)
+{
+    loom_delivery_t *d = opaque;
+    future_impl_t *f = d->impl;
+    pthread_mutex_lock(&f->mu);
+    if (err)
+        d->err = *err;
+    else
+        loom_error_clear(&d->err);
+    d->partition = partition;
+    d->offset = offset;
+    d->done = 1;
+    pthread_cond_broadcast(&f->cond);
+    pthread_mutex_unlock(&f->mu);
+}
+
+int loom_delivery_wait(loom_delivery_t *d, int64_t timeout_ms, loom_error_t *err)
+{
+    future_impl_t *f = d->impl;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (timeout_ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&f->mu);
+    while (!d->done)
+        if (pthread_cond_timedwait(&f->cond, &f->mu, &until) != 0)
+            break;
+    int done = d->done;
+    pthread_mutex_unlock(&f->mu);
+    if (!done)
+        return loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "no delivery report within %lld ms",
+                              (long long)timeout_ms);
+    if (d->err.code) {
+        if (err)
+            *err = d->err;
+        return loom_error_class_errno(d->err.cls);
+    }
+    return 0;
+}
+
+/* ---- topics ------------------------------------------------------------------ */
+
+int loom_kafka_create_topics(const char *brokers, const loom_config_t *cfg,
+                             const char *const *topics, size_t n, int partitions, int *created,
+                             loom_error_t *err)
+{
+    char errbuf[512];
+    *created = 0;
+    if (n == 0)
+        return 0;
+    rd_kafka_conf_t *conf = loom_kafka_conf_new(brokers, cfg, errbuf, sizeof(errbuf));
+    if (!conf)
+        return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not configure Kafka: %s",
+                              errbuf);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));
+    if (!rk) {
+        rd_kafka_conf_destroy(conf);
+        return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not create a client: %s",
+                              errbuf);
+    }
+    rd_kafka_NewTopic_t **nt = loom_xcalloc(n, sizeof(*nt));
+    for (size_t i = 0; i < n; i++)
+        nt[i] = rd_kafka_NewTopic_new(topics[i], partitions, -1, errbuf, sizeof(errbuf));
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    rd_kafka_AdminOptions_t *ao = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
+    rd_kafka_AdminOptions_set_operation_timeout(ao, 30000, errbuf, sizeof(errbuf));
+    rd_kafka_AdminOptions_set_request_timeout(ao, 30000, errbuf, sizeof(errbuf));
+    rd_kafka_CreateTopics(rk, nt, n, ao, q);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 60000);
+    int rc = 0;
+    if (!ev) {
+        rc = loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE,
+                            "could not create topics: no answer from %s within 60 s", brokers);
+    } else if (rd_kafka_event_error(ev)) {
+        rc = loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE, "could not create topics: %s",
+                            rd_kafka_event_error_string(ev));
+    } else {
+        size_t cnt = 0;
+        const rd_kafka_topic_result_t **res =
+            rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &cnt);
+        for (size_t i = 0; i < cnt; i++) {
+            rd_kafka_resp_err_t te = rd_kafka_topic_result_error(res[i]);
+            if (te == RD_KAFKA_RESP_ERR_NO_ERROR)
+                (*created)++;
+            else if (te != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS && rc == 0)
+                rc = loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE,
+                                    "could not create topic \"%s\": %s",
+                                    rd_kafka_topic_result_name(res[i]),
+                                    rd_kafka_topic_result_error_string(res[i])
+                                        ? rd_kafka_topic_result_error_string(res[i])
+                                        : rd_kafka_err2str(te));
+        }
+    }
+    if (ev)
+        rd_kafka_event_destroy(ev);
+    rd_kafka_AdminOptions_destroy(ao);
+    rd_kafka_queue_destroy(q);
+    for (size_t i = 0; i < n; i++)
+        rd_kafka_NewTopic_destroy(nt[i]);
+    free(nt);
+    rd_kafka_destroy(rk);
+    return rc;
+}

@@ -1,0 +1,1006 @@
+/*
+ * consumer.c: one consumer's loop: fetch, apply a partition's batch in one
+ * transaction with its dedup rows, commit offsets after the database, and
+ * retry transient failures forever while only that partition waits.
+ *
+ * Failure handling. A batch that fails is run again one message at a time
+ * to find the bad one. A message a handler rejects (4xx class) or that is
+ * not a valid CloudEvent is recorded as "rejected" and passed over. A message
+ * that fails transiently is recorded as "retrying" (attempts, last_error),
+ * its partition is paused and rewound to it (rd_kafka_seek drops whatever was
+ * fetched after it), and after a capped exponential backoff with jitter the
+ * partition resumes from that message. Other partitions keep flowing.
+ *
+ * Writes per batch: one multi-row INSERT each for loom_commands, loom_events
+ * and loom_outbox, built from text arrays with unnest().
+ */
+#include "worker_int.h"
+#include "loom/clock.h"
+#include "loom/log.h"
+#include "loom/mem.h"
+#include "loom/uuid.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- text[] literals for unnest() ----------------------------------------- */
+
+typedef struct {
+    char *p;
+    size_t len, cap;
+    size_t count;
+} pgarr_t;
+
+static void sb_reserve(pgarr_t *a, size_t more)
+{
+    if (a->len + more + 1 > a->cap) {
+        a->cap = (a->len + more + 1) * 2;
+        a->p = loom_xrealloc(a->p, a->cap);
+    }
+}
+
+static void pgarr_reset(pgarr_t *a)
+{
+    sb_reserve(a, 2);
+    a->len = 0;
+    a->count = 0;
+    a->p[a->len++] = '{';
+    a->p[a->len] = '\0';
+}
+
+static void pgarr_add_n(pgarr_t *a, const char *v, size_t n)
+{
+    sb_reserve(a, 2 * n + 8);
+    if (a->count++ > 0)
+        a->p[a->len++] = ',';
+    if (!v) {
+        memcpy(a->p + a->len, "NULL", 4);
+        a->len += 4;
+    } else {
+        a->p[a->len++] = '"';
+        for (size_t i = 0; i < n; i++) {
+            if (v[i] == '"' || v[i] == '\\')
+                a->p[a->len++] = '\\';
+            a->p[a->len++] = v[i];
+        }
+        a->p[a->len++] = '"';
+    }
+    a->p[a->len] = '\0';
+}
+
+static void pgarr_add(pgarr_t *a, const char *v)
+{
+    pgarr_add_n(a, v, v ? strlen(v) : 0);
+}
+
+static void pgarr_add_int(pgarr_t *a, int64_t v)
+{
+    char num[32];
+    snprintf(num, sizeof(num), "%" PRId64, v);
+    pgarr_add(a, num);
+}
+
+/* Bytes in bytea hex form ("\x0a1b..."), a new string. */
+static char *bytea_hex(const void *data, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    char *buf = loom_xmalloc(2 * n + 3);
+    buf[0] = '\\';
+    buf[1] = 'x';
+    for (size_t i = 0; i < n; i++) {
+        buf[2 + 2 * i] = hex[((const unsigned char *)data)[i] >> 4];
+        buf[3 + 2 * i] = hex[((const unsigned char *)data)[i] & 15];
+    }
+    buf[2 * n + 2] = '\0';
+    return buf;
+}
+
+static void pgarr_add_bytea(pgarr_t *a, const void *data, size_t n)
+{
+    char *buf = bytea_hex(data, n);
+    pgarr_add_n(a, buf, 2 * n + 2);
+    free(buf);
+}
+
+static const char *pgarr_str(pgarr_t *a)
+{
+    sb_reserve(a, 2);
+    a->p[a->len] = '}';
+    a->p[a->len + 1] = '\0';
+    return a->p;
+}
+
+static void pgarr_unclose(pgarr_t *a)
+{
+    a->p[a->len] = '\0';
+}
+
+static void pgarr_free(pgarr_t *a)
+{
+    free(a->p);
+    memset(a, 0, sizeof(*a));
+}
+
+/* ---- per-batch state -------------------------------------------------------- */
+
+typedef struct stream_ver {
+    const char *stream;
+    int64_t version;
+} stream_ver_t;
+
+typedef struct batch batch_t;
+
+struct loom_msg {
+    batch_t *batch;
+    rd_kafka_message_t *rkm;
+    loom_ce_t ce;
+    bool decoded;
+    loom_error_t decode_err;
+    bool done; /* found applied/rejected/parked: skip */
+    json_t *json;
+    json_t *result;
+    int attempt;
+    char fallback_id[160]; /* for messages without a usable ce_id */
+};
+
+struct batch {
+    worker_consumer_t *wc;
+    loom_db_t *db;
+    loom_arena_t arena;   /* lives as long as the batch */
+    loom_arena_t scratch; /* reset at each transaction attempt */
+    loom_msg_t *msgs;
+    size_t n;
+    /* rows of the current attempt */
+    pgarr_t ev_stream, ev_version, ev_id, ev_type, ev_data, ev_ray, ev_cause;
+    pgarr_t ob_topic, ob_key, ob_headers, ob_payload;
+    stream_ver_t *streams;
+    size_t n_streams, cap_streams;
+    const char *site, *node;
+};
+
+loom_db_t *loom_msg_db(loom_msg_t *msg)
+{
+    return msg->batch->db;
+}
+
+const loom_ce_t *loom_msg_event(const loom_msg_t *msg)
+{
+    return &msg->ce;
+}
+
+loom_arena_t *loom_msg_arena(loom_msg_t *msg)
+{
+    return &msg->batch->scratch;
+}
+
+int loom_msg_attempt(const loom_msg_t *msg)
+{
+    return msg->attempt;
+}
+
+const char *loom_msg_topic(const loom_msg_t *msg)
+{
+    return rd_kafka_topic_name(msg->rkm->rkt);
+}
+
+int32_t loom_msg_partition(const loom_msg_t *msg)
+{
+    return msg->rkm->partition;
+}
+
+int64_t loom_msg_offset(const loom_msg_t *msg)
+{
+    return msg->rkm->offset;
+}
+
+json_t *loom_msg_json(loom_msg_t *msg, loom_error_t *err)
+{
+    if (msg->json)
+        return msg->json;
+    json_error_t jerr;
+    msg->json = json_loadb(msg->ce.data ? msg->ce.data : "", msg->ce.data_len,
+                           JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &jerr);
+    if (!msg->json)
+        loom_error_set(err, LOOM_CODE_INVALID_JSON, "command data is not valid JSON: %s",
+                       jerr.text);
+    return msg->json;
+}
+
+void loom_msg_set_result(loom_msg_t *msg, json_t *result)
+{
+    json_decref(msg->result);
+    msg->result = result;
+}
+
+static void reset_attempt(batch_t *b)
+{
+    loom_arena_reset(&b->scratch);
+    pgarr_t *arrs[] = {&b->ev_stream, &b->ev_version, &b->ev_id,     &b->ev_type,
+                       &b->ev_data,   &b->ev_ray,     &b->ev_cause,  &b->ob_topic,
+                       &b->ob_key,    &b->ob_headers, &b->ob_payload};
+    for (size_t i = 0; i < sizeof(arrs) / sizeof(arrs[0]); i++)
+        pgarr_reset(arrs[i]);
+    b->n_streams = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        json_decref(b->msgs[i].result);
+        b->msgs[i].result = NULL;
+    }
+}
+
+static const loom_db_stmt_t stmt_stream_version = {
+    "loom_events_stream_version",
+    "SELECT coalesce(max(version), 0) FROM loom_events WHERE stream_id = $1", 1};
+
+int loom_emit(loom_msg_t *msg, const char *stream_id, int64_t expected_version, const char *type,
+              json_t *data, loom_error_t *err)
+{
+    batch_t *b = msg->batch;
+    if (!stream_id || !*stream_id || !type || !*type || !data) {
+        json_decref(data);
+        return loom_error_set(err, LOOM_CODE_INTERNAL,
+                              "loom_emit needs a stream id, a type and data");
+    }
+    stream_ver_t *sv = NULL;
+    for (size_t i = 0; i < b->n_streams; i++)
+        if (strcmp(b->streams[i].stream, stream_id) == 0)
+            sv = &b->streams[i];
+    if (!sv) {
+        const char *p[] = {stream_id};
+        PGresult *res = NULL;
+        int rc = loom_db_exec(b->db, &stmt_stream_version, p, &res, err);
+        if (rc != 0) {
+            json_decref(data);
+            return rc;
+        }
+        if (b->n_streams == b->cap_streams) {
+            b->cap_streams = b->cap_streams ? 2 * b->cap_streams : 16;
+            b->streams = loom_xrealloc(b->streams, b->cap_streams * sizeof(*b->streams));
+        }
+        sv = &b->streams[b->n_streams++];
+        sv->stream = loom_arena_strdup(&b->scratch, stream_id);
+        sv->version = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        PQclear(res);
+    }
+    if (expected_version >= 0 && expected_version != sv->version) {
+        json_decref(data);
+        return loom_error_set(err, LOOM_CODE_VERSION_CONFLICT,
+                              "stream \"%s\" is at version %" PRId64 ", not %" PRId64, stream_id,
+                              sv->version, expected_version);
+    }
+    sv->version++;
+    char *text = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
+    json_decref(data);
+    char id[LOOM_UUID_STRLEN + 1];
+    loom_uuid_v7_string(id);
+    pgarr_add(&b->ev_stream, stream_id);
+    pgarr_add_int(&b->ev_version, sv->version);
+    pgarr_add(&b->ev_id, id);
+    pgarr_add(&b->ev_type, type);
+    pgarr_add(&b->ev_data, text);
+    pgarr_add(&b->ev_ray, msg->ce.rayid);
+    pgarr_add(&b->ev_cause, msg->ce.id);
+    free(text);
+    return 0;
+}
+
+int loom_publish(loom_msg_t *msg, const char *topic, const char *key, const char *type,
+                 json_t *data, loom_error_t *err)
+{
+    batch_t *b = msg->batch;
+    if (!topic || !*topic || !type || !*type || !data) {
+        json_decref(data);
+        return loom_error_set(err, LOOM_CODE_INTERNAL,
+                              "loom_publish needs a topic, a type and data");
+    }
+    loom_ce_t ce;
+    loom_ce_init(&ce, &b->scratch, b->site, b->node, type);
+    ce.rayid = msg->ce.rayid;
+    ce.causationid = msg->ce.id;
+    ce.traceparent = msg->ce.traceparent;
+    json_t *hdrs = json_object();
+    const char *attrs[][2] = {
+        {"ce_specversion", ce.specversion},
+        {"ce_id", ce.id},
+        {"ce_source", ce.source},
+        {"ce_type", ce.type},
+        {"ce_time", ce.time},
+        {"ce_rayid", ce.rayid},
+        {"ce_causationid", ce.causationid},
+        {"ce_traceparent", ce.traceparent},
+        {"content-type", "application/json"},
+    };
+    for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++)
+        if (attrs[i][1])
+            json_object_set_new(hdrs, attrs[i][0], json_string(attrs[i][1]));
+    char *htext = json_dumps(hdrs, JSON_COMPACT);
+    char *payload = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
+    json_decref(hdrs);
+    json_decref(data);
+    pgarr_add(&b->ob_topic, topic);
+    pgarr_add(&b->ob_key, key);
+    pgarr_add(&b->ob_headers, htext);
+    pgarr_add_bytea(&b->ob_payload, payload, strlen(payload));
+    free(htext);
+    free(payload);
+    return 0;
+}
+
+/* ---- applying ----------------------------------------------------------------- */
+
+static const char *msg_id(loom_msg_t *m)
+{
+    if (m->decoded && m->ce.id)
+        return m->ce.id;
+    if (!m->fallback_id[0])
+        snprintf(m->fallback_id, sizeof(m->fallback_id), "kafka:%s:%" PRId32 ":%" PRId64,
+                 rd_kafka_topic_name(m->rkm->rkt), m->rkm->partition, m->rkm->offset);
+    return m->fallback_id;
+}
+
+static const loom_db_stmt_t stmt_dedup = {
+    "loom_commands_dedup",
+    "SELECT message_id FROM loom_commands WHERE consumer = $1 AND message_id = ANY($2::text[]) "
+    "AND status IN ('applied', 'rejected', 'parked')",
+    2};
+
+static const loom_db_stmt_t stmt_commands_applied = {
+    "loom_commands_applied",
+    "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
+    "kafka_offset, status, attempts, result, ray_id) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray "
+    "FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
+    "$10::text[]) AS u(m, t, s, o, a, r, ray) "
+    "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
+    "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
+    "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
+    "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
+    "updated_at = now() "
+    "WHERE loom_commands.status = 'retrying' RETURNING message_id",
+    10};
+
+static const loom_db_stmt_t stmt_events = {
+    "loom_events_append",
+    "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "
+    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[], "
+    "$6::text[], $7::text[])",
+    7};
+
+static const loom_db_stmt_t stmt_outbox = {
+    "loom_outbox_add",
+    "INSERT INTO loom_outbox (topic, msg_key, headers, payload) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::bytea[])",
+    4};
+
+typedef struct apply_arg {
+    batch_t *b;
+    size_t from, to;   /* messages [from, to) */
+    size_t failed;     /* index of the message whose handler failed */
+    loom_error_t herr; /* its error */
+    bool handler_failed;
+} apply_arg_t;
+
+static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
+{
+    worker_consumer_t *wc = b->wc;
+    pgarr_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
+            rays = {0};
+    pgarr_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays};
+    for (size_t i = 0; i < 7; i++)
+        pgarr_reset(all[i]);
+    size_t expected = 0;
+    for (size_t i = from; i < to; i++) {
+        loom_msg_t *m = &b->msgs[i];
+        if (m->done)
+            continue;
+        expected++;
+        pgarr_add(&ids, msg_id(m));
+        pgarr_add(&types, m->ce.type);
+        pgarr_add(&streams, m->ce.key);
+        pgarr_add_int(&offs, m->rkm->offset);
+        pgarr_add_int(&atts, m->attempt);
+        char *r = m->result ? json_dumps(m->result, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+        pgarr_add(&results, r);
+        free(r);
+        pgarr_add(&rays, m->ce.rayid);
+    }
+    int rc = 0;
+    if (b->ev_stream.count > 0) {
+        const char *p[] = {pgarr_str(&b->ev_stream), pgarr_str(&b->ev_version),
+                           pgarr_str(&b->ev_id),     pgarr_str(&b->ev_type),
+                           pgarr_str(&b->ev_data),   pgarr_str(&b->ev_ray),
+                           pgarr_str(&b->ev_cause)};
+        rc = loom_db_exec(b->db, &stmt_events, p, NULL, err);
+        pgarr_t *evs[] = {&b->ev_stream, &b->ev_version, &b->ev_id,   &b->ev_type,
+                          &b->ev_data,   &b->ev_ray,     &b->ev_cause};
+        for (size_t i = 0; i < 7; i++)
+            pgarr_unclose(evs[i]);
+        /* Another writer took a version we computed: retry the batch. */
+        if (rc != 0 && err && err->code && strcmp(err->code, "ALREADY_EXISTS") == 0)
+            rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
+                                "event stream written concurrently: %s", err->message);
+    }
+    if (rc == 0 && b->ob_topic.count > 0) {
+        const char *p[] = {pgarr_str(&b->ob_topic), pgarr_str(&b->ob_key),
+                           pgarr_str(&b->ob_headers), pgarr_str(&b->ob_payload)};
+        rc = loom_db_exec(b->db, &stmt_outbox, p, NULL, err);
+        pgarr_t *obs[] = {&b->ob_topic, &b->ob_key, &b->ob_headers, &b->ob_payload};
+        for (size_t i = 0; i < 4; i++)
+            pgarr_unclose(obs[i]);
+    }
+    if (rc == 0 && expected > 0) {
+        char part[16];
+        snprintf(part, sizeof(part), "%" PRId32, b->msgs[from].rkm->partition);
+        const char *p[] = {wc->def->name,
+                           rd_kafka_topic_name(b->msgs[from].rkm->rkt),
+                           part,
+                           pgarr_str(&ids),
+                           pgarr_str(&types),
+                           pgarr_str(&streams),
+                           pgarr_str(&offs),
+                           pgarr_str(&atts),
+                           pgarr_str(&results),
+                           pgarr_str(&rays)};
+        PGresult *res = NULL;
+        rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
+        if (rc == 0 && (size_t)PQntuples(res) != expected)
+            /* Another worker applied one of these meanwhile (a rebalance):
+             * undo ours; the retry finds its row and skips it. */
+            rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
+                                "%zu of %zu commands were applied concurrently",
+                                expected - (size_t)PQntuples(res), expected);
+        PQclear(res);
+    }
+    for (size_t i = 0; i < 7; i++)
+        pgarr_free(all[i]);
+    return rc;
+}
+
+static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    apply_arg_t *a = arg;
+    batch_t *b = a->b;
+    worker_consumer_t *wc = b->wc;
+    b->db = db;
+    reset_attempt(b);
+    a->handler_failed = false;
+
+    /* Dedup: which of these were handled already? */
+    pgarr_t ids = {0};
+    pgarr_reset(&ids);
+    for (size_t i = a->from; i < a->to; i++) {
+        b->msgs[i].done = false;
+        pgarr_add(&ids, msg_id(&b->msgs[i]));
+    }
+    const char *p[] = {wc->def->name, pgarr_str(&ids)};
+    PGresult *res = NULL;
+    int rc = loom_db_exec(db, &stmt_dedup, p, &res, err);
+    pgarr_free(&ids);
+    if (rc != 0)
+        return rc;
+    for (int r = 0; r < PQntuples(res); r++)
+        for (size_t i = a->from; i < a->to; i++)
+            if (strcmp(PQgetvalue(res, r, 0), msg_id(&b->msgs[i])) == 0)
+                b->msgs[i].done = true;
+    PQclear(res);
+    /* The same command twice in one batch (a producer retry, a replay): the
+     * first copy is applied, the others are skipped. */
+    for (size_t i = a->from; i < a->to; i++)
+        for (size_t j = a->from; j < i && !b->msgs[i].done; j++)
+            if (strcmp(msg_id(&b->msgs[i]), msg_id(&b->msgs[j])) == 0)
+                b->msgs[i].done = true;
+
+    for (size_t i = a->from; i < a->to; i++) {
+        loom_msg_t *m = &b->msgs[i];
+        if (m->done)
+            continue;
+        if (!m->decoded) {
+            a->failed = i;
+            a->herr = m->decode_err;
+            a->handler_failed = true;
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "%s", m->decode_err.message);
+        }
+        loom_error_t herr;
+        loom_error_clear(&herr);
+        rc = wc->def->handler(m, &herr);
+        if (rc != 0) {
+            if (!herr.code)
+                loom_error_set(&herr, LOOM_CODE_INTERNAL, "handler failed: %s", loom_strerror(rc));
+            /* Database trouble inside the handler is the engine's to retry. */
+            if (!loom_db_error_is_transient(&herr)) {
+                a->failed = i;
+                a->herr = herr;
+                a->handler_failed = true;
+            }
+            if (err)
+                *err = herr;
+            return rc;
+        }
+    }
+    return flush_rows(b, a->from, a->to, err);
+}
+
+/* ---- recording failures ------------------------------------------------------- */
+
+static const loom_db_stmt_t stmt_record = {
+    "loom_commands_record",
+    "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
+    "kafka_offset, status, attempts, last_error, ray_id, headers, payload) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea) "
+    "ON CONFLICT (consumer, message_id) DO UPDATE SET status = EXCLUDED.status, "
+    "attempts = loom_commands.attempts + 1, last_error = EXCLUDED.last_error, "
+    "headers = EXCLUDED.headers, payload = EXCLUDED.payload, updated_at = now() "
+    "WHERE loom_commands.status = 'retrying'",
+    12};
+
+static char *headers_json(rd_kafka_message_t *rkm)
+{
+    json_t *o = json_object();
+    rd_kafka_headers_t *hdrs = NULL;
+    if (rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        const char *name;
+        const void *val;
+        size_t len;
+        for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &len) == 0; i++) {
+            json_t *s = json_stringn(val ? val : "", val ? len : 0);
+            if (s)
+                json_object_set_new(o, name, s);
+        }
+    }
+    char *text = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return text;
+}
+
+typedef struct record_arg {
+    batch_t *b;
+    loom_msg_t *m;
+    const char *status;
+    const char *error;
+} record_arg_t;
+
+static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    record_arg_t *r = arg;
+    loom_msg_t *m = r->m;
+    char part[16], off[32];
+    snprintf(part, sizeof(part), "%" PRId32, m->rkm->partition);
+    snprintf(off, sizeof(off), "%" PRId64, m->rkm->offset);
+    char *hdrs = headers_json(m->rkm);
+    char *bytea = bytea_hex(m->rkm->payload ? m->rkm->payload : "", m->rkm->len);
+    const char *p[] = {r->b->wc->def->name,
+                       msg_id(m),
+                       m->decoded && m->ce.type ? m->ce.type : "unknown",
+                       m->decoded ? m->ce.key : NULL,
+                       rd_kafka_topic_name(m->rkm->rkt),
+                       part,
+                       off,
+                       r->status,
+                       r->error,
+                       m->decoded ? m->ce.rayid : NULL,
+                       hdrs,
+                       bytea};
+    int rc = loom_db_exec(db, &stmt_record, p, NULL, err);
+    free(hdrs);
+    free(bytea);
+    return rc;
+}
+
+static void record(batch_t *b, loom_msg_t *m, const char *status, const char *error)
+{
+    record_arg_t r = {b, m, status, error};
+    loom_error_t err;
+    loom_tx_opts_t o = {.max_attempts = 2};
+    if (loom_tx_run(b->wc->w->opts.pool, &o, record_body, &r, &err) != 0)
+        LOOM_WARN("could not record command status", "consumer=%s message_id=%s status=%s error=%s",
+                  b->wc->def->name, msg_id(m), status, err.message);
+}
+
+/* ---- partitions ------------------------------------------------------------------- */
+
+typedef struct part_state {
+    char topic[256];
+    int32_t partition;
+    bool paused;
+    int64_t resume_at; /* mono ms */
+    int64_t retry_offset;
+    int attempts;          /* failures of the message at retry_offset */
+    int64_t commit_offset; /* next offset to commit; -1 when nothing new */
+    int64_t last_msg_ms;
+    bool stalled;
+} part_state_t;
+
+typedef struct consumer_rt {
+    worker_consumer_t *wc;
+    rd_kafka_t *rk;
+    part_state_t *parts;
+    size_t n_parts, cap_parts;
+} consumer_rt_t;
+
+static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t partition)
+{
+    for (size_t i = 0; i < rt->n_parts; i++)
+        if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0)
+            return &rt->parts[i];
+    if (rt->n_parts == rt->cap_parts) {
+        rt->cap_parts = rt->cap_parts ? 2 * rt->cap_parts : 32;
+        rt->parts = loom_xrealloc(rt->parts, rt->cap_parts * sizeof(*rt->parts));
+    }
+    part_state_t *ps = &rt->parts[rt->n_parts++];
+    memset(ps, 0, sizeof(*ps));
+    snprintf(ps->topic, sizeof(ps->topic), "%s", topic);
+    ps->partition = partition;
+    ps->retry_offset = -1;
+    ps->commit_offset = -1;
+    ps->last_msg_ms = loom_mono_ms();
+    return ps;
+}
+
+static void part_remove(consumer_rt_t *rt, const char *topic, int32_t partition)
+{
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0) {
+            rt->parts[i] = rt->parts[--rt->n_parts];
+            return;
+        }
+    }
+}
+
+static void commit_offsets(consumer_rt_t *rt, bool sync)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts);
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        part_state_t *ps = &rt->parts[i];
+        if (ps->commit_offset < 0)
+            continue;
+        rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = ps->commit_offset;
+        ps->commit_offset = -1;
+    }
+    if (l->cnt > 0) {
+        rd_kafka_resp_err_t e = rd_kafka_commit(rt->rk, l, sync ? 0 : 1);
+        if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            LOOM_WARN("could not commit offsets", "consumer=%s error=%s", rt->wc->def->name,
+                      rd_kafka_err2str(e));
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Rewinds a partition to `offset` and pauses it until the backoff is over. */
+static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const char *why)
+{
+    loom_worker_t *w = rt->wc->w;
+    if (ps->retry_offset == offset)
+        ps->attempts++;
+    else {
+        ps->retry_offset = offset;
+        ps->attempts = 1;
+    }
+    int64_t delay = loom_backoff_ms(ps->attempts - 1, w->opts.retry_base_ms, w->opts.retry_max_ms);
+    ps->paused = true;
+    ps->resume_at = loom_mono_ms() + delay;
+    atomic_fetch_add(&w->retries, 1);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = offset;
+    rd_kafka_pause_partitions(rt->rk, l);
+    rd_kafka_error_t *e = rd_kafka_seek_partitions(rt->rk, l, 5000);
+    if (e) {
+        LOOM_WARN("could not rewind partition", "consumer=%s topic=%s partition=%d error=%s",
+                  rt->wc->def->name, ps->topic, ps->partition, rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+    LOOM_WARN("command failed, will retry",
+              "consumer=%s topic=%s partition=%d offset=%lld "
+              "attempt=%d retry_in_ms=%lld error=%s",
+              rt->wc->def->name, ps->topic, ps->partition, (long long)offset, ps->attempts,
+              (long long)delay, why);
+}
+
+static void part_resume_due(consumer_rt_t *rt)
+{
+    int64_t now = loom_mono_ms();
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        part_state_t *ps = &rt->parts[i];
+        if (!ps->paused || now < ps->resume_at)
+            continue;
+        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition);
+        rd_kafka_resume_partitions(rt->rk, l);
+        rd_kafka_topic_partition_list_destroy(l);
+        ps->paused = false;
+        ps->last_msg_ms = now;
+    }
+}
+
+static bool is_permanent(const loom_error_t *e)
+{
+    switch (e->cls) {
+    case LOOM_ERR_BAD_REQUEST:
+    case LOOM_ERR_UNAUTHORIZED:
+    case LOOM_ERR_FORBIDDEN:
+    case LOOM_ERR_NOT_FOUND:
+    case LOOM_ERR_CONFLICT:
+    case LOOM_ERR_TOO_LARGE:
+        return !e->retriable;
+    default:
+        return false;
+    }
+}
+
+/* Applies msgs (all of one partition, in offset order). */
+static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
+{
+    worker_consumer_t *wc = rt->wc;
+    loom_worker_t *w = wc->w;
+    for (size_t i = 0; i < b->n; i++) {
+        loom_msg_t *m = &b->msgs[i];
+        m->attempt = (ps->retry_offset == m->rkm->offset ? ps->attempts : 0) + 1;
+    }
+    apply_arg_t a = {.b = b, .from = 0, .to = b->n};
+    loom_error_t err;
+    loom_tx_opts_t o = {.max_attempts = 3, .stop = NULL};
+    int rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
+    if (rc == 0) {
+        size_t done = 0;
+        for (size_t i = 0; i < b->n; i++)
+            done += b->msgs[i].done;
+        atomic_fetch_add(&w->applied, (long long)(b->n - done));
+        atomic_fetch_add(&w->skipped, (long long)done);
+        ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
+        ps->retry_offset = -1;
+        ps->attempts = 0;
+        return;
+    }
+    if (!a.handler_failed || b->n == 1) {
+        if (a.handler_failed && is_permanent(&a.herr)) {
+            loom_msg_t *m = &b->msgs[a.failed];
+            record(b, m, "rejected", a.herr.message);
+            atomic_fetch_add(&w->rejected, 1);
+            LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
+                      wc->def->name, msg_id(m), a.herr.code, a.herr.message);
+            ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
+            ps->retry_offset = -1;
+            return;
+        }
+        /* Transient: hold the partition at the first message not applied. */
+        loom_msg_t *m = &b->msgs[a.handler_failed ? a.failed : 0];
+        record(b, m, "retrying", err.message);
+        part_hold(rt, ps, m->rkm->offset, err.message);
+        return;
+    }
+    /* Isolate: one message at a time. */
+    for (size_t i = 0; i < b->n; i++) {
+        apply_arg_t one = {.b = b, .from = i, .to = i + 1};
+        loom_tx_opts_t o1 = {.max_attempts = 3};
+        rc = loom_tx_run(w->opts.pool, &o1, apply_body, &one, &err);
+        loom_msg_t *m = &b->msgs[i];
+        if (rc == 0) {
+            atomic_fetch_add(&w->applied, m->done ? 0 : 1);
+            atomic_fetch_add(&w->skipped, m->done ? 1 : 0);
+            ps->commit_offset = m->rkm->offset + 1;
+            continue;
+        }
+        if (one.handler_failed && is_permanent(&one.herr)) {
+            record(b, m, "rejected", one.herr.message);
+            atomic_fetch_add(&w->rejected, 1);
+            LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
+                      wc->def->name, msg_id(m), one.herr.code, one.herr.message);
+            ps->commit_offset = m->rkm->offset + 1;
+            continue;
+        }
+        record(b, m, "retrying", err.message);
+        part_hold(rt, ps, m->rkm->offset, err.message);
+        return;
+    }
+    ps->retry_offset = -1;
+    ps->attempts = 0;
+}
+
+static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, part_state_t *ps)
+{
+    loom_worker_t *w = rt->wc->w;
+    batch_t b;
+    memset(&b, 0, sizeof(b));
+    b.wc = rt->wc;
+    b.site = w->opts.cfg ? w->opts.cfg->site_name : "local";
+    b.node = w->opts.cfg ? w->opts.cfg->node_id : "worker";
+    loom_arena_init(&b.arena, 64 * 1024);
+    loom_arena_init(&b.scratch, 16 * 1024);
+    b.msgs = loom_xcalloc(n, sizeof(*b.msgs));
+    b.n = n;
+    for (size_t i = 0; i < n; i++) {
+        loom_msg_t *m = &b.msgs[i];
+        m->batch = &b;
+        m->rkm = msgs[i];
+        loom_error_clear(&m->decode_err);
+        m->decoded = loom_ce_decode(msgs[i], &b.arena, &m->ce, &m->decode_err) == 0;
+    }
+    apply_partition(rt, &b, ps);
+    for (size_t i = 0; i < n; i++) {
+        json_decref(b.msgs[i].json);
+        json_decref(b.msgs[i].result);
+    }
+    pgarr_t *arrs[] = {&b.ev_stream, &b.ev_version, &b.ev_id,     &b.ev_type,
+                       &b.ev_data,   &b.ev_ray,     &b.ev_cause,  &b.ob_topic,
+                       &b.ob_key,    &b.ob_headers, &b.ob_payload};
+    for (size_t i = 0; i < sizeof(arrs) / sizeof(arrs[0]); i++)
+        pgarr_free(arrs[i]);
+    free(b.streams);
+    free(b.msgs);
+    loom_arena_release(&b.arena);
+    loom_arena_release(&b.scratch);
+}
+
+/* ---- stall detection ---------------------------------------------------------------- */
+
+static void check_stalls(consumer_rt_t *rt)
+{
+    loom_worker_t *w = rt->wc->w;
+    int64_t now = loom_mono_ms();
+    rd_kafka_topic_partition_list_t *assigned = NULL;
+    if (rd_kafka_assignment(rt->rk, &assigned) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return;
+    rd_kafka_position(rt->rk, assigned);
+    for (int i = 0; i < assigned->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &assigned->elems[i];
+        part_state_t *ps = part_get(rt, tp->topic, tp->partition);
+        if (ps->paused || now - ps->last_msg_ms < w->opts.stall_after_ms)
+            continue;
+        int64_t lo = 0, hi = 0;
+        if (rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi, 2000) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR)
+            continue;
+        int64_t pos = tp->offset >= 0 ? tp->offset : lo;
+        int64_t lag = hi - pos;
+        if (lag > 0 && !ps->stalled) {
+            ps->stalled = true;
+            atomic_fetch_add(&w->stalls, 1);
+            LOOM_WARN("partition lag is not shrinking: messages wait but none arrive",
+                      "consumer=%s topic=%s partition=%d lag=%lld idle_ms=%lld", rt->wc->def->name,
+                      tp->topic, tp->partition, (long long)lag, (long long)(now - ps->last_msg_ms));
+        } else if (lag <= 0) {
+            ps->stalled = false;
+        }
+    }
+    rd_kafka_topic_partition_list_destroy(assigned);
+}
+
+/* ---- the loop ------------------------------------------------------------------------ */
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    consumer_rt_t *rt = opaque;
+    if (e == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        for (int i = 0; i < parts->cnt; i++)
+            part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
+        rd_kafka_assign(rk, parts);
+        LOOM_INFO("partitions assigned", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
+    } else {
+        commit_offsets(rt, true);
+        for (int i = 0; i < parts->cnt; i++)
+            part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
+        rd_kafka_assign(rk, NULL);
+        LOOM_INFO("partitions revoked", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
+    }
+}
+
+static rd_kafka_t *consumer_new(consumer_rt_t *rt)
+{
+    worker_consumer_t *wc = rt->wc;
+    loom_worker_t *w = wc->w;
+    char errbuf[512], group[256];
+    rd_kafka_conf_t *conf =
+        loom_kafka_conf_new(w->opts.brokers, w->opts.cfg, errbuf, sizeof(errbuf));
+    if (!conf) {
+        LOOM_ERROR("could not configure the consumer", "consumer=%s error=%s", wc->def->name,
+                   errbuf);
+        return NULL;
+    }
+    snprintf(group, sizeof(group), "%s%s", w->opts.group_prefix, wc->def->name);
+    const char *kv[][2] = {
+        {"group.id", group},
+        {"enable.auto.commit", "false"},
+        {"enable.auto.offset.store", "false"},
+        {"auto.offset.reset", "earliest"},
+        {"session.timeout.ms", "10000"},
+        {"heartbeat.interval.ms", "1000"},
+        {"max.poll.interval.ms", "300000"},
+        {"fetch.wait.max.ms", "50"},
+    };
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++)
+        rd_kafka_conf_set(conf, kv[i][0], kv[i][1], NULL, 0);
+    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_opaque(conf, rt);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
+    if (!rk) {
+        rd_kafka_conf_destroy(conf);
+        LOOM_ERROR("could not create the consumer", "consumer=%s error=%s", wc->def->name, errbuf);
+        return NULL;
+    }
+    rd_kafka_poll_set_consumer(rk);
+    return rk;
+}
+
+void *loom__consumer_run(void *arg)
+{
+    worker_consumer_t *wc = arg;
+    loom_worker_t *w = wc->w;
+    consumer_rt_t rt = {.wc = wc};
+    rt.rk = consumer_new(&rt);
+    if (!rt.rk)
+        return NULL;
+    rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(4);
+    for (const char *const *t = wc->def->topics; t && *t; t++)
+        rd_kafka_topic_partition_list_add(subs, *t, RD_KAFKA_PARTITION_UA);
+    rd_kafka_resp_err_t e = rd_kafka_subscribe(rt.rk, subs);
+    rd_kafka_topic_partition_list_destroy(subs);
+    if (e) {
+        LOOM_ERROR("could not subscribe", "consumer=%s error=%s", wc->def->name,
+                   rd_kafka_err2str(e));
+        rd_kafka_destroy(rt.rk);
+        return NULL;
+    }
+    LOOM_INFO("consumer started", "consumer=%s group=%s%s", wc->def->name, w->opts.group_prefix,
+              wc->def->name);
+    int batch_size = wc->def->batch_size > 0 ? wc->def->batch_size : 100;
+    rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
+    rd_kafka_message_t **msgs = loom_xcalloc((size_t)batch_size, sizeof(*msgs));
+    rd_kafka_message_t **group_msgs = loom_xcalloc((size_t)batch_size, sizeof(*msgs));
+    int64_t next_stall_check = loom_mono_ms() + 5000;
+
+    while (!atomic_load(&w->stop)) {
+        part_resume_due(&rt);
+        ssize_t n = rd_kafka_consume_batch_queue(q, 200, msgs, (size_t)batch_size);
+        if (n < 0)
+            n = 0;
+        /* Split by partition, keeping each partition's order. */
+        bool *used = loom_xcalloc((size_t)n + 1, sizeof(bool));
+        for (ssize_t i = 0; i < n; i++) {
+            rd_kafka_message_t *rkm = msgs[i];
+            if (used[i])
+                continue;
+            used[i] = true;
+            if (rkm->err) {
+                if (rkm->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                    LOOM_WARN("consumer error", "consumer=%s error=%s", wc->def->name,
+                              rd_kafka_message_errstr(rkm));
+                rd_kafka_message_destroy(rkm);
+                continue;
+            }
+            const char *topic = rd_kafka_topic_name(rkm->rkt);
+            size_t k = 0;
+            group_msgs[k++] = rkm;
+            for (ssize_t j = i + 1; j < n; j++) {
+                if (!used[j] && !msgs[j]->err && msgs[j]->partition == rkm->partition &&
+                    msgs[j]->rkt == rkm->rkt) {
+                    group_msgs[k++] = msgs[j];
+                    used[j] = true;
+                }
+            }
+            part_state_t *ps = part_get(&rt, topic, rkm->partition);
+            ps->last_msg_ms = loom_mono_ms();
+            ps->stalled = false;
+            if (!ps->paused)
+                batch_run(&rt, group_msgs, k, ps);
+            for (size_t j = 0; j < k; j++)
+                rd_kafka_message_destroy(group_msgs[j]);
+        }
+        free(used);
+        commit_offsets(&rt, false);
+        if (loom_mono_ms() >= next_stall_check) {
+            check_stalls(&rt);
+            next_stall_check = loom_mono_ms() + 5000;
+        }
+    }
+    /* Graceful: the batch in flight is done; commit and leave the group. */
+    commit_offsets(&rt, true);
+    free(msgs);
+    free(group_msgs);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_consumer_close(rt.rk);
+    rd_kafka_destroy(rt.rk);
+    free(rt.parts);
+    LOOM_INFO("consumer stopped", "consumer=%s", wc->def->name);
+    return NULL;
+}

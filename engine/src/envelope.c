@@ -1,0 +1,492 @@
+/*
+ * envelope.c: CloudEvents 1.0 on Kafka, binary and structured content modes.
+ *
+ * Binary mode: every attribute is a `ce_<name>` header, the value is the data.
+ * Structured mode: the value is the whole event as JSON. A message is read as
+ * structured when its content-type says application/cloudevents(+json), or
+ * when it has no ce_specversion header and its value is a JSON object with a
+ * "specversion" member.
+ */
+#include "loom/envelope.h"
+#include "loom/clock.h"
+#include "loom/uuid.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define ATTR_MAX 4096 /* longest attribute value accepted */
+
+/* ---- RFC 3339 ---------------------------------------------------------- */
+
+static int digits(const char *s, int n)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (!isdigit((unsigned char)s[i]))
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+int loom_rfc3339_parse(const char *s, int64_t *unix_us)
+{
+    /* YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM) */
+    if (!s || strlen(s) < 20)
+        return LOOM_EINVAL;
+    int y = digits(s, 4), mo = digits(s + 5, 2), d = digits(s + 8, 2);
+    int h = digits(s + 11, 2), mi = digits(s + 14, 2), sec = digits(s + 17, 2);
+    if (y < 0 || mo < 1 || mo > 12 || d < 1 || d > 31 || h < 0 || h > 23 || mi < 0 || mi > 59 ||
+        sec < 0 || sec > 60 || s[4] != '-' || s[7] != '-' ||
+        (s[10] != 'T' && s[10] != 't' && s[10] != ' ') || s[13] != ':' || s[16] != ':')
+        return LOOM_EINVAL;
+    const char *p = s + 19;
+    int64_t frac_us = 0;
+    if (*p == '.') {
+        p++;
+        int n = 0;
+        int64_t scale = 100000;
+        while (isdigit((unsigned char)*p)) {
+            if (n < 6)
+                frac_us += (*p - '0') * scale;
+            scale /= 10;
+            n++;
+            p++;
+        }
+        if (n == 0)
+            return LOOM_EINVAL;
+    }
+    int offset_min = 0;
+    if (*p == 'Z' || *p == 'z') {
+        p++;
+    } else if (*p == '+' || *p == '-') {
+        int oh = digits(p + 1, 2), om = digits(p + 4, 2);
+        if (oh < 0 || om < 0 || p[3] != ':' || oh > 23 || om > 59)
+            return LOOM_EINVAL;
+        offset_min = (oh * 60 + om) * (*p == '-' ? -1 : 1);
+        p += 6;
+    } else {
+        return LOOM_EINVAL;
+    }
+    if (*p)
+        return LOOM_EINVAL;
+    static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (d > mdays[mo - 1])
+        return LOOM_EINVAL;
+    struct tm tm = {.tm_year = y - 1900,
+                    .tm_mon = mo - 1,
+                    .tm_mday = d,
+                    .tm_hour = h,
+                    .tm_min = mi,
+                    .tm_sec = sec};
+    time_t t = timegm(&tm);
+    *unix_us = ((int64_t)t - (int64_t)offset_min * 60) * 1000000 + frac_us;
+    return 0;
+}
+
+void loom_topic_for_command(const char *type, char *out, size_t size)
+{
+    snprintf(out, size, "loom.cmd.%s", type);
+}
+
+/* ---- validation -------------------------------------------------------- */
+
+static bool ext_name_ok(const char *n)
+{
+    size_t len = strlen(n);
+    if (len < 1 || len > 20)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!islower((unsigned char)n[i]) && !isdigit((unsigned char)n[i]))
+            return false;
+    return true;
+}
+
+static int bad(loom_error_t *err, const char *attr, const char *why)
+{
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "CloudEvent attribute \"%s\" %s", attr,
+                          why);
+}
+
+int loom_ce_validate(const loom_ce_t *ce, loom_error_t *err)
+{
+    if (!ce->specversion)
+        return bad(err, "specversion", "is missing");
+    if (strcmp(ce->specversion, "1.0") != 0)
+        return bad(err, "specversion", "must be \"1.0\"");
+    if (!ce->id)
+        return bad(err, "id", "is missing");
+    if (!*ce->id)
+        return bad(err, "id", "must not be empty");
+    if (!ce->source)
+        return bad(err, "source", "is missing");
+    if (!*ce->source)
+        return bad(err, "source", "must not be empty");
+    if (!ce->type)
+        return bad(err, "type", "is missing");
+    if (!*ce->type)
+        return bad(err, "type", "must not be empty");
+    int64_t us;
+    if (ce->time && loom_rfc3339_parse(ce->time, &us) != 0)
+        return bad(err, "time", "is not an RFC 3339 timestamp");
+    if (ce->deadline && loom_rfc3339_parse(ce->deadline, &us) != 0)
+        return bad(err, "deadline", "is not an RFC 3339 timestamp");
+    if (ce->subject && !*ce->subject)
+        return bad(err, "subject", "must not be empty");
+    if (ce->datacontenttype && !*ce->datacontenttype)
+        return bad(err, "datacontenttype", "must not be empty");
+    if (ce->dataschema && !*ce->dataschema)
+        return bad(err, "dataschema", "must not be empty");
+    for (size_t i = 0; i < ce->n_ext; i++)
+        if (!ext_name_ok(ce->ext[i].name))
+            return bad(err, ce->ext[i].name, "is not a valid extension name ([a-z0-9]{1,20})");
+    return 0;
+}
+
+/* ---- attribute table ----------------------------------------------------- */
+
+/* Known attributes by name: returns the slot to fill, or NULL. */
+static const char **known_slot(loom_ce_t *ce, const char *name)
+{
+    if (strcmp(name, "id") == 0)
+        return &ce->id;
+    if (strcmp(name, "source") == 0)
+        return &ce->source;
+    if (strcmp(name, "specversion") == 0)
+        return &ce->specversion;
+    if (strcmp(name, "type") == 0)
+        return &ce->type;
+    if (strcmp(name, "subject") == 0)
+        return &ce->subject;
+    if (strcmp(name, "time") == 0)
+        return &ce->time;
+    if (strcmp(name, "datacontenttype") == 0)
+        return &ce->datacontenttype;
+    if (strcmp(name, "dataschema") == 0)
+        return &ce->dataschema;
+    if (strcmp(name, "rayid") == 0)
+        return &ce->rayid;
+    if (strcmp(name, "causationid") == 0)
+        return &ce->causationid;
+    if (strcmp(name, "deadline") == 0)
+        return &ce->deadline;
+    if (strcmp(name, "traceparent") == 0)
+        return &ce->traceparent;
+    return NULL;
+}
+
+static int set_attr(loom_ce_t *ce, const char *name, const char *value, loom_error_t *err)
+{
+    const char **slot = known_slot(ce, name);
+    if (slot) {
+        *slot = value;
+        return 0;
+    }
+    if (!ext_name_ok(name))
+        return bad(err, name, "is not a valid extension name ([a-z0-9]{1,20})");
+    for (size_t i = 0; i < ce->n_ext; i++) {
+        if (strcmp(ce->ext[i].name, name) == 0) {
+            ce->ext[i].value = value;
+            return 0;
+        }
+    }
+    if (ce->n_ext == LOOM_CE_MAX_EXTENSIONS)
+        return bad(err, name, "is one extension too many (at most 32)");
+    ce->ext[ce->n_ext].name = name;
+    ce->ext[ce->n_ext].value = value;
+    ce->n_ext++;
+    return 0;
+}
+
+/* ---- decoding ------------------------------------------------------------ */
+
+static bool has_ce_headers(rd_kafka_headers_t *hdrs)
+{
+    const void *v;
+    size_t n;
+    return hdrs && rd_kafka_header_get_last(hdrs, "ce_specversion", &v, &n) == 0;
+}
+
+static const char *content_type(rd_kafka_headers_t *hdrs, loom_arena_t *arena)
+{
+    const void *v;
+    size_t n;
+    if (!hdrs)
+        return NULL;
+    if (rd_kafka_header_get_last(hdrs, "content-type", &v, &n) != 0 &&
+        rd_kafka_header_get_last(hdrs, "content_type", &v, &n) != 0)
+        return NULL;
+    return loom_arena_strndup(arena, v ? v : "", v ? n : 0);
+}
+
+static int decode_binary(const rd_kafka_message_t *rkm, rd_kafka_headers_t *hdrs,
+                         loom_arena_t *arena, loom_ce_t *ce, loom_error_t *err)
+{
+    const char *name;
+    const void *val;
+    size_t len;
+    for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &len) == 0; i++) {
+        if (strncmp(name, "ce_", 3) != 0)
+            continue;
+        if (len > ATTR_MAX)
+            return bad(err, name + 3, "is longer than 4096 bytes");
+        if (val && memchr(val, '\0', len))
+            return bad(err, name + 3, "holds a NUL byte");
+        const char *v = loom_arena_strndup(arena, val ? val : "", val ? len : 0);
+        int rc = set_attr(ce, loom_arena_strdup(arena, name + 3), v, err);
+        if (rc != 0)
+            return rc;
+    }
+    ce->datacontenttype = ce->datacontenttype ? ce->datacontenttype : content_type(hdrs, arena);
+    ce->data = rkm->payload;
+    ce->data_len = rkm->len;
+    return loom_ce_validate(ce, err);
+}
+
+/* Decodes base64 (standard alphabet, padding optional) into the arena. */
+static int base64_decode(const char *s, loom_arena_t *arena, const void **out, size_t *outlen)
+{
+    size_t n = strlen(s);
+    unsigned char *buf = loom_arena_alloc(arena, n / 4 * 3 + 3);
+    size_t k = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        int v;
+        if (c >= 'A' && c <= 'Z')
+            v = c - 'A';
+        else if (c >= 'a' && c <= 'z')
+            v = c - 'a' + 26;
+        else if (c >= '0' && c <= '9')
+            v = c - '0' + 52;
+        else if (c == '+')
+            v = 62;
+        else if (c == '/')
+            v = 63;
+        else if (c == '=') {
+            for (size_t j = i; j < n; j++)
+                if (s[j] != '=')
+                    return LOOM_EINVAL;
+            break;
+        } else
+            return LOOM_EINVAL;
+        acc = acc << 6 | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            buf[k++] = (unsigned char)(acc >> bits);
+        }
+    }
+    *out = buf;
+    *outlen = k;
+    return 0;
+}
+
+static int decode_object(json_t *obj, loom_arena_t *arena, loom_ce_t *ce, loom_error_t *err)
+{
+    const char *name;
+    json_t *v;
+    json_object_foreach(obj, name, v)
+    {
+        if (strcmp(name, "data") == 0 || strcmp(name, "data_base64") == 0)
+            continue;
+        const char *text;
+        char num[64];
+        if (json_is_string(v)) {
+            text = json_string_value(v);
+            if (strlen(text) != json_string_length(v))
+                return bad(err, name, "holds a NUL character");
+        } else if (json_is_integer(v)) {
+            snprintf(num, sizeof(num), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+            text = num;
+        } else if (json_is_boolean(v)) {
+            text = json_is_true(v) ? "true" : "false";
+        } else if (json_is_null(v)) {
+            continue; /* absent */
+        } else {
+            return bad(err, name, "must be a string, an integer or a boolean");
+        }
+        if (strlen(text) > ATTR_MAX)
+            return bad(err, name, "is longer than 4096 bytes");
+        int rc = set_attr(ce, loom_arena_strdup(arena, name), loom_arena_strdup(arena, text), err);
+        if (rc != 0)
+            return rc;
+    }
+    json_t *data = json_object_get(obj, "data");
+    json_t *b64 = json_object_get(obj, "data_base64");
+    if (data && b64)
+        return bad(err, "data_base64", "must not appear together with \"data\"");
+    if (b64) {
+        if (!json_is_string(b64) ||
+            base64_decode(json_string_value(b64), arena, &ce->data, &ce->data_len) != 0)
+            return bad(err, "data_base64", "is not valid base64");
+    } else if (data) {
+        char *text = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
+        if (!text)
+            return bad(err, "data", "could not be encoded");
+        ce->data_len = strlen(text);
+        ce->data = loom_arena_strndup(arena, text, ce->data_len);
+        free(text);
+    }
+    return loom_ce_validate(ce, err);
+}
+
+int loom_ce_decode_json(const char *json, size_t len, loom_arena_t *arena, loom_ce_t *ce,
+                        loom_error_t *err)
+{
+    memset(ce, 0, sizeof(*ce));
+    json_error_t jerr;
+    json_t *obj = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!obj || !json_is_object(obj)) {
+        json_decref(obj);
+        return loom_error_set(err, LOOM_CODE_INVALID_JSON,
+                              "CloudEvent is not a JSON object: %s (line %d, column %d)",
+                              obj ? "not an object" : jerr.text, jerr.line, jerr.column);
+    }
+    int rc = decode_object(obj, arena, ce, err);
+    json_decref(obj);
+    return rc;
+}
+
+int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t *ce,
+                   loom_error_t *err)
+{
+    memset(ce, 0, sizeof(*ce));
+    rd_kafka_headers_t *hdrs = NULL;
+    if (rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        hdrs = NULL;
+    int rc;
+    const char *ct = content_type(hdrs, arena);
+    bool structured = ct && strncmp(ct, "application/cloudevents", 23) == 0;
+    if (!structured && has_ce_headers(hdrs)) {
+        rc = decode_binary(rkm, hdrs, arena, ce, err);
+    } else if (structured || (rkm->len > 0 && ((const char *)rkm->payload)[0] == '{')) {
+        rc = loom_ce_decode_json(rkm->payload, rkm->len, arena, ce, err);
+    } else {
+        rc = bad(err, "specversion",
+                 "is missing: the message has no ce_specversion header and is not a "
+                 "structured CloudEvent");
+    }
+    if (rc == 0 && rkm->key) {
+        ce->key = loom_arena_strndup(arena, rkm->key, rkm->key_len);
+        ce->key_len = rkm->key_len;
+    }
+    return rc;
+}
+
+/* ---- encoding ------------------------------------------------------------ */
+
+rd_kafka_headers_t *loom_ce_headers(const loom_ce_t *ce)
+{
+    rd_kafka_headers_t *h = rd_kafka_headers_new(12 + ce->n_ext);
+    struct {
+        const char *name;
+        const char *value;
+    } attrs[] = {
+        {"ce_specversion", ce->specversion},
+        {"ce_id", ce->id},
+        {"ce_source", ce->source},
+        {"ce_type", ce->type},
+        {"ce_time", ce->time},
+        {"ce_subject", ce->subject},
+        {"ce_dataschema", ce->dataschema},
+        {"ce_rayid", ce->rayid},
+        {"ce_causationid", ce->causationid},
+        {"ce_deadline", ce->deadline},
+        {"ce_traceparent", ce->traceparent},
+    };
+    for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++)
+        if (attrs[i].value)
+            rd_kafka_header_add(h, attrs[i].name, -1, attrs[i].value, -1);
+    for (size_t i = 0; i < ce->n_ext; i++) {
+        char name[32];
+        snprintf(name, sizeof(name), "ce_%s", ce->ext[i].name);
+        rd_kafka_header_add(h, name, -1, ce->ext[i].value, -1);
+    }
+    /* The binding maps datacontenttype to the content-type header. */
+    rd_kafka_header_add(h, "content-type", -1,
+                        ce->datacontenttype ? ce->datacontenttype : "application/json", -1);
+    return h;
+}
+
+static char *base64_encode(const void *data, size_t len)
+{
+    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *p = data;
+    char *out = malloc(((len + 2) / 3) * 4 + 1);
+    if (!out)
+        abort();
+    size_t k = 0;
+    for (size_t i = 0; i < len; i += 3) {
+        uint32_t v = (uint32_t)p[i] << 16;
+        if (i + 1 < len)
+            v |= (uint32_t)p[i + 1] << 8;
+        if (i + 2 < len)
+            v |= p[i + 2];
+        out[k++] = tbl[v >> 18 & 63];
+        out[k++] = tbl[v >> 12 & 63];
+        out[k++] = i + 1 < len ? tbl[v >> 6 & 63] : '=';
+        out[k++] = i + 2 < len ? tbl[v & 63] : '=';
+    }
+    out[k] = '\0';
+    return out;
+}
+
+json_t *loom_ce_to_json(const loom_ce_t *ce)
+{
+    json_t *o = json_object();
+    struct {
+        const char *name;
+        const char *value;
+    } attrs[] = {
+        {"specversion", ce->specversion},
+        {"id", ce->id},
+        {"source", ce->source},
+        {"type", ce->type},
+        {"time", ce->time},
+        {"subject", ce->subject},
+        {"datacontenttype", ce->datacontenttype},
+        {"dataschema", ce->dataschema},
+        {"rayid", ce->rayid},
+        {"causationid", ce->causationid},
+        {"deadline", ce->deadline},
+        {"traceparent", ce->traceparent},
+    };
+    for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++)
+        if (attrs[i].value)
+            json_object_set_new(o, attrs[i].name, json_string(attrs[i].value));
+    for (size_t i = 0; i < ce->n_ext; i++)
+        json_object_set_new(o, ce->ext[i].name, json_string(ce->ext[i].value));
+    if (ce->data) {
+        json_t *d = json_loadb(ce->data, ce->data_len, JSON_DECODE_ANY, NULL);
+        if (d) {
+            json_object_set_new(o, "data", d);
+        } else {
+            char *b = base64_encode(ce->data, ce->data_len);
+            json_object_set_new(o, "data_base64", json_string(b));
+            free(b);
+        }
+    }
+    return o;
+}
+
+void loom_ce_init(loom_ce_t *ce, loom_arena_t *arena, const char *site, const char *node,
+                  const char *type)
+{
+    memset(ce, 0, sizeof(*ce));
+    char *id = loom_arena_alloc(arena, LOOM_UUID_STRLEN + 1);
+    loom_uuid_v7_string(id);
+    char *ts = loom_arena_alloc(arena, 40);
+    loom_rfc3339_format(loom_now_us(), ts, 40);
+    ce->id = id;
+    ce->time = ts;
+    ce->specversion = "1.0";
+    ce->source =
+        loom_arena_sprintf(arena, "loom://%s/%s", site ? site : "local", node ? node : "unknown");
+    ce->type = type ? loom_arena_strdup(arena, type) : NULL;
+    ce->datacontenttype = "application/json";
+}

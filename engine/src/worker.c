@@ -1,0 +1,86 @@
+/*
+ * worker.c: starts and stops the consumer threads and the outbox relay.
+ */
+#include "worker_int.h"
+#include "loom/log.h"
+#include "loom/mem.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_error_t *err)
+{
+    if (!opts || !opts->brokers || !opts->pool)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "a worker needs Kafka brokers and a database pool");
+    loom_worker_t *w = loom_xcalloc(1, sizeof(*w));
+    w->opts = *opts;
+    if (w->opts.retry_base_ms <= 0)
+        w->opts.retry_base_ms = 100;
+    if (w->opts.retry_max_ms <= 0)
+        w->opts.retry_max_ms = 30000;
+    if (w->opts.stall_after_ms <= 0)
+        w->opts.stall_after_ms = 30000;
+    if (!w->opts.group_prefix)
+        w->opts.group_prefix = "loom.";
+    w->n_consumers = opts->n_consumers;
+    w->consumers = loom_xcalloc(w->n_consumers + 1, sizeof(*w->consumers));
+    for (size_t i = 0; i < w->n_consumers; i++) {
+        worker_consumer_t *c = &w->consumers[i];
+        c->w = w;
+        c->def = &opts->consumers[i];
+        if (pthread_create(&c->thread, NULL, loom__consumer_run, c) != 0) {
+            loom_worker_stop(w);
+            loom_worker_free(w);
+            return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start a consumer thread");
+        }
+        c->started = true;
+    }
+    if (opts->producer) {
+        if (pthread_create(&w->relay_thread, NULL, loom__outbox_relay_run, w) != 0) {
+            loom_worker_stop(w);
+            loom_worker_free(w);
+            return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start the outbox relay");
+        }
+        w->relay_started = true;
+    }
+    LOOM_INFO("worker started", "consumers=%zu outbox_relay=%s", w->n_consumers,
+              opts->producer ? "on" : "off");
+    *out = w;
+    return 0;
+}
+
+void loom_worker_stop(loom_worker_t *w)
+{
+    if (!w || w->stopped)
+        return;
+    atomic_store(&w->stop, 1);
+    for (size_t i = 0; i < w->n_consumers; i++)
+        if (w->consumers[i].started)
+            pthread_join(w->consumers[i].thread, NULL);
+    if (w->relay_started)
+        pthread_join(w->relay_thread, NULL);
+    w->stopped = true;
+    LOOM_INFO("worker stopped", "applied=%lld rejected=%lld retries=%lld",
+              (long long)atomic_load(&w->applied), (long long)atomic_load(&w->rejected),
+              (long long)atomic_load(&w->retries));
+}
+
+void loom_worker_free(loom_worker_t *w)
+{
+    if (!w)
+        return;
+    loom_worker_stop(w);
+    free(w->consumers);
+    free(w);
+}
+
+void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out)
+{
+    out->applied = atomic_load(&w->applied);
+    out->skipped = atomic_load(&w->skipped);
+    out->rejected = atomic_load(&w->rejected);
+    out->retries = atomic_load(&w->retries);
+    out->relayed = atomic_load(&w->relayed);
+    out->stalls = atomic_load(&w->stalls);
+}

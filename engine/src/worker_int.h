@@ -1,0 +1,34 @@
+/*
+ * worker_int.h: private state shared by worker.c, consumer.c and outbox.c.
+ */
+#ifndef LOOM_WORKER_INT_H
+#define LOOM_WORKER_INT_H
+
+#include "loom/worker.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+typedef struct worker_consumer {
+    struct loom_worker *w;
+    const loom_consumer_def_t *def;
+    pthread_t thread;
+    bool started;
+} worker_consumer_t;
+
+struct loom_worker {
+    loom_worker_opts_t opts;
+    atomic_int stop;
+    worker_consumer_t *consumers;
+    size_t n_consumers;
+    pthread_t relay_thread;
+    bool relay_started;
+    atomic_llong applied, skipped, rejected, retries, relayed, stalls;
+    bool stopped;
+};
+
+/* Thread bodies. */
+void *loom__consumer_run(void *arg);
+void *loom__outbox_relay_run(void *arg);
+
+#endif

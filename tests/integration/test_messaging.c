@@ -1,0 +1,656 @@
+/*
+ * The messaging core end to end: CloudEvents in and out through kcat (a
+ * third-party client), effectively-once application under redelivery and
+ * kill -9, transient failures holding only their partition, rejected
+ * commands, two workers sharing partitions, and broker outages. Against the
+ * real Apache Kafka broker of the harness, and the mock cluster where a fault
+ * is injected.
+ */
+#include "support.h"
+#include "loom/bus.h"
+#include "loom/clock.h"
+#include "loom/worker.h"
+
+#include <criterion/criterion.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static void make_db(char *url, size_t size)
+{
+    loom_test_db_create(url, size);
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_db_t *db;
+    loom_error_t err;
+    loom_migration_set_t set = loom_test_migrations();
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_migrate_up(db, &set, NULL, &err), 0, "%s", err.message);
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+}
+
+static long long sql_ll(const char *url, const char *sql)
+{
+    char *v = loom_test_sql_value(url, sql);
+    long long n = atoll(v);
+    free(v);
+    return n;
+}
+
+/* Polls sql until it returns want; returns the last value. */
+static long long wait_for(const char *url, const char *sql, long long want, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    long long v;
+    while ((v = sql_ll(url, sql)) != want && loom_mono_ms() < end)
+        loom_sleep_ms(100);
+    return v;
+}
+
+static void create_topic(const char *brokers, const char *topic, int partitions)
+{
+    int created = 0;
+    loom_error_t err;
+    const char *t[] = {topic};
+    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, t, 1, partitions, &created, &err), 0, "%s",
+                 err.message);
+}
+
+static loom_producer_t *producer(const char *brokers)
+{
+    loom_producer_t *p;
+    loom_error_t err;
+    loom_producer_opts_t o = {.brokers = brokers};
+    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
+    return p;
+}
+
+/* Publishes a credit command; id NULL means a fresh UUIDv7. */
+static void credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
+                   long amount, const char *extra)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
+    if (id)
+        ce.id = id;
+    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
+                                    extra ? "," : "", extra ? extra : "");
+    ce.data = data;
+    ce.data_len = strlen(data);
+    loom_error_t err;
+    int rc;
+    while ((rc = loom_producer_send(p, topic, account, strlen(account), &ce, NULL, NULL, &err)) !=
+               0 &&
+           strcmp(err.code, "QUEUE_FULL") == 0)
+        loom_sleep_ms(5);
+    cr_assert_eq(rc, 0, "%s", err.message);
+    loom_arena_release(&a);
+}
+
+/* Publishes and waits for the broker; returns the partition it went to. */
+static int32_t credit_sync(loom_producer_t *p, const char *topic, const char *id,
+                           const char *account, long amount, const char *extra)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
+    if (id)
+        ce.id = id;
+    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
+                                    extra ? "," : "", extra ? extra : "");
+    ce.data = data;
+    ce.data_len = strlen(data);
+    loom_error_t err;
+    loom_delivery_t d;
+    loom_delivery_init(&d);
+    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
+                                    loom_delivery_future_cb, &d, &err),
+                 0, "%s", err.message);
+    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
+    int32_t part = d.partition;
+    loom_delivery_release(&d);
+    loom_arena_release(&a);
+    return part;
+}
+
+typedef struct env {
+    char url[512];
+    char suffix[64];
+    char topic[160];
+    char name[128];
+    const char *topics[2];
+    loom_consumer_def_t def;
+    loom_db_pool_t *pool;
+    loom_worker_t *w;
+    loom_producer_t *relay;
+} env_t;
+
+static rd_kafka_mock_cluster_t *env_mock; /* set while a test runs on the mock cluster */
+
+static void env_init(env_t *e, const char *brokers, int partitions)
+{
+    memset(e, 0, sizeof(*e));
+    make_db(e->url, sizeof(e->url));
+    loom_test_unique_name("s", e->suffix, sizeof(e->suffix));
+    snprintf(e->topic, sizeof(e->topic), "loom.cmd.test.credit.%s", e->suffix);
+    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
+    e->topics[0] = e->topic;
+    e->def = loom_test_consumers[0];
+    e->def.name = e->name;
+    e->def.topics = e->topics;
+    if (env_mock) /* the mock cluster of librdkafka 2.0 has no CreateTopics */
+        cr_assert_eq(rd_kafka_mock_topic_create(env_mock, e->topic, partitions, 1), 0);
+    else
+        create_topic(brokers, e->topic, partitions);
+}
+
+static const char *tail(const char *s, size_t n)
+{
+    size_t len = s ? strlen(s) : 0;
+    return len > n ? s + len - n : (s ? s : "");
+}
+
+static void env_start_worker(env_t *e, const char *brokers)
+{
+    e->pool = loom_test_pool(e->url, 4);
+    e->relay = producer(brokers);
+    loom_worker_opts_t o = {.brokers = brokers,
+                            .pool = e->pool,
+                            .consumers = &e->def,
+                            .n_consumers = 1,
+                            .producer = e->relay,
+                            .retry_base_ms = 50,
+                            .retry_max_ms = 500};
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
+}
+
+static void env_stop_worker(env_t *e)
+{
+    loom_worker_free(e->w);
+    loom_producer_free(e->relay);
+    loom_db_pool_free(e->pool);
+    e->w = NULL;
+}
+
+/* ---- CloudEvents with a third-party client ---------------------------------------- */
+
+Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .timeout = 240)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 3);
+    env_start_worker(&e, brokers);
+
+    /* kcat publishes a CloudEvent in binary mode, as any Kafka client would. */
+    char cmd[2048];
+    snprintf(cmd, sizeof(cmd),
+             "printf '%%s' '{\"account\":\"kc-1\",\"amount\":42,\"notify\":true}' | "
+             "kcat -P -b %s -t %s -k kc-1 -H ce_specversion=1.0 "
+             "-H ce_id=kcat-event-0001 -H ce_source=urn:test:kcat -H ce_type=test.credit "
+             "-H ce_rayid=ray-kcat-1 -H content-type=application/json",
+             brokers, e.topic);
+    cr_assert_eq(system(cmd), 0, "kcat failed: %s", cmd);
+    cr_assert_eq(wait_for(e.url,
+                          "SELECT count(*) FROM test_ledger WHERE message_id = 'kcat-event-0001' "
+                          "AND account = 'kc-1' AND amount = 42",
+                          1, 60000),
+                 1, "the kcat event was not applied");
+    char sql[512];
+    snprintf(sql, sizeof(sql),
+             "SELECT count(*) FROM loom_commands WHERE consumer = '%s' AND message_id = "
+             "'kcat-event-0001' AND status = 'applied' AND ray_id = 'ray-kcat-1' AND "
+             "result->>'credited' = '42'",
+             e.name);
+    cr_assert_eq(sql_ll(e.url, sql), 1);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-kc-1' "
+                               "AND causation_id = 'kcat-event-0001' AND version = 1"),
+                 1);
+
+    /* A structured-mode event (the whole CloudEvent as JSON) is read too. */
+    snprintf(cmd, sizeof(cmd),
+             "printf '%%s' '{\"specversion\":\"1.0\",\"id\":\"kcat-structured-1\","
+             "\"source\":\"urn:test\",\"type\":\"test.credit\","
+             "\"data\":{\"account\":\"kc-2\",\"amount\":7}}' | "
+             "kcat -P -b %s -t %s -k kc-2 -H content-type=application/cloudevents+json",
+             brokers, e.topic);
+    cr_assert_eq(system(cmd), 0);
+    cr_assert_eq(wait_for(e.url,
+                          "SELECT count(*) FROM test_ledger WHERE message_id = "
+                          "'kcat-structured-1' AND amount = 7",
+                          1, 60000),
+                 1);
+
+    /* What Loom published (through the outbox) reads back in kcat with its headers. */
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_outbox", 0, 30000), 0,
+                 "the outbox was not relayed");
+    char out[] = "/tmp/loom-kcat-XXXXXX";
+    int fd = mkstemp(out);
+    close(fd);
+    snprintf(cmd, sizeof(cmd),
+             "kcat -C -b %s -t loom.evt.test.credited -o beginning -e -q "
+             "-f '%%k|%%s|%%h\\n' > %s 2>&1",
+             brokers, out);
+    bool found = false;
+    char *text = NULL;
+    for (int tries = 0; tries < 30 && !found; tries++) {
+        cr_assert_eq(system(cmd), 0);
+        FILE *f = fopen(out, "r");
+        char line[4096];
+        while (f && fgets(line, sizeof(line), f))
+            if (strstr(line, "ce_causationid=kcat-event-0001")) {
+                found = true;
+                free(text);
+                text = strdup(line);
+            }
+        if (f)
+            fclose(f);
+        if (!found)
+            loom_sleep_ms(500);
+    }
+    unlink(out);
+    cr_assert(found, "kcat did not see the follow-up event");
+    cr_assert(strncmp(text, "kc-1|{\"account\":\"kc-1\",\"amount\":42}|", 36) == 0, "%s", text);
+    cr_assert(strstr(text, "ce_specversion=1.0"), "%s", text);
+    cr_assert(strstr(text, "ce_type=test.credited"), "%s", text);
+    cr_assert(strstr(text, "ce_rayid=ray-kcat-1"), "%s", text);
+    cr_assert(strstr(text, "ce_source=loom://"), "%s", text);
+    cr_assert(strstr(text, "content-type=application/json"), "%s", text);
+    cr_assert(strstr(text, "ce_id="), "%s", text);
+    free(text);
+    env_stop_worker(&e);
+}
+
+/* ---- redelivery ------------------------------------------------------------------ */
+
+Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 2);
+    env_start_worker(&e, brokers);
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 50; i++) {
+        char id[64];
+        snprintf(id, sizeof(id), "dup-%d", i);
+        credit(p, e.topic, id, "dup", 1, NULL);
+        credit(p, e.topic, id, "dup", 1, NULL); /* the same command again */
+    }
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_commands", 50, 60000), 50);
+    loom_sleep_ms(1000); /* give a double apply the time to show */
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 50);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 50);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events"), 50);
+    loom_worker_stats_t st;
+    loom_worker_stats(e.w, &st);
+    cr_assert_eq(st.applied, 50);
+    cr_assert_eq(st.skipped, 50);
+    loom_producer_free(p);
+    env_stop_worker(&e);
+}
+
+/* ---- failure classes ---------------------------------------------------------------- */
+
+Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_holds_nothing,
+     .timeout = 240)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 4);
+    loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('stuck')");
+    env_start_worker(&e, brokers);
+    loom_producer_t *p = producer(brokers);
+    int32_t stuck = credit_sync(p, e.topic, "blocked-1", "stuck", 5, "\"fail\":\"blocked\"");
+    credit_sync(p, e.topic, "blocked-2", "stuck", 6, NULL); /* same key: waits behind it */
+    credit_sync(p, e.topic, "poison-1", "other", 1, "\"fail\":\"permanent\"");
+    int32_t flaky =
+        credit_sync(p, e.topic, "flaky-1", "flaky", 3, "\"fail\":\"transient\",\"fail_times\":2");
+    int free_flowing = flaky != stuck; /* rows expected outside the stuck partition */
+    for (int i = 0; i < 200; i++) {
+        char acct[16];
+        snprintf(acct, sizeof(acct), "acct-%d", i % 20);
+        free_flowing += credit_sync(p, e.topic, NULL, acct, 1, NULL) != stuck;
+    }
+    cr_assert_gt(free_flowing, 20, "some keys share no partition with 'stuck'");
+    int32_t poison_part = credit_sync(p, e.topic, "after-poison", "other", 2, NULL);
+    free_flowing += poison_part != stuck;
+    cr_assert_neq(poison_part, stuck, "pick keys so 'other' and 'stuck' do not share a partition");
+
+    /* Everything in the other partitions flows while 'stuck' waits. */
+    char sql[512];
+    snprintf(sql, sizeof(sql), "SELECT count(*) FROM test_ledger WHERE kafka_partition <> %d",
+             (int)stuck);
+    cr_assert_eq(wait_for(e.url, sql, free_flowing, 90000), free_flowing);
+    char *acct_part = loom_test_sql_value(
+        e.url,
+        "SELECT count(DISTINCT kafka_partition) FROM test_ledger WHERE account LIKE 'acct-%'");
+    cr_assert_geq(atoi(acct_part), 2, "keys spread over partitions");
+    free(acct_part);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'"), 0);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = 'poison-1' "
+                               "AND status = 'rejected' AND last_error LIKE '%closed%'"),
+                 1);
+    cr_assert_eq(sql_ll(e.url, "SELECT attempts FROM loom_commands WHERE message_id = 'flaky-1' "
+                               "AND status = 'applied'"),
+                 3, "two transient failures, then applied");
+    cr_assert_geq(wait_for(e.url,
+                           "SELECT CASE WHEN attempts >= 3 THEN 3 ELSE attempts END FROM "
+                           "loom_commands WHERE message_id = 'blocked-1' AND status = 'retrying'",
+                           3, 30000),
+                  3, "the blocked command is retried and its attempts counted");
+
+    /* Operators see both in `loom commands list`. */
+    char envurl[600];
+    snprintf(envurl, sizeof(envurl), "LOOM_DATABASE_URL=%s", e.url);
+    const char *env[] = {envurl, NULL};
+    const char *argv[] = {loom_test_bin(), "commands", "list", "--limit", "1000", NULL};
+    char *out, *err;
+    cr_assert_eq(loom_test_run(argv, env, &out, &err), 0, "%s", err);
+    cr_assert(strstr(out, "poison-1"), "%s", out);
+    cr_assert(strstr(out, "rejected"), "%s", out);
+    free(out);
+    free(err);
+    const char *argv2[] = {loom_test_bin(), "commands", "list", "--stuck", NULL};
+    cr_assert_eq(loom_test_run(argv2, env, &out, &err), 0, "%s", err);
+    cr_assert(strstr(out, "blocked-1"), "%s", out);
+    cr_assert(strstr(out, "retrying"), "%s", out);
+    cr_assert_null(strstr(out, "poison-1"), "%s", out);
+    free(out);
+    free(err);
+
+    /* Unblocked, the partition catches up in order. */
+    loom_test_sql(e.url, "DELETE FROM test_blocks");
+    cr_assert_eq(
+        wait_for(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'", 2, 60000), 2);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck' AND "
+                               "message_id = 'blocked-1' AND kafka_offset < (SELECT kafka_offset "
+                               "FROM test_ledger WHERE message_id = 'blocked-2')"),
+                 1, "blocked-1 before blocked-2");
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_commands WHERE status = 'applied'",
+                          200 + 4, 60000),
+                 200 + 4, "all but the rejected one");
+    loom_producer_free(p);
+    env_stop_worker(&e);
+}
+
+/* ---- processes: kill -9, two workers ------------------------------------------------- */
+
+static pid_t start_worker_process(const char *url, const char *brokers, const char *suffix, int *fd)
+{
+    static char e1[600], e2[256], e3[128];
+    snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", url);
+    snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
+    snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", suffix);
+    const char *env[] = {e1, e2, e3, NULL};
+    const char *argv[] = {loom_test_app_bin(), "worker", NULL};
+    return loom_test_spawn(argv, env, fd);
+}
+
+Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each_once,
+     .timeout = 600)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 6);
+    enum { N = 20000 };
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < N; i++) {
+        char acct[16];
+        snprintf(acct, sizeof(acct), "k-%d", i % 97);
+        credit(p, e.topic, NULL, acct, i + 1, NULL);
+    }
+    cr_assert_eq(loom_producer_flush(p, 120000), 0);
+    loom_producer_free(p);
+
+    int fd;
+    pid_t pid = start_worker_process(e.url, brokers, e.suffix, &fd);
+    /* Wait until it is in the middle of the stream, then kill it hard. */
+    int64_t end = loom_mono_ms() + 120000;
+    long long applied = 0;
+    while ((applied = sql_ll(e.url, "SELECT count(*) FROM test_ledger")) < N / 4 &&
+           loom_mono_ms() < end)
+        loom_sleep_ms(20);
+    cr_assert_lt(applied, N, "the worker finished before it could be killed");
+    cr_assert_gt(applied, 0);
+    kill(pid, SIGKILL);
+    loom_test_wait(pid, 10000);
+    close(fd);
+    long long at_kill = sql_ll(e.url, "SELECT count(*) FROM test_ledger");
+
+    pid = start_worker_process(e.url, brokers, e.suffix, &fd);
+    long long done = wait_for(e.url, "SELECT count(*) FROM test_ledger", N, 300000);
+    kill(pid, SIGTERM);
+    int status = loom_test_wait(pid, 60000);
+    char *log = NULL;
+    loom_test_read_until(fd, "\x01", 200, &log);
+    close(fd);
+    cr_assert_eq(status, 0, "graceful stop exited %d:\n%.2000s", status, log);
+    cr_assert_eq(done, N, "applied %lld of %d (killed at %lld)", done, N, at_kill);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), N,
+                 "a command was applied twice");
+    long long want_sum = (long long)N * (N + 1) / 2;
+    cr_assert_eq(sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), want_sum);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE status = 'applied'"), N);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events"), N);
+    cr_log_info("killed at %lld of %d applied; after restart %lld, sum %lld", at_kill, N, done,
+                want_sum);
+    free(log);
+}
+
+Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_stops, .timeout = 600)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 6);
+    int fa, fb;
+    pid_t a = start_worker_process(e.url, brokers, e.suffix, &fa);
+    pid_t b = start_worker_process(e.url, brokers, e.suffix, &fb);
+    char *la = NULL, *lb = NULL;
+    cr_assert(loom_test_read_until(fa, "msg=\"partitions assigned\"", 60000, &la), "%s", la);
+    cr_assert(loom_test_read_until(fb, "msg=\"partitions assigned\"", 60000, &lb), "%s", lb);
+
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 3000; i++) {
+        char acct[16];
+        snprintf(acct, sizeof(acct), "t-%d", i % 60);
+        credit(p, e.topic, NULL, acct, 1, NULL);
+    }
+    loom_producer_flush(p, 60000);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 120000), 3000);
+    /* The group split the six partitions: three each. */
+    loom_test_read_until(fa, "count=3", 15000, &la);
+    loom_test_read_until(fb, "count=3", 15000, &lb);
+    cr_assert(strstr(la, "count=3"), "worker a:\n%s", tail(la, 3000));
+    cr_assert(strstr(lb, "count=3"), "worker b:\n%s", tail(lb, 3000));
+    cr_assert_gt(sql_ll(e.url, "SELECT count(DISTINCT kafka_partition) FROM test_ledger"), 3);
+
+    /* Stop one; the other takes all six partitions and keeps applying. */
+    kill(a, SIGTERM);
+    cr_assert_eq(loom_test_wait(a, 60000), 0, "%s", tail(la, 3000));
+    char *after = NULL;
+    cr_assert(loom_test_read_until(fb, "count=6", 60000, &after), "worker b after a left:\n%s",
+              tail(after, 3000));
+    free(after);
+    for (int i = 0; i < 3000; i++) {
+        char acct[16];
+        snprintf(acct, sizeof(acct), "t-%d", i % 60);
+        credit(p, e.topic, NULL, acct, 1, NULL);
+    }
+    loom_producer_flush(p, 60000);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 6000, 120000), 6000);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 6000);
+    kill(b, SIGTERM);
+    cr_assert_eq(loom_test_wait(b, 60000), 0);
+    loom_producer_free(p);
+    close(fa);
+    close(fb);
+    free(la);
+    free(lb);
+}
+
+/* ---- the mock cluster: a broker taken down and brought back ---------------------------- */
+
+Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeout = 300)
+{
+    rd_kafka_mock_cluster_t *mc;
+    const char *brokers;
+    rd_kafka_t *owner = loom_test_mock_cluster(3, &mc, &brokers);
+    env_mock = mc;
+    env_t e;
+    env_init(&e, brokers, 6);
+    env_start_worker(&e, brokers);
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 1000; i++)
+        credit(p, e.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
+    loom_producer_flush(p, 60000);
+    cr_assert_geq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 1000, 60000), 1);
+
+    rd_kafka_mock_broker_set_down(mc, 1);
+    rd_kafka_mock_broker_set_down(mc, 2);
+    for (int i = 0; i < 1000; i++)
+        credit(p, e.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
+    loom_sleep_ms(3000);
+    rd_kafka_mock_broker_set_up(mc, 1);
+    rd_kafka_mock_broker_set_up(mc, 2);
+    cr_assert_eq(loom_producer_flush(p, 120000), 0);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 2000, 120000), 2000);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 2000);
+    loom_producer_free(p);
+    env_stop_worker(&e);
+    rd_kafka_mock_cluster_destroy(mc);
+    rd_kafka_destroy(owner);
+}
+
+/* ---- commands for people: migrate up (topics), publish, commands ------------------------ */
+
+static int app_run(const char *url, const char *brokers, const char *suffix, const char *shell,
+                   char **out, char **err)
+{
+    char e1[600], e2[256], e3[128];
+    snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", url);
+    snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
+    snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", suffix);
+    const char *env[] = {e1, e2, e3, "LOOM_KAFKA_PARTITIONS=3", NULL};
+    char cmd[4096];
+    snprintf(cmd, sizeof(cmd), "exec %s %s", loom_test_app_bin(), shell);
+    const char *argv[] = {"/bin/sh", "-c", cmd, NULL};
+    return loom_test_run(argv, env, out, err);
+}
+
+Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .timeout = 300)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    memset(&e, 0, sizeof(e));
+    loom_test_db_create(e.url, sizeof(e.url));
+    loom_test_unique_name("s", e.suffix, sizeof(e.suffix));
+    snprintf(e.topic, sizeof(e.topic), "loom.cmd.test.credit.%s", e.suffix);
+    snprintf(e.name, sizeof(e.name), "test.ledger.%s", e.suffix);
+    e.topics[0] = e.topic;
+    e.def = loom_test_consumers[0];
+    e.def.name = e.name;
+    e.def.topics = e.topics;
+    char *out, *err;
+
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, "migrate up", &out, &err), 0, "%s", err);
+    cr_assert(strstr(out, "kafka: 1 topic created, 0 already there (3 partitions each)"), "%s",
+              out);
+    free(out);
+    free(err);
+    char cmd[1024];
+    snprintf(cmd, sizeof(cmd), "kcat -L -b %s -t %s | grep -c 'partition [0-2],'", brokers,
+             e.topic);
+    FILE *f = popen(cmd, "r");
+    char line[64] = "";
+    cr_assert(fgets(line, sizeof(line), f));
+    pclose(f);
+    cr_assert_eq(atoi(line), 3, "the topic has 3 partitions");
+
+    loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('p')");
+    env_start_worker(&e, brokers);
+
+    snprintf(cmd, sizeof(cmd), "publish --key a1 %s '{\"account\":\"a1\",\"amount\":3}'", e.topic);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
+    cr_assert(strstr(out, "published 1 message to"), "%s", out);
+    free(out);
+    free(err);
+
+    char nd[] = "/tmp/loom-ndjson-XXXXXX";
+    int fd = mkstemp(nd);
+    FILE *nf = fdopen(fd, "w");
+    for (int i = 0; i < 100; i++)
+        fprintf(nf, "{\"account\":\"n%d\",\"amount\":%d}\n", i % 7, i);
+    fprintf(nf, "\nnot json\n");
+    fclose(nf);
+    snprintf(cmd, sizeof(cmd), "publish %s - < %s", e.topic, nd);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 1, "%s", err);
+    cr_assert(strstr(out, "published 100 messages to"), "%s", out);
+    cr_assert(strstr(out, "1 failed"), "%s", out);
+    cr_assert(strstr(err, "line 102: not valid JSON"), "%s", err);
+    free(out);
+    free(err);
+    unlink(nd);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 101, 60000), 101);
+
+    /* A stuck command: parked to free its partition, then replayed. */
+    snprintf(cmd, sizeof(cmd),
+             "publish --key p %s '{\"specversion\":\"1.0\",\"id\":\"cli-stuck-1\","
+             "\"source\":\"urn:test\",\"type\":\"test.credit\","
+             "\"data\":{\"account\":\"p\",\"amount\":9,\"fail\":\"blocked\"}}'",
+             e.topic);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
+    free(out);
+    free(err);
+    snprintf(cmd, sizeof(cmd), "publish --key p %s '{\"account\":\"p\",\"amount\":1}'", e.topic);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
+    free(out);
+    free(err);
+    cr_assert_eq(wait_for(e.url,
+                          "SELECT count(*) FROM loom_commands WHERE message_id = 'cli-stuck-1' "
+                          "AND status = 'retrying'",
+                          1, 30000),
+                 1);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show cli-stuck-1", &out, &err), 0,
+                 "%s", err);
+    cr_assert(strstr(out, "\"status\":\"retrying\""), "%s", out);
+    cr_assert(strstr(out, "is blocked"), "%s", out);
+    free(out);
+    free(err);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands park cli-stuck-1", &out, &err), 0,
+                 "%s", err);
+    cr_assert(strstr(out, "parked cli-stuck-1"), "%s", out);
+    free(out);
+    free(err);
+    /* The command behind it on the same key now goes through. */
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'p'", 1, 60000),
+                 1);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
+                 0);
+
+    loom_test_sql(e.url, "DELETE FROM test_blocks");
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands replay cli-stuck-1", &out, &err), 0,
+                 "%s", err);
+    cr_assert(strstr(out, "replayed cli-stuck-1"), "%s", out);
+    free(out);
+    free(err);
+    cr_assert_eq(wait_for(e.url,
+                          "SELECT count(*) FROM loom_commands WHERE message_id = 'cli-stuck-1' "
+                          "AND status = 'applied'",
+                          1, 60000),
+                 1);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
+                 1);
+    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show no-such-id", &out, &err), 6);
+    free(out);
+    free(err);
+    env_stop_worker(&e);
+}
