@@ -596,6 +596,16 @@ static void record(batch_t *b, loom_msg_t *m, const char *status, const char *er
                   b->wc->def->name, msg_id(m), status, err.message);
 }
 
+/* ---- metrics ------------------------------------------------------------------------ */
+
+static void count(worker_consumer_t *wc, const char *topic, const char *outcome, long long n)
+{
+    if (n <= 0 || !wc->w->m_messages)
+        return;
+    const char *labels[] = {wc->def->name, topic, outcome};
+    loom_metrics_counter_add(wc->w->m_messages, labels, (double)n);
+}
+
 /* ---- partitions ------------------------------------------------------------------- */
 
 typedef struct part_state {
@@ -679,6 +689,7 @@ static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const
     ps->paused = true;
     ps->resume_at = loom_mono_ms() + delay;
     atomic_fetch_add(&w->retries, 1);
+    count(rt->wc, ps->topic, "retried", 1);
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = offset;
     rd_kafka_pause_partitions(rt->rk, l);
@@ -746,6 +757,8 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
             done += b->msgs[i].done;
         atomic_fetch_add(&w->applied, (long long)(b->n - done));
         atomic_fetch_add(&w->skipped, (long long)done);
+        count(wc, ps->topic, "applied", (long long)(b->n - done));
+        count(wc, ps->topic, "skipped", (long long)done);
         ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
         ps->retry_offset = -1;
         ps->attempts = 0;
@@ -756,6 +769,7 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
             loom_msg_t *m = &b->msgs[a.failed];
             record(b, m, "rejected", a.herr.message);
             atomic_fetch_add(&w->rejected, 1);
+            count(wc, ps->topic, "rejected", 1);
             LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
                       wc->def->name, msg_id(m), a.herr.code, a.herr.message);
             ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
@@ -777,12 +791,14 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
         if (rc == 0) {
             atomic_fetch_add(&w->applied, m->done ? 0 : 1);
             atomic_fetch_add(&w->skipped, m->done ? 1 : 0);
+            count(wc, ps->topic, m->done ? "skipped" : "applied", 1);
             ps->commit_offset = m->rkm->offset + 1;
             continue;
         }
         if (one.handler_failed && is_permanent(&one.herr)) {
             record(b, m, "rejected", one.herr.message);
             atomic_fetch_add(&w->rejected, 1);
+            count(wc, ps->topic, "rejected", 1);
             LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
                       wc->def->name, msg_id(m), one.herr.code, one.herr.message);
             ps->commit_offset = m->rkm->offset + 1;
@@ -836,32 +852,48 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
 static void check_stalls(consumer_rt_t *rt)
 {
     loom_worker_t *w = rt->wc->w;
+    const char *name = rt->wc->def->name;
     int64_t now = loom_mono_ms();
     rd_kafka_topic_partition_list_t *assigned = NULL;
     if (rd_kafka_assignment(rt->rk, &assigned) != RD_KAFKA_RESP_ERR_NO_ERROR)
         return;
     rd_kafka_position(rt->rk, assigned);
+    int stalled = 0, retrying = 0;
     for (int i = 0; i < assigned->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &assigned->elems[i];
         part_state_t *ps = part_get(rt, tp->topic, tp->partition);
-        if (ps->paused || now - ps->last_msg_ms < w->opts.stall_after_ms)
-            continue;
         int64_t lo = 0, hi = 0;
-        if (rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi, 2000) !=
-            RD_KAFKA_RESP_ERR_NO_ERROR)
+        bool idle = !ps->paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
+        /* Cached watermarks are free; an idle partition gets a fresh answer. */
+        rd_kafka_resp_err_t e =
+            idle
+                ? rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi, 2000)
+                : rd_kafka_get_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi);
+        if (e != RD_KAFKA_RESP_ERR_NO_ERROR || hi < 0)
             continue;
         int64_t pos = tp->offset >= 0 ? tp->offset : lo;
-        int64_t lag = hi - pos;
-        if (lag > 0 && !ps->stalled) {
+        int64_t lag = hi > pos ? hi - pos : 0;
+        if (w->m_lag) {
+            char part[16];
+            snprintf(part, sizeof(part), "%d", (int)tp->partition);
+            const char *labels[] = {name, tp->topic, part};
+            loom_metrics_gauge_set(w->m_lag, labels, (double)lag);
+        }
+        retrying += ps->paused;
+        if (idle && lag > 0 && !ps->stalled) {
             ps->stalled = true;
             atomic_fetch_add(&w->stalls, 1);
             LOOM_WARN("partition lag is not shrinking: messages wait but none arrive",
-                      "consumer=%s topic=%s partition=%d lag=%lld idle_ms=%lld", rt->wc->def->name,
-                      tp->topic, tp->partition, (long long)lag, (long long)(now - ps->last_msg_ms));
-        } else if (lag <= 0) {
+                      "consumer=%s topic=%s partition=%d lag=%lld idle_ms=%lld", name, tp->topic,
+                      tp->partition, (long long)lag, (long long)(now - ps->last_msg_ms));
+        } else if (lag == 0) {
             ps->stalled = false;
         }
+        stalled += ps->stalled;
     }
+    const char *labels[] = {name};
+    loom_metrics_gauge_set(w->m_stalled, labels, stalled);
+    loom_metrics_gauge_set(w->m_retrying, labels, retrying);
     rd_kafka_topic_partition_list_destroy(assigned);
 }
 
@@ -947,7 +979,8 @@ void *loom__consumer_run(void *arg)
     rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
     rd_kafka_message_t **msgs = loom_xcalloc((size_t)batch_size, sizeof(*msgs));
     rd_kafka_message_t **group_msgs = loom_xcalloc((size_t)batch_size, sizeof(*msgs));
-    int64_t next_stall_check = loom_mono_ms() + 5000;
+    int64_t check_every = w->opts.stall_after_ms / 2 < 5000 ? w->opts.stall_after_ms / 2 : 5000;
+    int64_t next_stall_check = loom_mono_ms() + check_every;
 
     while (!atomic_load(&w->stop)) {
         part_resume_due(&rt);
@@ -990,7 +1023,7 @@ void *loom__consumer_run(void *arg)
         commit_offsets(&rt, false);
         if (loom_mono_ms() >= next_stall_check) {
             check_stalls(&rt);
-            next_stall_check = loom_mono_ms() + 5000;
+            next_stall_check = loom_mono_ms() + check_every;
         }
     }
     /* Graceful: the batch in flight is done; commit and leave the group. */

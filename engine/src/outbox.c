@@ -127,6 +127,8 @@ void *loom__outbox_relay_run(void *arg)
         }
         failures = 0;
         atomic_fetch_add(&w->relayed, r.sent);
+        if (r.sent > 0)
+            loom_metrics_counter_add(w->m_relayed, NULL, r.sent);
         if (r.sent < RELAY_BATCH)
             loom_sleep_ms(r.sent > 0 ? 5 : 100);
     }

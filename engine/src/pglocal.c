@@ -308,7 +308,7 @@ int loom_pglocal_start(loom_pglocal_t *pg, const char *dir, const loom_pglocal_o
     }
 
     for (int attempt = 0; attempt < 3; attempt++) {
-        pg->port = loom_free_port();
+        pg->port = o.port > 0 ? o.port : loom_free_port();
         char pgopts[512];
         snprintf(pgopts, sizeof(pgopts),
                  "-p %d -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "

@@ -23,6 +23,26 @@ int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_
         w->opts.stall_after_ms = 30000;
     if (!w->opts.group_prefix)
         w->opts.group_prefix = "loom.";
+    if (opts->metrics) {
+        static const char *const ct[] = {"consumer", "topic", "outcome", NULL};
+        static const char *const ctp[] = {"consumer", "topic", "partition", NULL};
+        static const char *const c[] = {"consumer", NULL};
+        w->m_messages = loom_metrics_counter(
+            opts->metrics, "loom_consumer_messages_total",
+            "Messages handled by consumers, by outcome (applied, skipped, rejected, retried).", ct);
+        w->m_lag = loom_metrics_gauge(opts->metrics, "loom_consumer_lag",
+                                      "Messages waiting in a partition (high watermark minus "
+                                      "position).",
+                                      ctp);
+        w->m_stalled = loom_metrics_gauge(
+            opts->metrics, "loom_consumer_stalled_partitions",
+            "Partitions whose lag stays above zero while no message arrives.", c);
+        w->m_retrying = loom_metrics_gauge(
+            opts->metrics, "loom_consumer_retrying_partitions",
+            "Partitions paused on a command that fails transiently (stuck commands).", c);
+        w->m_relayed = loom_metrics_counter(opts->metrics, "loom_outbox_relayed_total",
+                                            "Outbox messages sent to Kafka.", NULL);
+    }
     w->n_consumers = opts->n_consumers;
     w->consumers = loom_xcalloc(w->n_consumers + 1, sizeof(*w->consumers));
     for (size_t i = 0; i < w->n_consumers; i++) {

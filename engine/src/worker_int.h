@@ -24,6 +24,11 @@ struct loom_worker {
     pthread_t relay_thread;
     bool relay_started;
     atomic_llong applied, skipped, rejected, retries, relayed, stalls;
+    loom_metrics_family_t *m_messages; /* {consumer,topic,outcome} */
+    loom_metrics_family_t *m_lag;      /* {consumer,topic,partition} */
+    loom_metrics_family_t *m_stalled;  /* {consumer} */
+    loom_metrics_family_t *m_retrying; /* {consumer} */
+    loom_metrics_family_t *m_relayed;
     bool stopped;
 };
 

@@ -9,6 +9,7 @@
 #include "support.h"
 #include "loom/bus.h"
 #include "loom/clock.h"
+#include "loom/pglocal.h"
 #include "loom/worker.h"
 
 #include <criterion/criterion.h>
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -653,4 +655,133 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     free(out);
     free(err);
     env_stop_worker(&e);
+}
+
+/* ---- Postgres stopped for 10 s under load ------------------------------------------------ */
+
+Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_by_itself,
+     .timeout = 400)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    char dir[] = "/tmp/loom-pgdown-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    chmod(dir, 0755);
+    char pgdir[128];
+    snprintf(pgdir, sizeof(pgdir), "%s/pg", dir);
+    loom_pglocal_t pg;
+    loom_error_t err;
+    loom_pglocal_opts_t po = {.fast = true};
+    cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
+    po.port = pg.port;
+
+    env_t e;
+    memset(&e, 0, sizeof(e));
+    snprintf(e.url, sizeof(e.url), "%s", pg.url);
+    loom_db_pool_t *mp = loom_test_pool(e.url, 1);
+    loom_db_t *db;
+    loom_migration_set_t set = loom_test_migrations();
+    cr_assert_eq(loom_db_acquire(mp, &db, &err), 0);
+    cr_assert_eq(loom_migrate_up(db, &set, NULL, &err), 0, "%s", err.message);
+    loom_db_release(db);
+    loom_db_pool_free(mp);
+    loom_test_unique_name("s", e.suffix, sizeof(e.suffix));
+    snprintf(e.topic, sizeof(e.topic), "loom.cmd.test.credit.%s", e.suffix);
+    snprintf(e.name, sizeof(e.name), "test.ledger.%s", e.suffix);
+    e.topics[0] = e.topic;
+    e.def = loom_test_consumers[0];
+    e.def.name = e.name;
+    e.def.topics = e.topics;
+    create_topic(brokers, e.topic, 4);
+    env_start_worker(&e, brokers);
+
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 1500; i++)
+        credit(p, e.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
+    loom_producer_flush(p, 60000);
+    cr_assert_geq(wait_for(e.url, "SELECT least(count(*), 500) FROM test_ledger", 500, 60000), 500);
+
+    cr_assert_eq(loom_pglocal_stop(&pg), 0);
+    int64_t down_at = loom_mono_ms();
+    for (int i = 1500; i < 3000; i++) /* the load goes on while the database is away */
+        credit(p, e.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
+    loom_producer_flush(p, 60000);
+    loom_sleep_ms(10000 - (loom_mono_ms() - down_at));
+    cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
+    int64_t up_at = loom_mono_ms();
+
+    long long n = wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 180000);
+    int64_t recovered_ms = loom_mono_ms() - up_at;
+    cr_assert_eq(n, 3000, "applied %lld of 3000 after the outage", n);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 3000);
+    cr_assert_eq(sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), 3000LL * 3001 / 2);
+    loom_worker_stats_t st;
+    loom_worker_stats(e.w, &st);
+    cr_assert_gt(st.retries, 0, "the outage was noticed and retried");
+    cr_log_info("database down %lld ms; all applied %lld ms after it came back, %lld retries",
+                (long long)(up_at - down_at), (long long)recovered_ms, (long long)st.retries);
+    loom_producer_free(p);
+    env_stop_worker(&e);
+    loom_pglocal_stop(&pg);
+    char cmd[200];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+/* ---- a partition whose lag stays above zero while nothing arrives ----------------------- */
+
+Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout = 300)
+{
+    rd_kafka_mock_cluster_t *mc;
+    const char *brokers;
+    rd_kafka_t *owner = loom_test_mock_cluster(1, &mc, &brokers);
+    env_mock = mc;
+    env_t e;
+    env_init(&e, brokers, 1);
+    loom_metrics_t *reg = loom_metrics_new();
+    e.pool = loom_test_pool(e.url, 4);
+    loom_worker_opts_t o = {.brokers = brokers,
+                            .pool = e.pool,
+                            .consumers = &e.def,
+                            .n_consumers = 1,
+                            .retry_base_ms = 50,
+                            .retry_max_ms = 500,
+                            .stall_after_ms = 1000,
+                            .metrics = reg};
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 10; i++)
+        credit(p, e.topic, NULL, "s", 1, NULL);
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 10, 60000), 10);
+
+    /* Fetches fail from now on while messages keep arriving. */
+    rd_kafka_resp_err_t errs[200];
+    for (int i = 0; i < 200; i++)
+        errs[i] = RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION;
+    rd_kafka_mock_push_request_errors_array(mc, 1 /* Fetch API key */, 200, errs);
+    for (int i = 0; i < 10; i++)
+        credit(p, e.topic, NULL, "s", 1, NULL);
+    loom_producer_flush(p, 30000);
+    loom_worker_stats_t st = {0};
+    int64_t end = loom_mono_ms() + 60000;
+    while (st.stalls == 0 && loom_mono_ms() < end) {
+        loom_sleep_ms(200);
+        loom_worker_stats(e.w, &st);
+    }
+    cr_assert_gt(st.stalls, 0, "no stall was reported");
+    char *text = loom_metrics_render_string(reg, NULL);
+    char want[256];
+    snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 1", e.name);
+    cr_assert(strstr(text, want), "%s", text);
+    free(text);
+    /* Once fetches work again the backlog drains and the gauge drops. */
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 120000), 20);
+    loom_producer_free(p);
+    loom_worker_free(e.w);
+    loom_db_pool_free(e.pool);
+    loom_metrics_free(reg);
+    rd_kafka_mock_cluster_destroy(mc);
+    rd_kafka_destroy(owner);
+    env_mock = NULL;
 }

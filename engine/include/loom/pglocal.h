@@ -25,6 +25,7 @@ typedef struct loom_pglocal {
 typedef struct loom_pglocal_opts {
     bool fast;          /* fsync off etc.: for tests, never for data you keep */
     const char *dbname; /* database to create; default "loom" */
+    int port;           /* listen here (a restart keeps its address); 0: a free port */
 } loom_pglocal_opts_t;
 
 /*

@@ -14,6 +14,7 @@
 #include "loom/config.h"
 #include "loom/consumer.h"
 #include "loom/db.h"
+#include "loom/metrics.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -31,6 +32,12 @@ typedef struct loom_worker_opts {
     int64_t retry_max_ms;      /* backoff cap; 0: 30000 */
     int64_t stall_after_ms;    /* lag > 0 and nothing arriving for this long; 0: 30000 */
     const char *group_prefix;  /* consumer group = prefix + name; NULL: "loom." */
+    loom_metrics_t *metrics;   /* borrowed; NULL: no metrics. Registers
+                                * loom_consumer_messages_total{consumer,topic,outcome},
+                                * loom_consumer_lag{consumer,topic,partition},
+                                * loom_consumer_stalled_partitions{consumer},
+                                * loom_consumer_retrying_partitions{consumer},
+                                * loom_outbox_relayed_total */
 } loom_worker_opts_t;
 
 /* Starts the threads. The options' pointers must outlive the worker. */
