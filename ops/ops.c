@@ -6,5 +6,7 @@
 const loom_op_t *const loom_app_ops[] = {
     &loom_op_engine_commands_get,
     &loom_op_engine_nodes_list,
+    &loom_op_messages_batch_get,
+    &loom_op_messages_get,
 };
 const size_t loom_app_n_ops = sizeof(loom_app_ops) / sizeof(loom_app_ops[0]);

@@ -20,4 +20,10 @@ extern const size_t loom_app_n_ops;
 extern const loom_op_t loom_op_engine_commands_get;
 extern const loom_op_t loom_op_engine_nodes_list;
 
+/* service "messages": temporary message storage (SERVICES.md section 1) */
+extern const loom_op_t loom_op_messages_get;
+extern const loom_op_t loom_op_messages_batch_get;
+extern const loom_error_code_t loom_messages_error_codes[]; /* [0] MESSAGE_NOT_FOUND */
+extern const loom_error_catalogue_t loom_messages_errors;
+
 #endif

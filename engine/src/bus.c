@@ -306,14 +306,14 @@ int loom_kafka_create_topics(const char *brokers, const loom_config_t *cfg,
         nt[i] = rd_kafka_NewTopic_new(topics[i], partitions, -1, errbuf, sizeof(errbuf));
     rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
     rd_kafka_AdminOptions_t *ao = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
-    rd_kafka_AdminOptions_set_operation_timeout(ao, 30000, errbuf, sizeof(errbuf));
-    rd_kafka_AdminOptions_set_request_timeout(ao, 30000, errbuf, sizeof(errbuf));
+    rd_kafka_AdminOptions_set_operation_timeout(ao, 15000, errbuf, sizeof(errbuf));
+    rd_kafka_AdminOptions_set_request_timeout(ao, 15000, errbuf, sizeof(errbuf));
     rd_kafka_CreateTopics(rk, nt, n, ao, q);
-    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 60000);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 30000);
     int rc = 0;
     if (!ev) {
         rc = loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE,
-                            "could not create topics: no answer from %s within 60 s", brokers);
+                            "could not create topics: no answer from %s within 30 s", brokers);
     } else if (rd_kafka_event_error(ev)) {
         rc = loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE, "could not create topics: %s",
                             rd_kafka_event_error_string(ev));

@@ -6,7 +6,14 @@
 
 #include "loom/app.h"
 #include "loom/config.h"
+#include "loom/bus.h"
 #include "loom/db.h"
+#include "loom/metrics.h"
+#include "loom/node.h"
+#include "loom/periodic.h"
+#include "loom/worker.h"
+
+#include <librdkafka/rdkafka_mock.h>
 
 #include <signal.h>
 #include <stdbool.h>
@@ -30,6 +37,27 @@ extern const cli_command_t cli_op_command;
 extern const cli_command_t cli_worker_command;
 extern const cli_command_t cli_publish_command;
 extern const cli_command_t cli_commands_command;
+extern const cli_command_t cli_broker_command;
+extern const cli_command_t cli_nodes_command;
+extern const cli_command_t cli_replay_command;
+
+/* The parts of a worker process: consumers + outbox relay, periodic jobs and
+ * heartbeats (cli_worker.c); `loom worker` and `loom dev` both run them. */
+typedef struct cli_worker_parts {
+    loom_worker_t *worker;
+    loom_periodic_t *periodic;
+    loom_node_t *node;
+} cli_worker_parts_t;
+
+int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
+                           loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
+                           const char *role, const char *url, cli_worker_parts_t *parts);
+void cli_worker_parts_stop(cli_worker_parts_t *parts);
+
+/* A librdkafka mock cluster for `loom dev` and `loom broker`, with the app's
+ * topics created (the mock has no CreateTopics). cli_broker.c. */
+rd_kafka_t *cli_mock_cluster_start(cli_ctx_t *ctx, int brokers, rd_kafka_mock_cluster_t **mc,
+                                   const char **bootstraps);
 
 /* Blocks SIGINT, SIGTERM and SIGHUP in this thread (call before starting
  * threads) and fills set with them, for sigwait(). */

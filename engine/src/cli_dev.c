@@ -8,6 +8,7 @@
  */
 #include "cli.h"
 #include "loom/log.h"
+#include "loom/metrics.h"
 #include "loom/pglocal.h"
 
 #include <errno.h>
@@ -46,15 +47,11 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
     /* Signals are taken with sigwait() below; block them before anything
      * starts a thread or a child so none of them sees one first. */
     sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGHUP);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    cli_block_signals(&sigs);
 
     loom_pglocal_t pg = {.lock_fd = -1};
     const char *url = ctx->cfg.database_url;
-    char pgdir[PATH_MAX];
+    char pgdir[PATH_MAX] = "";
     if (!url) {
         if (mkdir(ctx->cfg.dev_dir, 0755) != 0 && errno != EEXIST)
             return cli_fail("dev", "could not create directory \"%s\": %s", ctx->cfg.dev_dir,
@@ -70,19 +67,67 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
     }
     int applied = 0;
     int rc = apply_migrations(url, ctx->app, &applied);
+
+    /* Kafka: LOOM_KAFKA_BROKERS, or the embedded mock cluster. */
+    rd_kafka_t *mock_owner = NULL;
+    rd_kafka_mock_cluster_t *mc = NULL;
+    const char *brokers = ctx->cfg.kafka_brokers;
+    if (rc == 0 && !brokers) {
+        mock_owner = cli_mock_cluster_start(ctx, 1, &mc, &brokers);
+        if (!mock_owner)
+            rc = cli_fail("dev", "could not start the embedded kafka");
+    }
+    loom_db_pool_t *pool = NULL;
+    loom_producer_t *producer = NULL;
+    loom_metrics_t *metrics = loom_metrics_new();
+    loom_error_t err;
+    if (rc == 0) {
+        loom_db_pool_opts_t po = {.size = (int)ctx->app->n_consumers + 8};
+        if (loom_db_pool_new(url, &po, &pool, &err) != 0)
+            rc = cli_fail("dev", "%s", err.message);
+    }
+    if (rc == 0) {
+        loom_producer_opts_t popts = {
+            .brokers = brokers, .cfg = &ctx->cfg, .flush_timeout_ms = ctx->cfg.shutdown_timeout_ms};
+        if (loom_producer_new(&popts, &producer, &err) != 0)
+            rc = cli_fail("dev", "%s", err.message);
+    }
+    cli_worker_parts_t parts = {0};
+    bool parts_up = false;
+    if (rc == 0) {
+        rc = cli_worker_parts_start(ctx, "dev", brokers, pool, producer, metrics, "dev", NULL,
+                                    &parts);
+        parts_up = rc == 0;
+    }
     if (rc == 0) {
         printf("loom dev is up (node %s)\n", ctx->cfg.node_id);
         if (pg.started)
             printf("  postgres    %s  (private, data in %s)\n", url, pgdir);
         else
             printf("  postgres    LOOM_DATABASE_URL\n");
+        if (mock_owner)
+            printf("  kafka       %s  (embedded mock cluster; kcat -L -b %s)\n", brokers, brokers);
+        else
+            printf("  kafka       %s  (LOOM_KAFKA_BROKERS)\n", brokers);
         printf("  migrations  %zu known, %d applied now\n", ctx->app->migrations.count, applied);
+        printf("  worker      %zu consumer%s, %zu periodic job%s, outbox relay\n",
+               ctx->app->n_consumers, ctx->app->n_consumers == 1 ? "" : "s", ctx->app->n_jobs,
+               ctx->app->n_jobs == 1 ? "" : "s");
         printf("Press Ctrl-C to stop.\n");
         fflush(stdout);
-        LOOM_INFO("loom dev ready", "postgres_port=%d", pg.port);
+        LOOM_INFO("loom dev ready", "postgres_port=%d kafka=%s", pg.port, brokers);
         int sig = 0;
         sigwait(&sigs, &sig);
         LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
+    }
+    if (parts_up)
+        cli_worker_parts_stop(&parts);
+    loom_producer_free(producer);
+    loom_db_pool_free(pool);
+    loom_metrics_free(metrics);
+    if (mock_owner) {
+        rd_kafka_mock_cluster_destroy(mc);
+        rd_kafka_destroy(mock_owner);
     }
     if (pg.started || pg.lock_fd >= 0) {
         if (loom_pglocal_stop(&pg) != 0)
@@ -97,9 +142,12 @@ const cli_command_t cli_dev_command = {
     "dev", "run Loom on its embedded defaults (private Postgres) until Ctrl-C",
     "usage: loom dev\n"
     "\n"
-    "Runs Loom on one machine with nothing to set up. Without LOOM_DATABASE_URL it\n"
-    "starts a private PostgreSQL in LOOM_DEV_DIR/pg (default ./.loom/pg; data kept\n"
-    "between runs) on a free loopback port, applies the migrations, prints what it\n"
-    "runs and where, and stays up until Ctrl-C (or SIGTERM), when it stops Postgres\n"
-    "cleanly. As root, Postgres runs as the postgres user.\n",
+    "Runs all of Loom in one process with nothing to set up: the worker (every\n"
+    "consumer, the outbox relay, periodic jobs) on a private PostgreSQL and an\n"
+    "embedded Kafka. Without LOOM_DATABASE_URL it starts PostgreSQL in\n"
+    "LOOM_DEV_DIR/pg (default ./.loom/pg; data kept between runs) on a free\n"
+    "loopback port; without LOOM_KAFKA_BROKERS it starts librdkafka's mock cluster\n"
+    "(in memory) and prints its address for kcat. It applies the migrations,\n"
+    "prints what it runs and where, and stays up until Ctrl-C (or SIGTERM), when\n"
+    "it stops everything cleanly. As root, Postgres runs as the postgres user.\n",
     true, cmd_dev};

@@ -5,6 +5,8 @@
 #include "cli.h"
 #include "loom/bus.h"
 #include "loom/log.h"
+#include "loom/node.h"
+#include "loom/periodic.h"
 #include "loom/worker.h"
 
 #include <pthread.h>
@@ -30,6 +32,62 @@ int cli_need_brokers(cli_ctx_t *ctx, const char *cmd)
     return LOOM_EXIT_CONFIG;
 }
 
+int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
+                           loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
+                           const char *role, const char *url, cli_worker_parts_t *parts)
+{
+    memset(parts, 0, sizeof(*parts));
+    loom_error_t err;
+    loom_node_opts_t nopts = {.pool = pool,
+                              .id = ctx->cfg.node_id,
+                              .role = role,
+                              .url = url,
+                              .site = ctx->cfg.site_name,
+                              .version = ctx->app->version};
+    if (loom_node_start(&nopts, &parts->node, &err) != 0)
+        return cli_fail(cmd, "could not write this node's heartbeat: %s", err.message);
+    loom_worker_opts_t wopts = {.brokers = brokers,
+                                .cfg = &ctx->cfg,
+                                .pool = pool,
+                                .consumers = ctx->app->consumers,
+                                .n_consumers = ctx->app->n_consumers,
+                                .producer = producer,
+                                .metrics = metrics};
+    if (loom_worker_start(&wopts, &parts->worker, &err) != 0) {
+        cli_worker_parts_stop(parts);
+        return cli_fail(cmd, "%s", err.message);
+    }
+    loom_periodic_opts_t popts = {.jobs = ctx->app->jobs,
+                                  .n_jobs = ctx->app->n_jobs,
+                                  .pool = pool,
+                                  .producer = producer,
+                                  .cfg = &ctx->cfg};
+    if (loom_periodic_start(&popts, &parts->periodic, &err) != 0) {
+        cli_worker_parts_stop(parts);
+        return cli_fail(cmd, "%s", err.message);
+    }
+    for (size_t i = 0; i < ctx->app->n_consumers; i++)
+        LOOM_INFO("running consumer", "consumer=%s", ctx->app->consumers[i].name);
+    for (size_t i = 0; i < ctx->app->n_jobs; i++)
+        LOOM_INFO("running periodic job", "job=%s", ctx->app->jobs[i].name);
+    return 0;
+}
+
+void cli_worker_parts_stop(cli_worker_parts_t *parts)
+{
+    loom_periodic_stop(parts->periodic);
+    if (parts->worker) {
+        loom_worker_stats_t st;
+        loom_worker_stop(parts->worker);
+        loom_worker_stats(parts->worker, &st);
+        LOOM_INFO("worker exited cleanly", "applied=%lld rejected=%lld relayed=%lld",
+                  (long long)st.applied, (long long)st.rejected, (long long)st.relayed);
+        loom_worker_free(parts->worker);
+    }
+    loom_node_stop(parts->node);
+    memset(parts, 0, sizeof(*parts));
+}
+
 static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
 {
     if (argc > 1)
@@ -43,7 +101,7 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
     cli_block_signals(&sigs);
 
     loom_db_pool_t *pool = NULL;
-    rc = cli_open_db(ctx, "worker", (int)ctx->app->n_consumers + 2, &pool);
+    rc = cli_open_db(ctx, "worker", (int)ctx->app->n_consumers + 4, &pool);
     if (rc != 0)
         return rc;
     loom_error_t err;
@@ -55,32 +113,18 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
         loom_db_pool_free(pool);
         return cli_fail("worker", "%s", err.message);
     }
-    loom_worker_opts_t wopts = {.brokers = ctx->cfg.kafka_brokers,
-                                .cfg = &ctx->cfg,
-                                .pool = pool,
-                                .consumers = ctx->app->consumers,
-                                .n_consumers = ctx->app->n_consumers,
-                                .producer = producer};
-    loom_worker_t *w = NULL;
-    if (loom_worker_start(&wopts, &w, &err) != 0) {
-        loom_producer_free(producer);
-        loom_db_pool_free(pool);
-        return cli_fail("worker", "%s", err.message);
+    cli_worker_parts_t parts;
+    rc = cli_worker_parts_start(ctx, "worker", ctx->cfg.kafka_brokers, pool, producer, NULL,
+                                "worker", NULL, &parts);
+    if (rc == 0) {
+        int sig = 0;
+        sigwait(&sigs, &sig);
+        LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
+        cli_worker_parts_stop(&parts);
     }
-    for (size_t i = 0; i < ctx->app->n_consumers; i++)
-        LOOM_INFO("running consumer", "consumer=%s", ctx->app->consumers[i].name);
-    int sig = 0;
-    sigwait(&sigs, &sig);
-    LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
-    loom_worker_stop(w);
-    loom_worker_stats_t st;
-    loom_worker_stats(w, &st);
-    loom_worker_free(w);
     loom_producer_free(producer);
     loom_db_pool_free(pool);
-    LOOM_INFO("worker exited cleanly", "applied=%lld rejected=%lld relayed=%lld",
-              (long long)st.applied, (long long)st.rejected, (long long)st.relayed);
-    return LOOM_EXIT_OK;
+    return rc;
 }
 
 const cli_command_t cli_worker_command = {
@@ -88,7 +132,8 @@ const cli_command_t cli_worker_command = {
     "usage: loom worker\n"
     "\n"
     "Runs the monolith-worker: every registered consumer, each in its own Kafka\n"
-    "consumer group (loom.<consumer>), and the outbox relay. Commands of one\n"
+    "consumer group (loom.<consumer>), the outbox relay, the periodic jobs (one\n"
+    "node at a time runs each) and this node's heartbeat. Commands of one\n"
     "partition are applied in batches, one database transaction per batch, and\n"
     "the Kafka offset is committed after the database commit. Transient failures\n"
     "are retried forever with backoff, pausing only the failing partition;\n"

@@ -87,6 +87,13 @@ bool loom_db_error_is_transient(const loom_error_t *err)
 
 /* ---- connections ----------------------------------------------------------- */
 
+/* Server notices (e.g. "relation already exists, skipping") go to the debug log. */
+static void notice_to_log(void *arg, const char *message)
+{
+    (void)arg;
+    LOOM_DEBUG("database notice", "notice=%.*s", (int)strcspn(message, "\n"), message);
+}
+
 static int db_connect(loom_db_t *db, loom_error_t *err)
 {
     loom_db_pool_t *pool = db->pool;
@@ -105,6 +112,7 @@ static int db_connect(loom_db_t *db, loom_error_t *err)
         db->pg = NULL;
         return LOOM_EDBCONN;
     }
+    PQsetNoticeProcessor(db->pg, notice_to_log, NULL);
     if (pool->opts.read_only) {
         PGresult *r = PQexec(db->pg, "SET default_transaction_read_only = on");
         bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;

@@ -490,3 +490,77 @@ void loom_ce_init(loom_ce_t *ce, loom_arena_t *arena, const char *site, const ch
     ce->type = type ? loom_arena_strdup(arena, type) : NULL;
     ce->datacontenttype = "application/json";
 }
+
+/* ---- the JSON event format, as a service stores it ------------------------ */
+
+static int field_error(loom_error_t *err, const char **field, const char *name, const char *why)
+{
+    if (field)
+        *field = name;
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "\"%s\": %s", name, why);
+}
+
+static bool is_base64(const char *s)
+{
+    size_t n = strlen(s), pad = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c == '=') {
+            pad++;
+            continue;
+        }
+        if (pad || !(isalnum((unsigned char)c) || c == '+' || c == '/'))
+            return false;
+    }
+    return pad <= 2 && (pad == 0 || n % 4 == 0);
+}
+
+int loom_ce_check_json(const json_t *obj, const char **field, loom_error_t *err)
+{
+    if (!json_is_object(obj))
+        return field_error(err, field, "", "a message must be a JSON object");
+    static const char *const required[] = {"id", "source", "specversion", "type"};
+    for (size_t i = 0; i < 4; i++) {
+        json_t *v = json_object_get(obj, required[i]);
+        if (!v)
+            return field_error(err, field, required[i], "is required");
+        if (!json_is_string(v) || json_string_length(v) == 0)
+            return field_error(err, field, required[i], "must be a non-empty string");
+    }
+    if (json_string_length(json_object_get(obj, "id")) > 256)
+        return field_error(err, field, "id", "must be at most 256 bytes");
+    if (strcmp(json_string_value(json_object_get(obj, "specversion")), "1.0") != 0)
+        return field_error(err, field, "specversion", "must be \"1.0\"");
+    static const char *const optional[] = {"subject", "time", "datacontenttype", "dataschema"};
+    for (size_t i = 0; i < 4; i++) {
+        json_t *v = json_object_get(obj, optional[i]);
+        if (v && (!json_is_string(v) || json_string_length(v) == 0))
+            return field_error(err, field, optional[i], "must be a non-empty string");
+    }
+    json_t *t = json_object_get(obj, "time");
+    int64_t us;
+    if (t && loom_rfc3339_parse(json_string_value(t), &us) != 0)
+        return field_error(err, field, "time", "must be an RFC 3339 timestamp");
+    json_t *data = json_object_get(obj, "data"), *b64 = json_object_get(obj, "data_base64");
+    if (data && b64)
+        return field_error(err, field, "data_base64", "must not appear together with \"data\"");
+    if (b64 && (!json_is_string(b64) || !is_base64(json_string_value(b64))))
+        return field_error(err, field, "data_base64", "must be a base64 string");
+    const char *name;
+    json_t *v;
+    json_object_foreach((json_t *)obj, name, v)
+    {
+        if (strcmp(name, "data") == 0 || strcmp(name, "data_base64") == 0 ||
+            strcmp(name, "id") == 0 || strcmp(name, "source") == 0 ||
+            strcmp(name, "specversion") == 0 || strcmp(name, "type") == 0 ||
+            strcmp(name, "subject") == 0 || strcmp(name, "time") == 0 ||
+            strcmp(name, "datacontenttype") == 0 || strcmp(name, "dataschema") == 0)
+            continue;
+        if (!ext_name_ok(name))
+            return field_error(err, field, name, "is not a valid attribute name ([a-z0-9]{1,20})");
+        if (!json_is_string(v) && !json_is_integer(v) && !json_is_boolean(v))
+            return field_error(err, field, name,
+                               "an extension attribute must be a string, an integer or a boolean");
+    }
+    return 0;
+}

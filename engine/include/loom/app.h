@@ -9,6 +9,8 @@
 
 #include "loom/config.h"
 #include "loom/consumer.h"
+#include "loom/periodic.h"
+#include "loom/replay.h"
 #include "loom/migrate.h"
 #include "loom/op.h"
 
@@ -26,6 +28,10 @@ typedef struct loom_app {
     size_t n_error_catalogues;
     const loom_consumer_def_t *consumers; /* the write side, borrowed */
     size_t n_consumers;
+    const loom_periodic_def_t *jobs; /* periodic jobs (run by worker and dev), borrowed */
+    size_t n_jobs;
+    const loom_projection_t *projections; /* read models `loom replay` rebuilds, borrowed */
+    size_t n_projections;
 } loom_app_t;
 
 /* Exit statuses of the loom command. */

@@ -82,6 +82,17 @@ json_t *loom_ce_to_json(const loom_ce_t *ce);
 void loom_ce_init(loom_ce_t *ce, loom_arena_t *arena, const char *site, const char *node,
                   const char *type);
 
+/*
+ * Checks a CloudEvent in the JSON event format (an object) as a service that
+ * stores events must: required id (string of 1 to 256 bytes), source and
+ * type (non-empty strings), specversion "1.0"; optional subject, time (RFC
+ * 3339), datacontenttype, dataschema (strings); extension attributes named
+ * [a-z0-9]{1,20} with string, integer or boolean values; `data` any JSON value
+ * or `data_base64` valid base64, not both. On failure err's message starts
+ * with the attribute (`"time": ...`) and *field points at its name.
+ */
+int loom_ce_check_json(const json_t *obj, const char **field, loom_error_t *err);
+
 /* Parses an RFC 3339 timestamp to Unix microseconds; 0 or LOOM_EINVAL. */
 int loom_rfc3339_parse(const char *s, int64_t *unix_us);
 

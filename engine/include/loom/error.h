@@ -123,7 +123,22 @@ typedef struct loom_error_code {
       "The gateway given to `loom op --url` cannot be reached.")                                  \
     X(GATEWAY_BAD_RESPONSE, INTERNAL, false,                                                      \
       "The gateway answered with something other than HTTP with a JSON body.")                    \
-    X(DEADLINE_EXCEEDED, TIMEOUT, true, "The call did not finish before its deadline.")
+    X(DEADLINE_EXCEEDED, TIMEOUT, true, "The call did not finish before its deadline.")           \
+    X(COMMAND_REJECTED, BAD_REQUEST, false,                                                       \
+      "A consumer rejected the command for good; the message gives its reason.")                  \
+    X(MALFORMED_REQUEST, BAD_REQUEST, false,                                                      \
+      "The request is not valid HTTP/1.1; the gateway closes the connection.")                    \
+    X(METHOD_NOT_ALLOWED, BAD_REQUEST, false,                                                     \
+      "The path exists but not for this method; sent as HTTP 405 with `Allow`.")                  \
+    X(EXPECTATION_FAILED, BAD_REQUEST, false,                                                     \
+      "An `Expect` header other than 100-continue; sent as HTTP 417.")                            \
+    X(REQUEST_TIMEOUT, BAD_REQUEST, false,                                                        \
+      "The request headers did not arrive in time; sent as HTTP 408, connection closed.")         \
+    X(URI_TOO_LONG, TOO_LARGE, false, "The request target is over the limit; sent as HTTP 414.")  \
+    X(HEADERS_TOO_LARGE, TOO_LARGE, false,                                                        \
+      "The request headers are over the size or count limit; sent as HTTP 431.")                  \
+    X(TOO_MANY_CONNECTIONS, UNAVAILABLE, true,                                                    \
+      "The gateway holds its maximum of open connections; retry later.")
 
 typedef enum {
 #define LOOM__CODE_ENUM(name, cls, retriable, summary) LOOM_CODE_##name,

@@ -1,0 +1,272 @@
+/*
+ * store.c: consumer "messages.store": applies put, delete and clean commands
+ * to the messages table and records what changed as events, and the
+ * "messages" projection that replays those events.
+ *
+ * First write wins: a put of an id that exists is acknowledged and the stored
+ * copy kept (INSERT ... ON CONFLICT DO NOTHING); only the events newly stored
+ * go into the messages.stored event.
+ */
+#include "messages.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- text[] literals ---------------------------------------------------- */
+
+typedef struct {
+    char *p;
+    size_t len, cap, n;
+} strarr_t;
+
+static void arr_add(strarr_t *a, const char *s)
+{
+    size_t sl = strlen(s);
+    if (a->len + 2 * sl + 8 > a->cap) {
+        a->cap = (a->len + 2 * sl + 8) * 2;
+        a->p = realloc(a->p, a->cap);
+        if (!a->p)
+            abort();
+    }
+    if (a->len == 0)
+        a->p[a->len++] = '{';
+    else
+        a->p[a->len++] = ',';
+    a->p[a->len++] = '"';
+    for (size_t i = 0; i < sl; i++) {
+        if (s[i] == '"' || s[i] == '\\')
+            a->p[a->len++] = '\\';
+        a->p[a->len++] = s[i];
+    }
+    a->p[a->len++] = '"';
+    a->p[a->len] = '\0';
+    a->n++;
+}
+
+static const char *arr_str(strarr_t *a)
+{
+    if (a->len + 2 > a->cap) {
+        a->cap = a->len + 8;
+        a->p = realloc(a->p, a->cap);
+        if (!a->p)
+            abort();
+    }
+    if (a->len == 0)
+        a->p[a->len++] = '{';
+    a->p[a->len] = '}';
+    a->p[a->len + 1] = '\0';
+    return a->p;
+}
+
+/* ---- commands ----------------------------------------------------------------- */
+
+static const loom_db_stmt_t stmt_put = {
+    "messages_put",
+    "INSERT INTO messages (id, event) SELECT * FROM unnest($1::text[], $2::text[]) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id, stored_at::text",
+    2};
+
+static const loom_db_stmt_t stmt_delete = {
+    "messages_delete", "DELETE FROM messages WHERE id = ANY($1::text[]) RETURNING id", 1};
+
+static const loom_db_stmt_t stmt_clean = {
+    "messages_clean",
+    "WITH cutoff AS (SELECT now() - $1::bigint * interval '1 millisecond' AS t), "
+    "gone AS (DELETE FROM messages WHERE stored_at < (SELECT t FROM cutoff) RETURNING 1) "
+    "SELECT (SELECT count(*) FROM gone), (SELECT t FROM cutoff)::text",
+    1};
+
+static char *stream_of(loom_msg_t *msg, const char *what)
+{
+    return loom_arena_sprintf(loom_msg_arena(msg), "messages.%s-%s", what, loom_msg_event(msg)->id);
+}
+
+static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
+{
+    json_t *msgs = json_object_get(d, "msgs");
+    if (!json_is_array(msgs) || json_array_size(msgs) > MESSAGES_BATCH_MAX)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "\"msgs\" must be an array of at most %d messages",
+                              MESSAGES_BATCH_MAX);
+    strarr_t ids = {0}, events = {0};
+    size_t i;
+    json_t *m;
+    int rc = 0;
+    json_array_foreach(msgs, i, m)
+    {
+        const char *field = NULL;
+        loom_error_t cerr;
+        if (loom_ce_check_json(m, &field, &cerr) != 0) {
+            rc = loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "msgs[%zu].%s", i,
+                                cerr.message + (cerr.message[0] == '"' ? 0 : 0));
+            break;
+        }
+        char *text = json_dumps(m, JSON_COMPACT);
+        arr_add(&ids, json_string_value(json_object_get(m, "id")));
+        arr_add(&events, text);
+        free(text);
+    }
+    PGresult *res = NULL;
+    if (rc == 0) {
+        const char *p[] = {arr_str(&ids), arr_str(&events)};
+        rc = loom_db_exec(loom_msg_db(msg), &stmt_put, p, &res, err);
+    }
+    free(ids.p);
+    free(events.p);
+    if (rc != 0)
+        return rc;
+    int stored = PQntuples(res);
+    if (stored > 0) {
+        /* The event holds what was newly stored, so a replay stores the same. */
+        json_t *kept = json_array();
+        for (int r = 0; r < stored; r++) {
+            const char *id = PQgetvalue(res, r, 0);
+            json_array_foreach(msgs, i, m)
+            {
+                if (strcmp(json_string_value(json_object_get(m, "id")), id) == 0) {
+                    json_array_append(kept, m);
+                    break;
+                }
+            }
+        }
+        rc = loom_emit(msg, stream_of(msg, "put"), 0, "messages.stored",
+                       json_pack("{s:s, s:o}", "stored_at", PQgetvalue(res, 0, 1), "msgs", kept),
+                       err);
+    }
+    PQclear(res);
+    if (rc == 0)
+        loom_msg_set_result(msg,
+                            json_pack("{s:I}", "ack_count", (json_int_t)json_array_size(msgs)));
+    return rc;
+}
+
+static int delete_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
+{
+    json_t *list = json_object_get(d, "ids");
+    if (!json_is_array(list) || json_array_size(list) > MESSAGES_BATCH_MAX)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "\"ids\" must be an array of at most %d ids", MESSAGES_BATCH_MAX);
+    strarr_t ids = {0};
+    size_t i;
+    json_t *v;
+    json_array_foreach(list, i, v)
+    {
+        if (!json_is_string(v)) {
+            free(ids.p);
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "ids[%zu] must be a string", i);
+        }
+        arr_add(&ids, json_string_value(v));
+    }
+    const char *p[] = {arr_str(&ids)};
+    PGresult *res = NULL;
+    int rc = loom_db_exec(loom_msg_db(msg), &stmt_delete, p, &res, err);
+    free(ids.p);
+    if (rc != 0)
+        return rc;
+    int n = PQntuples(res);
+    if (n > 0) {
+        json_t *gone = json_array();
+        for (int r = 0; r < n; r++)
+            json_array_append_new(gone, json_string(PQgetvalue(res, r, 0)));
+        rc = loom_emit(msg, stream_of(msg, "delete"), 0, "messages.deleted",
+                       json_pack("{s:o}", "ids", gone), err);
+    }
+    PQclear(res);
+    if (rc == 0)
+        loom_msg_set_result(msg, json_pack("{s:i}", "ack_count", n));
+    return rc;
+}
+
+static int clean(loom_msg_t *msg, json_t *d, loom_error_t *err)
+{
+    json_t *older = json_object_get(d, "older_than_ms");
+    if (!json_is_integer(older) || json_integer_value(older) < 0)
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "\"older_than_ms\" must be a non-negative integer");
+    char ms[32];
+    snprintf(ms, sizeof(ms), "%lld", (long long)json_integer_value(older));
+    const char *p[] = {ms};
+    PGresult *res = NULL;
+    int rc = loom_db_exec(loom_msg_db(msg), &stmt_clean, p, &res, err);
+    if (rc != 0)
+        return rc;
+    long long n = atoll(PQgetvalue(res, 0, 0));
+    rc = loom_emit(
+        msg, stream_of(msg, "clean"), 0, "messages.cleaned",
+        json_pack("{s:s, s:I}", "before", PQgetvalue(res, 0, 1), "deleted", (json_int_t)n), err);
+    PQclear(res);
+    if (rc == 0)
+        loom_msg_set_result(msg, json_pack("{s:I}", "deleted", (json_int_t)n));
+    return rc;
+}
+
+int messages_store_handler(loom_msg_t *msg, loom_error_t *err)
+{
+    json_t *d = loom_msg_json(msg, err);
+    if (!d)
+        return LOOM_EINVAL;
+    if (!json_is_object(d))
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "command data must be an object");
+    const char *type = loom_msg_event(msg)->type;
+    if (strcmp(type, "messages.put_batch") == 0)
+        return put_batch(msg, d, err);
+    if (strcmp(type, "messages.delete_batch") == 0)
+        return delete_batch(msg, d, err);
+    if (strcmp(type, "messages.clean") == 0)
+        return clean(msg, d, err);
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "unknown command type \"%s\"", type);
+}
+
+const char *const messages_store_topics[] = {"loom.cmd.messages.put_batch",
+                                             "loom.cmd.messages.delete_batch",
+                                             "loom.cmd.messages.clean", NULL};
+
+/* ---- the projection ------------------------------------------------------------ */
+
+static const loom_db_stmt_t stmt_replay_put = {
+    "messages_replay_put",
+    "INSERT INTO messages (id, stored_at, event) "
+    "SELECT u.id, $1::timestamptz, u.ev FROM unnest($2::text[], $3::text[]) AS u(id, ev) "
+    "ON CONFLICT (id) DO NOTHING",
+    3};
+
+static const loom_db_stmt_t stmt_replay_clean = {
+    "messages_replay_clean", "DELETE FROM messages WHERE stored_at < $1::timestamptz", 1};
+
+int messages_projection_apply(loom_db_t *db, const loom_event_row_t *ev, loom_error_t *err)
+{
+    if (strcmp(ev->type, "messages.stored") == 0) {
+        strarr_t ids = {0}, events = {0};
+        size_t i;
+        json_t *m;
+        json_array_foreach(json_object_get(ev->data, "msgs"), i, m)
+        {
+            char *text = json_dumps(m, JSON_COMPACT);
+            arr_add(&ids, json_string_value(json_object_get(m, "id")));
+            arr_add(&events, text);
+            free(text);
+        }
+        const char *p[] = {json_string_value(json_object_get(ev->data, "stored_at")), arr_str(&ids),
+                           arr_str(&events)};
+        int rc = loom_db_exec(db, &stmt_replay_put, p, NULL, err);
+        free(ids.p);
+        free(events.p);
+        return rc;
+    }
+    if (strcmp(ev->type, "messages.deleted") == 0) {
+        strarr_t ids = {0};
+        size_t i;
+        json_t *v;
+        json_array_foreach(json_object_get(ev->data, "ids"), i, v)
+            arr_add(&ids, json_string_value(v));
+        const char *p[] = {arr_str(&ids)};
+        int rc = loom_db_exec(db, &stmt_delete, p, NULL, err);
+        free(ids.p);
+        return rc;
+    }
+    if (strcmp(ev->type, "messages.cleaned") == 0) {
+        const char *p[] = {json_string_value(json_object_get(ev->data, "before"))};
+        return loom_db_exec(db, &stmt_replay_clean, p, NULL, err);
+    }
+    return 0; /* an event this version does not know changes nothing */
+}
