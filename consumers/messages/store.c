@@ -88,6 +88,10 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                               "\"msgs\" must be an array of at most %d messages",
                               MESSAGES_BATCH_MAX);
+    size_t n = json_array_size(msgs);
+    char **texts = calloc(n + 1, sizeof(char *));
+    if (!texts)
+        abort();
     strarr_t ids = {0}, events = {0};
     size_t i;
     json_t *m;
@@ -97,14 +101,12 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
         const char *field = NULL;
         loom_error_t cerr;
         if (loom_ce_check_json(m, &field, &cerr) != 0) {
-            rc = loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "msgs[%zu].%s", i,
-                                cerr.message + (cerr.message[0] == '"' ? 0 : 0));
+            rc = loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "msgs[%zu].%s", i, cerr.message);
             break;
         }
-        char *text = json_dumps(m, JSON_COMPACT);
+        texts[i] = json_dumps(m, JSON_COMPACT);
         arr_add(&ids, json_string_value(json_object_get(m, "id")));
-        arr_add(&events, text);
-        free(text);
+        arr_add(&events, texts[i]);
     }
     PGresult *res = NULL;
     if (rc == 0) {
@@ -113,18 +115,17 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
     }
     free(ids.p);
     free(events.p);
-    if (rc != 0)
-        return rc;
-    int stored = PQntuples(res);
+    int stored = rc == 0 ? PQntuples(res) : 0;
     if (stored > 0) {
-        /* The event holds what was newly stored, so a replay stores the same. */
+        /* The event holds the exact text newly stored, so a replay stores the
+         * same bytes (loom_events.data is jsonb, which would reorder keys). */
         json_t *kept = json_array();
         for (int r = 0; r < stored; r++) {
             const char *id = PQgetvalue(res, r, 0);
             json_array_foreach(msgs, i, m)
             {
                 if (strcmp(json_string_value(json_object_get(m, "id")), id) == 0) {
-                    json_array_append(kept, m);
+                    json_array_append_new(kept, json_string(texts[i]));
                     break;
                 }
             }
@@ -134,6 +135,9 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
                        err);
     }
     PQclear(res);
+    for (i = 0; i < n; i++)
+        free(texts[i]);
+    free(texts);
     if (rc == 0)
         loom_msg_set_result(msg,
                             json_pack("{s:I}", "ack_count", (json_int_t)json_array_size(msgs)));
@@ -241,10 +245,13 @@ int messages_projection_apply(loom_db_t *db, const loom_event_row_t *ev, loom_er
         json_t *m;
         json_array_foreach(json_object_get(ev->data, "msgs"), i, m)
         {
-            char *text = json_dumps(m, JSON_COMPACT);
-            arr_add(&ids, json_string_value(json_object_get(m, "id")));
-            arr_add(&events, text);
-            free(text);
+            json_t *obj = json_loads(json_string_value(m) ? json_string_value(m) : "", 0, NULL);
+            const char *id = json_string_value(json_object_get(obj, "id"));
+            if (id) {
+                arr_add(&ids, id);
+                arr_add(&events, json_string_value(m));
+            }
+            json_decref(obj);
         }
         const char *p[] = {json_string_value(json_object_get(ev->data, "stored_at")), arr_str(&ids),
                            arr_str(&events)};
