@@ -183,12 +183,21 @@ static int delete_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 static int clean(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
+    /* older_than_ms, or this worker's LOOM_MESSAGES_RETENTION */
     json_t *older = json_object_get(d, "older_than_ms");
-    if (!json_is_integer(older) || json_integer_value(older) < 0)
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                              "\"older_than_ms\" must be a non-negative integer");
+    long long older_ms;
+    if (older) {
+        if (!json_is_integer(older) || json_integer_value(older) < 0)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                  "\"older_than_ms\" must be a non-negative integer");
+        older_ms = (long long)json_integer_value(older);
+    } else {
+        const loom_config_t *cfg = loom_msg_config(msg);
+        const loom_config_value_t *v = cfg ? loom_config_get(cfg, "LOOM_MESSAGES_RETENTION") : NULL;
+        older_ms = v && v->raw ? (long long)v->num : 168LL * 3600 * 1000;
+    }
     char ms[32];
-    snprintf(ms, sizeof(ms), "%lld", (long long)json_integer_value(older));
+    snprintf(ms, sizeof(ms), "%lld", older_ms);
     const char *p[] = {ms};
     PGresult *res = NULL;
     int rc = loom_db_exec(loom_msg_db(msg), &stmt_clean, p, &res, err);

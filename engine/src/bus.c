@@ -66,6 +66,15 @@ fail:
     return NULL;
 }
 
+/* True when LOOM_KAFKA_<key> was given. */
+static bool user_set(const loom_config_t *cfg, const char *key)
+{
+    for (size_t i = 0; cfg && i < cfg->n_kafka_props; i++)
+        if (strcmp(cfg->kafka_props[i].key, key) == 0)
+            return true;
+    return false;
+}
+
 static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
 {
     (void)rk;
@@ -105,13 +114,18 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
     p->flush_timeout_ms = opts->flush_timeout_ms > 0 ? opts->flush_timeout_ms : 30000;
     snprintf(num, sizeof(num), "%d",
              opts->queue_max_messages > 0 ? opts->queue_max_messages : 100000);
+    /* Loom's defaults; a LOOM_KAFKA_<PROPERTY> of the same name wins, except
+     * the two that make the producer safe. */
     const char *kv[][2] = {
         {"enable.idempotence", "true"},
         {"acks", "all"},
         {"queue.buffering.max.messages", num},
         {"compression.codec", "lz4"},
+        {"message.max.bytes", LOOM_KAFKA_MESSAGE_MAX},
     };
-    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++)
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
+        if (i >= 2 && user_set(opts->cfg, kv[i][0]))
+            continue;
         if (rd_kafka_conf_set(conf, kv[i][0], kv[i][1], errbuf, sizeof(errbuf)) !=
             RD_KAFKA_CONF_OK) {
             rd_kafka_conf_destroy(conf);
@@ -119,8 +133,10 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
             return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not configure Kafka: %s",
                                   errbuf);
         }
+    }
     snprintf(num, sizeof(num), "%d", opts->linger_ms > 0 ? opts->linger_ms : 5);
-    rd_kafka_conf_set(conf, "linger.ms", num, NULL, 0);
+    if (!user_set(opts->cfg, "linger.ms"))
+        rd_kafka_conf_set(conf, "linger.ms", num, NULL, 0);
     rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
     rd_kafka_conf_set_opaque(conf, p);
     p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));
@@ -302,8 +318,11 @@ int loom_kafka_create_topics(const char *brokers, const loom_config_t *cfg,
                               errbuf);
     }
     rd_kafka_NewTopic_t **nt = loom_xcalloc(n, sizeof(*nt));
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         nt[i] = rd_kafka_NewTopic_new(topics[i], partitions, -1, errbuf, sizeof(errbuf));
+        /* A batch of messages can be a few MiB: let the topic take it. */
+        rd_kafka_NewTopic_set_config(nt[i], "max.message.bytes", LOOM_KAFKA_MESSAGE_MAX);
+    }
     rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
     rd_kafka_AdminOptions_t *ao = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
     rd_kafka_AdminOptions_set_operation_timeout(ao, 15000, errbuf, sizeof(errbuf));

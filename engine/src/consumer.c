@@ -207,6 +207,11 @@ json_t *loom_msg_json(loom_msg_t *msg, loom_error_t *err)
     return msg->json;
 }
 
+const loom_config_t *loom_msg_config(const loom_msg_t *msg)
+{
+    return msg->batch->wc->w->opts.cfg;
+}
+
 void loom_msg_set_result(loom_msg_t *msg, json_t *result)
 {
     json_decref(msg->result);

@@ -20,6 +20,10 @@
 
 typedef struct loom_producer loom_producer_t;
 
+/* Largest message Loom produces (and the max.message.bytes of the topics it
+ * creates): a batch of 1000 messages or 4 MiB fits with its envelope. */
+#define LOOM_KAFKA_MESSAGE_MAX "10485760"
+
 /* Called once per successfully queued message, on the producer's delivery
  * thread. err is NULL when the broker acknowledged the message. */
 typedef void (*loom_delivery_cb)(void *opaque, const loom_error_t *err, int32_t partition,

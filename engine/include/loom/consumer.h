@@ -17,6 +17,7 @@
 #define LOOM_CONSUMER_H
 
 #include "loom/arena.h"
+#include "loom/config.h"
 #include "loom/db.h"
 #include "loom/envelope.h"
 #include "loom/error.h"
@@ -53,6 +54,9 @@ int loom_msg_attempt(const loom_msg_t *msg);
 const char *loom_msg_topic(const loom_msg_t *msg);
 int32_t loom_msg_partition(const loom_msg_t *msg);
 int64_t loom_msg_offset(const loom_msg_t *msg);
+/* The worker's configuration (service settings such as retention); NULL
+ * when the worker was started without one. */
+const loom_config_t *loom_msg_config(const loom_msg_t *msg);
 /* Sets the command's result, stored in loom_commands.result (steals). */
 void loom_msg_set_result(loom_msg_t *msg, json_t *result);
 
