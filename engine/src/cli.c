@@ -6,6 +6,7 @@
  * line naming it and exit status 78.
  */
 #include "cli.h"
+#include "loom/envelope.h"
 #include "loom/log.h"
 
 #include <stdarg.h>
@@ -94,6 +95,7 @@ void cli_setup_logging(const loom_config_t *cfg)
     loom_log_format_parse(cfg->log_format, &format);
     loom_log_setup(level, format);
     loom_log_set_node(cfg->node_id);
+    loom_topic_prefix_set(loom_config_get(cfg, "LOOM_TOPIC_PREFIX")->raw);
     for (size_t i = 0; i < cfg->n_unknown; i++)
         LOOM_WARN("ignoring unknown variable", "name=%s", cfg->unknown[i]);
 }

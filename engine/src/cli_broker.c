@@ -5,6 +5,7 @@
  * memory (see DESIGN.md section 11 for its limits).
  */
 #include "cli.h"
+#include "loom/envelope.h"
 #include "loom/log.h"
 
 #include <librdkafka/rdkafka_mock.h>
@@ -34,9 +35,12 @@ rd_kafka_t *cli_mock_cluster_start(cli_ctx_t *ctx, int brokers, rd_kafka_mock_cl
     /* The mock has no CreateTopics: create the app's topics here. */
     int n = 0;
     for (size_t i = 0; i < ctx->app->n_consumers; i++)
-        for (const char *const *t = ctx->app->consumers[i].topics; t && *t; t++)
-            if (rd_kafka_mock_topic_create(*mc, *t, ctx->cfg.kafka_partitions, 1) == 0)
+        for (const char *const *t = ctx->app->consumers[i].topics; t && *t; t++) {
+            char topic[256];
+            loom_topic_map(*t, topic, sizeof(topic));
+            if (rd_kafka_mock_topic_create(*mc, topic, ctx->cfg.kafka_partitions, 1) == 0)
                 n++;
+        }
     LOOM_INFO("embedded kafka started", "bootstrap=%s brokers=%d topics=%d partitions=%d",
               *bootstraps, brokers, n, ctx->cfg.kafka_partitions);
     return rk;

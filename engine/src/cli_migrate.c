@@ -17,11 +17,15 @@ static int create_topics(const cli_ctx_t *ctx)
         printf("kafka: LOOM_KAFKA_BROKERS is not set, no topics created\n");
         return LOOM_EXIT_OK;
     }
+    static char names[256][256];
     const char *topics[256];
     size_t n = 0;
     for (size_t i = 0; i < app->n_consumers; i++)
-        for (const char *const *t = app->consumers[i].topics; t && *t && n < 256; t++)
-            topics[n++] = *t;
+        for (const char *const *t = app->consumers[i].topics; t && *t && n < 256; t++) {
+            loom_topic_map(*t, names[n], sizeof(names[n]));
+            topics[n] = names[n];
+            n++;
+        }
     int created = 0;
     loom_error_t err;
     if (loom_kafka_create_topics(ctx->cfg.kafka_brokers, &ctx->cfg, topics, n,

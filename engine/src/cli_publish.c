@@ -51,7 +51,7 @@ static int build_event(cli_ctx_t *ctx, const char *topic, const char *type, cons
         return loom_ce_decode_json(text, len, arena, ce, err);
     const char *t = type;
     if (!t)
-        t = strncmp(topic, "loom.cmd.", 9) == 0 ? topic + 9 : topic;
+        t = strstr(topic, ".cmd.") ? strstr(topic, ".cmd.") + 5 : topic;
     loom_ce_init(ce, arena, ctx->cfg.site_name, ctx->cfg.node_id, t);
     ce->data = loom_arena_strndup(arena, text, len);
     ce->data_len = len;
@@ -177,7 +177,7 @@ const cli_command_t cli_publish_command = {
     "A document with a \"specversion\" member is taken as a whole CloudEvent (JSON\n"
     "event format) and published with its id. Any other JSON document becomes the\n"
     "data of a new event: id a new UUIDv7, source loom://SITE/NODE, type TYPE or\n"
-    "the topic without its loom.cmd. prefix.\n"
+    "the topic without its <prefix>.cmd. part.\n"
     "\n"
     "  --key KEY    Kafka key (the stream id); default the event id\n"
     "  --type TYPE  CloudEvents type of new events\n"

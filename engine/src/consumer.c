@@ -322,7 +322,9 @@ int loom_publish(loom_msg_t *msg, const char *topic, const char *key, const char
     char *payload = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
     json_decref(hdrs);
     json_decref(data);
-    pgarr_add(&b->ob_topic, topic);
+    char mapped[256];
+    loom_topic_map(topic, mapped, sizeof(mapped));
+    pgarr_add(&b->ob_topic, mapped);
     pgarr_add(&b->ob_key, key);
     pgarr_add(&b->ob_headers, htext);
     pgarr_add_bytea(&b->ob_payload, payload, strlen(payload));
@@ -968,8 +970,11 @@ void *loom__consumer_run(void *arg)
     if (!rt.rk)
         return NULL;
     rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(4);
-    for (const char *const *t = wc->def->topics; t && *t; t++)
-        rd_kafka_topic_partition_list_add(subs, *t, RD_KAFKA_PARTITION_UA);
+    for (const char *const *t = wc->def->topics; t && *t; t++) {
+        char topic[256];
+        loom_topic_map(*t, topic, sizeof(topic));
+        rd_kafka_topic_partition_list_add(subs, topic, RD_KAFKA_PARTITION_UA);
+    }
     rd_kafka_resp_err_t e = rd_kafka_subscribe(rt.rk, subs);
     rd_kafka_topic_partition_list_destroy(subs);
     if (e) {

@@ -24,6 +24,7 @@ static const case_t cases[] = {
     {"LOOM_DATABASE_POOL_SIZE", "16", "0", "from 1 to 256"},
     {"LOOM_KAFKA_BROKERS", "127.0.0.1:9092,kafka-2:9093", "kafka:", "host:port"},
     {"LOOM_KAFKA_PARTITIONS", "24", "twelve", "from 1 to 10000"},
+    {"LOOM_TOPIC_PREFIX", "staging-eu", "Staging.EU", "a-z, 0-9"},
     {"LOOM_API_LISTEN", "0.0.0.0:8080,[::1]:8081", "localhost:99999", "host:port"},
     {"LOOM_NODE_ID", "0191B2C4-7E1F-7A3B-9C1D-2E3F4A5B6C7D", "node-1", "UUID"},
     {"LOOM_SITE_NAME", "eu-west-1", "EU West", "a-z, 0-9"},
