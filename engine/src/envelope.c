@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #define ATTR_MAX 4096 /* longest attribute value accepted */
@@ -63,8 +64,12 @@ int loom_rfc3339_parse(const char *s, int64_t *unix_us)
     if (*p == 'Z' || *p == 'z') {
         p++;
     } else if (*p == '+' || *p == '-') {
-        int oh = digits(p + 1, 2), om = digits(p + 4, 2);
-        if (oh < 0 || om < 0 || p[3] != ':' || oh > 23 || om > 59)
+        /* In this order: a truncated offset must not be read past its end. */
+        int oh = digits(p + 1, 2);
+        if (oh < 0 || p[3] != ':')
+            return LOOM_EINVAL;
+        int om = digits(p + 4, 2);
+        if (om < 0 || oh > 23 || om > 59)
             return LOOM_EINVAL;
         offset_min = (oh * 60 + om) * (*p == '-' ? -1 : 1);
         p += 6;
@@ -74,7 +79,8 @@ int loom_rfc3339_parse(const char *s, int64_t *unix_us)
     if (*p)
         return LOOM_EINVAL;
     static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    if (d > mdays[mo - 1])
+    bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (d > mdays[mo - 1] || (mo == 2 && d == 29 && !leap))
         return LOOM_EINVAL;
     struct tm tm = {.tm_year = y - 1900,
                     .tm_mon = mo - 1,
@@ -111,6 +117,22 @@ void loom_topic_map(const char *declared, char *out, size_t size)
         snprintf(out, size, "%s.%s", topic_prefix, declared + 5);
     else
         snprintf(out, size, "%s", declared);
+}
+
+/* Whether a datacontenttype declares JSON: absent, application/json, text/json
+ * or a +json suffix, parameters aside. The JSON event format keeps such data
+ * as a JSON value, and other data as a string or as data_base64 (section 3.1). */
+static bool is_json_type(const char *ct)
+{
+    if (!ct)
+        return true;
+    size_t n = strcspn(ct, ";");
+    while (n > 0 && isspace((unsigned char)ct[n - 1]))
+        n--;
+    if ((n == 16 && strncasecmp(ct, "application/json", n) == 0) ||
+        (n == 9 && strncasecmp(ct, "text/json", n) == 0))
+        return true;
+    return n > 5 && strncasecmp(ct + n - 5, "+json", 5) == 0;
 }
 
 /* ---- validation -------------------------------------------------------- */
@@ -345,6 +367,12 @@ static int decode_object(json_t *obj, loom_arena_t *arena, loom_ce_t *ce, loom_e
         if (!json_is_string(b64) ||
             base64_decode(json_string_value(b64), arena, &ce->data, &ce->data_len) != 0)
             return bad(err, "data_base64", "is not valid base64");
+    } else if (data && json_is_string(data) && !is_json_type(ce->datacontenttype)) {
+        /* Text of a non-JSON type: the string is the data, as in binary mode. */
+        ce->data_len = json_string_length(data);
+        char *text = loom_arena_alloc(arena, ce->data_len + 1);
+        memcpy(text, json_string_value(data), ce->data_len + 1);
+        ce->data = text;
     } else if (data) {
         char *text = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!text)
@@ -393,7 +421,11 @@ int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t
                  "structured CloudEvent");
     }
     if (rc == 0 && rkm->key) {
-        ce->key = loom_arena_strndup(arena, rkm->key, rkm->key_len);
+        /* Not strndup: key_len must stay true for a key with a NUL byte. */
+        char *key = loom_arena_alloc(arena, rkm->key_len + 1);
+        memcpy(key, rkm->key, rkm->key_len);
+        key[rkm->key_len] = '\0';
+        ce->key = key;
         ce->key_len = rkm->key_len;
     }
     return rc;
@@ -483,7 +515,9 @@ json_t *loom_ce_to_json(const loom_ce_t *ce)
     for (size_t i = 0; i < ce->n_ext; i++)
         json_object_set_new(o, ce->ext[i].name, json_string(ce->ext[i].value));
     if (ce->data) {
-        json_t *d = json_loadb(ce->data, ce->data_len, JSON_DECODE_ANY, NULL);
+        json_t *d = is_json_type(ce->datacontenttype)
+                        ? json_loadb(ce->data, ce->data_len, JSON_DECODE_ANY, NULL)
+                        : NULL;
         if (d) {
             json_object_set_new(o, "data", d);
         } else {

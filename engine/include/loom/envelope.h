@@ -73,8 +73,9 @@ int loom_ce_validate(const loom_ce_t *ce, loom_error_t *err);
  * to rd_kafka_producev, which takes them on success). */
 rd_kafka_headers_t *loom_ce_headers(const loom_ce_t *ce);
 
-/* The event in the JSON event format (new reference). Data that is valid
- * JSON becomes `data`; other bytes become `data_base64`. */
+/* The event in the JSON event format (new reference). Data of a JSON
+ * content type (absent, application/json, text/json, +json) that parses
+ * becomes `data`; anything else becomes `data_base64`. */
 json_t *loom_ce_to_json(const loom_ce_t *ce);
 
 /* Fills id (a new UUIDv7 in the arena), specversion, source
