@@ -1,0 +1,148 @@
+/*
+ * bus.c: publish rate through Loom's producer (CloudEvents envelope, headers,
+ * delivery reports) against a raw librdkafka producer with the same settings
+ * and payload, on the same broker, in the same run.
+ *
+ *   bench_bus BROKERS [MESSAGES] [PAYLOAD_BYTES]
+ *
+ * Prints one line per figure and the ratio Loom / raw.
+ */
+#include "loom/bus.h"
+#include "loom/clock.h"
+#include "loom/uuid.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static atomic_long acked, failed;
+
+static void on_delivery(void *opaque, const loom_error_t *err, int32_t p, int64_t o)
+{
+    (void)opaque;
+    (void)p;
+    (void)o;
+    if (err)
+        atomic_fetch_add(&failed, 1);
+    else
+        atomic_fetch_add(&acked, 1);
+}
+
+static void raw_dr(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
+{
+    (void)rk;
+    (void)opaque;
+    if (rkm->err)
+        atomic_fetch_add(&failed, 1);
+    else
+        atomic_fetch_add(&acked, 1);
+}
+
+static double raw_rate(const char *brokers, const char *topic, long n, const char *payload)
+{
+    char errstr[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *kv[][2] = {{"bootstrap.servers", brokers},
+                           {"enable.idempotence", "true"},
+                           {"acks", "all"},
+                           {"linger.ms", "5"},
+                           {"compression.codec", "lz4"},
+                           {"queue.buffering.max.messages", "100000"}};
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++)
+        rd_kafka_conf_set(conf, kv[i][0], kv[i][1], NULL, 0);
+    rd_kafka_conf_set_dr_msg_cb(conf, raw_dr);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+    if (!rk) {
+        fprintf(stderr, "bench_bus: %s\n", errstr);
+        exit(1);
+    }
+    atomic_store(&acked, 0);
+    atomic_store(&failed, 0);
+    size_t plen = strlen(payload);
+    int64_t t0 = loom_mono_ns();
+    for (long i = 0; i < n; i++) {
+        char key[40];
+        loom_uuid_v7_string(key);
+        for (;;) {
+            rd_kafka_resp_err_t e =
+                rd_kafka_producev(rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_KEY(key, strlen(key)),
+                                  RD_KAFKA_V_VALUE((void *)payload, plen),
+                                  RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+            if (e == RD_KAFKA_RESP_ERR_NO_ERROR)
+                break;
+            rd_kafka_poll(rk, 1);
+        }
+        rd_kafka_poll(rk, 0);
+    }
+    rd_kafka_flush(rk, 120000);
+    double secs = (double)(loom_mono_ns() - t0) / 1e9;
+    rd_kafka_destroy(rk);
+    if (atomic_load(&acked) != n)
+        fprintf(stderr, "bench_bus: raw: %ld of %ld acknowledged\n", atomic_load(&acked), n);
+    return (double)atomic_load(&acked) / secs;
+}
+
+static double loom_rate(const char *brokers, const char *topic, long n, const char *payload)
+{
+    loom_producer_t *p;
+    loom_error_t err;
+    loom_producer_opts_t o = {.brokers = brokers};
+    if (loom_producer_new(&o, &p, &err) != 0) {
+        fprintf(stderr, "bench_bus: %s\n", err.message);
+        exit(1);
+    }
+    atomic_store(&acked, 0);
+    atomic_store(&failed, 0);
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    int64_t t0 = loom_mono_ns();
+    for (long i = 0; i < n; i++) {
+        loom_ce_t ce;
+        loom_ce_init(&ce, &a, "bench", "bench", "bench.publish");
+        ce.data = payload;
+        ce.data_len = strlen(payload);
+        while (loom_producer_send(p, topic, ce.id, strlen(ce.id), &ce, on_delivery, NULL, &err) !=
+               0)
+            loom_sleep_ms(1);
+        loom_arena_reset(&a);
+    }
+    loom_producer_flush(p, 120000);
+    double secs = (double)(loom_mono_ns() - t0) / 1e9;
+    loom_producer_free(p);
+    loom_arena_release(&a);
+    if (atomic_load(&acked) != n)
+        fprintf(stderr, "bench_bus: loom: %ld of %ld acknowledged\n", atomic_load(&acked), n);
+    return (double)atomic_load(&acked) / secs;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0) {
+        fprintf(stderr, "usage: bench_bus BROKERS [MESSAGES] [PAYLOAD_BYTES]\n");
+        return 2;
+    }
+    const char *brokers = argv[1];
+    long n = argc > 2 ? atol(argv[2]) : 200000;
+    int size = argc > 3 ? atoi(argv[3]) : 200;
+    char *payload = malloc((size_t)size + 1);
+    snprintf(payload, (size_t)size + 1, "{\"pad\":\"");
+    for (int i = (int)strlen(payload); i < size - 2; i++)
+        payload[i] = 'x';
+    payload[size - 2] = '"';
+    payload[size - 1] = '}';
+    payload[size] = '\0';
+    char t1[64], t2[64];
+    snprintf(t1, sizeof(t1), "bench.raw.%lld", (long long)loom_now_ms());
+    snprintf(t2, sizeof(t2), "bench.loom.%lld", (long long)loom_now_ms());
+    /* warm up the connection and topic metadata */
+    raw_rate(brokers, t1, n / 20 + 1, payload);
+    loom_rate(brokers, t2, n / 20 + 1, payload);
+    double raw = raw_rate(brokers, t1, n, payload);
+    double lm = loom_rate(brokers, t2, n, payload);
+    printf("publish_raw_msgs_per_s %.0f\n", raw);
+    printf("publish_loom_msgs_per_s %.0f\n", lm);
+    printf("publish_ratio %.2f\n", lm / raw);
+    free(payload);
+    return 0;
+}
