@@ -987,14 +987,17 @@ void *loom__consumer_run(void *arg)
               wc->def->name);
     int batch_size = wc->def->batch_size > 0 ? wc->def->batch_size : 100;
     rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
-    rd_kafka_message_t **msgs = loom_xcalloc((size_t)batch_size, sizeof(*msgs));
-    rd_kafka_message_t **group_msgs = loom_xcalloc((size_t)batch_size, sizeof(*msgs));
+    /* Fetch several batches' worth at once: split by partition, each
+     * partition's share then fills its transactions. */
+    size_t fetch_max = (size_t)batch_size * 8 < 4000 ? (size_t)batch_size * 8 : 4000;
+    rd_kafka_message_t **msgs = loom_xcalloc(fetch_max, sizeof(*msgs));
+    rd_kafka_message_t **group_msgs = loom_xcalloc(fetch_max, sizeof(*msgs));
     int64_t check_every = w->opts.stall_after_ms / 2 < 5000 ? w->opts.stall_after_ms / 2 : 5000;
     int64_t next_stall_check = loom_mono_ms() + check_every;
 
     while (!atomic_load(&w->stop)) {
         part_resume_due(&rt);
-        ssize_t n = rd_kafka_consume_batch_queue(q, 200, msgs, (size_t)batch_size);
+        ssize_t n = rd_kafka_consume_batch_queue(q, 200, msgs, fetch_max);
         if (n < 0)
             n = 0;
         /* Split by partition, keeping each partition's order. */
@@ -1024,8 +1027,11 @@ void *loom__consumer_run(void *arg)
             part_state_t *ps = part_get(&rt, topic, rkm->partition);
             ps->last_msg_ms = loom_mono_ms();
             ps->stalled = false;
-            if (!ps->paused)
-                batch_run(&rt, group_msgs, k, ps);
+            /* In transactions of batch_size; a partition held by a failure
+             * skips the rest (it is rewound and fetched again). */
+            for (size_t from = 0; from < k && !ps->paused; from += (size_t)batch_size)
+                batch_run(&rt, group_msgs + from,
+                          k - from < (size_t)batch_size ? k - from : (size_t)batch_size, ps);
             for (size_t j = 0; j < k; j++)
                 rd_kafka_message_destroy(group_msgs[j]);
         }
