@@ -126,8 +126,15 @@ static void pgarr_free(pgarr_t *a)
 
 typedef struct stream_ver {
     const char *stream;
-    int64_t version;
+    int64_t version; /* last version given out, when known */
+    bool known;      /* version was read from loom_events */
+    int64_t rel;     /* appends numbered relative to the stored version */
 } stream_ver_t;
+
+/* Event rows waiting for the batch's commit, one text[] per column. */
+typedef struct evrows {
+    pgarr_t stream, version, id, type, data, ray, cause;
+} evrows_t;
 
 typedef struct batch batch_t;
 
@@ -152,7 +159,8 @@ struct batch {
     loom_msg_t *msgs;
     size_t n;
     /* rows of the current attempt */
-    pgarr_t ev_stream, ev_version, ev_id, ev_type, ev_data, ev_ray, ev_cause;
+    evrows_t ev;  /* events with their version (expected_version given) */
+    evrows_t rel; /* appends whose version the INSERT computes (expected -1) */
     pgarr_t ob_topic, ob_key, ob_headers, ob_payload;
     stream_ver_t *streams;
     size_t n_streams, cap_streams;
@@ -218,14 +226,46 @@ void loom_msg_set_result(loom_msg_t *msg, json_t *result)
     msg->result = result;
 }
 
+static pgarr_t *evrows_cols(evrows_t *e, size_t i)
+{
+    pgarr_t *cols[] = {&e->stream, &e->version, &e->id, &e->type, &e->data, &e->ray, &e->cause};
+    return cols[i];
+}
+
+static void evrows_reset(evrows_t *e)
+{
+    for (size_t i = 0; i < 7; i++)
+        pgarr_reset(evrows_cols(e, i));
+}
+
+static void evrows_free(evrows_t *e)
+{
+    for (size_t i = 0; i < 7; i++)
+        pgarr_free(evrows_cols(e, i));
+}
+
+static void evrows_add(evrows_t *e, const char *stream, int64_t version, const char *type,
+                       const char *data, const char *ray, const char *cause)
+{
+    char id[LOOM_UUID_STRLEN + 1];
+    loom_uuid_v7_string(id);
+    pgarr_add(&e->stream, stream);
+    pgarr_add_int(&e->version, version);
+    pgarr_add(&e->id, id);
+    pgarr_add(&e->type, type);
+    pgarr_add(&e->data, data);
+    pgarr_add(&e->ray, ray);
+    pgarr_add(&e->cause, cause);
+}
+
 static void reset_attempt(batch_t *b)
 {
     loom_arena_reset(&b->scratch);
-    pgarr_t *arrs[] = {&b->ev_stream, &b->ev_version, &b->ev_id,     &b->ev_type,
-                       &b->ev_data,   &b->ev_ray,     &b->ev_cause,  &b->ob_topic,
-                       &b->ob_key,    &b->ob_headers, &b->ob_payload};
+    pgarr_t *arrs[] = {&b->ob_topic, &b->ob_key, &b->ob_headers, &b->ob_payload};
     for (size_t i = 0; i < sizeof(arrs) / sizeof(arrs[0]); i++)
         pgarr_reset(arrs[i]);
+    evrows_reset(&b->ev);
+    evrows_reset(&b->rel);
     b->n_streams = 0;
     for (size_t i = 0; i < b->n; i++) {
         json_decref(b->msgs[i].result);
@@ -251,40 +291,42 @@ int loom_emit(loom_msg_t *msg, const char *stream_id, int64_t expected_version, 
         if (strcmp(b->streams[i].stream, stream_id) == 0)
             sv = &b->streams[i];
     if (!sv) {
-        const char *p[] = {stream_id};
-        PGresult *res = NULL;
-        int rc = loom_db_exec(b->db, &stmt_stream_version, p, &res, err);
-        if (rc != 0) {
-            json_decref(data);
-            return rc;
-        }
         if (b->n_streams == b->cap_streams) {
             b->cap_streams = b->cap_streams ? 2 * b->cap_streams : 16;
             b->streams = loom_xrealloc(b->streams, b->cap_streams * sizeof(*b->streams));
         }
         sv = &b->streams[b->n_streams++];
+        memset(sv, 0, sizeof(*sv));
         sv->stream = loom_arena_strdup(&b->scratch, stream_id);
-        sv->version = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    }
+    char *text = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
+    json_decref(data);
+    if (expected_version < 0 && !sv->known) {
+        /* A plain append: the INSERT numbers it after what the stream holds,
+         * which saves a round trip per stream. */
+        evrows_add(&b->rel, stream_id, ++sv->rel, type, text, msg->ce.rayid, msg->ce.id);
+        free(text);
+        return 0;
+    }
+    if (!sv->known) {
+        const char *p[] = {stream_id};
+        PGresult *res = NULL;
+        int rc = loom_db_exec(b->db, &stmt_stream_version, p, &res, err);
+        if (rc != 0) {
+            free(text);
+            return rc;
+        }
+        sv->version = strtoll(PQgetvalue(res, 0, 0), NULL, 10) + sv->rel;
+        sv->known = true;
         PQclear(res);
     }
     if (expected_version >= 0 && expected_version != sv->version) {
-        json_decref(data);
+        free(text);
         return loom_error_set(err, LOOM_CODE_VERSION_CONFLICT,
                               "stream \"%s\" is at version %" PRId64 ", not %" PRId64, stream_id,
                               sv->version, expected_version);
     }
-    sv->version++;
-    char *text = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
-    json_decref(data);
-    char id[LOOM_UUID_STRLEN + 1];
-    loom_uuid_v7_string(id);
-    pgarr_add(&b->ev_stream, stream_id);
-    pgarr_add_int(&b->ev_version, sv->version);
-    pgarr_add(&b->ev_id, id);
-    pgarr_add(&b->ev_type, type);
-    pgarr_add(&b->ev_data, text);
-    pgarr_add(&b->ev_ray, msg->ce.rayid);
-    pgarr_add(&b->ev_cause, msg->ce.id);
+    evrows_add(&b->ev, stream_id, ++sv->version, type, text, msg->ce.rayid, msg->ce.id);
     free(text);
     return 0;
 }
@@ -373,6 +415,18 @@ static const loom_db_stmt_t stmt_events = {
     "$6::text[], $7::text[])",
     7};
 
+/* Appends numbered after the stream's stored version: each row's subquery
+ * sees the table as the statement began, so rows of one stream in one
+ * statement get base + 1, base + 2, ... from their relative numbers. */
+static const loom_db_stmt_t stmt_events_append = {
+    "loom_events_append_relative",
+    "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "
+    "SELECT u.s, coalesce((SELECT max(e.version) FROM loom_events e WHERE e.stream_id = u.s), 0) "
+    "+ u.r, u.id, u.t, u.d, u.ray, u.c "
+    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[], $6::text[], "
+    "$7::text[]) AS u(s, r, id, t, d, ray, c)",
+    7};
+
 static const loom_db_stmt_t stmt_outbox = {
     "loom_outbox_add",
     "INSERT INTO loom_outbox (topic, msg_key, headers, payload) "
@@ -412,17 +466,20 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         pgarr_add(&rays, m->ce.rayid);
     }
     int rc = 0;
-    if (b->ev_stream.count > 0) {
-        const char *p[] = {pgarr_str(&b->ev_stream), pgarr_str(&b->ev_version),
-                           pgarr_str(&b->ev_id),     pgarr_str(&b->ev_type),
-                           pgarr_str(&b->ev_data),   pgarr_str(&b->ev_ray),
-                           pgarr_str(&b->ev_cause)};
-        rc = loom_db_exec(b->db, &stmt_events, p, NULL, err);
-        pgarr_t *evs[] = {&b->ev_stream, &b->ev_version, &b->ev_id,   &b->ev_type,
-                          &b->ev_data,   &b->ev_ray,     &b->ev_cause};
+    /* Relative appends first: the versions given out after them count them. */
+    evrows_t *sets[] = {&b->rel, &b->ev};
+    const loom_db_stmt_t *stmts[] = {&stmt_events_append, &stmt_events};
+    for (size_t k = 0; k < 2 && rc == 0; k++) {
+        evrows_t *e = sets[k];
+        if (e->stream.count == 0)
+            continue;
+        const char *p[7];
         for (size_t i = 0; i < 7; i++)
-            pgarr_unclose(evs[i]);
-        /* Another writer took a version we computed: retry the batch. */
+            p[i] = pgarr_str(evrows_cols(e, i));
+        rc = loom_db_exec(b->db, stmts[k], p, NULL, err);
+        for (size_t i = 0; i < 7; i++)
+            pgarr_unclose(evrows_cols(e, i));
+        /* Another writer took a version we counted on: run the batch again. */
         if (rc != 0 && err && err->code && strcmp(err->code, "ALREADY_EXISTS") == 0)
             rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                                 "event stream written concurrently: %s", err->message);
@@ -843,11 +900,11 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
         json_decref(b.msgs[i].json);
         json_decref(b.msgs[i].result);
     }
-    pgarr_t *arrs[] = {&b.ev_stream, &b.ev_version, &b.ev_id,     &b.ev_type,
-                       &b.ev_data,   &b.ev_ray,     &b.ev_cause,  &b.ob_topic,
-                       &b.ob_key,    &b.ob_headers, &b.ob_payload};
+    pgarr_t *arrs[] = {&b.ob_topic, &b.ob_key, &b.ob_headers, &b.ob_payload};
     for (size_t i = 0; i < sizeof(arrs) / sizeof(arrs[0]); i++)
         pgarr_free(arrs[i]);
+    evrows_free(&b.ev);
+    evrows_free(&b.rel);
     free(b.streams);
     free(b.msgs);
     loom_arena_release(&b.arena);

@@ -300,6 +300,47 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     env_stop_worker(&e);
 }
 
+/* ---- the event log --------------------------------------------------------------------- */
+
+Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_a_batch,
+     .timeout = 180)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 1);
+    loom_producer_t *p = producer(brokers);
+    /* Published before the worker starts, so they land in one batch. */
+    credit(p, e.topic, "v-1", "v", 1, NULL);
+    credit(p, e.topic, "v-2", "v", 1, NULL);
+    credit(p, e.topic, "v-3", "v", 1, NULL);
+    credit(p, e.topic, "v-4", "v", 1, "\"expect\":3");
+    credit(p, e.topic, "v-5", "v", 1, "\"expect\":3"); /* stale: the stream is at 4 */
+    credit(p, e.topic, "v-6", "v", 1, NULL);
+    loom_producer_flush(p, 30000);
+    env_start_worker(&e, brokers);
+    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_commands", 6, 60000), 6);
+    char *v = loom_test_sql_value(e.url, "SELECT string_agg(version || ':' || causation_id, ',' "
+                                         "ORDER BY version) FROM loom_events "
+                                         "WHERE stream_id = 'account-v'");
+    cr_assert_str_eq(v, "1:v-1,2:v-2,3:v-3,4:v-4,5:v-6");
+    free(v);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = 'v-5' AND "
+                               "status = 'rejected' AND last_error LIKE '%at version 4, not 3%'"),
+                 1);
+    /* A later batch appends after what is stored. */
+    credit(p, e.topic, "v-7", "v", 1, NULL);
+    credit(p, e.topic, "v-8", "v", 1, "\"expect\":6");
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(wait_for(e.url,
+                          "SELECT max(version) FROM loom_events WHERE stream_id = 'account-v'", 7,
+                          60000),
+                 7);
+    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-v'"),
+                 7);
+    loom_producer_free(p);
+    env_stop_worker(&e);
+}
+
 /* ---- failure classes ---------------------------------------------------------------- */
 
 Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_holds_nothing,

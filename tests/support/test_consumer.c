@@ -7,7 +7,8 @@
  *     shows up as a duplicate row) and an event to stream "account-A";
  *   - "fail": "permanent" rejects it; "transient" fails the first K attempts;
  *     "blocked" fails while test_blocks holds A;
- *   - "notify": true publishes test.credited through the outbox.
+ *   - "notify": true publishes test.credited through the outbox;
+ *   - "expect": N appends the event only when the stream is at version N.
  */
 #include "support.h"
 #include "loom/consumer.h"
@@ -64,8 +65,11 @@ int loom_test_ledger_handler(loom_msg_t *msg, loom_error_t *err)
         return rc;
     char stream[300];
     snprintf(stream, sizeof(stream), "account-%s", account);
-    rc = loom_emit(msg, stream, -1, "test.credited",
-                   json_pack("{s:s, s:O}", "account", account, "amount", amount), err);
+    /* "expect": N appends only if the stream is at version N. */
+    json_t *expect = json_object_get(d, "expect");
+    rc = loom_emit(msg, stream, json_is_integer(expect) ? json_integer_value(expect) : -1,
+                   "test.credited", json_pack("{s:s, s:O}", "account", account, "amount", amount),
+                   err);
     if (rc != 0)
         return rc;
     if (json_is_true(json_object_get(d, "notify"))) {
