@@ -2,19 +2,22 @@
 # then calls these targets; `make help` lists them.
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 60
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 LOOM       := $(BUILD)/cmd/loom/loom
 SOURCES     = $(shell git ls-files --cached --others --exclude-standard '*.c' '*.h' 2>/dev/null || find engine ops consumers api cmd tests -name '*.[ch]')
 
-.PHONY: help build run test check asan format format-check clean
+.PHONY: help build run test check asan fuzz format format-check clean
 
 help:
 	@echo "make build         configure and build into $(BUILD)/ (warnings are errors)"
 	@echo "make run           build, then run 'loom dev' (private Postgres; Ctrl-C stops it)"
-	@echo "make test          format check, build, the whole test suite, then again under ASan+UBSan"
+	@echo "make test          format check, build, the whole test suite, again under ASan+UBSan, then fuzz"
 	@echo "make check         build and run the test suite once (no sanitizers)"
 	@echo "make asan          build into $(ASAN_BUILD)/ with ASan+UBSan and run the test suite"
+	@echo "make fuzz          build the libFuzzer targets (clang) into $(FUZZ_BUILD)/ and run each $(FUZZ_SECONDS)s"
 	@echo "make format        apply .clang-format to every C file"
 	@echo "make format-check  fail when a C file is not formatted"
 	@echo "make clean         remove the build directories"
@@ -40,7 +43,21 @@ asan: $(ASAN_BUILD)/build.ninja
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j 2
 
-test: format-check check asan
+# Fuzzing: request parsing, routing and JSON bodies (tests/fuzz/), with
+# ASan+UBSan, for FUZZ_SECONDS, from the seed corpus (new inputs go to a
+# scratch copy; crashes are written to $(FUZZ_BUILD)/ and fail the target).
+$(FUZZ_BUILD)/build.ninja:
+	cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_C_COMPILER=clang -DLOOM_FUZZ=ON \
+	  -DLOOM_SANITIZE=ON -DLOOM_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Debug $(CMAKE_ARGS)
+
+fuzz: $(FUZZ_BUILD)/build.ninja
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_http
+	rm -rf $(FUZZ_BUILD)/corpus-http && mkdir -p $(FUZZ_BUILD)/corpus-http
+	cd $(FUZZ_BUILD) && UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ./tests/fuzz/fuzz_http -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 \
+	  -rss_limit_mb=2048 -print_final_stats=1 corpus-http $(CURDIR)/tests/fuzz/corpus/http
+
+test: format-check check asan fuzz
 
 format:
 	clang-format -i $(SOURCES)

@@ -137,6 +137,10 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
     snprintf(num, sizeof(num), "%d", opts->linger_ms > 0 ? opts->linger_ms : 5);
     if (!user_set(opts->cfg, "linger.ms"))
         rd_kafka_conf_set(conf, "linger.ms", num, NULL, 0);
+    if (opts->message_timeout_ms > 0 && !user_set(opts->cfg, "message.timeout.ms")) {
+        snprintf(num, sizeof(num), "%lld", (long long)opts->message_timeout_ms);
+        rd_kafka_conf_set(conf, "message.timeout.ms", num, NULL, 0);
+    }
     rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
     rd_kafka_conf_set_opaque(conf, p);
     p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));

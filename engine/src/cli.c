@@ -33,6 +33,7 @@ static const cli_command_t version_command = {"version", "print the version",
 
 static const cli_command_t *const commands[] = {
     &cli_dev_command,      /* everything in one process */
+    &cli_api_command,      /* the HTTP gateway */
     &cli_worker_command,   /* consumers, outbox relay, periodic jobs */
     &cli_broker_command,   /* the embedded Kafka alone */
     &cli_publish_command,  /* commands from the shell */

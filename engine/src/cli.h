@@ -33,6 +33,7 @@ typedef struct cli_command {
 
 extern const cli_command_t cli_migrate_command;
 extern const cli_command_t cli_dev_command;
+extern const cli_command_t cli_api_command;
 extern const cli_command_t cli_op_command;
 extern const cli_command_t cli_worker_command;
 extern const cli_command_t cli_publish_command;

@@ -9,6 +9,7 @@
 
 #include "loom/config.h"
 #include "loom/consumer.h"
+#include "loom/gateway.h"
 #include "loom/periodic.h"
 #include "loom/replay.h"
 #include "loom/migrate.h"
@@ -32,6 +33,8 @@ typedef struct loom_app {
     size_t n_jobs;
     const loom_projection_t *projections; /* read models `loom replay` rebuilds, borrowed */
     size_t n_projections;
+    const loom_route_t *routes; /* HTTP routes of the gateway (api/), borrowed */
+    size_t n_routes;
 } loom_app_t;
 
 /* Exit statuses of the loom command. */

@@ -36,11 +36,13 @@ rd_kafka_conf_t *loom_kafka_conf_new(const char *brokers, const loom_config_t *c
                                      size_t errlen);
 
 typedef struct loom_producer_opts {
-    const char *brokers;      /* bootstrap servers (required) */
-    const loom_config_t *cfg; /* LOOM_KAFKA_* pass-through; may be NULL */
-    int queue_max_messages;   /* local queue bound; 0: 100000 */
-    int linger_ms;            /* 0: 5 */
-    int64_t flush_timeout_ms; /* flush on free; 0: 30000 */
+    const char *brokers;        /* bootstrap servers (required) */
+    const loom_config_t *cfg;   /* LOOM_KAFKA_* pass-through; may be NULL */
+    int queue_max_messages;     /* local queue bound; 0: 100000 */
+    int linger_ms;              /* 0: 5 */
+    int64_t flush_timeout_ms;   /* flush on free; 0: 30000 */
+    int64_t message_timeout_ms; /* a message not acknowledged by then fails (librdkafka's
+                                 * message.timeout.ms); 0: librdkafka's default, 300000 */
 } loom_producer_opts_t;
 
 int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, loom_error_t *err);

@@ -1,0 +1,105 @@
+/*
+ * gateway_ops.c: calling ops from route handlers.
+ *
+ * loom_op_call() blocks on the database, so it never runs on an event loop:
+ * the request goes to the gateway's worker threads with the caller's slug,
+ * scopes and ray id, and the answer comes back to the request's loop through
+ * loom_http_req_post().
+ */
+#include "gateway_int.h"
+#include "loom/mem.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void gw_op_task_free(gw_op_task_t *t)
+{
+    json_decref(t->op_req);
+    json_decref(t->result);
+    free(t);
+}
+
+static void op_run(gw_task_t *task)
+{
+    gw_op_task_t *t = (gw_op_task_t *)task;
+    if (atomic_load(&t->gw->stopping)) {
+        t->rc = loom_error_set(&t->err, LOOM_CODE_SHUTTING_DOWN, "the gateway is shutting down");
+        return;
+    }
+    loom_op_ctx_t ctx = {.rt = t->gw->opts.ops,
+                         .ray_id = t->ray_id,
+                         .caller = t->token ? t->token->slug : NULL,
+                         .scopes = t->token ? (const char *const *)t->token->scopes : NULL};
+    loom_error_clear(&t->err);
+    t->rc = loom_op_call(&ctx, t->name, t->op_req, &t->result, &t->err);
+}
+
+static void op_done(loom_http_req_t *req, void *arg, bool cancelled)
+{
+    gw_op_task_t *t = arg;
+    t->fin(req, t, cancelled || loom_http_req_detached(req));
+    loom_http_req_unref(req);
+}
+
+void gw_op_start(loom_http_req_t *req, gw_op_task_t *t)
+{
+    gw_req_t *g = gw_req(req);
+    t->token = g ? g->token : NULL;
+    t->ray_id = g ? g->ray_id : NULL;
+    t->task.run = op_run;
+    t->task.done = op_done;
+    t->task.req = req;
+    if (g)
+        g->async = true;
+    gw_task_submit(t->gw, &t->task);
+}
+
+/* The fin of the public helpers: hand the result to the callback. */
+static void call_fin(loom_http_req_t *req, gw_op_task_t *t, bool cancelled)
+{
+    if (!cancelled)
+        t->cb(req, loom_http_req_res(req), t->rc, t->result, t->rc ? &t->err : NULL, t->arg);
+    gw_op_task_free(t);
+}
+
+static int answer_cb(loom_http_req_t *req, loom_http_res_t *res, int rc, json_t *result,
+                     const loom_error_t *err, void *arg)
+{
+    (void)arg;
+    if (rc != 0)
+        return loom_gateway_fail(req, res, err);
+    return loom_gateway_reply(req, res, 200, json_incref(result));
+}
+
+int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char *name,
+                         json_t *op_req, loom_gateway_op_cb cb, void *arg)
+{
+    gw_req_t *g = gw_req(req);
+    loom_error_t err;
+    if (!g || !g->gw->opts.ops || !cb) {
+        json_decref(op_req);
+        loom_error_set(&err, LOOM_CODE_INTERNAL, "this gateway runs no ops");
+        return loom_gateway_fail(req, res, &err);
+    }
+    if (!name || strlen(name) > LOOM_OP_NAME_MAX) {
+        json_decref(op_req);
+        loom_error_set(&err, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
+                       name ? name : "");
+        return loom_gateway_fail(req, res, &err);
+    }
+    gw_op_task_t *t = loom_xcalloc(1, sizeof(*t));
+    t->gw = g->gw;
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->op_req = op_req;
+    t->fin = call_fin;
+    t->cb = cb;
+    t->arg = arg;
+    gw_op_start(req, t);
+    return 0;
+}
+
+int loom_gateway_op_answer(loom_http_req_t *req, loom_http_res_t *res, const char *name,
+                           json_t *op_req)
+{
+    return loom_gateway_op_call(req, res, name, op_req, answer_cb, NULL);
+}
