@@ -26,4 +26,12 @@ extern const loom_op_t loom_op_messages_batch_get;
 extern const loom_error_code_t loom_messages_error_codes[]; /* [0] MESSAGE_NOT_FOUND */
 extern const loom_error_catalogue_t loom_messages_errors;
 
+/* service "registry": definitions, instances, nodes (SERVICES.md section 2) */
+extern const loom_op_t loom_op_registry_definitions_get;
+extern const loom_op_t loom_op_registry_definitions_list;
+extern const loom_op_t loom_op_registry_instances_get;
+extern const loom_op_t loom_op_registry_instances_list;
+extern const loom_op_t loom_op_registry_nodes_get;
+extern const loom_error_catalogue_t loom_registry_errors;
+
 #endif

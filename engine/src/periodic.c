@@ -73,6 +73,11 @@ const loom_config_t *loom_job_config(const loom_job_ctx_t *ctx)
     return ctx->p->opts.cfg;
 }
 
+loom_db_pool_t *loom_job_pool(const loom_job_ctx_t *ctx)
+{
+    return ctx->p->opts.pool;
+}
+
 int loom_job_publish(loom_job_ctx_t *ctx, const char *type, const char *key, json_t *data,
                      loom_error_t *err)
 {

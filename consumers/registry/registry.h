@@ -1,0 +1,130 @@
+/*
+ * registry.h: the write side of the registry service (SERVICES.md section 2).
+ *
+ * Commands (topic loom.cmd.<type>, Kafka key = the definition or instance id):
+ *   registry.put_definition     {"definition": {...}}           -> {"id", "definition"}
+ *   registry.delete_definition  {"id"}                          -> {"id", "deleted": true}
+ *   registry.put_instance       {"url", "deployment_id"?, "node_url"?, "tags"?,
+ *                                "id"?, "caller", "admin"?}     -> the instance
+ *   registry.delete_instance    {"id", "caller", "admin"?}      -> {"id", "deleted": true}
+ *   registry.instance_status    {"id", "status", "checked_at", "details"?, "connect_ms"?}
+ *                                                               -> {"id", "status", "applied"}
+ *   registry.instance_heartbeats {"ids": [...], "at"}           -> {"updated": N}
+ *
+ * "caller" is the slug of whoever asks (the gateway puts the token's) and
+ * "admin" whether it holds registry:admin: the first registration of a url
+ * fixes its slug, and only that slug or an admin may register it again or
+ * delete it (INSTANCE_OWNED_BY_OTHER otherwise). Whoever can publish to the
+ * command topics is trusted to say who the caller is, as with every Loom
+ * command. Events (stream registry.definition-<id> / registry.instance-<id>):
+ * registry.definition_put, registry.definition_deleted,
+ * registry.instance_registered, registry.instance_deleted,
+ * registry.instance_status_changed, registry.instances_heartbeat.
+ *
+ * The health probe (probe.c, probe_job.c) is a periodic job: it connects to
+ * every instance's host:port and publishes registry.instance_status for each
+ * instance whose status changed, and one registry.instance_heartbeats per
+ * page of instances found healthy again.
+ */
+#ifndef LOOM_CONSUMERS_REGISTRY_H
+#define LOOM_CONSUMERS_REGISTRY_H
+
+#include "loom/config.h"
+#include "loom/consumer.h"
+#include "loom/periodic.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* store.c */
+int registry_store_handler(loom_msg_t *msg, loom_error_t *err);
+extern const char *const registry_store_topics[];
+
+/* ---- probe.c: TCP health probes on a libuv loop of their own ------------------------ */
+
+typedef struct registry_probe {
+    const char *host; /* borrowed: an IP address or a name to resolve */
+    int port;
+    /* Results. status is "healthy", "degraded" or "unreachable" (static
+     * strings), or NULL when the probe could not run for a local reason (no
+     * file descriptors left): such an instance keeps its status. */
+    const char *status;
+    int64_t connect_ms; /* how long the connection took; -1 when none was made */
+    char details[128];  /* why not healthy ("connection refused", ...); "" when healthy */
+} registry_probe_t;
+
+typedef struct registry_probe_opts {
+    int64_t timeout_ms;  /* resolve + connect; 0: 3000. Past it: unreachable */
+    int64_t degraded_ms; /* a connection slower than this is degraded; 0: 1000 */
+    int max_in_flight;   /* probes at once (one socket each); 0: 256 */
+    int peak_in_flight;  /* out: the most probes that ran at once */
+} registry_probe_opts_t;
+
+#define REGISTRY_PROBE_TIMEOUT_MS    3000
+#define REGISTRY_PROBE_DEGRADED_MS   1000
+#define REGISTRY_PROBE_MAX_IN_FLIGHT 256
+
+/*
+ * Probes every entry of probes: resolves the host (IP literals at once,
+ * names on libuv's thread pool), opens a TCP connection with a timer for the
+ * timeout, and classifies: no connection (refused, unroutable, timed out,
+ * unresolvable) -> unreachable; connected in more than degraded_ms ->
+ * degraded; else healthy. Runs a libuv loop of its own on the calling thread
+ * until every probe is done, with at most max_in_flight sockets open; it
+ * never blocks on one probe. Returns 0, or a negative code with err when the
+ * loop could not be set up. opts may be NULL.
+ */
+int registry_probe_run(registry_probe_t *probes, size_t n, registry_probe_opts_t *opts,
+                       loom_error_t *err);
+
+/* ---- probe_job.c ------------------------------------------------------------------- */
+
+/* The periodic job "registry.probe". */
+int registry_probe_job(loom_job_ctx_t *ctx, loom_error_t *err);
+
+/* The entries this service adds to the tables of consumers.c. */
+#define REGISTRY_CONSUMERS                                                             \
+    {                                                                                  \
+        "registry.store", registry_store_topics, registry_store_handler, 100,          \
+            "applies service definitions, instance registrations (ownership by slug) " \
+            "and instance health statuses"                                             \
+    }
+
+#define REGISTRY_JOBS                                                                       \
+    {                                                                                       \
+        "registry.probe", "LOOM_REGISTRY_PROBE_INTERVAL", 15000, registry_probe_job,        \
+            "connects to every registered instance and publishes registry.instance_status " \
+            "for each status that changed"                                                  \
+    }
+
+#define REGISTRY_CONFIG_VARS                                                                \
+    {"LOOM_REGISTRY_PROBE_INTERVAL",                                                        \
+     LOOM_CFG_DURATION,                                                                     \
+     "15s",                                                                                 \
+     NULL,                                                                                  \
+     1000,                                                                                  \
+     86400LL * 1000,                                                                        \
+     false,                                                                                 \
+     "how often one node probes the health of every registered service instance"},          \
+        {"LOOM_REGISTRY_PROBE_TIMEOUT",                                                     \
+         LOOM_CFG_DURATION,                                                                 \
+         "3s",                                                                              \
+         NULL,                                                                              \
+         10,                                                                                \
+         60000,                                                                             \
+         false,                                                                             \
+         "how long a health probe may take to connect before the instance is unreachable"}, \
+        {"LOOM_REGISTRY_PROBE_DEGRADED_AFTER",                                              \
+         LOOM_CFG_DURATION,                                                                 \
+         "1s",                                                                              \
+         NULL,                                                                              \
+         1,                                                                                 \
+         60000,                                                                             \
+         false,                                                                             \
+         "a health probe that connects slower than this marks the instance degraded"},      \
+    {                                                                                       \
+        "LOOM_REGISTRY_PROBE_CONCURRENCY", LOOM_CFG_INT, "256", NULL, 1, 10000, false,      \
+            "health probes (sockets) open at once"                                          \
+    }
+
+#endif

@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS registry_instances;
+DROP TABLE IF EXISTS registry_definitions;
