@@ -8,6 +8,7 @@
  */
 #include "cli.h"
 #include "loom/log.h"
+#include "loom/gateway.h"
 #include "loom/metrics.h"
 #include "loom/pglocal.h"
 
@@ -92,15 +93,55 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
         if (loom_producer_new(&popts, &producer, &err) != 0)
             rc = cli_fail("dev", "%s", err.message);
     }
+    /* The gateway: ops on a read-only pool, writes through a producer of its own. */
+    loom_db_pool_t *read_pool = NULL;
+    loom_op_table_t *table = loom_op_table_new();
+    loom_op_runtime_t rt;
+    loom_producer_t *api_producer = NULL;
+    loom_gateway_t *gw = NULL;
+    char token[64] = "", api_url[128] = "";
+    if (rc == 0) {
+        loom_db_pool_opts_t ro = {.size = 4, .read_only = true, .application_name = "loom dev"};
+        if (loom_db_pool_new(url, &ro, &read_pool, &err) != 0 ||
+            loom_op_table_add(table, ctx->app->ops, ctx->app->n_ops, &err) != 0)
+            rc = cli_fail("dev", "%s", err.message);
+    }
+    if (rc == 0) {
+        loom_op_runtime_init(&rt, table, read_pool, metrics);
+        loom_producer_opts_t ap = {.brokers = brokers,
+                                   .cfg = &ctx->cfg,
+                                   .flush_timeout_ms = ctx->cfg.shutdown_timeout_ms,
+                                   .message_timeout_ms = 10000};
+        if (loom_producer_new(&ap, &api_producer, &err) != 0)
+            rc = cli_fail("dev", "%s", err.message);
+    }
+    if (rc == 0) {
+        loom_gateway_opts_t gopts = {.listen = ctx->cfg.api_listen,
+                                     .routes = ctx->app->routes,
+                                     .n_routes = ctx->app->n_routes,
+                                     .ops = &rt,
+                                     .producer = api_producer,
+                                     .metrics = metrics,
+                                     .tokens_file = ctx->cfg.api_tokens_file,
+                                     .site = ctx->cfg.site_name,
+                                     .node = ctx->cfg.node_id};
+        if (loom_gateway_start(&gopts, &gw, &err) != 0 ||
+            loom_gateway_dev_token(gw, token, sizeof(token)) != 0)
+            rc = cli_fail("dev", "%s", err.message);
+        else
+            snprintf(api_url, sizeof(api_url), "http://%s", loom_gateway_addr(gw, 0));
+    }
     cli_worker_parts_t parts = {0};
     bool parts_up = false;
     if (rc == 0) {
-        rc = cli_worker_parts_start(ctx, "dev", brokers, pool, producer, metrics, "dev", NULL,
+        rc = cli_worker_parts_start(ctx, "dev", brokers, pool, producer, metrics, "dev", api_url,
                                     &parts);
         parts_up = rc == 0;
     }
     if (rc == 0) {
         printf("loom dev is up (node %s)\n", ctx->cfg.node_id);
+        printf("  api         %s  (/healthz, /readyz, /metrics need no token)\n", api_url);
+        printf("  token       %s  (development token: every scope)\n", token);
         if (pg.started)
             printf("  postgres    %s  (private, data in %s)\n", url, pgdir);
         else
@@ -113,15 +154,29 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
         printf("  worker      %zu consumer%s, %zu periodic job%s, outbox relay\n",
                ctx->app->n_consumers, ctx->app->n_consumers == 1 ? "" : "s", ctx->app->n_jobs,
                ctx->app->n_jobs == 1 ? "" : "s");
+        printf("Try it:\n"
+               "  curl -s -H 'Authorization: Bearer %s' \\\n"
+               "    -d '{\"msgs\":[{\"id\":\"hello-1\",\"source\":\"urn:demo\","
+               "\"specversion\":\"1.0\",\"type\":\"demo.greeting\",\"data\":{\"text\":"
+               "\"hello\"}}]}' \\\n"
+               "    '%s/v1/messages:batchPut?wait=5s'\n"
+               "  curl -s -H 'Authorization: Bearer %s' %s/v1/messages/hello-1\n",
+               token, api_url, token, api_url);
         printf("Press Ctrl-C to stop.\n");
         fflush(stdout);
-        LOOM_INFO("loom dev ready", "postgres_port=%d kafka=%s", pg.port, brokers);
+        LOOM_INFO("loom dev ready", "api=%s postgres_port=%d kafka=%s", api_url, pg.port, brokers);
         int sig = 0;
         sigwait(&sigs, &sig);
         LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
     }
+    if (gw)
+        loom_gateway_stop(gw, ctx->cfg.shutdown_timeout_ms);
+    loom_gateway_free(gw);
+    loom_producer_free(api_producer);
     if (parts_up)
         cli_worker_parts_stop(&parts);
+    loom_op_table_free(table);
+    loom_db_pool_free(read_pool);
     loom_producer_free(producer);
     loom_db_pool_free(pool);
     loom_metrics_free(metrics);
@@ -142,8 +197,10 @@ const cli_command_t cli_dev_command = {
     "dev", "run Loom on its embedded defaults (private Postgres) until Ctrl-C",
     "usage: loom dev\n"
     "\n"
-    "Runs all of Loom in one process with nothing to set up: the worker (every\n"
-    "consumer, the outbox relay, periodic jobs) on a private PostgreSQL and an\n"
+    "Runs all of Loom in one process with nothing to set up: the HTTP gateway on\n"
+    "LOOM_API_LISTEN (with a development token it prints, holding every scope) and\n"
+    "the worker (every consumer, the outbox relay, periodic jobs) on a private\n"
+    "PostgreSQL and an\n"
     "embedded Kafka. Without LOOM_DATABASE_URL it starts PostgreSQL in\n"
     "LOOM_DEV_DIR/pg (default ./.loom/pg; data kept between runs) on a free\n"
     "loopback port; without LOOM_KAFKA_BROKERS it starts librdkafka's mock cluster\n"
