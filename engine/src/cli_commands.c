@@ -4,6 +4,7 @@
  */
 #include "cli.h"
 #include "loom/bus.h"
+#include "loom/clock.h"
 #include "loom/log.h"
 
 #include <jansson.h>
@@ -32,7 +33,7 @@ static int cmd_list(loom_db_pool_t *pool, bool stuck, const char *consumer, int 
     loom_error_t err;
     int rc = query(pool,
                    "SELECT message_id, consumer, type, status, attempts, "
-                   "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+                   "floor(extract(epoch FROM updated_at))::BIGINT, "
                    "coalesce(last_error, '') FROM loom_commands "
                    "WHERE ($1::bool = false OR status IN ('retrying', 'parked')) "
                    "AND ($2::text IS NULL OR consumer = $2) "
@@ -42,10 +43,13 @@ static int cmd_list(loom_db_pool_t *pool, bool stuck, const char *consumer, int 
         return cli_fail("commands", "%s", err.message);
     printf("%-36s  %-20s  %-24s  %-8s  %8s  %-20s  %s\n", "MESSAGE ID", "CONSUMER", "TYPE",
            "STATUS", "ATTEMPTS", "UPDATED", "LAST ERROR");
-    for (int i = 0; i < PQntuples(res); i++)
+    for (int i = 0; i < PQntuples(res); i++) {
+        char updated[32];
+        loom_rfc3339_format_seconds(atoll(PQgetvalue(res, i, 5)), updated, sizeof(updated));
         printf("%-36s  %-20s  %-24s  %-8s  %8s  %-20s  %.120s\n", PQgetvalue(res, i, 0),
                PQgetvalue(res, i, 1), PQgetvalue(res, i, 2), PQgetvalue(res, i, 3),
-               PQgetvalue(res, i, 4), PQgetvalue(res, i, 5), PQgetvalue(res, i, 6));
+               PQgetvalue(res, i, 4), updated, PQgetvalue(res, i, 6));
+    }
     printf("%d command%s\n", PQntuples(res), PQntuples(res) == 1 ? "" : "s");
     PQclear(res);
     return LOOM_EXIT_OK;

@@ -132,6 +132,15 @@ void loom_rfc3339_format(int64_t unix_us, char *buf, size_t size)
              tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
 }
 
+void loom_rfc3339_format_seconds(int64_t unix_s, char *buf, size_t size)
+{
+    time_t secs = (time_t)unix_s;
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
 void loom_sleep_ms(int64_t ms)
 {
     if (ms <= 0)

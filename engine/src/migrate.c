@@ -8,6 +8,7 @@
  * applied, so concurrent runners take turns and never apply a file twice.
  */
 #include "loom/migrate.h"
+#include "loom/clock.h"
 #include "loom/log.h"
 #include "loom/mem.h"
 #include "loom/sha256.h"
@@ -76,9 +77,9 @@ static int read_applied(loom_db_t *db, applied_row_t **rows, size_t *n, loom_err
 {
     PGresult *res = NULL;
     int rc = loom_db_query(db,
+                           /* epoch seconds: to_char is not portable to CockroachDB */
                            "SELECT version, name, checksum, "
-                           "to_char(applied_at AT TIME ZONE 'UTC', "
-                           "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') "
+                           "floor(extract(epoch FROM applied_at))::BIGINT "
                            "FROM loom_schema_migrations ORDER BY version",
                            0, NULL, &res, err);
     if (rc != 0)
@@ -90,7 +91,8 @@ static int read_applied(loom_db_t *db, applied_row_t **rows, size_t *n, loom_err
         a->version = atoi(PQgetvalue(res, i, 0));
         snprintf(a->name, sizeof(a->name), "%s", PQgetvalue(res, i, 1));
         snprintf(a->checksum, sizeof(a->checksum), "%s", PQgetvalue(res, i, 2));
-        snprintf(a->applied_at, sizeof(a->applied_at), "%s", PQgetvalue(res, i, 3));
+        loom_rfc3339_format_seconds(atoll(PQgetvalue(res, i, 3)), a->applied_at,
+                                    sizeof(a->applied_at));
     }
     *n = (size_t)nt;
     PQclear(res);

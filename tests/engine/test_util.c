@@ -146,6 +146,8 @@ Test(clock, rfc3339)
     char buf[40];
     loom_rfc3339_format(1700000000123456LL, buf, sizeof(buf));
     cr_assert_str_eq(buf, "2023-11-14T22:13:20.123456Z");
+    loom_rfc3339_format_seconds(1700000000LL, buf, sizeof(buf));
+    cr_assert_str_eq(buf, "2023-11-14T22:13:20Z");
 }
 
 Test(clock, backoff_grows_with_jitter_and_stays_capped)

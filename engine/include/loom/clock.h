@@ -28,6 +28,9 @@ void loom_duration_format(int64_t ms, char *buf, size_t size);
 /* Formats Unix microseconds as RFC 3339 UTC with microseconds ("...Z"). */
 void loom_rfc3339_format(int64_t unix_us, char *buf, size_t size);
 
+/* Formats Unix seconds as RFC 3339 UTC to the second ("2026-11-25T11:18:20Z"). */
+void loom_rfc3339_format_seconds(int64_t unix_s, char *buf, size_t size);
+
 /* Sleeps for ms milliseconds (resumes after signals). */
 void loom_sleep_ms(int64_t ms);
 
