@@ -12,52 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- text[] literals ---------------------------------------------------- */
-
-typedef struct {
-    char *p;
-    size_t len, cap, n;
-} strarr_t;
-
-static void arr_add(strarr_t *a, const char *s)
-{
-    size_t sl = strlen(s);
-    if (a->len + 2 * sl + 8 > a->cap) {
-        a->cap = (a->len + 2 * sl + 8) * 2;
-        a->p = realloc(a->p, a->cap);
-        if (!a->p)
-            abort();
-    }
-    if (a->len == 0)
-        a->p[a->len++] = '{';
-    else
-        a->p[a->len++] = ',';
-    a->p[a->len++] = '"';
-    for (size_t i = 0; i < sl; i++) {
-        if (s[i] == '"' || s[i] == '\\')
-            a->p[a->len++] = '\\';
-        a->p[a->len++] = s[i];
-    }
-    a->p[a->len++] = '"';
-    a->p[a->len] = '\0';
-    a->n++;
-}
-
-static const char *arr_str(strarr_t *a)
-{
-    if (a->len + 2 > a->cap) {
-        a->cap = a->len + 8;
-        a->p = realloc(a->p, a->cap);
-        if (!a->p)
-            abort();
-    }
-    if (a->len == 0)
-        a->p[a->len++] = '{';
-    a->p[a->len] = '}';
-    a->p[a->len + 1] = '\0';
-    return a->p;
-}
-
 /* ---- commands ----------------------------------------------------------------- */
 
 static const loom_db_stmt_t stmt_put = {
@@ -92,7 +46,7 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
     char **texts = calloc(n + 1, sizeof(char *));
     if (!texts)
         abort();
-    strarr_t ids = {0}, events = {0};
+    loom_db_array_t ids = {0}, events = {0};
     size_t i;
     json_t *m;
     int rc = 0;
@@ -105,16 +59,16 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
             break;
         }
         texts[i] = json_dumps(m, JSON_COMPACT);
-        arr_add(&ids, json_string_value(json_object_get(m, "id")));
-        arr_add(&events, texts[i]);
+        loom_db_array_add(&ids, json_string_value(json_object_get(m, "id")));
+        loom_db_array_add(&events, texts[i]);
     }
     PGresult *res = NULL;
     if (rc == 0) {
-        const char *p[] = {arr_str(&ids), arr_str(&events)};
+        const char *p[] = {loom_db_array_str(&ids), loom_db_array_str(&events)};
         rc = loom_db_exec(loom_msg_db(msg), &stmt_put, p, &res, err);
     }
-    free(ids.p);
-    free(events.p);
+    loom_db_array_free(&ids);
+    loom_db_array_free(&events);
     int stored = rc == 0 ? PQntuples(res) : 0;
     if (stored > 0) {
         /* The event holds the exact text newly stored, so a replay stores the
@@ -150,21 +104,21 @@ static int delete_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
     if (!json_is_array(list) || json_array_size(list) > MESSAGES_BATCH_MAX)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                               "\"ids\" must be an array of at most %d ids", MESSAGES_BATCH_MAX);
-    strarr_t ids = {0};
+    loom_db_array_t ids = {0};
     size_t i;
     json_t *v;
     json_array_foreach(list, i, v)
     {
         if (!json_is_string(v)) {
-            free(ids.p);
+            loom_db_array_free(&ids);
             return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "ids[%zu] must be a string", i);
         }
-        arr_add(&ids, json_string_value(v));
+        loom_db_array_add(&ids, json_string_value(v));
     }
-    const char *p[] = {arr_str(&ids)};
+    const char *p[] = {loom_db_array_str(&ids)};
     PGresult *res = NULL;
     int rc = loom_db_exec(loom_msg_db(msg), &stmt_delete, p, &res, err);
-    free(ids.p);
+    loom_db_array_free(&ids);
     if (rc != 0)
         return rc;
     int n = PQntuples(res);
@@ -249,7 +203,7 @@ static const loom_db_stmt_t stmt_replay_clean = {
 int messages_projection_apply(loom_db_t *db, const loom_event_row_t *ev, loom_error_t *err)
 {
     if (strcmp(ev->type, "messages.stored") == 0) {
-        strarr_t ids = {0}, events = {0};
+        loom_db_array_t ids = {0}, events = {0};
         size_t i;
         json_t *m;
         json_array_foreach(json_object_get(ev->data, "msgs"), i, m)
@@ -257,27 +211,27 @@ int messages_projection_apply(loom_db_t *db, const loom_event_row_t *ev, loom_er
             json_t *obj = json_loads(json_string_value(m) ? json_string_value(m) : "", 0, NULL);
             const char *id = json_string_value(json_object_get(obj, "id"));
             if (id) {
-                arr_add(&ids, id);
-                arr_add(&events, json_string_value(m));
+                loom_db_array_add(&ids, id);
+                loom_db_array_add(&events, json_string_value(m));
             }
             json_decref(obj);
         }
-        const char *p[] = {json_string_value(json_object_get(ev->data, "stored_at")), arr_str(&ids),
-                           arr_str(&events)};
+        const char *p[] = {json_string_value(json_object_get(ev->data, "stored_at")),
+                           loom_db_array_str(&ids), loom_db_array_str(&events)};
         int rc = loom_db_exec(db, &stmt_replay_put, p, NULL, err);
-        free(ids.p);
-        free(events.p);
+        loom_db_array_free(&ids);
+        loom_db_array_free(&events);
         return rc;
     }
     if (strcmp(ev->type, "messages.deleted") == 0) {
-        strarr_t ids = {0};
+        loom_db_array_t ids = {0};
         size_t i;
         json_t *v;
         json_array_foreach(json_object_get(ev->data, "ids"), i, v)
-            arr_add(&ids, json_string_value(v));
-        const char *p[] = {arr_str(&ids)};
+            loom_db_array_add(&ids, json_string_value(v));
+        const char *p[] = {loom_db_array_str(&ids)};
         int rc = loom_db_exec(db, &stmt_delete, p, NULL, err);
-        free(ids.p);
+        loom_db_array_free(&ids);
         return rc;
     }
     if (strcmp(ev->type, "messages.cleaned") == 0) {

@@ -46,6 +46,21 @@ int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *e
     }
 }
 
+rd_kafka_headers_t *loom_kafka_headers_from_json(const char *text)
+{
+    json_t *o = json_loads(text ? text : "", 0, NULL);
+    rd_kafka_headers_t *h = rd_kafka_headers_new(12);
+    const char *name;
+    json_t *v;
+    json_object_foreach(o, name, v)
+    {
+        if (json_is_string(v))
+            rd_kafka_header_add(h, name, -1, json_string_value(v), (ssize_t)json_string_length(v));
+    }
+    json_decref(o);
+    return h;
+}
+
 rd_kafka_conf_t *loom_kafka_conf_new(const char *brokers, const loom_config_t *cfg, char *errbuf,
                                      size_t errlen)
 {

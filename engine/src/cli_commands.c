@@ -148,17 +148,7 @@ static int cmd_replay(cli_ctx_t *ctx, loom_db_pool_t *pool, const char *id, cons
         PQclear(r2);
         if (rc != 0)
             break;
-        json_t *hj = json_loads(PQgetvalue(res, i, 3), 0, NULL);
-        rd_kafka_headers_t *h = rd_kafka_headers_new(12);
-        const char *name;
-        json_t *v;
-        json_object_foreach(hj, name, v)
-        {
-            if (json_is_string(v))
-                rd_kafka_header_add(h, name, -1, json_string_value(v),
-                                    (ssize_t)json_string_length(v));
-        }
-        json_decref(hj);
+        rd_kafka_headers_t *h = loom_kafka_headers_from_json(PQgetvalue(res, i, 3));
         size_t len = 0;
         unsigned char *payload =
             PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 4), &len);

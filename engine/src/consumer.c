@@ -24,63 +24,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- text[] literals for unnest() ----------------------------------------- */
-
-typedef struct {
-    char *p;
-    size_t len, cap;
-    size_t count;
-} pgarr_t;
-
-static void sb_reserve(pgarr_t *a, size_t more)
-{
-    if (a->len + more + 1 > a->cap) {
-        a->cap = (a->len + more + 1) * 2;
-        a->p = loom_xrealloc(a->p, a->cap);
-    }
-}
-
-static void pgarr_reset(pgarr_t *a)
-{
-    sb_reserve(a, 2);
-    a->len = 0;
-    a->count = 0;
-    a->p[a->len++] = '{';
-    a->p[a->len] = '\0';
-}
-
-static void pgarr_add_n(pgarr_t *a, const char *v, size_t n)
-{
-    sb_reserve(a, 2 * n + 8);
-    if (a->count++ > 0)
-        a->p[a->len++] = ',';
-    if (!v) {
-        memcpy(a->p + a->len, "NULL", 4);
-        a->len += 4;
-    } else {
-        a->p[a->len++] = '"';
-        for (size_t i = 0; i < n; i++) {
-            if (v[i] == '"' || v[i] == '\\')
-                a->p[a->len++] = '\\';
-            a->p[a->len++] = v[i];
-        }
-        a->p[a->len++] = '"';
-    }
-    a->p[a->len] = '\0';
-}
-
-static void pgarr_add(pgarr_t *a, const char *v)
-{
-    pgarr_add_n(a, v, v ? strlen(v) : 0);
-}
-
-static void pgarr_add_int(pgarr_t *a, int64_t v)
-{
-    char num[32];
-    snprintf(num, sizeof(num), "%" PRId64, v);
-    pgarr_add(a, num);
-}
-
 /* Bytes in bytea hex form ("\x0a1b..."), a new string. */
 static char *bytea_hex(const void *data, size_t n)
 {
@@ -96,30 +39,11 @@ static char *bytea_hex(const void *data, size_t n)
     return buf;
 }
 
-static void pgarr_add_bytea(pgarr_t *a, const void *data, size_t n)
+static void db_array_add_bytea(loom_db_array_t *a, const void *data, size_t n)
 {
     char *buf = bytea_hex(data, n);
-    pgarr_add_n(a, buf, 2 * n + 2);
+    loom_db_array_add_n(a, buf, 2 * n + 2);
     free(buf);
-}
-
-static const char *pgarr_str(pgarr_t *a)
-{
-    sb_reserve(a, 2);
-    a->p[a->len] = '}';
-    a->p[a->len + 1] = '\0';
-    return a->p;
-}
-
-static void pgarr_unclose(pgarr_t *a)
-{
-    a->p[a->len] = '\0';
-}
-
-static void pgarr_free(pgarr_t *a)
-{
-    free(a->p);
-    memset(a, 0, sizeof(*a));
 }
 
 /* ---- per-batch state -------------------------------------------------------- */
@@ -133,7 +57,7 @@ typedef struct stream_ver {
 
 /* Event rows waiting for the batch's commit, one text[] per column. */
 typedef struct evrows {
-    pgarr_t stream, version, id, type, data, ray, cause;
+    loom_db_array_t stream, version, id, type, data, ray, cause;
 } evrows_t;
 
 typedef struct batch batch_t;
@@ -161,7 +85,7 @@ struct batch {
     /* rows of the current attempt */
     evrows_t ev;  /* events with their version (expected_version given) */
     evrows_t rel; /* appends whose version the INSERT computes (expected -1) */
-    pgarr_t ob_topic, ob_key, ob_headers, ob_payload;
+    loom_db_array_t ob_topic, ob_key, ob_headers, ob_payload;
     stream_ver_t *streams;
     size_t n_streams, cap_streams;
     const char *site, *node;
@@ -226,22 +150,23 @@ void loom_msg_set_result(loom_msg_t *msg, json_t *result)
     msg->result = result;
 }
 
-static pgarr_t *evrows_cols(evrows_t *e, size_t i)
+static loom_db_array_t *evrows_cols(evrows_t *e, size_t i)
 {
-    pgarr_t *cols[] = {&e->stream, &e->version, &e->id, &e->type, &e->data, &e->ray, &e->cause};
+    loom_db_array_t *cols[] = {&e->stream, &e->version, &e->id,   &e->type,
+                               &e->data,   &e->ray,     &e->cause};
     return cols[i];
 }
 
 static void evrows_reset(evrows_t *e)
 {
     for (size_t i = 0; i < 7; i++)
-        pgarr_reset(evrows_cols(e, i));
+        loom_db_array_reset(evrows_cols(e, i));
 }
 
 static void evrows_free(evrows_t *e)
 {
     for (size_t i = 0; i < 7; i++)
-        pgarr_free(evrows_cols(e, i));
+        loom_db_array_free(evrows_cols(e, i));
 }
 
 static void evrows_add(evrows_t *e, const char *stream, int64_t version, const char *type,
@@ -249,21 +174,21 @@ static void evrows_add(evrows_t *e, const char *stream, int64_t version, const c
 {
     char id[LOOM_UUID_STRLEN + 1];
     loom_uuid_v7_string(id);
-    pgarr_add(&e->stream, stream);
-    pgarr_add_int(&e->version, version);
-    pgarr_add(&e->id, id);
-    pgarr_add(&e->type, type);
-    pgarr_add(&e->data, data);
-    pgarr_add(&e->ray, ray);
-    pgarr_add(&e->cause, cause);
+    loom_db_array_add(&e->stream, stream);
+    loom_db_array_add_int(&e->version, version);
+    loom_db_array_add(&e->id, id);
+    loom_db_array_add(&e->type, type);
+    loom_db_array_add(&e->data, data);
+    loom_db_array_add(&e->ray, ray);
+    loom_db_array_add(&e->cause, cause);
 }
 
 static void reset_attempt(batch_t *b)
 {
     loom_arena_reset(&b->scratch);
-    pgarr_t *arrs[] = {&b->ob_topic, &b->ob_key, &b->ob_headers, &b->ob_payload};
+    loom_db_array_t *arrs[] = {&b->ob_topic, &b->ob_key, &b->ob_headers, &b->ob_payload};
     for (size_t i = 0; i < sizeof(arrs) / sizeof(arrs[0]); i++)
-        pgarr_reset(arrs[i]);
+        loom_db_array_reset(arrs[i]);
     evrows_reset(&b->ev);
     evrows_reset(&b->rel);
     b->n_streams = 0;
@@ -366,10 +291,10 @@ int loom_publish(loom_msg_t *msg, const char *topic, const char *key, const char
     json_decref(data);
     char mapped[256];
     loom_topic_map(topic, mapped, sizeof(mapped));
-    pgarr_add(&b->ob_topic, mapped);
-    pgarr_add(&b->ob_key, key);
-    pgarr_add(&b->ob_headers, htext);
-    pgarr_add_bytea(&b->ob_payload, payload, strlen(payload));
+    loom_db_array_add(&b->ob_topic, mapped);
+    loom_db_array_add(&b->ob_key, key);
+    loom_db_array_add(&b->ob_headers, htext);
+    db_array_add_bytea(&b->ob_payload, payload, strlen(payload));
     free(htext);
     free(payload);
     return 0;
@@ -444,26 +369,26 @@ typedef struct apply_arg {
 static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
-    pgarr_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-            rays = {0};
-    pgarr_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays};
+    loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
+                    rays = {0};
+    loom_db_array_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays};
     for (size_t i = 0; i < 7; i++)
-        pgarr_reset(all[i]);
+        loom_db_array_reset(all[i]);
     size_t expected = 0;
     for (size_t i = from; i < to; i++) {
         loom_msg_t *m = &b->msgs[i];
         if (m->done)
             continue;
         expected++;
-        pgarr_add(&ids, msg_id(m));
-        pgarr_add(&types, m->ce.type);
-        pgarr_add(&streams, m->ce.key);
-        pgarr_add_int(&offs, m->rkm->offset);
-        pgarr_add_int(&atts, m->attempt);
+        loom_db_array_add(&ids, msg_id(m));
+        loom_db_array_add(&types, m->ce.type);
+        loom_db_array_add(&streams, m->ce.key);
+        loom_db_array_add_int(&offs, m->rkm->offset);
+        loom_db_array_add_int(&atts, m->attempt);
         char *r = m->result ? json_dumps(m->result, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
-        pgarr_add(&results, r);
+        loom_db_array_add(&results, r);
         free(r);
-        pgarr_add(&rays, m->ce.rayid);
+        loom_db_array_add(&rays, m->ce.rayid);
     }
     int rc = 0;
     /* Relative appends first: the versions given out after them count them. */
@@ -475,22 +400,17 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
             continue;
         const char *p[7];
         for (size_t i = 0; i < 7; i++)
-            p[i] = pgarr_str(evrows_cols(e, i));
+            p[i] = loom_db_array_str(evrows_cols(e, i));
         rc = loom_db_exec(b->db, stmts[k], p, NULL, err);
-        for (size_t i = 0; i < 7; i++)
-            pgarr_unclose(evrows_cols(e, i));
         /* Another writer took a version we counted on: run the batch again. */
         if (rc != 0 && err && err->code && strcmp(err->code, "ALREADY_EXISTS") == 0)
             rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                                 "event stream written concurrently: %s", err->message);
     }
     if (rc == 0 && b->ob_topic.count > 0) {
-        const char *p[] = {pgarr_str(&b->ob_topic), pgarr_str(&b->ob_key),
-                           pgarr_str(&b->ob_headers), pgarr_str(&b->ob_payload)};
+        const char *p[] = {loom_db_array_str(&b->ob_topic), loom_db_array_str(&b->ob_key),
+                           loom_db_array_str(&b->ob_headers), loom_db_array_str(&b->ob_payload)};
         rc = loom_db_exec(b->db, &stmt_outbox, p, NULL, err);
-        pgarr_t *obs[] = {&b->ob_topic, &b->ob_key, &b->ob_headers, &b->ob_payload};
-        for (size_t i = 0; i < 4; i++)
-            pgarr_unclose(obs[i]);
     }
     if (rc == 0 && expected > 0) {
         char part[16];
@@ -498,13 +418,13 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         const char *p[] = {wc->def->name,
                            rd_kafka_topic_name(b->msgs[from].rkm->rkt),
                            part,
-                           pgarr_str(&ids),
-                           pgarr_str(&types),
-                           pgarr_str(&streams),
-                           pgarr_str(&offs),
-                           pgarr_str(&atts),
-                           pgarr_str(&results),
-                           pgarr_str(&rays)};
+                           loom_db_array_str(&ids),
+                           loom_db_array_str(&types),
+                           loom_db_array_str(&streams),
+                           loom_db_array_str(&offs),
+                           loom_db_array_str(&atts),
+                           loom_db_array_str(&results),
+                           loom_db_array_str(&rays)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -516,7 +436,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         PQclear(res);
     }
     for (size_t i = 0; i < 7; i++)
-        pgarr_free(all[i]);
+        loom_db_array_free(all[i]);
     return rc;
 }
 
@@ -530,16 +450,16 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
     a->handler_failed = false;
 
     /* Dedup: which of these were handled already? */
-    pgarr_t ids = {0};
-    pgarr_reset(&ids);
+    loom_db_array_t ids = {0};
+    loom_db_array_reset(&ids);
     for (size_t i = a->from; i < a->to; i++) {
         b->msgs[i].done = false;
-        pgarr_add(&ids, msg_id(&b->msgs[i]));
+        loom_db_array_add(&ids, msg_id(&b->msgs[i]));
     }
-    const char *p[] = {wc->def->name, pgarr_str(&ids)};
+    const char *p[] = {wc->def->name, loom_db_array_str(&ids)};
     PGresult *res = NULL;
     int rc = loom_db_exec(db, &stmt_dedup, p, &res, err);
-    pgarr_free(&ids);
+    loom_db_array_free(&ids);
     if (rc != 0)
         return rc;
     for (int r = 0; r < PQntuples(res); r++)
@@ -900,9 +820,9 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
         json_decref(b.msgs[i].json);
         json_decref(b.msgs[i].result);
     }
-    pgarr_t *arrs[] = {&b.ob_topic, &b.ob_key, &b.ob_headers, &b.ob_payload};
+    loom_db_array_t *arrs[] = {&b.ob_topic, &b.ob_key, &b.ob_headers, &b.ob_payload};
     for (size_t i = 0; i < sizeof(arrs) / sizeof(arrs[0]); i++)
-        pgarr_free(arrs[i]);
+        loom_db_array_free(arrs[i]);
     evrows_free(&b.ev);
     evrows_free(&b.rel);
     free(b.streams);

@@ -336,6 +336,69 @@ char *loom_db_quote_ident(PGconn *pg, const char *ident)
     return copy;
 }
 
+/* ---- array literals ---------------------------------------------------------- */
+
+static void array_reserve(loom_db_array_t *a, size_t more)
+{
+    if (a->len + more + 3 > a->cap) {
+        a->cap = (a->len + more + 3) * 2;
+        a->p = loom_xrealloc(a->p, a->cap);
+    }
+    if (a->len == 0)
+        a->p[a->len++] = '{';
+}
+
+void loom_db_array_reset(loom_db_array_t *a)
+{
+    a->len = 0;
+    a->count = 0;
+}
+
+void loom_db_array_add_n(loom_db_array_t *a, const char *v, size_t n)
+{
+    array_reserve(a, 2 * n + 8);
+    if (a->count++ > 0)
+        a->p[a->len++] = ',';
+    if (!v) {
+        memcpy(a->p + a->len, "NULL", 4);
+        a->len += 4;
+        return;
+    }
+    a->p[a->len++] = '"';
+    for (size_t i = 0; i < n; i++) {
+        if (v[i] == '"' || v[i] == '\\')
+            a->p[a->len++] = '\\';
+        a->p[a->len++] = v[i];
+    }
+    a->p[a->len++] = '"';
+}
+
+void loom_db_array_add(loom_db_array_t *a, const char *v)
+{
+    loom_db_array_add_n(a, v, v ? strlen(v) : 0);
+}
+
+void loom_db_array_add_int(loom_db_array_t *a, int64_t v)
+{
+    char num[32];
+    snprintf(num, sizeof(num), "%lld", (long long)v);
+    loom_db_array_add(a, num);
+}
+
+const char *loom_db_array_str(loom_db_array_t *a)
+{
+    array_reserve(a, 0);
+    a->p[a->len] = '}';
+    a->p[a->len + 1] = '\0';
+    return a->p;
+}
+
+void loom_db_array_free(loom_db_array_t *a)
+{
+    free(a->p);
+    memset(a, 0, sizeof(*a));
+}
+
 /* ---- transactions ------------------------------------------------------------ */
 
 static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, void *arg,

@@ -31,21 +31,6 @@ static const loom_db_stmt_t stmt_take = {
 static const loom_db_stmt_t stmt_delete = {
     "loom_outbox_delete", "DELETE FROM loom_outbox WHERE id = ANY($1::bigint[])", 1};
 
-static rd_kafka_headers_t *headers_from_json(const char *text)
-{
-    json_t *o = json_loads(text, 0, NULL);
-    rd_kafka_headers_t *h = rd_kafka_headers_new(12);
-    const char *name;
-    json_t *v;
-    json_object_foreach(o, name, v)
-    {
-        if (json_is_string(v))
-            rd_kafka_header_add(h, name, -1, json_string_value(v), (ssize_t)json_string_length(v));
-    }
-    json_decref(o);
-    return h;
-}
-
 static int relay_body(loom_db_t *db, void *arg, loom_error_t *err)
 {
     relay_arg_t *r = arg;
@@ -67,7 +52,7 @@ static int relay_body(loom_db_t *db, void *arg, loom_error_t *err)
             PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 4), &len);
         const char *key = PQgetisnull(res, i, 2) ? NULL : PQgetvalue(res, i, 2);
         loom_delivery_init(&d[i]);
-        rd_kafka_headers_t *h = headers_from_json(PQgetvalue(res, i, 3));
+        rd_kafka_headers_t *h = loom_kafka_headers_from_json(PQgetvalue(res, i, 3));
         rc = loom_producer_send_raw(r->w->opts.producer, PQgetvalue(res, i, 1), key,
                                     key ? strlen(key) : 0, h, payload, len, loom_delivery_future_cb,
                                     &d[i], err);

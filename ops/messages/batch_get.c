@@ -35,37 +35,20 @@ static int batch_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_
     if (n > BATCH_GET_MAX)
         return loom_error_set(err, LOOM_CODE_PAYLOAD_TOO_LARGE,
                               "\"ids\" holds %zu ids; the limit is %d", n, BATCH_GET_MAX);
-    /* ids as a text[] literal */
-    size_t cap = 16, len = 0;
+    loom_db_array_t lit = {0};
     for (size_t i = 0; i < n; i++) {
         json_t *v = json_array_get(ids, i);
-        if (!json_is_string(v) || json_string_length(v) == 0 || json_string_length(v) > 256)
+        if (!json_is_string(v) || json_string_length(v) == 0 || json_string_length(v) > 256) {
+            loom_db_array_free(&lit);
             return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                                   "ids[%zu] must be a string of 1 to 256 bytes", i);
-        cap += 2 * json_string_length(v) + 3;
-    }
-    char *lit = malloc(cap);
-    if (!lit)
-        abort();
-    lit[len++] = '{';
-    for (size_t i = 0; i < n; i++) {
-        const char *s = json_string_value(json_array_get(ids, i));
-        if (i)
-            lit[len++] = ',';
-        lit[len++] = '"';
-        for (; *s; s++) {
-            if (*s == '"' || *s == '\\')
-                lit[len++] = '\\';
-            lit[len++] = *s;
         }
-        lit[len++] = '"';
+        loom_db_array_add(&lit, json_string_value(v));
     }
-    lit[len++] = '}';
-    lit[len] = '\0';
-    const char *params[] = {lit};
+    const char *params[] = {loom_db_array_str(&lit)};
     PGresult *r = NULL;
     rc = loom_db_exec(db, &select_many, params, &r, err);
-    free(lit);
+    loom_db_array_free(&lit);
     if (rc != 0)
         return rc;
     /* Found rows sorted by id, then looked up in request order. */

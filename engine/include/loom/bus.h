@@ -85,6 +85,10 @@ void loom_delivery_future_cb(void *opaque, const loom_error_t *err, int32_t part
 /* 0 when acknowledged, the delivery error, or LOOM_ETIMEDOUT. */
 int loom_delivery_wait(loom_delivery_t *d, int64_t timeout_ms, loom_error_t *err);
 
+/* Kafka headers from a JSON object of string values ({"ce_id": "..."}), as
+ * the outbox and loom_commands keep them (new; other value types skipped). */
+rd_kafka_headers_t *loom_kafka_headers_from_json(const char *text);
+
 /* Maps a librdkafka error to Loom's catalogue (retriable flag from librdkafka). */
 int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *err);
 

@@ -109,6 +109,25 @@ typedef struct loom_tx_opts {
 int loom_tx_run(loom_db_pool_t *pool, loom_tx_opts_t *opts, loom_tx_fn fn, void *arg,
                 loom_error_t *err);
 
+/*
+ * A text[] literal ('{"a","b",NULL}') built value by value, for multi-row
+ * statements (INSERT ... SELECT FROM unnest($1::text[], ...)) and = ANY($1).
+ * Zero-initialise it; loom_db_array_str() is valid until the next add or reset.
+ */
+typedef struct loom_db_array {
+    char *p;
+    size_t len, cap;
+    size_t count; /* values added */
+} loom_db_array_t;
+
+void loom_db_array_reset(loom_db_array_t *a);
+/* Adds a value (NULL: SQL NULL); the _n form takes n bytes of v. */
+void loom_db_array_add(loom_db_array_t *a, const char *v);
+void loom_db_array_add_n(loom_db_array_t *a, const char *v, size_t n);
+void loom_db_array_add_int(loom_db_array_t *a, int64_t v);
+const char *loom_db_array_str(loom_db_array_t *a);
+void loom_db_array_free(loom_db_array_t *a);
+
 /* Escapes a literal for the rare places that cannot take parameters (DDL),
  * into a new heap string. */
 char *loom_db_quote_ident(PGconn *pg, const char *ident);
