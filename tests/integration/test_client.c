@@ -37,23 +37,6 @@ static void make_db(char *url, size_t size)
     loom_db_pool_free(pool);
 }
 
-static long long sql_ll(const char *url, const char *sql)
-{
-    char *v = loom_test_sql_value(url, sql);
-    long long n = atoll(v);
-    free(v);
-    return n;
-}
-
-static long long wait_for(const char *url, const char *sql, long long want, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    long long v;
-    while ((v = sql_ll(url, sql)) != want && loom_mono_ms() < end)
-        loom_sleep_ms(100);
-    return v;
-}
-
 typedef struct env {
     char url[512];
     char suffix[64];
@@ -118,12 +101,13 @@ static void assert_applied(env_t *e, const char *id, const char *account, long a
              "SELECT count(*) FROM test_ledger WHERE message_id = '%s' AND account = '%s' AND "
              "amount = %ld",
              id, account, amount);
-    cr_assert_eq(wait_for(e->url, sql, 1, 60000), 1, "command %s was not applied", id);
+    cr_assert_eq(loom_test_wait_for(e->url, sql, 1, 60000), 1, "command %s was not applied", id);
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' AND message_id = '%s' "
              "AND status = 'applied'",
              e->name, id);
-    cr_assert_eq(wait_for(e->url, sql, 1, 30000), 1, "command %s is not recorded as applied", id);
+    cr_assert_eq(loom_test_wait_for(e->url, sql, 1, 30000), 1,
+                 "command %s is not recorded as applied", id);
 }
 
 /* ---- the example program ----------------------------------------------------------- */
@@ -165,7 +149,7 @@ Test(client, example_program_publishes_a_command_the_worker_applies, .timeout = 
              "SELECT count(*) FROM loom_events WHERE stream_id = 'account-cl-ex' AND "
              "causation_id = '%s'",
              id);
-    cr_assert_eq(wait_for(e.url, sql, 1, 30000), 1);
+    cr_assert_eq(loom_test_wait_for(e.url, sql, 1, 30000), 1);
 
     /* Bad arguments: a usage message and a non-zero exit, and invalid JSON is refused. */
     const char *usage[] = {LOOM_TEST_CLIENT_EXAMPLE, brokers, NULL};
@@ -279,7 +263,7 @@ Test(client, publish_wait_and_publish_with_a_callback_are_applied, .timeout = 24
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE message_id = '%s' AND status <> 'applied'",
              r.id);
-    cr_assert_eq(wait_for(e.url, sql, 1, 60000), 1);
+    cr_assert_eq(loom_test_wait_for(e.url, sql, 1, 60000), 1);
     loom_client_free(c);
     env_stop_worker(&e);
 }

@@ -34,23 +34,6 @@ typedef struct svc {
 
 static const char *const kinds[] = {"put_batch", "delete_batch", "clean"};
 
-static long long sql_ll(const char *url, const char *sql)
-{
-    char *v = loom_test_sql_value(url, sql);
-    long long n = atoll(v);
-    free(v);
-    return n;
-}
-
-static long long wait_for(const char *url, const char *sql, long long want, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    long long v;
-    while ((v = sql_ll(url, sql)) != want && loom_mono_ms() < end)
-        loom_sleep_ms(100);
-    return v;
-}
-
 /* The messages consumer on topics of its own, so tests can run at once. */
 static void svc_start(svc_t *s)
 {
@@ -112,7 +95,7 @@ static json_t *command(svc_t *s, int kind, const char *data)
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE message_id = '%s' AND status = 'applied'",
              ce.id);
-    cr_assert_eq(wait_for(s->url, sql, 1, 60000), 1, "command %s not applied", ce.id);
+    cr_assert_eq(loom_test_wait_for(s->url, sql, 1, 60000), 1, "command %s not applied", ce.id);
     snprintf(sql, sizeof(sql), "SELECT result::text FROM loom_commands WHERE message_id = '%s'",
              ce.id);
     char *r = loom_test_sql_value(s->url, sql);
@@ -186,19 +169,20 @@ Test(messages, put_get_round_trip_first_write_wins_delete_and_clean, .timeout = 
                 "\"specversion\":\"1.0\",\"type\":\"t.w\"}]}");
     cr_assert_eq(json_integer_value(json_object_get(r, "ack_count")), 2);
     json_decref(r);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM messages"), 4);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM messages"), 4);
     got = op(&s, "messages.get", "{\"id\":\"a\"}");
     cr_assert(json_equal(got, json_array_get(wm, 0)), "first write must win: %s",
               json_dumps(got, 0));
     json_decref(got);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type = 'messages.stored'"),
-                 2, "a put that stores nothing records no event");
+    cr_assert_eq(
+        loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type = 'messages.stored'"),
+        2, "a put that stores nothing records no event");
 
     /* Delete counts only what existed. */
     r = command(&s, 1, "{\"ids\":[\"a\",\"nope\",\"b\"]}");
     cr_assert_eq(json_integer_value(json_object_get(r, "ack_count")), 2);
     json_decref(r);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM messages"), 2);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM messages"), 2);
 
     /* Clean with a 1 s retention removes what is older. */
     loom_sleep_ms(1500);
@@ -209,8 +193,8 @@ Test(messages, put_get_round_trip_first_write_wins_delete_and_clean, .timeout = 
     r = command(&s, 2, "{\"older_than_ms\":1000}");
     cr_assert_eq(json_integer_value(json_object_get(r, "deleted")), 2);
     json_decref(r);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM messages WHERE id = 'fresh'"), 1);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM messages"), 1);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM messages WHERE id = 'fresh'"), 1);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM messages"), 1);
 
     /* An invalid message in a command is rejected, naming index and field. */
     loom_arena_t a;
@@ -314,7 +298,8 @@ Test(messages, the_periodic_clean_runs_on_one_node_at_a_time, .timeout = 120)
     loom_sleep_ms(3500);
     cr_assert_geq(loom_periodic_runs(runners[1], "messages.clean") - b0, 2);
     loom_periodic_stop(runners[1]);
-    cr_assert_eq(sql_ll(url, "SELECT count(*) FROM loom_leases WHERE name = 'messages.clean'"), 1);
+    cr_assert_eq(
+        loom_test_sql_ll(url, "SELECT count(*) FROM loom_leases WHERE name = 'messages.clean'"), 1);
     loom_producer_free(p);
     loom_db_pool_free(pool);
     loom_config_release(&cfg[0]);

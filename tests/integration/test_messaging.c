@@ -36,24 +36,6 @@ static void make_db(char *url, size_t size)
     loom_db_pool_free(pool);
 }
 
-static long long sql_ll(const char *url, const char *sql)
-{
-    char *v = loom_test_sql_value(url, sql);
-    long long n = atoll(v);
-    free(v);
-    return n;
-}
-
-/* Polls sql until it returns want; returns the last value. */
-static long long wait_for(const char *url, const char *sql, long long want, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    long long v;
-    while ((v = sql_ll(url, sql)) != want && loom_mono_ms() < end)
-        loom_sleep_ms(100);
-    return v;
-}
-
 static void create_topic(const char *brokers, const char *topic, int partitions)
 {
     int created = 0;
@@ -201,21 +183,23 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
              "-H ce_rayid=ray-kcat-1 -H content-type=application/json",
              brokers, e.topic);
     cr_assert_eq(system(cmd), 0, "kcat failed: %s", cmd);
-    cr_assert_eq(wait_for(e.url,
-                          "SELECT count(*) FROM test_ledger WHERE message_id = 'kcat-event-0001' "
-                          "AND account = 'kc-1' AND amount = 42",
-                          1, 60000),
-                 1, "the kcat event was not applied");
+    cr_assert_eq(
+        loom_test_wait_for(e.url,
+                           "SELECT count(*) FROM test_ledger WHERE message_id = 'kcat-event-0001' "
+                           "AND account = 'kc-1' AND amount = 42",
+                           1, 60000),
+        1, "the kcat event was not applied");
     char sql[512];
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' AND message_id = "
              "'kcat-event-0001' AND status = 'applied' AND ray_id = 'ray-kcat-1' AND "
              "result->>'credited' = '42'",
              e.name);
-    cr_assert_eq(sql_ll(e.url, sql), 1);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-kc-1' "
-                               "AND causation_id = 'kcat-event-0001' AND version = 1"),
-                 1);
+    cr_assert_eq(loom_test_sql_ll(e.url, sql), 1);
+    cr_assert_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-kc-1' "
+                                "AND causation_id = 'kcat-event-0001' AND version = 1"),
+        1);
 
     /* A structured-mode event (the whole CloudEvent as JSON) is read too. */
     snprintf(cmd, sizeof(cmd),
@@ -225,14 +209,14 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
              "kcat -P -b %s -t %s -k kc-2 -H content-type=application/cloudevents+json",
              brokers, e.topic);
     cr_assert_eq(system(cmd), 0);
-    cr_assert_eq(wait_for(e.url,
-                          "SELECT count(*) FROM test_ledger WHERE message_id = "
-                          "'kcat-structured-1' AND amount = 7",
-                          1, 60000),
+    cr_assert_eq(loom_test_wait_for(e.url,
+                                    "SELECT count(*) FROM test_ledger WHERE message_id = "
+                                    "'kcat-structured-1' AND amount = 7",
+                                    1, 60000),
                  1);
 
     /* What Loom published (through the outbox) reads back in kcat with its headers. */
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_outbox", 0, 30000), 0,
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_outbox", 0, 30000), 0,
                  "the outbox was not relayed");
     char out[] = "/tmp/loom-kcat-XXXXXX";
     int fd = mkstemp(out);
@@ -287,11 +271,11 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
         credit(p, e.topic, id, "dup", 1, NULL); /* the same command again */
     }
     loom_producer_flush(p, 30000);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_commands", 50, 60000), 50);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 50, 60000), 50);
     loom_sleep_ms(1000); /* give a double apply the time to show */
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 50);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 50);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events"), 50);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 50);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 50);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events"), 50);
     loom_worker_stats_t st;
     loom_worker_stats(e.w, &st);
     cr_assert_eq(st.applied, 50);
@@ -318,25 +302,27 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
     credit(p, e.topic, "v-6", "v", 1, NULL);
     loom_producer_flush(p, 30000);
     env_start_worker(&e, brokers);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_commands", 6, 60000), 6);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 6, 60000), 6);
     char *v = loom_test_sql_value(e.url, "SELECT string_agg(version || ':' || causation_id, ',' "
                                          "ORDER BY version) FROM loom_events "
                                          "WHERE stream_id = 'account-v'");
     cr_assert_str_eq(v, "1:v-1,2:v-2,3:v-3,4:v-4,5:v-6");
     free(v);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = 'v-5' AND "
-                               "status = 'rejected' AND last_error LIKE '%at version 4, not 3%'"),
-                 1);
+    cr_assert_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = 'v-5' AND "
+                                "status = 'rejected' AND last_error LIKE '%at version 4, not 3%'"),
+        1);
     /* A later batch appends after what is stored. */
     credit(p, e.topic, "v-7", "v", 1, NULL);
     credit(p, e.topic, "v-8", "v", 1, "\"expect\":6");
     loom_producer_flush(p, 30000);
-    cr_assert_eq(wait_for(e.url,
-                          "SELECT max(version) FROM loom_events WHERE stream_id = 'account-v'", 7,
-                          60000),
-                 7);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-v'"),
-                 7);
+    cr_assert_eq(
+        loom_test_wait_for(
+            e.url, "SELECT max(version) FROM loom_events WHERE stream_id = 'account-v'", 7, 60000),
+        7);
+    cr_assert_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-v'"),
+        7);
     loom_producer_free(p);
     env_stop_worker(&e);
 }
@@ -372,24 +358,28 @@ Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_hol
     char sql[512];
     snprintf(sql, sizeof(sql), "SELECT count(*) FROM test_ledger WHERE kafka_partition <> %d",
              (int)stuck);
-    cr_assert_eq(wait_for(e.url, sql, free_flowing, 90000), free_flowing);
+    cr_assert_eq(loom_test_wait_for(e.url, sql, free_flowing, 90000), free_flowing);
     char *acct_part = loom_test_sql_value(
         e.url,
         "SELECT count(DISTINCT kafka_partition) FROM test_ledger WHERE account LIKE 'acct-%'");
     cr_assert_geq(atoi(acct_part), 2, "keys spread over partitions");
     free(acct_part);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'"), 0);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = 'poison-1' "
-                               "AND status = 'rejected' AND last_error LIKE '%closed%'"),
-                 1);
-    cr_assert_eq(sql_ll(e.url, "SELECT attempts FROM loom_commands WHERE message_id = 'flaky-1' "
-                               "AND status = 'applied'"),
+    cr_assert_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'"), 0);
+    cr_assert_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = 'poison-1' "
+                                "AND status = 'rejected' AND last_error LIKE '%closed%'"),
+        1);
+    cr_assert_eq(loom_test_sql_ll(e.url,
+                                  "SELECT attempts FROM loom_commands WHERE message_id = 'flaky-1' "
+                                  "AND status = 'applied'"),
                  3, "two transient failures, then applied");
-    cr_assert_geq(wait_for(e.url,
+    cr_assert_geq(
+        loom_test_wait_for(e.url,
                            "SELECT CASE WHEN attempts >= 3 THEN 3 ELSE attempts END FROM "
                            "loom_commands WHERE message_id = 'blocked-1' AND status = 'retrying'",
                            3, 30000),
-                  3, "the blocked command is retried and its attempts counted");
+        3, "the blocked command is retried and its attempts counted");
 
     /* Operators see both in `loom commands list`. */
     char envurl[600];
@@ -412,14 +402,17 @@ Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_hol
 
     /* Unblocked, the partition catches up in order. */
     loom_test_sql(e.url, "DELETE FROM test_blocks");
+    cr_assert_eq(loom_test_wait_for(
+                     e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'", 2, 60000),
+                 2);
     cr_assert_eq(
-        wait_for(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'", 2, 60000), 2);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck' AND "
-                               "message_id = 'blocked-1' AND kafka_offset < (SELECT kafka_offset "
-                               "FROM test_ledger WHERE message_id = 'blocked-2')"),
-                 1, "blocked-1 before blocked-2");
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM loom_commands WHERE status = 'applied'",
-                          200 + 4, 60000),
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck' AND "
+                                "message_id = 'blocked-1' AND kafka_offset < (SELECT kafka_offset "
+                                "FROM test_ledger WHERE message_id = 'blocked-2')"),
+        1, "blocked-1 before blocked-2");
+    cr_assert_eq(loom_test_wait_for(e.url,
+                                    "SELECT count(*) FROM loom_commands WHERE status = 'applied'",
+                                    200 + 4, 60000),
                  200 + 4, "all but the rejected one");
     loom_producer_free(p);
     env_stop_worker(&e);
@@ -459,7 +452,7 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     /* Wait until it is in the middle of the stream, then kill it hard. */
     int64_t end = loom_mono_ms() + 120000;
     long long applied = 0;
-    while ((applied = sql_ll(e.url, "SELECT count(*) FROM test_ledger")) < N / 4 &&
+    while ((applied = loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger")) < N / 4 &&
            loom_mono_ms() < end)
         loom_sleep_ms(20);
     cr_assert_lt(applied, N, "the worker finished before it could be killed");
@@ -467,10 +460,10 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     kill(pid, SIGKILL);
     loom_test_wait(pid, 10000);
     close(fd);
-    long long at_kill = sql_ll(e.url, "SELECT count(*) FROM test_ledger");
+    long long at_kill = loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger");
 
     pid = start_worker_process(e.url, brokers, e.suffix, &fd);
-    long long done = wait_for(e.url, "SELECT count(*) FROM test_ledger", N, 300000);
+    long long done = loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", N, 300000);
     kill(pid, SIGTERM);
     int status = loom_test_wait(pid, 60000);
     char *log = NULL;
@@ -478,12 +471,13 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     close(fd);
     cr_assert_eq(status, 0, "graceful stop exited %d:\n%.2000s", status, log);
     cr_assert_eq(done, N, "applied %lld of %d (killed at %lld)", done, N, at_kill);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), N,
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), N,
                  "a command was applied twice");
     long long want_sum = (long long)N * (N + 1) / 2;
-    cr_assert_eq(sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), want_sum);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE status = 'applied'"), N);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM loom_events"), N);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), want_sum);
+    cr_assert_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE status = 'applied'"), N);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events"), N);
     cr_log_info("killed at %lld of %d applied; after restart %lld, sum %lld", at_kill, N, done,
                 want_sum);
     free(log);
@@ -508,13 +502,14 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
         credit(p, e.topic, NULL, acct, 1, NULL);
     }
     loom_producer_flush(p, 60000);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 120000), 3000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 120000), 3000);
     /* The group split the six partitions: three each. */
     loom_test_read_until(fa, "count=3", 15000, &la);
     loom_test_read_until(fb, "count=3", 15000, &lb);
     cr_assert(strstr(la, "count=3"), "worker a:\n%s", tail(la, 3000));
     cr_assert(strstr(lb, "count=3"), "worker b:\n%s", tail(lb, 3000));
-    cr_assert_gt(sql_ll(e.url, "SELECT count(DISTINCT kafka_partition) FROM test_ledger"), 3);
+    cr_assert_gt(loom_test_sql_ll(e.url, "SELECT count(DISTINCT kafka_partition) FROM test_ledger"),
+                 3);
 
     /* Stop one; the other takes all six partitions and keeps applying. */
     kill(a, SIGTERM);
@@ -529,8 +524,9 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
         credit(p, e.topic, NULL, acct, 1, NULL);
     }
     loom_producer_flush(p, 60000);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 6000, 120000), 6000);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 6000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 6000, 120000), 6000);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"),
+                 6000);
     kill(b, SIGTERM);
     cr_assert_eq(loom_test_wait(b, 60000), 0);
     loom_producer_free(p);
@@ -555,7 +551,7 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     for (int i = 0; i < 1000; i++)
         credit(p, e.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
     loom_producer_flush(p, 60000);
-    cr_assert_geq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 1000, 60000), 1);
+    cr_assert_geq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 1000, 60000), 1);
 
     rd_kafka_mock_broker_set_down(mc, 1);
     rd_kafka_mock_broker_set_down(mc, 2);
@@ -565,8 +561,9 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     rd_kafka_mock_broker_set_up(mc, 1);
     rd_kafka_mock_broker_set_up(mc, 2);
     cr_assert_eq(loom_producer_flush(p, 120000), 0);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 2000, 120000), 2000);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 2000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 2000, 120000), 2000);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"),
+                 2000);
     loom_producer_free(p);
     env_stop_worker(&e);
     rd_kafka_mock_cluster_destroy(mc);
@@ -649,7 +646,7 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     free(out);
     free(err);
     unlink(nd);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 101, 60000), 101);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 101, 60000), 101);
 
     /* A stuck command: parked to free its partition, then replayed. */
     snprintf(cmd, sizeof(cmd),
@@ -664,11 +661,12 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
     free(out);
     free(err);
-    cr_assert_eq(wait_for(e.url,
-                          "SELECT count(*) FROM loom_commands WHERE message_id = 'cli-stuck-1' "
-                          "AND status = 'retrying'",
-                          1, 30000),
-                 1);
+    cr_assert_eq(
+        loom_test_wait_for(e.url,
+                           "SELECT count(*) FROM loom_commands WHERE message_id = 'cli-stuck-1' "
+                           "AND status = 'retrying'",
+                           1, 30000),
+        1);
     cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show cli-stuck-1", &out, &err), 0,
                  "%s", err);
     cr_assert(strstr(out, "\"status\":\"retrying\""), "%s", out);
@@ -681,9 +679,11 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     free(out);
     free(err);
     /* The command behind it on the same key now goes through. */
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'p'", 1, 60000),
-                 1);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
+    cr_assert_eq(
+        loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'p'", 1, 60000),
+        1);
+    cr_assert_eq(loom_test_sql_ll(
+                     e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
                  0);
 
     loom_test_sql(e.url, "DELETE FROM test_blocks");
@@ -692,12 +692,14 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     cr_assert(strstr(out, "replayed cli-stuck-1"), "%s", out);
     free(out);
     free(err);
-    cr_assert_eq(wait_for(e.url,
-                          "SELECT count(*) FROM loom_commands WHERE message_id = 'cli-stuck-1' "
-                          "AND status = 'applied'",
-                          1, 60000),
-                 1);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
+    cr_assert_eq(
+        loom_test_wait_for(e.url,
+                           "SELECT count(*) FROM loom_commands WHERE message_id = 'cli-stuck-1' "
+                           "AND status = 'applied'",
+                           1, 60000),
+        1);
+    cr_assert_eq(loom_test_sql_ll(
+                     e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
                  1);
     cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show no-such-id", &out, &err), 6);
     free(out);
@@ -746,7 +748,8 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     for (int i = 0; i < 1500; i++)
         credit(p, e.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
     loom_producer_flush(p, 60000);
-    cr_assert_geq(wait_for(e.url, "SELECT least(count(*), 500) FROM test_ledger", 500, 60000), 500);
+    cr_assert_geq(
+        loom_test_wait_for(e.url, "SELECT least(count(*), 500) FROM test_ledger", 500, 60000), 500);
 
     cr_assert_eq(loom_pglocal_stop(&pg), 0);
     int64_t down_at = loom_mono_ms();
@@ -757,11 +760,12 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
     int64_t up_at = loom_mono_ms();
 
-    long long n = wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 180000);
+    long long n = loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 180000);
     int64_t recovered_ms = loom_mono_ms() - up_at;
     cr_assert_eq(n, 3000, "applied %lld of 3000 after the outage", n);
-    cr_assert_eq(sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 3000);
-    cr_assert_eq(sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), 3000LL * 3001 / 2);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"),
+                 3000);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), 3000LL * 3001 / 2);
     loom_worker_stats_t st;
     loom_worker_stats(e.w, &st);
     cr_assert_gt(st.retries, 0, "the outage was noticed and retried");
@@ -801,7 +805,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     for (int i = 0; i < 10; i++)
         credit(p, e.topic, NULL, "s", 1, NULL);
     loom_producer_flush(p, 30000);
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 10, 60000), 10);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 10, 60000), 10);
 
     /* Fetches fail from now on while messages keep arriving. */
     rd_kafka_resp_err_t errs[200];
@@ -824,7 +828,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     cr_assert(strstr(text, want), "%s", text);
     free(text);
     /* Once fetches work again the backlog drains and the gauge drops. */
-    cr_assert_eq(wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 120000), 20);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 120000), 20);
     loom_producer_free(p);
     loom_worker_free(e.w);
     loom_db_pool_free(e.pool);

@@ -63,23 +63,6 @@ static void expect_text(const json_t *v, size_t flags, const char *want)
     free(got);
 }
 
-static long long sql_ll(const char *url, const char *sql)
-{
-    char *v = loom_test_sql_value(url, sql);
-    long long n = atoll(v);
-    free(v);
-    return n;
-}
-
-static long long wait_for(const char *url, const char *sql, long long want, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    long long v;
-    while ((v = sql_ll(url, sql)) != want && loom_mono_ms() < end)
-        loom_sleep_ms(100);
-    return v;
-}
-
 static const loom_consumer_def_t *app_consumer(const char *name)
 {
     for (size_t i = 0; i < loom_app_n_consumers; i++)
@@ -168,7 +151,7 @@ static json_t *outcome(svc_t *s, const char *id)
              "SELECT count(*) FROM loom_commands WHERE message_id = '%s' "
              "AND status IN ('applied', 'rejected')",
              id);
-    cr_assert_eq(wait_for(s->url, sql, 1, 60000), 1, "command %s not handled", id);
+    cr_assert_eq(loom_test_wait_for(s->url, sql, 1, 60000), 1, "command %s not handled", id);
     snprintf(sql, sizeof(sql),
              "SELECT json_build_object('status', status, 'result', result, 'error', last_error)"
              "::text FROM loom_commands WHERE message_id = '%s'",
@@ -425,7 +408,7 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     expect_text(got, JSON_COMPACT | JSON_SORT_KEYS,
                 "{\"id\":\"test-a\",\"repository\":{\"url\":\"https://example.com/a.git\"}}");
     json_decref(got);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM registry_definitions"), 2);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_definitions"), 2);
 
     /* An invalid definition is rejected by the consumer too, naming the field. */
     char *why = rejected(&s, "registry.put_definition", "bad",
@@ -433,7 +416,8 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
                          "\"internal_ports\":[0]}}}");
     cr_assert_str_eq(why, "definition.image.internal_ports[0]: must be 1-65535");
     free(why);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM registry_definitions WHERE id = 'bad'"), 0);
+    cr_assert_eq(
+        loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_definitions WHERE id = 'bad'"), 0);
 
     /* Delete: gone from the list; deleting what does not exist is rejected. */
     r = applied(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
@@ -447,8 +431,8 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     got = op(&s, "registry.definitions.list", "{}");
     cr_assert_eq(json_array_size(json_object_get(got, "definitions")), 1);
     json_decref(got);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type LIKE "
-                               "'registry.definition_%'"),
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type LIKE "
+                                         "'registry.definition_%'"),
                  4);
     json_decref(put_a);
     svc_stop(&s);
@@ -505,7 +489,7 @@ Test(registry, instances_are_owned_by_their_first_caller, .timeout = 240)
     json_decref(r);
     r = register_as(&s, url, "alice", false, "\"tags\":[\"green\"]");
     json_decref(r);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM registry_instances"), 1);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_instances"), 1);
 
     /* Another caller may not take it over, nor delete it... */
     char *data = put_instance_data(url, "bob", false, "\"tags\":[\"mine\"]");
@@ -567,7 +551,7 @@ Test(registry, instances_are_owned_by_their_first_caller, .timeout = 240)
     why = rejected(&s, "registry.delete_instance", id, del);
     cr_assert(strstr(why, "no instance"), "%s", why);
     free(why);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM registry_instances"), 0);
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_instances"), 0);
 
     /* After a delete the url can be registered afresh, by anyone. */
     r = register_as(&s, url, "bob", false, NULL);
@@ -654,8 +638,8 @@ Test(registry, statuses_apply_in_probe_order_and_heartbeats_advance, .timeout = 
                 "\"checked_at\":\"2030-01-01T00:00:50Z\"}");
     cr_assert(json_is_false(json_object_get(r, "applied")));
     json_decref(r);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type = "
-                               "'registry.instance_status_changed'"),
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type = "
+                                         "'registry.instance_status_changed'"),
                  2);
     svc_stop(&s);
 }
@@ -1195,8 +1179,8 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     cr_assert_str_neq(beat1, beat0, "last_heartbeat did not move on");
     free(beat0);
     free(beat1);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
-                               "'registry.instance_status'"),
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
+                                         "'registry.instance_status'"),
                  3, "one status command per change");
 
     /* The healthy one goes away: one more status command. */
@@ -1204,10 +1188,11 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     close(up);
     wait_status(&s, ids[0], "unreachable|connection refused|true");
     loom_sleep_ms(1500);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
-                               "'registry.instance_status'"),
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
+                                         "'registry.instance_status'"),
                  4);
-    cr_assert_eq(sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE status <> 'applied'"), 0);
+    cr_assert_eq(
+        loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE status <> 'applied'"), 0);
     loom_periodic_stop(runner);
     loom_config_release(&cfg);
     close(filler);

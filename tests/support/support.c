@@ -125,6 +125,23 @@ char *loom_test_sql_value(const char *url, const char *sql)
     return v;
 }
 
+long long loom_test_sql_ll(const char *url, const char *sql)
+{
+    char *v = loom_test_sql_value(url, sql);
+    long long n = atoll(v);
+    free(v);
+    return n;
+}
+
+long long loom_test_wait_for(const char *url, const char *sql, long long want, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    long long v;
+    while ((v = loom_test_sql_ll(url, sql)) != want && loom_mono_ms() < end)
+        loom_sleep_ms(100);
+    return v;
+}
+
 void loom_test_db_create(char *url, size_t size)
 {
     const char *admin = loom_test_pg_url();

@@ -33,6 +33,11 @@ loom_db_pool_t *loom_test_pool(const char *url, int size);
 /* Runs SQL on a fresh connection and returns the first column of the first
  * row as a new string ("" when there is no row); aborts on error. */
 char *loom_test_sql_value(const char *url, const char *sql);
+/* The first column of the first row as a number (0 when there is none). */
+long long loom_test_sql_ll(const char *url, const char *sql);
+/* Polls sql every 100 ms until it returns want or timeout_ms passes; returns
+ * the last value seen. */
+long long loom_test_wait_for(const char *url, const char *sql, long long want, int timeout_ms);
 /* Runs SQL (no result expected); aborts on error. */
 void loom_test_sql(const char *url, const char *sql);
 
