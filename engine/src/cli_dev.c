@@ -83,7 +83,8 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
     loom_metrics_t *metrics = loom_metrics_new();
     loom_error_t err;
     if (rc == 0) {
-        loom_db_pool_opts_t po = {.size = (int)ctx->app->n_consumers + 8};
+        loom_db_pool_opts_t po = {
+            .size = (int)ctx->app->n_consumers * ctx->cfg.worker_apply_threads + 8};
         if (loom_db_pool_new(url, &po, &pool, &err) != 0)
             rc = cli_fail("dev", "%s", err.message);
     }

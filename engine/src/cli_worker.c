@@ -101,7 +101,8 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
     cli_block_signals(&sigs);
 
     loom_db_pool_t *pool = NULL;
-    rc = cli_open_db(ctx, "worker", (int)ctx->app->n_consumers + 4, &pool);
+    rc = cli_open_db(ctx, "worker", (int)ctx->app->n_consumers * ctx->cfg.worker_apply_threads + 4,
+                     &pool);
     if (rc != 0)
         return rc;
     loom_error_t err;

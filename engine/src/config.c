@@ -30,6 +30,8 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_DATABASE_READ_URL", LOOM_CFG_DB_URL, NULL, NULL, 0, 0, false,
      "read-only connection for ops (a replica); ops use LOOM_DATABASE_URL when unset"},
     {"LOOM_DATABASE_POOL_SIZE", LOOM_CFG_INT, "8", NULL, 1, 256, false, "connections per pool"},
+    {"LOOM_WORKER_APPLY_THREADS", LOOM_CFG_INT, "4", NULL, 1, 64, false,
+     "partitions each consumer applies at once, each in its own transaction and connection"},
     {"LOOM_KAFKA_BROKERS", LOOM_CFG_BROKERS, NULL, NULL, 0, 0, false,
      "Kafka bootstrap servers host:port[,host:port]; `loom dev` embeds a cluster when unset"},
     {"LOOM_KAFKA_PARTITIONS", LOOM_CFG_INT, "12", NULL, 1, 10000, false,
@@ -446,6 +448,7 @@ int loom_config_load(loom_config_t *cfg, char *const *envp, const loom_config_va
     cfg->database_url = loom_config_get(cfg, "LOOM_DATABASE_URL")->raw;
     cfg->database_read_url = loom_config_get(cfg, "LOOM_DATABASE_READ_URL")->raw;
     cfg->database_pool_size = (int)loom_config_get(cfg, "LOOM_DATABASE_POOL_SIZE")->num;
+    cfg->worker_apply_threads = (int)loom_config_get(cfg, "LOOM_WORKER_APPLY_THREADS")->num;
     cfg->kafka_brokers = loom_config_get(cfg, "LOOM_KAFKA_BROKERS")->raw;
     cfg->kafka_partitions = (int)loom_config_get(cfg, "LOOM_KAFKA_PARTITIONS")->num;
     cfg->api_listen = loom_config_get(cfg, "LOOM_API_LISTEN")->raw;

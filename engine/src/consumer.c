@@ -3,6 +3,11 @@
  * transaction with its dedup rows, commit offsets after the database, and
  * retry transient failures forever while only that partition waits.
  *
+ * Partitions are independent: the batches of different partitions run at
+ * once on the consumer's apply threads (LOOM_WORKER_APPLY_THREADS, each with
+ * its own transaction), while each partition's batches stay in order. Offsets
+ * are committed when every batch of a fetch is done.
+ *
  * Failure handling. A batch that fails is run again one message at a time
  * to find the bad one. A message a handler rejects (4xx class) or that is
  * not a valid CloudEvent is recorded as "rejected" and passed over. A message
@@ -12,7 +17,10 @@
  * partition resumes from that message. Other partitions keep flowing.
  *
  * Writes per batch: one multi-row INSERT each for loom_commands, loom_events
- * and loom_outbox, built from text arrays with unnest().
+ * and loom_outbox, built from text arrays with unnest(), and one for each
+ * statement handlers fed with loom_msg_add_row(). Round trips per batch:
+ * BEGIN goes with the dedup SELECT, all the multi-row INSERTs go in one
+ * pipeline, then COMMIT; a handler adds only the statements it runs itself.
  */
 #include "worker_int.h"
 #include "loom/clock.h"
@@ -21,6 +29,7 @@
 #include "loom/uuid.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -60,6 +69,12 @@ typedef struct evrows {
     loom_db_array_t stream, version, id, type, data, ray, cause;
 } evrows_t;
 
+/* Rows handlers added for one statement, one text[] per column. */
+typedef struct rowset {
+    const loom_db_stmt_t *stmt;
+    loom_db_array_t *cols;
+} rowset_t;
+
 typedef struct batch batch_t;
 
 struct loom_msg {
@@ -86,6 +101,8 @@ struct batch {
     evrows_t ev;  /* events with their version (expected_version given) */
     evrows_t rel; /* appends whose version the INSERT computes (expected -1) */
     loom_db_array_t ob_topic, ob_key, ob_headers, ob_payload;
+    rowset_t *rowsets;
+    size_t n_rowsets;
     stream_ver_t *streams;
     size_t n_streams, cap_streams;
     const char *site, *node;
@@ -150,6 +167,30 @@ void loom_msg_set_result(loom_msg_t *msg, json_t *result)
     msg->result = result;
 }
 
+int loom_msg_add_row(loom_msg_t *msg, const loom_db_stmt_t *stmt, const char *const *values,
+                     loom_error_t *err)
+{
+    batch_t *b = msg->batch;
+    if (!stmt || stmt->nparams <= 0 || !values)
+        return loom_error_set(err, LOOM_CODE_INTERNAL,
+                              "loom_msg_add_row needs a statement with parameters and values");
+    rowset_t *rs = NULL;
+    for (size_t i = 0; i < b->n_rowsets && !rs; i++)
+        if (b->rowsets[i].stmt == stmt)
+            rs = &b->rowsets[i];
+    if (!rs) {
+        b->rowsets = loom_xrealloc(b->rowsets, (b->n_rowsets + 1) * sizeof(*b->rowsets));
+        rs = &b->rowsets[b->n_rowsets++];
+        rs->stmt = stmt;
+        rs->cols = loom_xcalloc((size_t)stmt->nparams, sizeof(*rs->cols));
+        for (int k = 0; k < stmt->nparams; k++)
+            loom_db_array_reset(&rs->cols[k]);
+    }
+    for (int k = 0; k < stmt->nparams; k++)
+        loom_db_array_add(&rs->cols[k], values[k]);
+    return 0;
+}
+
 static loom_db_array_t *evrows_cols(evrows_t *e, size_t i)
 {
     loom_db_array_t *cols[] = {&e->stream, &e->version, &e->id,   &e->type,
@@ -191,6 +232,9 @@ static void reset_attempt(batch_t *b)
         loom_db_array_reset(arrs[i]);
     evrows_reset(&b->ev);
     evrows_reset(&b->rel);
+    for (size_t i = 0; i < b->n_rowsets; i++)
+        for (int k = 0; k < b->rowsets[i].stmt->nparams; k++)
+            loom_db_array_reset(&b->rowsets[i].cols[k]);
     b->n_streams = 0;
     for (size_t i = 0; i < b->n; i++) {
         json_decref(b->msgs[i].result);
@@ -333,11 +377,12 @@ static const loom_db_stmt_t stmt_commands_applied = {
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
     10};
 
+/* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
     "loom_events_append",
     "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[], "
-    "$6::text[], $7::text[])",
+    "SELECT u.s, u.v, u.id, u.t, u.d::jsonb, u.ray, u.c FROM unnest($1::text[], $2::bigint[], "
+    "$3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS u(s, v, id, t, d, ray, c)",
     7};
 
 /* Appends numbered after the stream's stored version: each row's subquery
@@ -347,15 +392,16 @@ static const loom_db_stmt_t stmt_events_append = {
     "loom_events_append_relative",
     "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "
     "SELECT u.s, coalesce((SELECT max(e.version) FROM loom_events e WHERE e.stream_id = u.s), 0) "
-    "+ u.r, u.id, u.t, u.d, u.ray, u.c "
-    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[], $6::text[], "
+    "+ u.r, u.id, u.t, u.d::jsonb, u.ray, u.c "
+    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], "
     "$7::text[]) AS u(s, r, id, t, d, ray, c)",
     7};
 
 static const loom_db_stmt_t stmt_outbox = {
     "loom_outbox_add",
     "INSERT INTO loom_outbox (topic, msg_key, headers, payload) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::bytea[])",
+    "SELECT u.t, u.k, u.h::jsonb, u.p FROM unnest($1::text[], $2::text[], $3::text[], "
+    "$4::bytea[]) AS u(t, k, h, p)",
     4};
 
 typedef struct apply_arg {
@@ -391,6 +437,18 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&rays, m->ce.rayid);
     }
     int rc = 0;
+    /* Everything but the loom_commands INSERT is deferred: they all go to
+     * the server with it, in one pipeline. The handlers' rows first. */
+    for (size_t i = 0; i < b->n_rowsets && rc == 0; i++) {
+        rowset_t *rs = &b->rowsets[i];
+        if (rs->cols[0].count == 0)
+            continue;
+        const char **p = loom_xcalloc((size_t)rs->stmt->nparams, sizeof(*p));
+        for (int k = 0; k < rs->stmt->nparams; k++)
+            p[k] = loom_db_array_str(&rs->cols[k]);
+        rc = loom_db_exec_deferred(b->db, rs->stmt, p, err);
+        free(p);
+    }
     /* Relative appends first: the versions given out after them count them. */
     evrows_t *sets[] = {&b->rel, &b->ev};
     const loom_db_stmt_t *stmts[] = {&stmt_events_append, &stmt_events};
@@ -401,16 +459,12 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         const char *p[7];
         for (size_t i = 0; i < 7; i++)
             p[i] = loom_db_array_str(evrows_cols(e, i));
-        rc = loom_db_exec(b->db, stmts[k], p, NULL, err);
-        /* Another writer took a version we counted on: run the batch again. */
-        if (rc != 0 && err && err->code && strcmp(err->code, "ALREADY_EXISTS") == 0)
-            rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
-                                "event stream written concurrently: %s", err->message);
+        rc = loom_db_exec_deferred(b->db, stmts[k], p, err);
     }
     if (rc == 0 && b->ob_topic.count > 0) {
         const char *p[] = {loom_db_array_str(&b->ob_topic), loom_db_array_str(&b->ob_key),
                            loom_db_array_str(&b->ob_headers), loom_db_array_str(&b->ob_payload)};
-        rc = loom_db_exec(b->db, &stmt_outbox, p, NULL, err);
+        rc = loom_db_exec_deferred(b->db, &stmt_outbox, p, err);
     }
     if (rc == 0 && expected > 0) {
         char part[16];
@@ -435,6 +489,11 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                                 expected - (size_t)PQntuples(res), expected);
         PQclear(res);
     }
+    /* Another writer took a version we counted on: run the batch again. */
+    if (rc != 0 && err && err->code && strcmp(err->code, "ALREADY_EXISTS") == 0 &&
+        strstr(err->message, "loom_events_pkey"))
+        rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
+                            "event stream written concurrently: %s", err->message);
     for (size_t i = 0; i < 7; i++)
         loom_db_array_free(all[i]);
     return rc;
@@ -501,7 +560,15 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
             return rc;
         }
     }
-    return flush_rows(b, a->from, a->to, err);
+    rc = flush_rows(b, a->from, a->to, err);
+    if (rc != 0 && err && !loom_db_error_is_transient(err)) {
+        /* A batch statement refused a row (a handler's row, an event): the
+         * batch is isolated message by message to find whose. */
+        a->failed = a->from;
+        a->herr = *err;
+        a->handler_failed = true;
+    }
+    return rc;
 }
 
 /* ---- recording failures ------------------------------------------------------- */
@@ -610,6 +677,128 @@ typedef struct consumer_rt {
     part_state_t *parts;
     size_t n_parts, cap_parts;
 } consumer_rt_t;
+
+/* ---- apply threads ------------------------------------------------------------------ */
+
+/* One partition's share of a fetch, applied in batches of batch_size. */
+typedef struct apply_task {
+    part_state_t *ps;
+    rd_kafka_message_t **msgs;
+    size_t n;
+} apply_task_t;
+
+typedef struct apply_pool {
+    consumer_rt_t *rt;
+    size_t batch_size;
+    pthread_t *threads;
+    int n_threads;
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    apply_task_t *tasks;
+    size_t n_tasks, next, finished;
+    uint64_t round; /* bumped for each set of tasks */
+    bool quit;
+} apply_pool_t;
+
+static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, part_state_t *ps);
+
+static void task_run(apply_pool_t *ap, apply_task_t *t)
+{
+    /* A partition held by a failure skips the rest (it is rewound and
+     * fetched again). */
+    for (size_t from = 0; from < t->n && !t->ps->paused; from += ap->batch_size)
+        batch_run(ap->rt, t->msgs + from,
+                  t->n - from < ap->batch_size ? t->n - from : ap->batch_size, t->ps);
+}
+
+/* Takes tasks until none is left; called with ap->mu held, returns with it. */
+static void take_tasks(apply_pool_t *ap)
+{
+    while (ap->next < ap->n_tasks) {
+        apply_task_t *t = &ap->tasks[ap->next++];
+        pthread_mutex_unlock(&ap->mu);
+        task_run(ap, t);
+        pthread_mutex_lock(&ap->mu);
+        if (++ap->finished == ap->n_tasks)
+            pthread_cond_signal(&ap->done);
+    }
+}
+
+static void *apply_thread(void *arg)
+{
+    apply_pool_t *ap = arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&ap->mu);
+    for (;;) {
+        while (!ap->quit && ap->round == seen)
+            pthread_cond_wait(&ap->work, &ap->mu);
+        if (ap->quit)
+            break;
+        seen = ap->round;
+        take_tasks(ap);
+    }
+    pthread_mutex_unlock(&ap->mu);
+    return NULL;
+}
+
+/* The calling thread is one of the appliers: n - 1 threads are started. */
+static void apply_pool_start(apply_pool_t *ap, consumer_rt_t *rt, int n, size_t batch_size)
+{
+    memset(ap, 0, sizeof(*ap));
+    ap->rt = rt;
+    ap->batch_size = batch_size;
+    pthread_mutex_init(&ap->mu, NULL);
+    pthread_cond_init(&ap->work, NULL);
+    pthread_cond_init(&ap->done, NULL);
+    ap->threads = loom_xcalloc((size_t)(n > 1 ? n - 1 : 1), sizeof(pthread_t));
+    for (int i = 0; i < n - 1; i++) {
+        if (pthread_create(&ap->threads[ap->n_threads], NULL, apply_thread, ap) != 0) {
+            LOOM_WARN("could not start an apply thread", "consumer=%s threads=%d",
+                      rt->wc->def->name, ap->n_threads + 1);
+            break;
+        }
+        ap->n_threads++;
+    }
+}
+
+/* Applies every task and returns when all are done. */
+static void apply_pool_run(apply_pool_t *ap, apply_task_t *tasks, size_t n)
+{
+    if (n == 0)
+        return;
+    if (n == 1 || ap->n_threads == 0) {
+        for (size_t i = 0; i < n; i++)
+            task_run(ap, &tasks[i]);
+        return;
+    }
+    pthread_mutex_lock(&ap->mu);
+    ap->tasks = tasks;
+    ap->n_tasks = n;
+    ap->next = 0;
+    ap->finished = 0;
+    ap->round++;
+    pthread_cond_broadcast(&ap->work);
+    take_tasks(ap);
+    while (ap->finished < ap->n_tasks)
+        pthread_cond_wait(&ap->done, &ap->mu);
+    ap->tasks = NULL;
+    ap->n_tasks = ap->next = ap->finished = 0;
+    pthread_mutex_unlock(&ap->mu);
+}
+
+static void apply_pool_stop(apply_pool_t *ap)
+{
+    pthread_mutex_lock(&ap->mu);
+    ap->quit = true;
+    pthread_cond_broadcast(&ap->work);
+    pthread_mutex_unlock(&ap->mu);
+    for (int i = 0; i < ap->n_threads; i++)
+        pthread_join(ap->threads[i], NULL);
+    free(ap->threads);
+    pthread_mutex_destroy(&ap->mu);
+    pthread_cond_destroy(&ap->work);
+    pthread_cond_destroy(&ap->done);
+}
 
 static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t partition)
 {
@@ -767,6 +956,9 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
         return;
     }
     /* Isolate: one message at a time. */
+    LOOM_INFO("batch failed, applying its commands one by one",
+              "consumer=%s topic=%s partition=%d messages=%zu error=%s", wc->def->name, ps->topic,
+              ps->partition, b->n, err.message);
     for (size_t i = 0; i < b->n; i++) {
         apply_arg_t one = {.b = b, .from = i, .to = i + 1};
         loom_tx_opts_t o1 = {.max_attempts = 3};
@@ -825,6 +1017,12 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
         loom_db_array_free(arrs[i]);
     evrows_free(&b.ev);
     evrows_free(&b.rel);
+    for (size_t i = 0; i < b.n_rowsets; i++) {
+        for (int k = 0; k < b.rowsets[i].stmt->nparams; k++)
+            loom_db_array_free(&b.rowsets[i].cols[k]);
+        free(b.rowsets[i].cols);
+    }
+    free(b.rowsets);
     free(b.streams);
     free(b.msgs);
     loom_arena_release(&b.arena);
@@ -971,14 +1169,21 @@ void *loom__consumer_run(void *arg)
     rd_kafka_message_t **group_msgs = loom_xcalloc(fetch_max, sizeof(*msgs));
     int64_t check_every = w->opts.stall_after_ms / 2 < 5000 ? w->opts.stall_after_ms / 2 : 5000;
     int64_t next_stall_check = loom_mono_ms() + check_every;
+    apply_pool_t ap;
+    apply_pool_start(&ap, &rt, w->opts.apply_threads > 0 ? w->opts.apply_threads : 1,
+                     (size_t)batch_size);
+    apply_task_t *tasks = loom_xcalloc(fetch_max, sizeof(*tasks));
+    bool *used = loom_xcalloc(fetch_max, sizeof(bool));
 
     while (!atomic_load(&w->stop)) {
         part_resume_due(&rt);
         ssize_t n = rd_kafka_consume_batch_queue(q, 200, msgs, fetch_max);
         if (n < 0)
             n = 0;
-        /* Split by partition, keeping each partition's order. */
-        bool *used = loom_xcalloc((size_t)n + 1, sizeof(bool));
+        /* Split by partition, keeping each partition's order: one task each,
+         * with its messages side by side in group_msgs. */
+        memset(used, 0, fetch_max * sizeof(bool));
+        size_t n_tasks = 0, k = 0;
         for (ssize_t i = 0; i < n; i++) {
             rd_kafka_message_t *rkm = msgs[i];
             if (used[i])
@@ -991,8 +1196,8 @@ void *loom__consumer_run(void *arg)
                 rd_kafka_message_destroy(rkm);
                 continue;
             }
-            const char *topic = rd_kafka_topic_name(rkm->rkt);
-            size_t k = 0;
+            apply_task_t *t = &tasks[n_tasks++];
+            t->msgs = group_msgs + k;
             group_msgs[k++] = rkm;
             for (ssize_t j = i + 1; j < n; j++) {
                 if (!used[j] && !msgs[j]->err && msgs[j]->partition == rkm->partition &&
@@ -1001,24 +1206,23 @@ void *loom__consumer_run(void *arg)
                     used[j] = true;
                 }
             }
-            part_state_t *ps = part_get(&rt, topic, rkm->partition);
-            ps->last_msg_ms = loom_mono_ms();
-            ps->stalled = false;
-            /* In transactions of batch_size; a partition held by a failure
-             * skips the rest (it is rewound and fetched again). */
-            for (size_t from = 0; from < k && !ps->paused; from += (size_t)batch_size)
-                batch_run(&rt, group_msgs + from,
-                          k - from < (size_t)batch_size ? k - from : (size_t)batch_size, ps);
-            for (size_t j = 0; j < k; j++)
-                rd_kafka_message_destroy(group_msgs[j]);
+            t->n = (size_t)(group_msgs + k - t->msgs);
+            t->ps = part_get(&rt, rd_kafka_topic_name(rkm->rkt), rkm->partition);
+            t->ps->last_msg_ms = loom_mono_ms();
+            t->ps->stalled = false;
         }
-        free(used);
+        apply_pool_run(&ap, tasks, n_tasks);
+        for (size_t j = 0; j < k; j++)
+            rd_kafka_message_destroy(group_msgs[j]);
         commit_offsets(&rt, false);
         if (loom_mono_ms() >= next_stall_check) {
             check_stalls(&rt);
             next_stall_check = loom_mono_ms() + check_every;
         }
     }
+    apply_pool_stop(&ap);
+    free(tasks);
+    free(used);
     /* Graceful: the batch in flight is done; commit and leave the group. */
     commit_offsets(&rt, true);
     free(msgs);

@@ -17,12 +17,27 @@
 #include <string.h>
 #include <time.h>
 
+/* A statement queued by loom_db_exec_deferred(), with its own copy of the
+ * parameters. */
+typedef struct deferred {
+    const loom_db_stmt_t *stmt;
+    char **params;
+} deferred_t;
+
 struct loom_db {
     loom_db_pool_t *pool;
     PGconn *pg;
     bool in_use;
     const loom_db_stmt_t **prepared; /* statements prepared on this pg */
     size_t n_prepared, cap_prepared;
+    /* Round trips saved: the BEGIN of loom_tx_run() (and its begin_extra)
+     * waits for the transaction's first statement, and deferred statements
+     * wait for the next statement that needs an answer; then all of them go
+     * in one pipeline. */
+    char begin[128];
+    char begin_extra[128];
+    deferred_t *deferred;
+    size_t n_deferred, cap_deferred;
 };
 
 struct loom_db_pool {
@@ -127,6 +142,24 @@ static int db_connect(loom_db_t *db, loom_error_t *err)
     return 0;
 }
 
+static void deferred_clear(loom_db_t *db)
+{
+    for (size_t i = 0; i < db->n_deferred; i++) {
+        for (int k = 0; k < db->deferred[i].stmt->nparams; k++)
+            free(db->deferred[i].params[k]);
+        free(db->deferred[i].params);
+    }
+    db->n_deferred = 0;
+}
+
+/* Forgets what waits to be sent (a transaction that ends before it ran). */
+static void pending_clear(loom_db_t *db)
+{
+    db->begin[0] = '\0';
+    db->begin_extra[0] = '\0';
+    deferred_clear(db);
+}
+
 static void db_disconnect(loom_db_t *db)
 {
     if (db->pg)
@@ -171,6 +204,8 @@ void loom_db_pool_free(loom_db_pool_t *pool)
         return;
     for (int i = 0; i < pool->size; i++) {
         db_disconnect(&pool->slots[i]);
+        deferred_clear(&pool->slots[i]);
+        free(pool->slots[i].deferred);
         free(pool->slots[i].prepared);
     }
     pthread_mutex_destroy(&pool->mu);
@@ -235,6 +270,7 @@ void loom_db_release(loom_db_t *db)
     if (!db)
         return;
     loom_db_pool_t *pool = db->pool;
+    pending_clear(db);
     if (db->pg) {
         if (PQstatus(db->pg) != CONNECTION_OK) {
             db_disconnect(db);
@@ -251,9 +287,22 @@ void loom_db_release(loom_db_t *db)
     pthread_mutex_unlock(&pool->mu);
 }
 
+static int flush_pending(loom_db_t *db, loom_error_t *err);
+
 PGconn *loom_db_pg(loom_db_t *db)
 {
+    /* Raw use must find the transaction open and the queue sent; an error
+     * here leaves the transaction aborted, which the caller's next statement
+     * reports. */
+    loom_error_t e;
+    if (db->pg && flush_pending(db, &e) != 0)
+        LOOM_WARN("could not send pending statements", "error=%s", e.message);
     return db->pg;
+}
+
+bool loom_db_in_tx(loom_db_t *db)
+{
+    return db->begin[0] || (db->pg && PQtransactionStatus(db->pg) == PQTRANS_INTRANS);
 }
 
 int loom_db_backend_pid(loom_db_t *db)
@@ -288,24 +337,173 @@ static bool is_prepared(loom_db_t *db, const loom_db_stmt_t *stmt)
     return false;
 }
 
+static void mark_prepared(loom_db_t *db, const loom_db_stmt_t *stmt)
+{
+    if (db->n_prepared == db->cap_prepared) {
+        db->cap_prepared = db->cap_prepared ? db->cap_prepared * 2 : 16;
+        db->prepared = loom_xrealloc(db->prepared, db->cap_prepared * sizeof(*db->prepared));
+    }
+    db->prepared[db->n_prepared++] = stmt;
+}
+
+/* One result a pipeline waits for. */
+typedef struct expect {
+    const loom_db_stmt_t *prepare; /* a Parse for this statement */
+    bool final;                    /* the caller's statement */
+} expect_t;
+
+static bool send_stmt(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
+                      expect_t *ex, size_t *n)
+{
+    bool queued = false;
+    for (size_t i = 0; i < *n; i++)
+        queued |= ex[i].prepare == stmt;
+    if (!is_prepared(db, stmt) && !queued) {
+        if (!PQsendPrepare(db->pg, stmt->name, stmt->sql, stmt->nparams, NULL))
+            return false;
+        ex[(*n)++] = (expect_t){.prepare = stmt};
+    }
+    if (!PQsendQueryPrepared(db->pg, stmt->name, stmt->nparams, params, NULL, NULL, 0))
+        return false;
+    ex[(*n)++] = (expect_t){0};
+    return true;
+}
+
+/*
+ * Sends the pending BEGIN, the deferred statements and then the caller's
+ * statement (stmt, or the one-off sql; neither: just the pending ones) in one
+ * pipeline and one round trip. The first error wins; the server skips the
+ * rest up to the sync, and an open transaction is left aborted.
+ */
+static int pipeline(loom_db_t *db, const loom_db_stmt_t *stmt, const char *sql, int nparams,
+                    const char *const *params, PGresult **res, loom_error_t *err)
+{
+    PGconn *pg = db->pg;
+    size_t cap = 2 * db->n_deferred + 4, n = 0;
+    expect_t *ex = loom_xcalloc(cap, sizeof(*ex));
+    bool sent = PQenterPipelineMode(pg);
+    if (sent && db->begin[0]) {
+        sent = PQsendQueryParams(pg, db->begin, 0, NULL, NULL, NULL, NULL, 0);
+        ex[n++] = (expect_t){0};
+        if (sent && db->begin_extra[0]) {
+            sent = PQsendQueryParams(pg, db->begin_extra, 0, NULL, NULL, NULL, NULL, 0);
+            ex[n++] = (expect_t){0};
+        }
+    }
+    for (size_t i = 0; sent && i < db->n_deferred; i++)
+        sent = send_stmt(db, db->deferred[i].stmt, (const char *const *)db->deferred[i].params, ex,
+                         &n);
+    if (sent && stmt) {
+        sent = send_stmt(db, stmt, params, ex, &n);
+        ex[n - 1].final = true;
+    } else if (sent && sql) {
+        sent = PQsendQueryParams(pg, sql, nparams, NULL, params, NULL, NULL, 0);
+        ex[n++] = (expect_t){.final = true};
+    }
+    pending_clear(db);
+    if (sent)
+        sent = PQpipelineSync(pg);
+    int rc = 0;
+    if (res)
+        *res = NULL;
+    if (!sent) {
+        rc = loom_db_error(pg, NULL, err);
+        db_disconnect(db); /* the protocol state is unknown */
+        free(ex);
+        return rc;
+    }
+    for (size_t i = 0; i < n; i++) {
+        PGresult *r = PQgetResult(pg);
+        if (!r) { /* the connection went away */
+            if (rc == 0)
+                rc = loom_db_error(pg, NULL, err);
+            break;
+        }
+        ExecStatusType st = PQresultStatus(r);
+        bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+        if (ok && ex[i].prepare)
+            mark_prepared(db, ex[i].prepare);
+        if (!ok && st != PGRES_PIPELINE_ABORTED && rc == 0)
+            rc = loom_db_error(pg, r, err);
+        if (ok && ex[i].final && res)
+            *res = r;
+        else
+            PQclear(r);
+        /* Each query's results end with a NULL. */
+        while ((r = PQgetResult(pg)) != NULL) {
+            if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+                PQclear(r);
+                goto synced; /* fewer results than queries: the server gave up */
+            }
+            PQclear(r);
+        }
+    }
+    for (;;) {
+        PGresult *r = PQgetResult(pg);
+        if (!r)
+            break;
+        bool sync = PQresultStatus(r) == PGRES_PIPELINE_SYNC;
+        PQclear(r);
+        if (sync)
+            break;
+    }
+synced:
+    free(ex);
+    if (!PQexitPipelineMode(pg)) {
+        if (rc == 0)
+            rc = loom_db_error(pg, NULL, err);
+        db_disconnect(db);
+    }
+    if (rc != 0 && res && *res) {
+        PQclear(*res);
+        *res = NULL;
+    }
+    return rc;
+}
+
+static bool has_pending(const loom_db_t *db)
+{
+    return db->begin[0] || db->n_deferred > 0;
+}
+
+static int flush_pending(loom_db_t *db, loom_error_t *err)
+{
+    return has_pending(db) ? pipeline(db, NULL, NULL, 0, NULL, NULL, err) : 0;
+}
+
 int loom_db_exec(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
                  PGresult **res, loom_error_t *err)
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    if (has_pending(db))
+        return pipeline(db, stmt, NULL, 0, params, res, err);
     if (!is_prepared(db, stmt)) {
         PGresult *r = PQprepare(db->pg, stmt->name, stmt->sql, stmt->nparams, NULL);
         int rc = check_result(db, r, NULL, err);
         if (rc != 0)
             return rc;
-        if (db->n_prepared == db->cap_prepared) {
-            db->cap_prepared = db->cap_prepared ? db->cap_prepared * 2 : 16;
-            db->prepared = loom_xrealloc(db->prepared, db->cap_prepared * sizeof(*db->prepared));
-        }
-        db->prepared[db->n_prepared++] = stmt;
+        mark_prepared(db, stmt);
     }
     PGresult *r = PQexecPrepared(db->pg, stmt->name, stmt->nparams, params, NULL, NULL, 0);
     return check_result(db, r, res, err);
+}
+
+int loom_db_exec_deferred(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
+                          loom_error_t *err)
+{
+    if (!db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    if (db->n_deferred == db->cap_deferred) {
+        db->cap_deferred = db->cap_deferred ? db->cap_deferred * 2 : 8;
+        db->deferred = loom_xrealloc(db->deferred, db->cap_deferred * sizeof(*db->deferred));
+    }
+    deferred_t *d = &db->deferred[db->n_deferred++];
+    d->stmt = stmt;
+    d->params = loom_xcalloc((size_t)stmt->nparams + 1, sizeof(char *));
+    for (int k = 0; k < stmt->nparams; k++)
+        d->params[k] = params[k] ? loom_xstrdup(params[k]) : NULL;
+    return 0;
 }
 
 int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const *params,
@@ -313,6 +511,8 @@ int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    if (has_pending(db))
+        return pipeline(db, NULL, sql, nparams, params, res, err);
     PGresult *r = PQexecParams(db->pg, sql, nparams, NULL, params, NULL, NULL, 0);
     return check_result(db, r, res, err);
 }
@@ -321,6 +521,9 @@ int loom_db_exec_script(loom_db_t *db, const char *sql, loom_error_t *err)
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    int rc = flush_pending(db, err);
+    if (rc != 0)
+        return rc;
     /* PQexec returns the last statement's result; an error stops the script. */
     PGresult *r = PQexec(db->pg, sql);
     return check_result(db, r, NULL, err);
@@ -404,25 +607,31 @@ void loom_db_array_free(loom_db_array_t *a)
 static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, void *arg,
                       loom_error_t *err)
 {
-    char begin[256];
-    snprintf(begin, sizeof(begin), "BEGIN%s%s%s%s%s", o->isolation ? " ISOLATION LEVEL " : "",
-             o->isolation ? o->isolation : "", o->read_only ? " READ ONLY" : "",
-             o->begin_extra ? "; " : "", o->begin_extra ? o->begin_extra : "");
-    int rc = loom_db_exec_script(db, begin, err);
-    if (rc != 0)
-        return rc;
-    rc = fn(db, arg, err);
+    /* BEGIN goes out with the body's first statement. */
+    snprintf(db->begin, sizeof(db->begin), "BEGIN%s%s%s", o->isolation ? " ISOLATION LEVEL " : "",
+             o->isolation ? o->isolation : "", o->read_only ? " READ ONLY" : "");
+    snprintf(db->begin_extra, sizeof(db->begin_extra), "%s", o->begin_extra ? o->begin_extra : "");
+    int rc = fn(db, arg, err);
     if (rc != 0) {
-        if (db->pg && PQstatus(db->pg) == CONNECTION_OK) {
+        pending_clear(db);
+        if (db->pg && PQstatus(db->pg) == CONNECTION_OK &&
+            PQtransactionStatus(db->pg) != PQTRANS_IDLE) {
             PGresult *r = PQexec(db->pg, "ROLLBACK");
             PQclear(r);
         }
         return rc;
     }
+    if (!db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    if (db->begin[0] && db->n_deferred == 0) {
+        pending_clear(db); /* the body ran nothing: no transaction to end */
+        return 0;
+    }
     /* COMMIT can fail with 40001 on CockroachDB and on SERIALIZABLE Postgres. */
+    if (has_pending(db))
+        return pipeline(db, NULL, "COMMIT", 0, NULL, NULL, err);
     PGresult *r = PQexec(db->pg, "COMMIT");
-    rc = check_result(db, r, NULL, err);
-    return rc;
+    return check_result(db, r, NULL, err);
 }
 
 int loom_tx_run(loom_db_pool_t *pool, loom_tx_opts_t *opts, loom_tx_fn fn, void *arg,

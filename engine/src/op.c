@@ -244,7 +244,7 @@ static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
     loom_error_clear(err);
     int rc;
     rc = c->ctx->op->fn(c->ctx, db, c->req, &c->res, err);
-    if (rc == 0 && PQtransactionStatus(loom_db_pg(db)) != PQTRANS_INTRANS) {
+    if (rc == 0 && !loom_db_in_tx(db)) {
         /* The op ended the engine's transaction (COMMIT/ROLLBACK of its own):
          * whatever it ran after that was outside the READ ONLY guard. */
         return loom_error_set(err, LOOM_CODE_INTERNAL,

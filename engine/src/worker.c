@@ -21,6 +21,10 @@ int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_
         w->opts.retry_max_ms = 30000;
     if (w->opts.stall_after_ms <= 0)
         w->opts.stall_after_ms = 30000;
+    if (w->opts.apply_threads <= 0)
+        w->opts.apply_threads = opts->cfg ? opts->cfg->worker_apply_threads : 4;
+    if (w->opts.apply_threads <= 0)
+        w->opts.apply_threads = 4;
     if (!w->opts.group_prefix)
         w->opts.group_prefix = "loom.";
     if (opts->metrics) {

@@ -260,3 +260,98 @@ Test(db, tx_run_gives_up_after_max_attempts)
     cr_assert_str_eq(err.code, "SERIALIZATION_FAILURE");
     loom_db_pool_free(pool);
 }
+
+/* ---- pipelines: BEGIN with the first statement, deferred statements ------------ */
+
+typedef struct deferred_arg {
+    const char *ids[3]; /* inserted deferred, v = 1 */
+    bool read_back;     /* then a statement that needs an answer */
+    long long seen;     /* count(*) that statement saw */
+} deferred_arg_t;
+
+static const loom_db_stmt_t count_items = {"test_count_items", "SELECT count(*) FROM items", 0};
+
+static int deferred_body(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    deferred_arg_t *a = arg;
+    for (int i = 0; i < 3 && a->ids[i]; i++) {
+        const char *p[] = {a->ids[i], "1"};
+        int rc = loom_db_exec_deferred(db, &insert_item, p, err);
+        if (rc != 0)
+            return rc;
+    }
+    if (!a->read_back)
+        return 0;
+    PGresult *res = NULL;
+    int rc = loom_db_exec(db, &count_items, NULL, &res, err);
+    if (rc == 0) {
+        a->seen = atoll(PQgetvalue(res, 0, 0));
+        PQclear(res);
+    }
+    return rc;
+}
+
+Test(db, deferred_statements_go_with_the_next_statement_and_commit_together)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_error_t err;
+    /* Sent with the COMMIT. */
+    deferred_arg_t a = {.ids = {"1", "2"}};
+    cr_assert_eq(loom_tx_run(pool, NULL, deferred_body, &a, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 2);
+    /* Sent with a statement that needs an answer, which sees them. */
+    deferred_arg_t b = {.ids = {"3", "4", "5"}, .read_back = true};
+    cr_assert_eq(loom_tx_run(pool, NULL, deferred_body, &b, &err), 0, "%s", err.message);
+    cr_assert_eq(b.seen, 5);
+    cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 5);
+    loom_db_pool_free(pool);
+}
+
+Test(db, a_deferred_statement_that_fails_aborts_the_whole_transaction)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_error_t err;
+    loom_test_sql(url, "INSERT INTO items VALUES (7, 0)");
+    /* 8 and 9 are fine, 7 exists: the error comes back from the COMMIT's
+     * pipeline, and nothing of the transaction stays. */
+    deferred_arg_t a = {.ids = {"8", "7", "9"}};
+    cr_assert_neq(loom_tx_run(pool, NULL, deferred_body, &a, &err), 0);
+    cr_assert_str_eq(err.code, "ALREADY_EXISTS", "%s: %s", err.code, err.message);
+    cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 1);
+    /* Same when a later statement carries them. */
+    deferred_arg_t b = {.ids = {"8", "7"}, .read_back = true};
+    cr_assert_neq(loom_tx_run(pool, NULL, deferred_body, &b, &err), 0);
+    cr_assert_str_eq(err.code, "ALREADY_EXISTS", "%s: %s", err.code, err.message);
+    cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 1);
+    /* The connection is clean for the next transaction. */
+    deferred_arg_t c = {.ids = {"10"}, .read_back = true};
+    cr_assert_eq(loom_tx_run(pool, NULL, deferred_body, &c, &err), 0, "%s", err.message);
+    cr_assert_eq(c.seen, 2);
+    loom_db_pool_free(pool);
+}
+
+static int two_writes_then_fail(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    (void)arg;
+    const char *p1[] = {"20", "1"}, *p2[] = {"21", "1"};
+    int rc = loom_db_exec(db, &insert_item, p1, NULL, err);
+    if (rc == 0)
+        rc = loom_db_exec(db, &insert_item, p2, NULL, err);
+    if (rc != 0)
+        return rc;
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "changed my mind");
+}
+
+Test(db, the_begin_sent_with_the_first_statement_still_makes_the_body_atomic)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_error_t err;
+    cr_assert_neq(loom_tx_run(pool, NULL, two_writes_then_fail, NULL, &err), 0);
+    cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 0);
+    /* A read-only transaction refuses a write sent in the BEGIN's pipeline. */
+    loom_tx_opts_t ro = {.read_only = true, .begin_extra = "SET LOCAL statement_timeout = 5000"};
+    cr_assert_neq(loom_tx_run(pool, &ro, two_writes_then_fail, NULL, &err), 0);
+    cr_assert_str_eq(err.code, "READ_ONLY_VIOLATION", "%s: %s", err.code, err.message);
+    cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 0);
+    loom_db_pool_free(pool);
+}

@@ -8,7 +8,9 @@
  *   - "fail": "permanent" rejects it; "transient" fails the first K attempts;
  *     "blocked" fails while test_blocks holds A;
  *   - "notify": true publishes test.credited through the outbox;
- *   - "expect": N appends the event only when the stream is at version N.
+ *   - "expect": N appends the event only when the stream is at version N;
+ *   - "claim": NAME adds a row to test_claims (unique name) with
+ *     loom_msg_add_row(): a second claim of NAME is refused by the database.
  */
 #include "support.h"
 #include "loom/consumer.h"
@@ -19,11 +21,15 @@
 
 extern const loom_migration_set_t loom_app_migrations;
 
+/* One row per command, written for the whole batch at once. */
 static const loom_db_stmt_t insert_ledger = {
     "test_ledger_insert",
     "INSERT INTO test_ledger (message_id, account, amount, kafka_partition, kafka_offset) "
-    "VALUES ($1, $2, $3, $4, $5)",
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[])",
     5};
+static const loom_db_stmt_t insert_claim = {
+    "test_claims_insert",
+    "INSERT INTO test_claims (name, message_id) SELECT * FROM unnest($1::text[], $2::text[])", 2};
 static const loom_db_stmt_t is_blocked = {"test_blocks_get",
                                           "SELECT 1 FROM test_blocks WHERE account = $1", 1};
 
@@ -60,9 +66,16 @@ int loom_test_ledger_handler(loom_msg_t *msg, loom_error_t *err)
     snprintf(part, sizeof(part), "%d", (int)loom_msg_partition(msg));
     snprintf(off, sizeof(off), "%lld", (long long)loom_msg_offset(msg));
     const char *p[] = {loom_msg_event(msg)->id, account, amt, part, off};
-    int rc = loom_db_exec(loom_msg_db(msg), &insert_ledger, p, NULL, err);
+    int rc = loom_msg_add_row(msg, &insert_ledger, p, err);
     if (rc != 0)
         return rc;
+    const char *claim = json_string_value(json_object_get(d, "claim"));
+    if (claim) {
+        const char *cp[] = {claim, loom_msg_event(msg)->id};
+        rc = loom_msg_add_row(msg, &insert_claim, cp, err);
+        if (rc != 0)
+            return rc;
+    }
     char stream[300];
     snprintf(stream, sizeof(stream), "account-%s", account);
     /* "expect": N appends only if the stream is at version N. */
@@ -94,8 +107,9 @@ static const loom_migration_t test_migration = {
     9001, "test_ledger",
     "CREATE TABLE test_ledger (message_id TEXT NOT NULL, account TEXT NOT NULL, "
     "amount BIGINT NOT NULL, kafka_partition INT, kafka_offset BIGINT);"
-    "CREATE TABLE test_blocks (account TEXT PRIMARY KEY);",
-    "DROP TABLE test_blocks; DROP TABLE test_ledger;"};
+    "CREATE TABLE test_blocks (account TEXT PRIMARY KEY);"
+    "CREATE TABLE test_claims (name TEXT PRIMARY KEY, message_id TEXT NOT NULL);",
+    "DROP TABLE test_claims; DROP TABLE test_blocks; DROP TABLE test_ledger;"};
 
 loom_migration_set_t loom_test_migrations(void)
 {

@@ -60,6 +60,7 @@ typedef struct loom_config {
     const char *database_url;      /* LOOM_DATABASE_URL, NULL if unset */
     const char *database_read_url; /* LOOM_DATABASE_READ_URL, NULL if unset */
     int database_pool_size;        /* LOOM_DATABASE_POOL_SIZE */
+    int worker_apply_threads;      /* LOOM_WORKER_APPLY_THREADS */
     const char *kafka_brokers;     /* LOOM_KAFKA_BROKERS, NULL if unset */
     int kafka_partitions;          /* LOOM_KAFKA_PARTITIONS */
     const char *api_listen;        /* LOOM_API_LISTEN */

@@ -29,7 +29,7 @@ typedef struct loom_msg loom_msg_t;
 
 /* Applies one command. Runs inside the batch's transaction; may run again
  * (retries, batch isolation), so it must only write through loom_msg_db(),
- * loom_emit() and loom_publish(). */
+ * loom_msg_add_row(), loom_emit() and loom_publish(). */
 typedef int (*loom_handler_fn)(loom_msg_t *msg, loom_error_t *err);
 
 typedef struct loom_consumer_def {
@@ -59,6 +59,20 @@ int64_t loom_msg_offset(const loom_msg_t *msg);
 const loom_config_t *loom_msg_config(const loom_msg_t *msg);
 /* Sets the command's result, stored in loom_commands.result (steals). */
 void loom_msg_set_result(loom_msg_t *msg, json_t *result);
+
+/*
+ * Adds a row to a multi-row statement that runs once for the whole batch,
+ * when the batch is written (with the engine's own rows, in one round trip).
+ * stmt takes one array per column, for example
+ *   INSERT INTO ledger (id, amount) SELECT * FROM unnest($1::text[], $2::bigint[])
+ * and values holds stmt->nparams values (NULL: SQL NULL). Use it for writes
+ * whose result the handler does not need: it saves a round trip per command.
+ * The rows are not visible to statements run by the handlers of the same
+ * batch. A row the database refuses fails its own command, as a handler's
+ * error would.
+ */
+int loom_msg_add_row(loom_msg_t *msg, const loom_db_stmt_t *stmt, const char *const *values,
+                     loom_error_t *err);
 
 /*
  * Appends an event to stream_id in the command's transaction. expected_version

@@ -53,8 +53,11 @@ int loom_db_acquire(loom_db_pool_t *pool, loom_db_t **out, loom_error_t *err);
  * a broken one is closed, to reconnect on next use. */
 void loom_db_release(loom_db_t *db);
 
-/* The libpq handle (borrowed). */
+/* The libpq handle (borrowed). Statements still waiting to be sent (the
+ * BEGIN of loom_tx_run(), deferred ones) are sent first. */
 PGconn *loom_db_pg(loom_db_t *db);
+/* True inside a transaction, including one whose BEGIN waits to be sent. */
+bool loom_db_in_tx(loom_db_t *db);
 /* Server-side process id of this connection (for tests and cancels). */
 int loom_db_backend_pid(loom_db_t *db);
 
@@ -65,6 +68,14 @@ int loom_db_backend_pid(loom_db_t *db);
  */
 int loom_db_exec(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
                  PGresult **res, loom_error_t *err);
+/*
+ * Queues a prepared statement whose result is not needed (params copied). It
+ * goes to the server with the next statement that needs an answer, or with
+ * the COMMIT of loom_tx_run(), in one pipeline: one round trip for all. An
+ * error it raises is returned by that later call, and aborts the transaction.
+ */
+int loom_db_exec_deferred(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
+                          loom_error_t *err);
 /* Same for a one-off parameterized statement (not prepared). */
 int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const *params,
                   PGresult **res, loom_error_t *err);
@@ -93,12 +104,14 @@ typedef struct loom_tx_opts {
     int64_t max_backoff_ms;   /* 0: 2000 */
     int64_t deadline_mono_ms; /* loom_mono_ms() value to give up at; 0: none */
     const volatile int *stop; /* when set and non-zero, stop retrying */
-    const char *begin_extra;  /* SQL sent with BEGIN in one round trip ("SET LOCAL ..."); NULL */
+    const char *begin_extra;  /* one statement sent with BEGIN ("SET LOCAL ..."); NULL */
     int attempts;             /* out: attempts made */
 } loom_tx_opts_t;
 
 /*
- * Runs fn inside BEGIN ... COMMIT on a pooled connection. When the body, the
+ * Runs fn inside BEGIN ... COMMIT on a pooled connection. The BEGIN is sent
+ * with the body's first statement (one round trip), and deferred statements
+ * with the COMMIT; a body that runs nothing costs nothing. When the body, the
  * BEGIN or the COMMIT fails with a transient error, everything is rolled
  * back, the connection is replaced if it was lost, and after a capped
  * exponential backoff with jitter the whole transaction runs again.

@@ -24,7 +24,7 @@ typedef struct loom_worker loom_worker_t;
 typedef struct loom_worker_opts {
     const char *brokers;      /* Kafka bootstrap servers (required) */
     const loom_config_t *cfg; /* node id, site, LOOM_KAFKA_*; may be NULL */
-    loom_db_pool_t *pool;     /* borrowed; one connection per consumer + 1 */
+    loom_db_pool_t *pool;     /* borrowed; apply_threads per consumer + 1 */
     const loom_consumer_def_t *consumers;
     size_t n_consumers;
     loom_producer_t *producer; /* borrowed; runs the outbox relay when set */
@@ -32,6 +32,8 @@ typedef struct loom_worker_opts {
     int64_t retry_max_ms;      /* backoff cap; 0: 30000 */
     int64_t stall_after_ms;    /* lag > 0 and nothing arriving for this long; 0: 30000 */
     const char *group_prefix;  /* consumer group = prefix + name; NULL: "loom." */
+    int apply_threads;         /* partitions a consumer applies at once; 0: the
+                                * config's LOOM_WORKER_APPLY_THREADS, else 4 */
     loom_metrics_t *metrics;   /* borrowed; NULL: no metrics. Registers
                                 * loom_consumer_messages_total{consumer,topic,outcome},
                                 * loom_consumer_lag{consumer,topic,partition},
