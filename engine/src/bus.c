@@ -68,6 +68,9 @@ rd_kafka_conf_t *loom_kafka_conf_new(const char *brokers, const loom_config_t *c
     if (rd_kafka_conf_set(conf, "bootstrap.servers", brokers, errbuf, errlen) != RD_KAFKA_CONF_OK)
         goto fail;
     rd_kafka_conf_set(conf, "log_level", "4", NULL, 0); /* warnings and worse */
+    /* Small requests go out at once rather than waiting for the previous
+     * one's TCP acknowledgement: a write's 202 waits for the broker. */
+    rd_kafka_conf_set(conf, "socket.nagle.disable", "true", NULL, 0);
     if (cfg) {
         rd_kafka_conf_set(conf, "client.id", cfg->node_id, NULL, 0);
         for (size_t i = 0; i < cfg->n_kafka_props; i++)

@@ -1177,9 +1177,17 @@ void *loom__consumer_run(void *arg)
 
     while (!atomic_load(&w->stop)) {
         part_resume_due(&rt);
-        ssize_t n = rd_kafka_consume_batch_queue(q, 200, msgs, fetch_max);
-        if (n < 0)
-            n = 0;
+        /* Wait for one message, then take what else is already fetched:
+         * rd_kafka_consume_batch_queue() alone would wait for a full batch
+         * or its timeout, a delay every command would pay at low load. */
+        ssize_t n = 0;
+        rd_kafka_message_t *first = rd_kafka_consumer_poll(rt.rk, 200);
+        if (first) {
+            msgs[n++] = first;
+            ssize_t more = rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
+            if (more > 0)
+                n += more;
+        }
         /* Split by partition, keeping each partition's order: one task each,
          * with its messages side by side in group_msgs. */
         memset(used, 0, fetch_max * sizeof(bool));
