@@ -38,6 +38,10 @@ struct loom_db {
     char begin_extra[128];
     deferred_t *deferred;
     size_t n_deferred, cap_deferred;
+    /* The COMMIT of a read-only transaction was sent and its answer is read
+     * when the connection is next acquired: the op's caller does not wait
+     * for it. */
+    bool commit_in_flight;
 };
 
 struct loom_db_pool {
@@ -166,6 +170,38 @@ static void db_disconnect(loom_db_t *db)
         PQfinish(db->pg);
     db->pg = NULL;
     db->n_prepared = 0;
+    db->commit_in_flight = false;
+}
+
+/* Reads the answer of a COMMIT sent without waiting. */
+static void commit_finish(loom_db_t *db)
+{
+    if (!db->commit_in_flight)
+        return;
+    db->commit_in_flight = false;
+    bool bad = false;
+    char why[LOOM_ERROR_MESSAGE_MAX] = "";
+    /* The COMMIT's result and its NULL, then the sync. */
+    for (int nulls = 0; nulls < 2;) {
+        PGresult *r = PQgetResult(db->pg);
+        if (!r) {
+            nulls++;
+            continue;
+        }
+        ExecStatusType st = PQresultStatus(r);
+        if (st != PGRES_PIPELINE_SYNC && st != PGRES_COMMAND_OK) {
+            bad = true;
+            snprintf(why, sizeof(why), "%s", PQresultErrorMessage(r));
+        }
+        PQclear(r);
+        if (st == PGRES_PIPELINE_SYNC)
+            break;
+    }
+    if (!PQexitPipelineMode(db->pg) || bad || PQstatus(db->pg) != CONNECTION_OK) {
+        LOOM_WARN("read-only COMMIT failed; reconnecting", "error=%.*s", (int)strcspn(why, "\n"),
+                  why[0] ? why : PQerrorMessage(db->pg));
+        db_disconnect(db);
+    }
 }
 
 int loom_db_pool_new(const char *conninfo, const loom_db_pool_opts_t *opts, loom_db_pool_t **out,
@@ -252,6 +288,8 @@ int loom_db_acquire(loom_db_pool_t *pool, loom_db_t **out, loom_error_t *err)
     db->in_use = true;
     pthread_mutex_unlock(&pool->mu);
 
+    if (db->pg)
+        commit_finish(db);
     if (db->pg && PQstatus(db->pg) != CONNECTION_OK)
         db_disconnect(db);
     if (!db->pg) {
@@ -271,7 +309,7 @@ void loom_db_release(loom_db_t *db)
         return;
     loom_db_pool_t *pool = db->pool;
     pending_clear(db);
-    if (db->pg) {
+    if (db->pg && !db->commit_in_flight) {
         if (PQstatus(db->pg) != CONNECTION_OK) {
             db_disconnect(db);
         } else if (PQtransactionStatus(db->pg) != PQTRANS_IDLE) {
@@ -630,6 +668,18 @@ static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, voi
     /* COMMIT can fail with 40001 on CockroachDB and on SERIALIZABLE Postgres. */
     if (has_pending(db))
         return pipeline(db, NULL, "COMMIT", 0, NULL, NULL, err);
+    /* A read-only transaction at the default isolation has nothing left to
+     * lose once its statements answered: send COMMIT and do not wait. */
+    if (o->read_only && !o->isolation && PQtransactionStatus(db->pg) == PQTRANS_INTRANS &&
+        PQenterPipelineMode(db->pg)) {
+        if (PQsendQueryParams(db->pg, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) &&
+            PQpipelineSync(db->pg)) {
+            db->commit_in_flight = true;
+            return 0;
+        }
+        db_disconnect(db); /* the connection broke; the next user reconnects */
+        return 0;
+    }
     PGresult *r = PQexec(db->pg, "COMMIT");
     return check_result(db, r, NULL, err);
 }

@@ -355,3 +355,39 @@ Test(db, the_begin_sent_with_the_first_statement_still_makes_the_body_atomic)
     cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM items"), 0);
     loom_db_pool_free(pool);
 }
+
+Test(db, read_only_transactions_leave_the_connection_ready_for_the_next_user)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_error_t err;
+    loom_test_sql(url, "INSERT INTO items VALUES (1, 1)");
+    for (int i = 0; i < 50; i++) {
+        /* Its COMMIT is read when the connection is taken again. */
+        deferred_arg_t a = {.read_back = true};
+        loom_tx_opts_t ro = {.read_only = true};
+        cr_assert_eq(loom_tx_run(pool, &ro, deferred_body, &a, &err), 0, "%s", err.message);
+        cr_assert_eq(a.seen, 1 + i / 10);
+        if (i % 10 == 9) { /* a writer in between sees an idle connection */
+            loom_db_t *db;
+            cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+            cr_assert_eq(PQtransactionStatus(loom_db_pg(db)), PQTRANS_IDLE);
+            char id[16];
+            snprintf(id, sizeof(id), "%d", 100 + i);
+            const char *p[] = {id, "1"};
+            cr_assert_eq(loom_db_exec(db, &insert_item, p, NULL, &err), 0, "%s", err.message);
+            loom_db_release(db);
+        }
+    }
+    /* The server may go away between the COMMIT and the next use. */
+    deferred_arg_t a = {.read_back = true};
+    loom_tx_opts_t ro = {.read_only = true};
+    cr_assert_eq(loom_tx_run(pool, &ro, deferred_body, &a, &err), 0, "%s", err.message);
+    char kill[700];
+    snprintf(kill, sizeof(kill),
+             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '%s'",
+             strrchr(url, '/') + 1);
+    cr_assert_eq(loom_test_sql_ll(loom_test_pg_url(), kill), 1);
+    cr_assert_eq(loom_tx_run(pool, &ro, deferred_body, &a, &err), 0, "%s", err.message);
+    cr_assert_eq(a.seen, 6);
+    loom_db_pool_free(pool);
+}
