@@ -76,17 +76,12 @@ static int relay_body(loom_db_t *db, void *arg, loom_error_t *err)
         loom_delivery_release(&d[i]);
     free(d);
     if (rc == 0) {
-        /* ids as a bigint[] literal */
-        size_t cap = (size_t)n * 24 + 4, len = 0;
-        char *ids = loom_xmalloc(cap);
-        ids[len++] = '{';
+        loom_db_array_t ids = {0};
         for (int i = 0; i < n; i++)
-            len +=
-                (size_t)snprintf(ids + len, cap - len, "%s%s", i ? "," : "", PQgetvalue(res, i, 0));
-        snprintf(ids + len, cap - len, "}");
-        const char *p[] = {ids};
+            loom_db_array_add(&ids, PQgetvalue(res, i, 0));
+        const char *p[] = {loom_db_array_str(&ids)};
         rc = loom_db_exec(db, &stmt_delete, p, NULL, err);
-        free(ids);
+        loom_db_array_free(&ids);
         if (rc == 0)
             r->sent = n;
     }
