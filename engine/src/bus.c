@@ -84,8 +84,7 @@ fail:
     return NULL;
 }
 
-/* True when LOOM_KAFKA_<key> was given. */
-static bool user_set(const loom_config_t *cfg, const char *key)
+bool loom_kafka_user_set(const loom_config_t *cfg, const char *key)
 {
     for (size_t i = 0; cfg && i < cfg->n_kafka_props; i++)
         if (strcmp(cfg->kafka_props[i].key, key) == 0)
@@ -142,7 +141,7 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
         {"message.max.bytes", LOOM_KAFKA_MESSAGE_MAX},
     };
     for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
-        if (i >= 2 && user_set(opts->cfg, kv[i][0]))
+        if (i >= 2 && loom_kafka_user_set(opts->cfg, kv[i][0]))
             continue;
         if (rd_kafka_conf_set(conf, kv[i][0], kv[i][1], errbuf, sizeof(errbuf)) !=
             RD_KAFKA_CONF_OK) {
@@ -153,9 +152,9 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
         }
     }
     snprintf(num, sizeof(num), "%d", opts->linger_ms > 0 ? opts->linger_ms : 5);
-    if (!user_set(opts->cfg, "linger.ms"))
+    if (!loom_kafka_user_set(opts->cfg, "linger.ms"))
         rd_kafka_conf_set(conf, "linger.ms", num, NULL, 0);
-    if (opts->message_timeout_ms > 0 && !user_set(opts->cfg, "message.timeout.ms")) {
+    if (opts->message_timeout_ms > 0 && !loom_kafka_user_set(opts->cfg, "message.timeout.ms")) {
         snprintf(num, sizeof(num), "%lld", (long long)opts->message_timeout_ms);
         rd_kafka_conf_set(conf, "message.timeout.ms", num, NULL, 0);
     }

@@ -1121,9 +1121,17 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         {"heartbeat.interval.ms", "1000"},
         {"max.poll.interval.ms", "300000"},
         {"fetch.wait.max.ms", "50"},
+        /* Prefetch bounds: librdkafka's defaults (100,000 messages per
+         * partition, 64 MiB) would let a lagging worker hold far more
+         * memory than a few batches need. */
+        {"queued.min.messages", "10000"},
+        {"queued.max.messages.kbytes", "16384"},
     };
+    /* Loom's defaults; a LOOM_KAFKA_<PROPERTY> wins, except the first three:
+     * one group per consumer, and offsets that follow the database. */
     for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++)
-        rd_kafka_conf_set(conf, kv[i][0], kv[i][1], NULL, 0);
+        if (i < 3 || !loom_kafka_user_set(w->opts.cfg, kv[i][0]))
+            rd_kafka_conf_set(conf, kv[i][0], kv[i][1], NULL, 0);
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_opaque(conf, rt);
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));

@@ -34,6 +34,9 @@ typedef void (*loom_delivery_cb)(void *opaque, const loom_error_t *err, int32_t 
  * a refused property. The caller owns the result. */
 rd_kafka_conf_t *loom_kafka_conf_new(const char *brokers, const loom_config_t *cfg, char *errbuf,
                                      size_t errlen);
+/* True when cfg sets librdkafka property `key` (LOOM_KAFKA_<PROPERTY>): Loom's
+ * own defaults give way to it. */
+bool loom_kafka_user_set(const loom_config_t *cfg, const char *key);
 
 typedef struct loom_producer_opts {
     const char *brokers;        /* bootstrap servers (required) */
