@@ -243,12 +243,9 @@ static const char *token = "e2e-token-0123456789";
 
 static void write_tokens(void)
 {
-    char hex[65];
-    loom_sha256_hex(token, strlen(token), hex);
     snprintf(tokens_file, sizeof(tokens_file), "/tmp/loom-e2e-tokens-%d", (int)getpid());
-    FILE *f = fopen(tokens_file, "w");
-    fprintf(f, "# e2e tokens\n%s e2e messages:read,messages:write\n", hex);
-    fclose(f);
+    loom_test_token_t t[] = {{token, "e2e messages:read,messages:write"}};
+    loom_test_tokens_file(tokens_file, t, 1);
 }
 
 typedef struct proc {

@@ -157,17 +157,10 @@ typedef struct gw_env {
 static void write_tokens(gw_env_t *e)
 {
     snprintf(e->tokens_path, sizeof(e->tokens_path), "/tmp/loom-gw-tokens-%d", (int)getpid());
-    FILE *f = fopen(e->tokens_path, "w");
-    cr_assert_not_null(f);
-    char h[65];
-    fprintf(f, "# test tokens\n\n");
-    loom_sha256_hex(TOK_ADMIN, strlen(TOK_ADMIN), h);
-    fprintf(f, "%s admin *\n", h);
-    loom_sha256_hex(TOK_READER, strlen(TOK_READER), h);
-    fprintf(f, "%s reader test:read   # a comment\n", h);
-    loom_sha256_hex(TOK_WRITER, strlen(TOK_WRITER), h);
-    fprintf(f, "%s writer test:write,test:read\n", h);
-    fclose(f);
+    loom_test_token_t t[] = {{TOK_ADMIN, "admin *"},
+                             {TOK_READER, "reader test:read   # a comment"},
+                             {TOK_WRITER, "writer test:write,test:read"}};
+    loom_test_tokens_file(e->tokens_path, t, sizeof(t) / sizeof(t[0]));
 }
 
 /* Everything but the gateway: database, topic, ops, producer. db=false

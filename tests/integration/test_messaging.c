@@ -23,19 +23,6 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 
-static void make_db(char *url, size_t size)
-{
-    loom_test_db_create(url, size);
-    loom_db_pool_t *pool = loom_test_pool(url, 1);
-    loom_db_t *db;
-    loom_error_t err;
-    loom_migration_set_t set = loom_test_migrations();
-    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
-    cr_assert_eq(loom_migrate_up(db, &set, NULL, &err), 0, "%s", err.message);
-    loom_db_release(db);
-    loom_db_pool_free(pool);
-}
-
 static void create_topic(const char *brokers, const char *topic, int partitions)
 {
     int created = 0;
@@ -122,7 +109,7 @@ static rd_kafka_mock_cluster_t *env_mock; /* set while a test runs on the mock c
 static void env_init(env_t *e, const char *brokers, int partitions)
 {
     memset(e, 0, sizeof(*e));
-    make_db(e->url, sizeof(e->url));
+    loom_test_db_create_ledger(e->url, sizeof(e->url));
     loom_test_unique_name("s", e->suffix, sizeof(e->suffix));
     snprintf(e->topic, sizeof(e->topic), "loom.cmd.test.credit.%s", e->suffix);
     snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
@@ -323,6 +310,43 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
     cr_assert_eq(
         loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-v'"),
         7);
+    loom_producer_free(p);
+    env_stop_worker(&e);
+}
+
+/* ---- rows added for the whole batch ---------------------------------------------------- */
+
+Test(messaging, a_batch_row_the_database_refuses_rejects_only_its_own_command, .timeout = 180)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 1);
+    loom_producer_t *p = producer(brokers);
+    /* In one batch: c-2 claims what c-1 claimed, so the batch's multi-row
+     * INSERT into test_claims fails as a whole. */
+    credit(p, e.topic, "c-1", "c", 1, "\"claim\":\"x\"");
+    credit(p, e.topic, "c-2", "c", 10, "\"claim\":\"x\"");
+    credit(p, e.topic, "c-3", "c", 100, "\"claim\":\"y\"");
+    credit(p, e.topic, "c-4", "c", 1000, NULL);
+    loom_producer_flush(p, 30000);
+    env_start_worker(&e, brokers);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 4, 60000), 4);
+    char *v = loom_test_sql_value(
+        e.url, "SELECT string_agg(message_id || ':' || status, ',' ORDER BY message_id) "
+               "FROM loom_commands");
+    cr_assert_str_eq(v, "c-1:applied,c-2:rejected,c-3:applied,c-4:applied");
+    free(v);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = "
+                                         "'c-2' AND last_error LIKE '%test_claims_pkey%'"),
+                 1);
+    /* The refused command left nothing behind: no ledger row, no event. */
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), 1101);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events"), 3);
+    v = loom_test_sql_value(e.url,
+                            "SELECT string_agg(name || '=' || message_id, ',' ORDER BY name) "
+                            "FROM test_claims");
+    cr_assert_str_eq(v, "x=c-1,y=c-3");
+    free(v);
     loom_producer_free(p);
     env_stop_worker(&e);
 }

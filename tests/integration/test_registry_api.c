@@ -64,23 +64,14 @@ static void expect_text(const json_t *v, size_t flags, const char *want)
 static void write_tokens(env_t *e)
 {
     snprintf(e->tokens_path, sizeof(e->tokens_path), "/tmp/loom-reg-tokens-%d", (int)getpid());
-    FILE *f = fopen(e->tokens_path, "w");
-    cr_assert_not_null(f);
-    struct {
-        const char *tok, *line;
-    } t[] = {
+    loom_test_token_t t[] = {
         {TOK_ALICE, "alice registry:read,registry:write"},
         {TOK_BOB, "bob registry:read,registry:write"},
         {TOK_ADMIN, "ops-team registry:read,registry:write,registry:admin"},
         {TOK_READER, "carol registry:read"},
         {TOK_OTHER, "dave messages:read"},
     };
-    for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
-        char h[65];
-        loom_sha256_hex(t[i].tok, strlen(t[i].tok), h);
-        fprintf(f, "%s %s\n", h, t[i].line);
-    }
-    fclose(f);
+    loom_test_tokens_file(e->tokens_path, t, sizeof(t) / sizeof(t[0]));
 }
 
 static void env_start(env_t *e)

@@ -2,8 +2,10 @@
  * support.c: fixtures and helpers shared by the test executables.
  */
 #include "support.h"
+#include "loom/bus.h"
 #include "loom/clock.h"
 #include "loom/mem.h"
+#include "loom/sha256.h"
 #include "loom/migrate.h"
 #include "loom/uuid.h"
 
@@ -140,6 +142,19 @@ long long loom_test_wait_for(const char *url, const char *sql, long long want, i
     while ((v = loom_test_sql_ll(url, sql)) != want && loom_mono_ms() < end)
         loom_sleep_ms(100);
     return v;
+}
+
+void loom_test_tokens_file(const char *path, const loom_test_token_t *tokens, size_t n)
+{
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f, "cannot write %s", path);
+    fprintf(f, "# test tokens\n\n");
+    for (size_t i = 0; i < n; i++) {
+        char h[65];
+        loom_sha256_hex(tokens[i].token, strlen(tokens[i].token), h);
+        fprintf(f, "%s %s\n", h, tokens[i].slug_scopes);
+    }
+    fclose(f);
 }
 
 void loom_test_db_create(char *url, size_t size)
@@ -360,4 +375,50 @@ int loom_test_run(const char *const argv[], const char *const env[], char **out,
     else
         free(e);
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* ---- chaos suite helpers ---------------------------------------------------------- */
+
+void loom_test_migrate_ledger(const char *url)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_db_t *db = NULL;
+    loom_error_t err;
+    loom_migration_set_t set = loom_test_migrations();
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_migrate_up(db, &set, NULL, &err), 0, "%s", err.message);
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+}
+
+void loom_test_db_create_ledger(char *url, size_t size)
+{
+    loom_test_db_create(url, size);
+    loom_test_migrate_ledger(url);
+}
+
+void loom_test_kafka_topic(const char *brokers, const char *topic, int partitions)
+{
+    int created = 0;
+    loom_error_t err;
+    const char *t[] = {topic};
+    if (loom_kafka_create_topics(brokers, NULL, t, 1, partitions, &created, &err) != 0)
+        cr_assert_fail("could not create topic %s on %s: %s", topic, brokers, err.message);
+}
+
+pid_t loom_test_spawn_logged(const char *const argv[], const char *const env[],
+                             const char *log_path)
+{
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    char **envp = build_env(env);
+    pid_t pid;
+    int rc = posix_spawn(&pid, argv[0], &fa, NULL, (char *const *)argv, envp);
+    free(envp);
+    posix_spawn_file_actions_destroy(&fa);
+    cr_assert_eq(rc, 0, "could not run %s: %s", argv[0], strerror(rc));
+    return pid;
 }

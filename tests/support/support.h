@@ -50,6 +50,14 @@ rd_kafka_t *loom_test_mock_cluster(int brokers, rd_kafka_mock_cluster_t **mc,
 /* A unique name with a prefix: "prefix_<pid>_<n>_<rand>". */
 void loom_test_unique_name(const char *prefix, char *out, size_t size);
 
+/* Writes an API tokens file (LOOM_API_TOKENS_FILE) at path: one line per
+ * {token, "slug scope[,scope...]"} pair, the token as its SHA-256. */
+typedef struct loom_test_token {
+    const char *token;
+    const char *slug_scopes;
+} loom_test_token_t;
+void loom_test_tokens_file(const char *path, const loom_test_token_t *tokens, size_t n);
+
 /* Path of the built loom binary. */
 const char *loom_test_bin(void);
 
@@ -78,5 +86,20 @@ int loom_test_ledger_handler(loom_msg_t *msg, loom_error_t *err);
 loom_migration_set_t loom_test_migrations(void);
 /* Path of the loom_test_app binary (loom with the test consumer). */
 const char *loom_test_app_bin(void);
+
+/* ---- chaos suite helpers (tests/chaos) ---- */
+
+/* A fresh database with the engine migrations and the test tables
+ * (test_ledger, test_blocks); writes its URL. */
+void loom_test_db_create_ledger(char *url, size_t size);
+/* Applies the engine migrations and the test tables to the database at url. */
+void loom_test_migrate_ledger(const char *url);
+/* Creates topic with `partitions` partitions on brokers; aborts on failure. */
+void loom_test_kafka_topic(const char *brokers, const char *topic, int partitions);
+/* Starts argv in the background with stdout and stderr appended to log_path
+ * (created when missing) and stdin from /dev/null; returns the pid. Nothing to drain, so a
+ * long-running process never blocks on a full pipe. */
+pid_t loom_test_spawn_logged(const char *const argv[], const char *const env[],
+                             const char *log_path);
 
 #endif
