@@ -1,5 +1,5 @@
 /*
- * gateway_app.c: `loom` for bench/http.sh: the real ops and routes, plus one
+ * gateway_app.c: `loom` for bench/run's HTTP figures: the real ops and routes, plus one
  * write route that the reference services do not need but a benchmark does
  * (a minimal command, so the figure measures the gateway's write path and
  * not a service's validation):
