@@ -160,8 +160,8 @@ static int put_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
     static const char *const extra[] = {"id", "caller", "admin", NULL};
     registry_instance_in_t in;
-    const char *caller, *given_id;
-    bool admin;
+    const char *caller = NULL, *given_id = NULL;
+    bool admin = false;
     int rc = registry_instance_check(d, extra, &in, err);
     if (rc == 0)
         rc = caller_of(d, &caller, &admin, err);
@@ -210,8 +210,8 @@ static int put_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 static int delete_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
     static const char *const keys[] = {"id", "caller", "admin", NULL};
-    const char *id, *caller;
-    bool admin;
+    const char *id = NULL, *caller = NULL;
+    bool admin = false;
     int rc = registry_keys(d, "command", keys, err);
     if (rc == 0)
         rc = registry_string(d, "id", "command", true, 64, true, false, &id, err);

@@ -17,7 +17,7 @@
 #define API_PUBLISH_TIMEOUT_MS 10000
 /* Every write waits for its acknowledgement, so the gateway's producer
  * lingers 1 ms rather than the engine's 5: under load batches still form
- * from what arrives meanwhile (bench/http.sh: about twice the writes/s). */
+ * from what arrives meanwhile (bench/run: about twice the writes/s). */
 #define API_LINGER_MS 1
 
 static int64_t cfg_num(const loom_config_t *cfg, const char *name)

@@ -666,7 +666,10 @@ typedef struct part_state {
     int64_t resume_at; /* mono ms */
     int64_t retry_offset;
     int attempts;          /* failures of the message at retry_offset */
-    int64_t commit_offset; /* next offset to commit; -1 when nothing new */
+    int64_t commit_offset; /* next offset to commit (all before it applied); -1 none */
+    int64_t committed;     /* what the group coordinator confirmed; -1 unknown */
+    int64_t sent;          /* last offset sent in an asynchronous commit */
+    int64_t sent_ms;       /* and when (mono ms) */
     int64_t last_msg_ms;
     bool stalled;
 } part_state_t;
@@ -676,6 +679,7 @@ typedef struct consumer_rt {
     rd_kafka_t *rk;
     part_state_t *parts;
     size_t n_parts, cap_parts;
+    bool commit_failing; /* the last offset commit failed (logged once) */
 } consumer_rt_t;
 
 /* ---- apply threads ------------------------------------------------------------------ */
@@ -815,8 +819,18 @@ static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t part
     ps->partition = partition;
     ps->retry_offset = -1;
     ps->commit_offset = -1;
+    ps->committed = -1;
+    ps->sent = -1;
     ps->last_msg_ms = loom_mono_ms();
     return ps;
+}
+
+static part_state_t *part_find(consumer_rt_t *rt, const char *topic, int32_t partition)
+{
+    for (size_t i = 0; i < rt->n_parts; i++)
+        if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0)
+            return &rt->parts[i];
+    return NULL;
 }
 
 static void part_remove(consumer_rt_t *rt, const char *topic, int32_t partition)
@@ -829,21 +843,65 @@ static void part_remove(consumer_rt_t *rt, const char *topic, int32_t partition)
     }
 }
 
+/* Records what the coordinator confirmed; a partition whose commit failed
+ * is sent again by the next commit_offsets(). */
+static void commit_result(consumer_rt_t *rt, rd_kafka_resp_err_t e,
+                          const rd_kafka_topic_partition_list_t *l)
+{
+    rd_kafka_resp_err_t first = e;
+    for (int i = 0; l && i < l->cnt; i++) {
+        const rd_kafka_topic_partition_t *tp = &l->elems[i];
+        if (!e && !tp->err) {
+            part_state_t *ps = part_find(rt, tp->topic, tp->partition);
+            if (ps && tp->offset > ps->committed)
+                ps->committed = tp->offset;
+        } else if (!first) {
+            first = tp->err;
+        }
+    }
+    if (first == RD_KAFKA_RESP_ERR__NO_OFFSET)
+        return;
+    if (first && !rt->commit_failing) {
+        LOOM_WARN("could not commit offsets; will try again", "consumer=%s error=%s",
+                  rt->wc->def->name, rd_kafka_err2str(first));
+        rt->commit_failing = true;
+    } else if (first) {
+        LOOM_DEBUG("could not commit offsets", "consumer=%s error=%s", rt->wc->def->name,
+                   rd_kafka_err2str(first));
+    } else if (rt->commit_failing) {
+        LOOM_INFO("offsets committed again", "consumer=%s", rt->wc->def->name);
+        rt->commit_failing = false;
+    }
+}
+
+static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
+                             rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+    (void)rk;
+    commit_result(opaque, e, offsets);
+}
+
+/* Commits every partition's applied offset the coordinator has not
+ * confirmed. Asynchronous commits are not repeated for a second while they
+ * may still be answered; a synchronous one (revoke, shutdown) sends all. */
 static void commit_offsets(consumer_rt_t *rt, bool sync)
 {
+    int64_t now = loom_mono_ms();
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts);
     for (size_t i = 0; i < rt->n_parts; i++) {
         part_state_t *ps = &rt->parts[i];
-        if (ps->commit_offset < 0)
+        if (ps->commit_offset < 0 || ps->commit_offset <= ps->committed)
+            continue;
+        if (!sync && ps->sent == ps->commit_offset && now - ps->sent_ms < 1000)
             continue;
         rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = ps->commit_offset;
-        ps->commit_offset = -1;
+        ps->sent = ps->commit_offset;
+        ps->sent_ms = now;
     }
     if (l->cnt > 0) {
         rd_kafka_resp_err_t e = rd_kafka_commit(rt->rk, l, sync ? 0 : 1);
-        if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
-            LOOM_WARN("could not commit offsets", "consumer=%s error=%s", rt->wc->def->name,
-                      rd_kafka_err2str(e));
+        if (sync || e)
+            commit_result(rt, e, l);
     }
     rd_kafka_topic_partition_list_destroy(l);
 }
@@ -1133,6 +1191,7 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         if (i < 3 || !loom_kafka_user_set(w->opts.cfg, kv[i][0]))
             rd_kafka_conf_set(conf, kv[i][0], kv[i][1], NULL, 0);
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_offset_commit_cb(conf, offset_commit_cb);
     rd_kafka_conf_set_opaque(conf, rt);
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errbuf, sizeof(errbuf));
     if (!rk) {
@@ -1142,6 +1201,60 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
     }
     rd_kafka_poll_set_consumer(rk);
     return rk;
+}
+
+/* How long a stopping consumer may take to commit and leave its group. */
+#define CONSUMER_CLOSE_MS 10000
+
+/*
+ * Commits what was applied and leaves the group, both through a queue polled
+ * until `until`: with the broker gone, rd_kafka_commit() and
+ * rd_kafka_consumer_close() would block until it is back. Returns true when
+ * the consumer closed; what was not committed is delivered again to the next
+ * owner and skipped by its dedup.
+ */
+static bool consumer_leave(consumer_rt_t *rt, int64_t until)
+{
+    rd_kafka_queue_t *cq = rd_kafka_queue_new(rt->rk);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts + 1);
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        part_state_t *ps = &rt->parts[i];
+        if (ps->commit_offset >= 0 && ps->commit_offset > ps->committed)
+            rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset =
+                ps->commit_offset;
+    }
+    if (l->cnt > 0 && rd_kafka_commit_queue(rt->rk, l, cq, NULL, NULL) == 0) {
+        for (bool done = false; !done && loom_mono_ms() < until;) {
+            rd_kafka_event_t *ev = rd_kafka_queue_poll(cq, 100);
+            if (ev && rd_kafka_event_type(ev) == RD_KAFKA_EVENT_OFFSET_COMMIT) {
+                commit_result(rt, rd_kafka_event_error(ev),
+                              rd_kafka_event_topic_partition_list(ev));
+                done = true;
+            }
+            rd_kafka_event_destroy(ev);
+        }
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+    bool closed = false;
+    rd_kafka_error_t *e = rd_kafka_consumer_close_queue(rt->rk, cq);
+    if (e) {
+        LOOM_WARN("could not leave the consumer group", "consumer=%s error=%s", rt->wc->def->name,
+                  rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    } else {
+        while (!(closed = rd_kafka_consumer_closed(rt->rk)) && loom_mono_ms() < until) {
+            rd_kafka_event_t *ev = rd_kafka_queue_poll(cq, 100);
+            /* The offsets are committed above: a revocation only unassigns. */
+            if (ev && rd_kafka_event_type(ev) == RD_KAFKA_EVENT_REBALANCE)
+                rd_kafka_assign(rt->rk, NULL);
+            rd_kafka_event_destroy(ev);
+        }
+        if (!closed)
+            LOOM_WARN("gave up leaving the consumer group: the broker does not answer",
+                      "consumer=%s waited_ms=%d", rt->wc->def->name, CONSUMER_CLOSE_MS);
+    }
+    rd_kafka_queue_destroy(cq);
+    return closed;
 }
 
 void *loom__consumer_run(void *arg)
@@ -1239,13 +1352,12 @@ void *loom__consumer_run(void *arg)
     apply_pool_stop(&ap);
     free(tasks);
     free(used);
-    /* Graceful: the batch in flight is done; commit and leave the group. */
-    commit_offsets(&rt, true);
+    /* Graceful: the batches in flight are done; commit and leave the group. */
     free(msgs);
     free(group_msgs);
     rd_kafka_queue_destroy(q);
-    rd_kafka_consumer_close(rt.rk);
-    rd_kafka_destroy(rt.rk);
+    bool closed = consumer_leave(&rt, loom_mono_ms() + CONSUMER_CLOSE_MS);
+    rd_kafka_destroy_flags(rt.rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
     free(rt.parts);
     LOOM_INFO("consumer stopped", "consumer=%s", wc->def->name);
     return NULL;

@@ -562,6 +562,35 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
 
 /* ---- the mock cluster: a broker taken down and brought back ---------------------------- */
 
+Test(messaging, a_worker_stops_in_bounded_time_when_the_broker_does_not_answer, .timeout = 300)
+{
+    rd_kafka_mock_cluster_t *mc;
+    const char *brokers;
+    rd_kafka_t *owner = loom_test_mock_cluster(1, &mc, &brokers);
+    env_mock = mc;
+    env_t e;
+    env_init(&e, brokers, 2);
+    env_start_worker(&e, brokers);
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 100; i++)
+        credit(p, e.topic, NULL, "gone", 1, NULL);
+    loom_producer_flush(p, 60000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 100, 60000), 100);
+    loom_producer_free(p);
+    /* The broker stops answering (a stopping or overloaded broker keeps its
+     * connections open); stopping must neither hang on the offset commit nor
+     * on leaving the group. */
+    rd_kafka_mock_broker_set_rtt(mc, 1, 120000);
+    int64_t t0 = loom_mono_ms();
+    env_stop_worker(&e);
+    int64_t took = loom_mono_ms() - t0;
+    cr_log_info("worker stopped %lld ms after the broker stopped answering", (long long)took);
+    cr_assert_lt(took, 60000, "stopping took %lld ms", (long long)took);
+    rd_kafka_mock_cluster_destroy(mc);
+    rd_kafka_destroy(owner);
+    env_mock = NULL;
+}
+
 Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeout = 300)
 {
     rd_kafka_mock_cluster_t *mc;
