@@ -1111,7 +1111,19 @@ static void check_stalls(consumer_rt_t *rt)
                 : rd_kafka_get_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi);
         if (e != RD_KAFKA_RESP_ERR_NO_ERROR || hi < 0)
             continue;
-        int64_t pos = tp->offset >= 0 ? tp->offset : lo;
+        /* A partition that fetched nothing since it was assigned has no
+         * position: it starts at the group's committed offset. */
+        int64_t pos = tp->offset >= 0 ? tp->offset : ps->committed;
+        if (pos < 0 && idle) {
+            rd_kafka_topic_partition_list_t *c = rd_kafka_topic_partition_list_new(1);
+            rd_kafka_topic_partition_list_add(c, tp->topic, tp->partition);
+            if (rd_kafka_committed(rt->rk, c, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
+                !c->elems[0].err && c->elems[0].offset >= 0)
+                pos = ps->committed = c->elems[0].offset;
+            rd_kafka_topic_partition_list_destroy(c);
+        }
+        if (pos < 0)
+            pos = lo;
         int64_t lag = hi > pos ? hi - pos : 0;
         if (w->m_lag) {
             char part[16];

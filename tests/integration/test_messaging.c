@@ -834,6 +834,68 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
 
 /* ---- a partition whose lag stays above zero while nothing arrives ----------------------- */
 
+Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .timeout = 300)
+{
+    rd_kafka_mock_cluster_t *mc;
+    const char *brokers;
+    rd_kafka_t *owner = loom_test_mock_cluster(1, &mc, &brokers);
+    env_mock = mc;
+    env_t e;
+    env_init(&e, brokers, 2);
+    e.pool = loom_test_pool(e.url, 4);
+    loom_worker_opts_t o = {.brokers = brokers,
+                            .pool = e.pool,
+                            .consumers = &e.def,
+                            .n_consumers = 1,
+                            .stall_after_ms = 1000};
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    loom_producer_t *p = producer(brokers);
+    for (int i = 0; i < 20; i++)
+        credit(p, e.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 60000), 20);
+    loom_worker_free(e.w);
+    /* A new worker of the same group: its partitions have nothing to fetch,
+     * so librdkafka gives them no position. Nothing waits: no stall. */
+    loom_metrics_t *reg = loom_metrics_new();
+    o.metrics = reg;
+    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    char want[256];
+    snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.name);
+    int64_t t0 = loom_mono_ms();
+    for (char *t = NULL; loom_mono_ms() - t0 < 60000; free(t)) {
+        t = loom_metrics_render_string(reg, NULL);
+        if (strstr(t, want)) {
+            free(t);
+            break;
+        }
+        loom_sleep_ms(100);
+    }
+    cr_log_info("partitions watched after %lld ms", (long long)(loom_mono_ms() - t0));
+    loom_sleep_ms(3000); /* three times stall_after_ms */
+    loom_worker_stats_t st = {0};
+    loom_worker_stats(e.w, &st);
+    cr_assert_eq(st.stalls, 0, "an idle, fully applied partition was reported as stalled");
+    char *text = loom_metrics_render_string(reg, NULL);
+    snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 0", e.name);
+    cr_assert(strstr(text, want), "%s", text);
+    /* and the lag of every partition is 0 */
+    snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.name);
+    int lags = 0;
+    for (const char *l = strstr(text, want); l; l = strstr(l + 1, want), lags++)
+        cr_assert(strncmp(strchr(l, '}'), "} 0\n", 4) == 0, "%.120s", l);
+    cr_assert_eq(lags, 2, "%s", text);
+    free(text);
+    loom_producer_free(p);
+    loom_worker_free(e.w);
+    loom_db_pool_free(e.pool);
+    loom_metrics_free(reg);
+    rd_kafka_mock_cluster_destroy(mc);
+    rd_kafka_destroy(owner);
+    env_mock = NULL;
+}
+
 Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout = 300)
 {
     rd_kafka_mock_cluster_t *mc;
