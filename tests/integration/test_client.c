@@ -22,21 +22,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* ---- helpers (as in test_messaging.c) --------------------------------------------- */
-
-static void make_db(char *url, size_t size)
-{
-    loom_test_db_create(url, size);
-    loom_db_pool_t *pool = loom_test_pool(url, 1);
-    loom_db_t *db;
-    loom_error_t err;
-    loom_migration_set_t set = loom_test_migrations();
-    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
-    cr_assert_eq(loom_migrate_up(db, &set, NULL, &err), 0, "%s", err.message);
-    loom_db_release(db);
-    loom_db_pool_free(pool);
-}
-
 typedef struct env {
     char url[512];
     char suffix[64];
@@ -53,7 +38,7 @@ typedef struct env {
 static void env_init(env_t *e, const char *brokers)
 {
     memset(e, 0, sizeof(*e));
-    make_db(e->url, sizeof(e->url));
+    loom_test_db_create_ledger(e->url, sizeof(e->url));
     loom_test_unique_name("c", e->suffix, sizeof(e->suffix));
     snprintf(e->type, sizeof(e->type), "test.credit.%s", e->suffix);
     snprintf(e->topic, sizeof(e->topic), "loom.cmd.%s", e->type);

@@ -23,15 +23,6 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 
-static void create_topic(const char *brokers, const char *topic, int partitions)
-{
-    int created = 0;
-    loom_error_t err;
-    const char *t[] = {topic};
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, t, 1, partitions, &created, &err), 0, "%s",
-                 err.message);
-}
-
 static loom_producer_t *producer(const char *brokers)
 {
     loom_producer_t *p;
@@ -120,7 +111,7 @@ static void env_init(env_t *e, const char *brokers, int partitions)
     if (env_mock) /* the mock cluster of librdkafka 2.0 has no CreateTopics */
         cr_assert_eq(rd_kafka_mock_topic_create(env_mock, e->topic, partitions, 1), 0);
     else
-        create_topic(brokers, e->topic, partitions);
+        loom_test_kafka_topic(brokers, e->topic, partitions);
 }
 
 static const char *tail(const char *s, size_t n)
@@ -794,7 +785,7 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     e.def = loom_test_consumers[0];
     e.def.name = e.name;
     e.def.topics = e.topics;
-    create_topic(brokers, e.topic, 4);
+    loom_test_kafka_topic(brokers, e.topic, 4);
     env_start_worker(&e, brokers);
 
     loom_producer_t *p = producer(brokers);

@@ -242,6 +242,20 @@ static char **build_env(const char *const extra[])
     return env;
 }
 
+/* Starts argv with the file actions fa (consumed) and env added. */
+static pid_t spawn_with(const char *const argv[], const char *const env[],
+                        posix_spawn_file_actions_t *fa)
+{
+    posix_spawn_file_actions_addopen(fa, 0, "/dev/null", O_RDONLY, 0);
+    char **envp = build_env(env);
+    pid_t pid;
+    int rc = posix_spawn(&pid, argv[0], fa, NULL, (char *const *)argv, envp);
+    free(envp);
+    posix_spawn_file_actions_destroy(fa);
+    cr_assert_eq(rc, 0, "could not run %s: %s", argv[0], strerror(rc));
+    return pid;
+}
+
 pid_t loom_test_spawn(const char *const argv[], const char *const env[], int *fd)
 {
     int p[2];
@@ -250,14 +264,8 @@ pid_t loom_test_spawn(const char *const argv[], const char *const env[], int *fd
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, p[1], 1);
     posix_spawn_file_actions_adddup2(&fa, p[1], 2);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    char **envp = build_env(env);
-    pid_t pid;
-    int rc = posix_spawn(&pid, argv[0], &fa, NULL, (char *const *)argv, envp);
-    free(envp);
-    posix_spawn_file_actions_destroy(&fa);
+    pid_t pid = spawn_with(argv, env, &fa);
     close(p[1]);
-    cr_assert_eq(rc, 0, "could not run %s: %s", argv[0], strerror(rc));
     *fd = p[0];
     return pid;
 }
@@ -413,12 +421,5 @@ pid_t loom_test_spawn_logged(const char *const argv[], const char *const env[],
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 1, log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
     posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    char **envp = build_env(env);
-    pid_t pid;
-    int rc = posix_spawn(&pid, argv[0], &fa, NULL, (char *const *)argv, envp);
-    free(envp);
-    posix_spawn_file_actions_destroy(&fa);
-    cr_assert_eq(rc, 0, "could not run %s: %s", argv[0], strerror(rc));
-    return pid;
+    return spawn_with(argv, env, &fa);
 }
