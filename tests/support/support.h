@@ -18,8 +18,10 @@
  * fixture wrote (build/tests/testenv/env). NULL when neither has it. */
 const char *loom_test_env(const char *name);
 
-/* URL of the shared test Postgres's admin database; aborts the test with a
- * clear message when the fixture is not running. */
+/* URL of the shared test Postgres's admin database (LOOM_TEST_DATABASE_URL:
+ * set it to run the suite against another server, such as a CockroachDB
+ * node); aborts the test with a clear message when the fixture is not
+ * running. */
 const char *loom_test_pg_url(void);
 /* Bootstrap address of the real Kafka broker fixture (same rules). */
 const char *loom_test_kafka_brokers(void);
