@@ -668,6 +668,7 @@ typedef struct part_state {
     int attempts;          /* failures of the message at retry_offset */
     int64_t commit_offset; /* next offset to commit (all before it applied); -1 none */
     int64_t committed;     /* what the group coordinator confirmed; -1 unknown */
+    bool committed_asked;  /* committed was asked for (-1 then: none, start of log) */
     int64_t sent;          /* last offset sent in an asynchronous commit */
     int64_t sent_ms;       /* and when (mono ms) */
     int64_t last_msg_ms;
@@ -680,6 +681,7 @@ typedef struct consumer_rt {
     part_state_t *parts;
     size_t n_parts, cap_parts;
     bool commit_failing; /* the last offset commit failed (logged once) */
+    int stall_cursor;    /* where the next stall check starts asking the broker */
 } consumer_rt_t;
 
 /* ---- apply threads ------------------------------------------------------------------ */
@@ -1089,39 +1091,60 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
 
 /* ---- stall detection ---------------------------------------------------------------- */
 
+/* Time a stall check may spend asking the broker, so the loop (and every
+ * command waiting in it) is never held long: partitions not asked this time
+ * are asked at the next checks, in turn. */
+#define STALL_CHECK_BUDGET_MS  50
+#define STALL_QUERY_TIMEOUT_MS 500
+
 static void check_stalls(consumer_rt_t *rt)
 {
     loom_worker_t *w = rt->wc->w;
     const char *name = rt->wc->def->name;
-    int64_t now = loom_mono_ms();
+    int64_t now = loom_mono_ms(), budget_end = now + STALL_CHECK_BUDGET_MS;
     rd_kafka_topic_partition_list_t *assigned = NULL;
     if (rd_kafka_assignment(rt->rk, &assigned) != RD_KAFKA_RESP_ERR_NO_ERROR)
         return;
     rd_kafka_position(rt->rk, assigned);
-    int stalled = 0, retrying = 0;
+    /* A partition that fetched nothing since it was assigned has no position:
+     * it starts at the group's committed offset, asked once for all. */
+    rd_kafka_topic_partition_list_t *unknown = rd_kafka_topic_partition_list_new(4);
     for (int i = 0; i < assigned->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &assigned->elems[i];
+        part_state_t *ps = part_get(rt, tp->topic, tp->partition);
+        if (tp->offset < 0 && ps->committed < 0 && !ps->committed_asked)
+            rd_kafka_topic_partition_list_add(unknown, tp->topic, tp->partition);
+    }
+    if (unknown->cnt > 0 &&
+        rd_kafka_committed(rt->rk, unknown, STALL_QUERY_TIMEOUT_MS) == RD_KAFKA_RESP_ERR_NO_ERROR)
+        for (int i = 0; i < unknown->cnt; i++) {
+            part_state_t *ps = part_find(rt, unknown->elems[i].topic, unknown->elems[i].partition);
+            if (!ps || unknown->elems[i].err)
+                continue;
+            ps->committed_asked = true;
+            if (unknown->elems[i].offset >= 0)
+                ps->committed = unknown->elems[i].offset;
+        }
+    rd_kafka_topic_partition_list_destroy(unknown);
+    int stalled = 0, retrying = 0, next_cursor = rt->stall_cursor;
+    for (int k = 0; k < assigned->cnt; k++) {
+        int i = (rt->stall_cursor + k) % assigned->cnt;
         rd_kafka_topic_partition_t *tp = &assigned->elems[i];
         part_state_t *ps = part_get(rt, tp->topic, tp->partition);
         int64_t lo = 0, hi = 0;
         bool idle = !ps->paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
-        /* Cached watermarks are free; an idle partition gets a fresh answer. */
+        /* Cached watermarks are free; an idle partition gets a fresh answer
+         * while the budget lasts. */
+        bool ask = idle && loom_mono_ms() < budget_end;
         rd_kafka_resp_err_t e =
-            idle
-                ? rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi, 2000)
+            ask ? rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi,
+                                                   STALL_QUERY_TIMEOUT_MS)
                 : rd_kafka_get_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi);
+        if (ask)
+            next_cursor = i + 1;
         if (e != RD_KAFKA_RESP_ERR_NO_ERROR || hi < 0)
             continue;
-        /* A partition that fetched nothing since it was assigned has no
-         * position: it starts at the group's committed offset. */
         int64_t pos = tp->offset >= 0 ? tp->offset : ps->committed;
-        if (pos < 0 && idle) {
-            rd_kafka_topic_partition_list_t *c = rd_kafka_topic_partition_list_new(1);
-            rd_kafka_topic_partition_list_add(c, tp->topic, tp->partition);
-            if (rd_kafka_committed(rt->rk, c, 2000) == RD_KAFKA_RESP_ERR_NO_ERROR &&
-                !c->elems[0].err && c->elems[0].offset >= 0)
-                pos = ps->committed = c->elems[0].offset;
-            rd_kafka_topic_partition_list_destroy(c);
-        }
         if (pos < 0)
             pos = lo;
         int64_t lag = hi > pos ? hi - pos : 0;
@@ -1146,6 +1169,7 @@ static void check_stalls(consumer_rt_t *rt)
     const char *labels[] = {name};
     loom_metrics_gauge_set(w->m_stalled, labels, stalled);
     loom_metrics_gauge_set(w->m_retrying, labels, retrying);
+    rt->stall_cursor = assigned->cnt > 0 ? next_cursor % assigned->cnt : 0;
     rd_kafka_topic_partition_list_destroy(assigned);
 }
 
