@@ -132,6 +132,18 @@ static int db_connect(loom_db_t *db, loom_error_t *err)
         return LOOM_EDBCONN;
     }
     PQsetNoticeProcessor(db->pg, notice_to_log, NULL);
+    if (!pool->opts.read_only) {
+        /* A prepared statement's generic plan is made once per connection,
+         * from the table's size at that moment: made on a new, empty table
+         * it scans the table, and keeps scanning it as it grows (the dedup
+         * lookup of a fresh worker got slower with every batch). Plans made
+         * for each execution follow the table's size. Servers without the
+         * setting (older CockroachDB) keep their own planning. */
+        PGresult *r = PQexec(db->pg, "SET plan_cache_mode = force_custom_plan");
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            LOOM_DEBUG("plan_cache_mode not set", "error=%s", PQresultErrorMessage(r));
+        PQclear(r);
+    }
     if (pool->opts.read_only) {
         PGresult *r = PQexec(db->pg, "SET default_transaction_read_only = on");
         bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
