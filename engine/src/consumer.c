@@ -806,11 +806,19 @@ static void apply_pool_stop(apply_pool_t *ap)
     pthread_cond_destroy(&ap->done);
 }
 
-static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t partition)
+static part_state_t *part_find(consumer_rt_t *rt, const char *topic, int32_t partition)
 {
     for (size_t i = 0; i < rt->n_parts; i++)
         if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0)
             return &rt->parts[i];
+    return NULL;
+}
+
+static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t partition)
+{
+    part_state_t *found = part_find(rt, topic, partition);
+    if (found)
+        return found;
     if (rt->n_parts == rt->cap_parts) {
         rt->cap_parts = rt->cap_parts ? 2 * rt->cap_parts : 32;
         rt->parts = loom_xrealloc(rt->parts, rt->cap_parts * sizeof(*rt->parts));
@@ -827,22 +835,11 @@ static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t part
     return ps;
 }
 
-static part_state_t *part_find(consumer_rt_t *rt, const char *topic, int32_t partition)
-{
-    for (size_t i = 0; i < rt->n_parts; i++)
-        if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0)
-            return &rt->parts[i];
-    return NULL;
-}
-
 static void part_remove(consumer_rt_t *rt, const char *topic, int32_t partition)
 {
-    for (size_t i = 0; i < rt->n_parts; i++) {
-        if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0) {
-            rt->parts[i] = rt->parts[--rt->n_parts];
-            return;
-        }
-    }
+    part_state_t *ps = part_find(rt, topic, partition);
+    if (ps)
+        *ps = rt->parts[--rt->n_parts];
 }
 
 /* Records what the coordinator confirmed; a partition whose commit failed
@@ -883,23 +880,31 @@ static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
     commit_result(opaque, e, offsets);
 }
 
-/* Commits every partition's applied offset the coordinator has not
- * confirmed. Asynchronous commits are not repeated for a second while they
- * may still be answered; a synchronous one (revoke, shutdown) sends all. */
-static void commit_offsets(consumer_rt_t *rt, bool sync)
+/* The applied offsets the coordinator has not confirmed (a new list). An
+ * asynchronous commit sent less than a second ago may still be answered:
+ * with `all` false, it is not sent again yet. */
+static rd_kafka_topic_partition_list_t *unconfirmed_offsets(consumer_rt_t *rt, bool all)
 {
     int64_t now = loom_mono_ms();
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts + 1);
     for (size_t i = 0; i < rt->n_parts; i++) {
         part_state_t *ps = &rt->parts[i];
         if (ps->commit_offset < 0 || ps->commit_offset <= ps->committed)
             continue;
-        if (!sync && ps->sent == ps->commit_offset && now - ps->sent_ms < 1000)
+        if (!all && ps->sent == ps->commit_offset && now - ps->sent_ms < 1000)
             continue;
         rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = ps->commit_offset;
         ps->sent = ps->commit_offset;
         ps->sent_ms = now;
     }
+    return l;
+}
+
+/* Commits every partition's applied offset the coordinator has not
+ * confirmed; a synchronous commit (revoke) sends all of them. */
+static void commit_offsets(consumer_rt_t *rt, bool sync)
+{
+    rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, sync);
     if (l->cnt > 0) {
         rd_kafka_resp_err_t e = rd_kafka_commit(rt->rk, l, sync ? 0 : 1);
         if (sync || e)
@@ -1252,13 +1257,7 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
 static bool consumer_leave(consumer_rt_t *rt, int64_t until)
 {
     rd_kafka_queue_t *cq = rd_kafka_queue_new(rt->rk);
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts + 1);
-    for (size_t i = 0; i < rt->n_parts; i++) {
-        part_state_t *ps = &rt->parts[i];
-        if (ps->commit_offset >= 0 && ps->commit_offset > ps->committed)
-            rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset =
-                ps->commit_offset;
-    }
+    rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, true);
     if (l->cnt > 0 && rd_kafka_commit_queue(rt->rk, l, cq, NULL, NULL) == 0) {
         for (bool done = false; !done && loom_mono_ms() < until;) {
             rd_kafka_event_t *ev = rd_kafka_queue_poll(cq, 100);
