@@ -169,19 +169,12 @@ static int clean(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 int messages_store_handler(loom_msg_t *msg, loom_error_t *err)
 {
-    json_t *d = loom_msg_json(msg, err);
-    if (!d)
-        return LOOM_EINVAL;
-    if (!json_is_object(d))
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "command data must be an object");
-    const char *type = loom_msg_event(msg)->type;
-    if (strcmp(type, "messages.put_batch") == 0)
-        return put_batch(msg, d, err);
-    if (strcmp(type, "messages.delete_batch") == 0)
-        return delete_batch(msg, d, err);
-    if (strcmp(type, "messages.clean") == 0)
-        return clean(msg, d, err);
-    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "unknown command type \"%s\"", type);
+    static const loom_command_t cmds[] = {
+        {"messages.put_batch", put_batch},
+        {"messages.delete_batch", delete_batch},
+        {"messages.clean", clean},
+    };
+    return loom_msg_dispatch(msg, cmds, sizeof(cmds) / sizeof(cmds[0]), err);
 }
 
 const char *const messages_store_topics[] = {"loom.cmd.messages.put_batch",

@@ -336,25 +336,15 @@ static int instance_heartbeats(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 int registry_store_handler(loom_msg_t *msg, loom_error_t *err)
 {
-    json_t *d = loom_msg_json(msg, err);
-    if (!d)
-        return LOOM_EINVAL;
-    if (!json_is_object(d))
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "command data must be an object");
-    const char *type = loom_msg_event(msg)->type;
-    if (strcmp(type, "registry.put_definition") == 0)
-        return put_definition(msg, d, err);
-    if (strcmp(type, "registry.delete_definition") == 0)
-        return delete_definition(msg, d, err);
-    if (strcmp(type, "registry.put_instance") == 0)
-        return put_instance(msg, d, err);
-    if (strcmp(type, "registry.delete_instance") == 0)
-        return delete_instance(msg, d, err);
-    if (strcmp(type, "registry.instance_status") == 0)
-        return instance_status(msg, d, err);
-    if (strcmp(type, "registry.instance_heartbeats") == 0)
-        return instance_heartbeats(msg, d, err);
-    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "unknown command type \"%s\"", type);
+    static const loom_command_t cmds[] = {
+        {"registry.put_definition", put_definition},
+        {"registry.delete_definition", delete_definition},
+        {"registry.put_instance", put_instance},
+        {"registry.delete_instance", delete_instance},
+        {"registry.instance_status", instance_status},
+        {"registry.instance_heartbeats", instance_heartbeats},
+    };
+    return loom_msg_dispatch(msg, cmds, sizeof(cmds) / sizeof(cmds[0]), err);
 }
 
 const char *const registry_store_topics[] = {"loom.cmd.registry.put_definition",

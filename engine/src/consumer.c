@@ -161,6 +161,20 @@ const loom_config_t *loom_msg_config(const loom_msg_t *msg)
     return msg->batch->wc->w->opts.cfg;
 }
 
+int loom_msg_dispatch(loom_msg_t *msg, const loom_command_t *cmds, size_t n, loom_error_t *err)
+{
+    json_t *d = loom_msg_json(msg, err);
+    if (!d)
+        return LOOM_EINVAL;
+    if (!json_is_object(d))
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "command data must be an object");
+    const char *type = msg->ce.type ? msg->ce.type : "";
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(type, cmds[i].type) == 0)
+            return cmds[i].fn(msg, d, err);
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "unknown command type \"%s\"", type);
+}
+
 void loom_msg_set_result(loom_msg_t *msg, json_t *result)
 {
     json_decref(msg->result);

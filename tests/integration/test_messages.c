@@ -73,14 +73,18 @@ static void svc_stop(svc_t *s)
 }
 
 /* Publishes a command and waits until it is applied; returns its result. */
-static json_t *command(svc_t *s, int kind, const char *data)
+/* Publishes a command of `type` (NULL: the kind's own) on the kind's topic,
+ * waits until loom_commands has it with `status` and returns `column` of its
+ * row (a new string). */
+static char *command_row(svc_t *s, int kind, const char *type, const char *data, const char *status,
+                         const char *column)
 {
     loom_arena_t a;
     loom_arena_init(&a, 0);
     loom_ce_t ce;
-    char type[64];
-    snprintf(type, sizeof(type), "messages.%s", kinds[kind]);
-    loom_ce_init(&ce, &a, "test", "t", type);
+    char own[64];
+    snprintf(own, sizeof(own), "messages.%s", kinds[kind]);
+    loom_ce_init(&ce, &a, "test", "t", type ? type : own);
     ce.data = data;
     ce.data_len = strlen(data);
     loom_error_t err;
@@ -93,15 +97,21 @@ static json_t *command(svc_t *s, int kind, const char *data)
     loom_delivery_release(&d);
     char sql[300];
     snprintf(sql, sizeof(sql),
-             "SELECT count(*) FROM loom_commands WHERE message_id = '%s' AND status = 'applied'",
-             ce.id);
-    cr_assert_eq(loom_test_wait_for(s->url, sql, 1, 60000), 1, "command %s not applied", ce.id);
-    snprintf(sql, sizeof(sql), "SELECT result::text FROM loom_commands WHERE message_id = '%s'",
+             "SELECT count(*) FROM loom_commands WHERE message_id = '%s' AND status = '%s'", ce.id,
+             status);
+    cr_assert_eq(loom_test_wait_for(s->url, sql, 1, 60000), 1, "command %s not %s", ce.id, status);
+    snprintf(sql, sizeof(sql), "SELECT %s FROM loom_commands WHERE message_id = '%s'", column,
              ce.id);
     char *r = loom_test_sql_value(s->url, sql);
+    loom_arena_release(&a);
+    return r;
+}
+
+static json_t *command(svc_t *s, int kind, const char *data)
+{
+    char *r = command_row(s, kind, NULL, data, "applied", "result::text");
     json_t *res = json_loads(r, 0, NULL);
     free(r);
-    loom_arena_release(&a);
     return res;
 }
 
@@ -197,11 +207,19 @@ Test(messages, put_get_round_trip_first_write_wins_delete_and_clean, .timeout = 
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM messages WHERE id = 'fresh'"), 1);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM messages"), 1);
 
-    /* An invalid message in a command is rejected, naming index and field. */
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
+    /* An invalid message in a command is rejected, naming index and field;
+     * so are data that is not an object and a type the service does not know. */
+    char *e = command_row(&s, 0, NULL, "{\"msgs\":[{\"id\":\"x\",\"source\":\"urn:s\"}]}",
+                          "rejected", "last_error");
+    cr_assert(strstr(e, "msgs[0].") != NULL, "%s", e);
+    free(e);
+    e = command_row(&s, 0, NULL, "[1]", "rejected", "last_error");
+    cr_assert_str_eq(e, "command data must be an object");
+    free(e);
+    e = command_row(&s, 0, "messages.shred", "{}", "rejected", "last_error");
+    cr_assert_str_eq(e, "unknown command type \"messages.shred\"");
+    free(e);
     json_decref(want);
-    loom_arena_release(&a);
     svc_stop(&s);
 }
 

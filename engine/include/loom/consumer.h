@@ -57,6 +57,16 @@ int64_t loom_msg_offset(const loom_msg_t *msg);
 /* The worker's configuration (service settings such as retention); NULL
  * when the worker was started without one. */
 const loom_config_t *loom_msg_config(const loom_msg_t *msg);
+/* A handler for one command type: data is the command's JSON object. */
+typedef int (*loom_command_fn)(loom_msg_t *msg, json_t *data, loom_error_t *err);
+typedef struct loom_command {
+    const char *type; /* CloudEvent type, "messages.put_batch" */
+    loom_command_fn fn;
+} loom_command_t;
+/* A consumer's handler in one call: parses the data as a JSON object and
+ * calls the entry of `cmds` (n of them) for the command's type; anything
+ * else is rejected with INVALID_ARGUMENT / INVALID_JSON. */
+int loom_msg_dispatch(loom_msg_t *msg, const loom_command_t *cmds, size_t n, loom_error_t *err);
 /* Sets the command's result, stored in loom_commands.result (steals). */
 void loom_msg_set_result(loom_msg_t *msg, json_t *result);
 
