@@ -1,5 +1,5 @@
 /*
- * messages.c: HTTP routes of the messages service (SERVICES.md section 1).
+ * messages.c: HTTP routes of the messages service (README.md, "HTTP API").
  *
  *   POST /v1/messages:batchPut     {"msgs":[CloudEvent...]}  command messages.put_batch
  *   POST /v1/messages:batchGet     {"ids":[...]}             op messages.batch_get
@@ -48,8 +48,11 @@ static int batch_put(loom_http_req_t *req, loom_http_res_t *res)
             return loom_gateway_fail(req, res, &err);
         }
     }
-    loom_gateway_command_t cmd = {.type = "messages.put_batch",
-                                  .data = json_pack("{s:O}", "msgs", msgs)};
+    const char *key = NULL;
+    if (loom_gateway_partition_key(req, &key, &err) != 0)
+        return loom_gateway_fail(req, res, &err);
+    loom_gateway_command_t cmd = {
+        .type = "messages.put_batch", .key = key, .data = json_pack("{s:O}", "msgs", msgs)};
     return loom_gateway_publish(req, res, &cmd);
 }
 
@@ -102,11 +105,15 @@ static int get_one(loom_http_req_t *req, loom_http_res_t *res)
 
 static int batch_delete(loom_http_req_t *req, loom_http_res_t *res)
 {
+    loom_error_t err;
+    const char *key = NULL;
+    if (loom_gateway_partition_key(req, &key, &err) != 0)
+        return loom_gateway_fail(req, res, &err);
     json_t *ids = ids_of(req, res);
     if (!ids)
         return 0;
-    loom_gateway_command_t cmd = {.type = "messages.delete_batch",
-                                  .data = json_pack("{s:O}", "ids", ids)};
+    loom_gateway_command_t cmd = {
+        .type = "messages.delete_batch", .key = key, .data = json_pack("{s:O}", "ids", ids)};
     return loom_gateway_publish(req, res, &cmd);
 }
 
@@ -118,10 +125,12 @@ static int clean(loom_http_req_t *req, loom_http_res_t *res)
 }
 
 const loom_route_t api_messages_routes[] = {
-    {"POST", "/v1/messages:batchPut", batch_put, "messages:write"},
+    {"POST", "/v1/messages:batchPut", batch_put, "messages:write",
+     "{\"msgs\":[{\"id\":\"hello-1\",\"source\":\"urn:demo\",\"specversion\":\"1.0\","
+     "\"type\":\"demo.greeting\",\"data\":{\"text\":\"hello\"}}]}"},
     {"POST", "/v1/messages:batchGet", batch_get, "messages:read"},
-    {"GET", "/v1/messages/{id}", get_one, "messages:read"},
-    {"POST", "/v1/messages:batchDelete", batch_delete, "messages:write"},
+    {"GET", "/v1/messages/{id}", get_one, "messages:read", "/v1/messages/hello-1"},
+    {"POST", "/v1/messages:batchDelete", batch_delete, "messages:write", "{\"ids\":[\"hello-1\"]}"},
     {"POST", "/v1/messages:clean", clean, "messages:write"},
+    {0},
 };
-const size_t api_messages_n_routes = sizeof(api_messages_routes) / sizeof(api_messages_routes[0]);

@@ -242,5 +242,5 @@ const loom_route_t api_registry_routes[] = {
     {"DELETE", "/v1/registry/instances/{id}", delete_instance, "registry:write"},
     {"GET", "/v1/registry/nodes", list_nodes, "registry:read"},
     {"GET", "/v1/registry/nodes/self", self_node, "registry:read"},
+    {0},
 };
-const size_t api_registry_n_routes = sizeof(api_registry_routes) / sizeof(api_registry_routes[0]);

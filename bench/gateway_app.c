@@ -8,14 +8,9 @@
  *
  * Everything else is loom_main(): run it as `gateway_app api`.
  */
-#include "api.h"
 #include "loom/app.h"
-#include "ops.h"
-
-#include <stdlib.h>
-#include <string.h>
-
-extern const loom_migration_set_t loom_app_migrations;
+#include "messages/messages.h"
+#include "registry/registry.h"
 
 static int bench_command(loom_http_req_t *req, loom_http_res_t *res)
 {
@@ -27,25 +22,29 @@ static int bench_command(loom_http_req_t *req, loom_http_res_t *res)
     return loom_gateway_publish(req, res, &cmd);
 }
 
+static const loom_route_t bench_routes[] = {
+    {"POST", "/v1/bench/commands", bench_command, NULL},
+    {0},
+};
+
+static const loom_service_t bench_service = {
+    .name = "bench",
+    .description = "a minimal command for the gateway's write figures",
+    .routes = bench_routes,
+};
+
 int main(int argc, char **argv)
 {
-    size_t n = 0;
-    const loom_route_t *app_routes = loom_app_routes(&n);
-    loom_route_t *routes = calloc(n + 1, sizeof(*routes));
-    if (!routes)
-        return 1;
-    memcpy(routes, app_routes, n * sizeof(*routes));
-    routes[n] = (loom_route_t){"POST", "/v1/bench/commands", bench_command, NULL};
+    static const loom_service_t *const services[] = {
+        &loom_messages_service,
+        &loom_registry_service,
+        &bench_service,
+    };
     loom_app_t app = {
         .name = "loom",
         .version = "bench",
-        .migrations = loom_app_migrations,
-        .ops = loom_app_ops,
-        .n_ops = loom_app_n_ops,
-        .routes = routes,
-        .n_routes = n + 1,
+        .services = services,
+        .n_services = LOOM_COUNT(services),
     };
-    int rc = loom_main(argc, argv, &app);
-    free(routes);
-    return rc;
+    return loom_main(argc, argv, &app);
 }

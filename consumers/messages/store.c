@@ -167,19 +167,14 @@ static int clean(loom_msg_t *msg, json_t *d, loom_error_t *err)
     return rc;
 }
 
-int messages_store_handler(loom_msg_t *msg, loom_error_t *err)
-{
-    static const loom_command_t cmds[] = {
-        {"messages.put_batch", put_batch},
-        {"messages.delete_batch", delete_batch},
-        {"messages.clean", clean},
-    };
-    return loom_msg_dispatch(msg, cmds, sizeof(cmds) / sizeof(cmds[0]), err);
-}
-
-const char *const messages_store_topics[] = {"loom.cmd.messages.put_batch",
-                                             "loom.cmd.messages.delete_batch",
-                                             "loom.cmd.messages.clean", NULL};
+/* Every command travels on loom.cmd.messages: a put and a delete of one id
+ * given the same partition key are applied in the order they were sent. */
+const loom_command_t messages_commands[] = {
+    {"messages.put_batch", put_batch, NULL},
+    {"messages.delete_batch", delete_batch, NULL},
+    {"messages.clean", clean, NULL},
+    {0},
+};
 
 /* ---- the projection ------------------------------------------------------------ */
 

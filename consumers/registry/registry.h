@@ -1,7 +1,8 @@
 /*
- * registry.h: the write side of the registry service (SERVICES.md section 2).
+ * registry.h: the write side of the registry service (README.md, "HTTP API").
  *
- * Commands (topic loom.cmd.<type>, Kafka key = the definition or instance id):
+ * Commands (topic loom.cmd.registry; Kafka key = the definition or instance id,
+ * so one entity's commands are applied in the order they were published):
  *   registry.put_definition     {"definition": {...}}           -> {"id", "definition"}
  *   registry.delete_definition  {"id"}                          -> {"id", "deleted": true}
  *   registry.put_instance       {"url", "deployment_id"?, "node_url"?, "tags"?,
@@ -29,16 +30,13 @@
 #ifndef LOOM_CONSUMERS_REGISTRY_H
 #define LOOM_CONSUMERS_REGISTRY_H
 
-#include "loom/config.h"
-#include "loom/consumer.h"
-#include "loom/periodic.h"
+#include "loom/service.h"
 
 #include <stddef.h>
 #include <stdint.h>
 
-/* store.c */
-int registry_store_handler(loom_msg_t *msg, loom_error_t *err);
-extern const char *const registry_store_topics[];
+/* store.c: the command table of the consumer registry.store. */
+extern const loom_command_t registry_commands[];
 
 /* ---- probe.c: TCP health probes on a libuv loop of their own ------------------------ */
 
@@ -82,49 +80,7 @@ int registry_probe_run(registry_probe_t *probes, size_t n, registry_probe_opts_t
 /* The periodic job "registry.probe". */
 int registry_probe_job(loom_job_ctx_t *ctx, loom_error_t *err);
 
-/* The entries this service adds to the tables of consumers.c. */
-#define REGISTRY_CONSUMERS                                                             \
-    {                                                                                  \
-        "registry.store", registry_store_topics, registry_store_handler, 100,          \
-            "applies service definitions, instance registrations (ownership by slug) " \
-            "and instance health statuses"                                             \
-    }
-
-#define REGISTRY_JOBS                                                                       \
-    {                                                                                       \
-        "registry.probe", "LOOM_REGISTRY_PROBE_INTERVAL", 15000, registry_probe_job,        \
-            "connects to every registered instance and publishes registry.instance_status " \
-            "for each status that changed"                                                  \
-    }
-
-#define REGISTRY_CONFIG_VARS                                                                \
-    {"LOOM_REGISTRY_PROBE_INTERVAL",                                                        \
-     LOOM_CFG_DURATION,                                                                     \
-     "15s",                                                                                 \
-     NULL,                                                                                  \
-     1000,                                                                                  \
-     86400LL * 1000,                                                                        \
-     false,                                                                                 \
-     "how often one node probes the health of every registered service instance"},          \
-        {"LOOM_REGISTRY_PROBE_TIMEOUT",                                                     \
-         LOOM_CFG_DURATION,                                                                 \
-         "3s",                                                                              \
-         NULL,                                                                              \
-         10,                                                                                \
-         60000,                                                                             \
-         false,                                                                             \
-         "how long a health probe may take to connect before the instance is unreachable"}, \
-        {"LOOM_REGISTRY_PROBE_DEGRADED_AFTER",                                              \
-         LOOM_CFG_DURATION,                                                                 \
-         "1s",                                                                              \
-         NULL,                                                                              \
-         1,                                                                                 \
-         60000,                                                                             \
-         false,                                                                             \
-         "a health probe that connects slower than this marks the instance degraded"},      \
-    {                                                                                       \
-        "LOOM_REGISTRY_PROBE_CONCURRENCY", LOOM_CFG_INT, "256", NULL, 1, 10000, false,      \
-            "health probes (sockets) open at once"                                          \
-    }
+/* service.c: the whole service, registered in cmd/loom/main.c. */
+extern const loom_service_t loom_registry_service;
 
 #endif

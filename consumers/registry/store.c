@@ -7,9 +7,10 @@
  * (../../ops/registry/model.h): commands also come from `loom publish`, other
  * services and replays, and a bad one must be rejected (4xx, never retried)
  * rather than fail in SQL and be retried forever. Ownership is decided here
- * for good: the route's early 403 is a courtesy for HTTP callers. An
- * instance's commands share its id as Kafka key, so they are applied one at a
- * time in the order they were published.
+ * for good: the route's early 403 is a courtesy for HTTP callers. Every
+ * command travels on the one topic loom.cmd.registry, keyed by the definition
+ * or instance id, so one entity's commands are applied in the order Kafka
+ * acknowledged them (a put then a delete of one instance stay in that order).
  */
 #include "registry.h"
 #include "../../ops/registry/model.h"
@@ -334,23 +335,15 @@ static int instance_heartbeats(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 /* ---- dispatch ------------------------------------------------------------------------- */
 
-int registry_store_handler(loom_msg_t *msg, loom_error_t *err)
-{
-    static const loom_command_t cmds[] = {
-        {"registry.put_definition", put_definition},
-        {"registry.delete_definition", delete_definition},
-        {"registry.put_instance", put_instance},
-        {"registry.delete_instance", delete_instance},
-        {"registry.instance_status", instance_status},
-        {"registry.instance_heartbeats", instance_heartbeats},
-    };
-    return loom_msg_dispatch(msg, cmds, sizeof(cmds) / sizeof(cmds[0]), err);
-}
-
-const char *const registry_store_topics[] = {"loom.cmd.registry.put_definition",
-                                             "loom.cmd.registry.delete_definition",
-                                             "loom.cmd.registry.put_instance",
-                                             "loom.cmd.registry.delete_instance",
-                                             "loom.cmd.registry.instance_status",
-                                             "loom.cmd.registry.instance_heartbeats",
-                                             NULL};
+/* One topic, loom.cmd.registry, for every command: a definition's commands
+ * share its id as key and an instance's commands its id, so each entity's
+ * commands are applied in the order Kafka acknowledged them. */
+const loom_command_t registry_commands[] = {
+    {"registry.put_definition", put_definition, NULL},
+    {"registry.delete_definition", delete_definition, NULL},
+    {"registry.put_instance", put_instance, NULL},
+    {"registry.delete_instance", delete_instance, NULL},
+    {"registry.instance_status", instance_status, NULL},
+    {"registry.instance_heartbeats", instance_heartbeats, NULL},
+    {0},
+};

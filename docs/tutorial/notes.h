@@ -1,15 +1,13 @@
-/* notes.h: what the notes service hands to cmd/loom/main.c. */
+/* notes.h: the parts of the notes service, gathered in notes_service.c. */
 #ifndef NOTES_H
 #define NOTES_H
 
-#include "loom/consumer.h"
-#include "loom/gateway.h"
-#include "loom/op.h"
+#include "loom/service.h"
 
-int notes_store(loom_msg_t *msg, loom_error_t *err);
-extern const char *const notes_topics[];
+extern const loom_command_t notes_commands[];
 extern const loom_op_t notes_get_op;
 extern const loom_route_t notes_routes[];
 extern const char notes_migration_sql[];
+extern const loom_service_t notes_service;
 
 #endif

@@ -5,13 +5,10 @@ static const loom_db_stmt_t insert_note = {
     "notes_insert",
     "INSERT INTO tutorial_notes (id, text) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING", 2};
 
-int notes_store(loom_msg_t *msg, loom_error_t *err)
+static int add_note(loom_msg_t *msg, json_t *data, loom_error_t *err)
 {
-    json_t *d = loom_msg_json(msg, err);
-    if (!d)
-        return LOOM_EINVAL;
-    const char *id = json_string_value(json_object_get(d, "id"));
-    const char *text = json_string_value(json_object_get(d, "text"));
+    const char *id = json_string_value(json_object_get(data, "id"));
+    const char *text = json_string_value(json_object_get(data, "text"));
     if (!id || !text) /* a 4xx class: the command is rejected, never retried */
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "\"id\" and \"text\" are required");
     const char *params[] = {id, text};
@@ -27,4 +24,9 @@ int notes_store(loom_msg_t *msg, loom_error_t *err)
     return rc;
 }
 
-const char *const notes_topics[] = {"loom.cmd.notes.add", NULL};
+/* The command table: type -> handler. Every notes.* command travels on
+ * loom.cmd.notes, keyed by the note id, so one note's commands stay in order. */
+const loom_command_t notes_commands[] = {
+    {"notes.add", add_note, NULL},
+    {0},
+};

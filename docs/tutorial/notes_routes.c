@@ -24,7 +24,9 @@ static int get_note(loom_http_req_t *req, loom_http_res_t *res)
                                   json_pack("{s:s}", "id", loom_gateway_param(req, "id")));
 }
 
+/* method, path, handler, scope, and an example `loom dev` prints */
 const loom_route_t notes_routes[] = {
-    {"POST", "/v1/notes", add_note, "notes:write"},
-    {"GET", "/v1/notes/{id}", get_note, "notes:read"},
+    {"POST", "/v1/notes", add_note, "notes:write", "{\"id\":\"n1\",\"text\":\"hi\"}"},
+    {"GET", "/v1/notes/{id}", get_note, "notes:read", "/v1/notes/n1"},
+    {0},
 };

@@ -133,6 +133,8 @@ static int cmd_version(cli_ctx_t *ctx, int argc, char **argv)
     return LOOM_EXIT_OK;
 }
 
+static int run_command(int argc, char **argv, const loom_app_t *app);
+
 static bool wants_help(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
@@ -152,7 +154,20 @@ static const cli_command_t *find_command(const char *name)
     return NULL;
 }
 
-int loom_main(int argc, char **argv, const loom_app_t *app)
+int loom_main(int argc, char **argv, loom_app_t *app)
+{
+    loom_error_t berr;
+    if (loom_app_build(app, &berr) != 0) {
+        fprintf(stderr, "%s: %s\n", app->name ? app->name : "loom", berr.message);
+        loom_app_release(app);
+        return LOOM_EXIT_CONFIG;
+    }
+    int rc = run_command(argc, argv, app);
+    loom_app_release(app);
+    return rc;
+}
+
+static int run_command(int argc, char **argv, const loom_app_t *app)
 {
     if (argc < 2) {
         print_main_help(app, stderr);

@@ -8,6 +8,7 @@
 #include "loom/config.h"
 #include "loom/bus.h"
 #include "loom/db.h"
+#include "loom/gateway.h"
 #include "loom/metrics.h"
 #include "loom/node.h"
 #include "loom/periodic.h"
@@ -16,6 +17,7 @@
 #include <librdkafka/rdkafka_mock.h>
 
 #include <signal.h>
+#include <stdio.h>
 #include <stdbool.h>
 
 typedef struct cli_ctx {
@@ -54,6 +56,20 @@ int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
                            loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
                            const char *role, const char *url, cli_worker_parts_t *parts);
 void cli_worker_parts_stop(cli_worker_parts_t *parts);
+
+/* The gateway's producer (a short linger, a bounded wait for the broker)
+ * and the gateway on LOOM_API_* (threads, limits, tokens), as `loom api`
+ * and `loom dev` both run them (cli_api.c). opts must outlive the gateway. */
+int cli_gateway_producer_new(cli_ctx_t *ctx, const char *brokers, loom_producer_t **out,
+                             loom_error_t *err);
+int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer_t *producer,
+                      loom_metrics_t *metrics, loom_gateway_opts_t *opts, loom_gateway_t **gw,
+                      loom_error_t *err);
+
+/* Creates the topics of the app's consumers on brokers (as `loom migrate up`
+ * does) and reports to out, naming any per-type topic of an earlier Loom.
+ * Returns how many were created, or -1 when they could not be (reported). */
+int cli_create_topics(cli_ctx_t *ctx, const char *brokers, FILE *out);
 
 /* A librdkafka mock cluster for `loom dev` and `loom broker`, with the app's
  * topics created (the mock has no CreateTopics). cli_broker.c. */

@@ -26,6 +26,49 @@ static int64_t cfg_num(const loom_config_t *cfg, const char *name)
     return v ? v->num : 0;
 }
 
+int cli_gateway_producer_new(cli_ctx_t *ctx, const char *brokers, loom_producer_t **out,
+                             loom_error_t *err)
+{
+    loom_producer_opts_t popts = {.brokers = brokers,
+                                  .cfg = &ctx->cfg,
+                                  .flush_timeout_ms = ctx->cfg.shutdown_timeout_ms,
+                                  .message_timeout_ms = API_PUBLISH_TIMEOUT_MS,
+                                  .linger_ms = API_LINGER_MS};
+    return loom_producer_new(&popts, out, err);
+}
+
+int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer_t *producer,
+                      loom_metrics_t *metrics, loom_gateway_opts_t *opts, loom_gateway_t **gw,
+                      loom_error_t *err)
+{
+    *opts = (loom_gateway_opts_t){
+        .listen = ctx->cfg.api_listen,
+        .threads = (int)cfg_num(&ctx->cfg, "LOOM_API_THREADS"),
+        .limits = {.max_body = (size_t)cfg_num(&ctx->cfg, "LOOM_API_MAX_BODY"),
+                   .max_connections = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_CONNECTIONS"),
+                   .header_timeout_ms = cfg_num(&ctx->cfg, "LOOM_API_HEADER_TIMEOUT"),
+                   .idle_timeout_ms = cfg_num(&ctx->cfg, "LOOM_API_IDLE_TIMEOUT")},
+        .routes = ctx->app->routes,
+        .n_routes = ctx->app->n_routes,
+        .ops = rt,
+        .producer = producer,
+        .metrics = metrics,
+        .tokens_file = ctx->cfg.api_tokens_file,
+        .site = ctx->cfg.site_name,
+        .node = ctx->cfg.node_id,
+        .workers = ctx->cfg.database_pool_size,
+    };
+    int rc = loom_gateway_start(opts, gw, err);
+    if (rc == 0)
+        LOOM_INFO("gateway started",
+                  "listen=%s threads=%d max_body=%zu max_connections=%d "
+                  "header_timeout_ms=%lld idle_timeout_ms=%lld routes=%zu",
+                  loom_gateway_addr(*gw, 0), opts->threads, opts->limits.max_body,
+                  opts->limits.max_connections, (long long)opts->limits.header_timeout_ms,
+                  (long long)opts->limits.idle_timeout_ms, opts->n_routes);
+    return rc;
+}
+
 static int cmd_api(cli_ctx_t *ctx, int argc, char **argv)
 {
     if (argc > 1)
@@ -69,38 +112,17 @@ static int cmd_api(cli_ctx_t *ctx, int argc, char **argv)
     loom_op_runtime_init(&rt, table, pool, metrics);
 
     loom_producer_t *producer = NULL;
-    loom_producer_opts_t popts = {.brokers = ctx->cfg.kafka_brokers,
-                                  .cfg = &ctx->cfg,
-                                  .flush_timeout_ms = ctx->cfg.shutdown_timeout_ms,
-                                  .message_timeout_ms = API_PUBLISH_TIMEOUT_MS,
-                                  .linger_ms = API_LINGER_MS};
-    if (loom_producer_new(&popts, &producer, &err) != 0) {
+    if (cli_gateway_producer_new(ctx, ctx->cfg.kafka_brokers, &producer, &err) != 0) {
         loom_metrics_free(metrics);
         loom_op_table_free(table);
         loom_db_pool_free(pool);
         return cli_fail("api", "%s", err.message);
     }
 
-    loom_gateway_opts_t gopts = {
-        .listen = ctx->cfg.api_listen,
-        .threads = (int)cfg_num(&ctx->cfg, "LOOM_API_THREADS"),
-        .limits = {.max_body = (size_t)cfg_num(&ctx->cfg, "LOOM_API_MAX_BODY"),
-                   .max_connections = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_CONNECTIONS"),
-                   .header_timeout_ms = cfg_num(&ctx->cfg, "LOOM_API_HEADER_TIMEOUT"),
-                   .idle_timeout_ms = cfg_num(&ctx->cfg, "LOOM_API_IDLE_TIMEOUT")},
-        .routes = ctx->app->routes,
-        .n_routes = ctx->app->n_routes,
-        .ops = &rt,
-        .producer = producer,
-        .metrics = metrics,
-        .tokens_file = ctx->cfg.api_tokens_file,
-        .site = ctx->cfg.site_name,
-        .node = ctx->cfg.node_id,
-        .workers = ctx->cfg.database_pool_size,
-    };
+    loom_gateway_opts_t gopts;
     loom_gateway_t *gw = NULL;
     rc = LOOM_EXIT_OK;
-    if (loom_gateway_start(&gopts, &gw, &err) != 0) {
+    if (cli_gateway_start(ctx, &rt, producer, metrics, &gopts, &gw, &err) != 0) {
         rc = cli_fail("api", "%s", err.message);
         goto out;
     }

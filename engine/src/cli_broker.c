@@ -2,7 +2,7 @@
  * cli_broker.c: `loom broker`, the embedded Kafka (librdkafka's mock
  * cluster) on its own, so separate `loom api` and `loom worker` processes on
  * one machine can share it. For development only: it keeps everything in
- * memory (see DESIGN.md section 11 for its limits).
+ * memory (README.md, "Quick start", says what it keeps).
  */
 #include "cli.h"
 #include "loom/envelope.h"
@@ -34,13 +34,13 @@ rd_kafka_t *cli_mock_cluster_start(cli_ctx_t *ctx, int brokers, rd_kafka_mock_cl
     *bootstraps = rd_kafka_mock_cluster_bootstraps(*mc);
     /* The mock has no CreateTopics: create the app's topics here. */
     int n = 0;
-    for (size_t i = 0; i < ctx->app->n_consumers; i++)
-        for (const char *const *t = ctx->app->consumers[i].topics; t && *t; t++) {
-            char topic[256];
-            loom_topic_map(*t, topic, sizeof(topic));
-            if (rd_kafka_mock_topic_create(*mc, topic, ctx->cfg.kafka_partitions, 1) == 0)
+    char topics[64][LOOM_TOPIC_MAX];
+    for (size_t i = 0; i < ctx->app->n_consumers; i++) {
+        size_t nt = loom_consumer_topics(&ctx->app->consumers[i], topics, 64);
+        for (size_t t = 0; t < nt && t < 64; t++)
+            if (rd_kafka_mock_topic_create(*mc, topics[t], ctx->cfg.kafka_partitions, 1) == 0)
                 n++;
-        }
+    }
     LOOM_INFO("embedded kafka started", "bootstrap=%s brokers=%d topics=%d partitions=%d",
               *bootstraps, brokers, n, ctx->cfg.kafka_partitions);
     return rk;

@@ -39,6 +39,32 @@ static int apply_migrations(const char *url, const loom_app_t *app, int *applied
     return 0;
 }
 
+/* Ready-to-paste calls of the routes this binary has (those with an
+ * example), so a service binary shows its own. */
+static void print_examples(const loom_app_t *app, const char *token, const char *api_url)
+{
+    bool any = false;
+    for (size_t i = 0; i < app->n_routes; i++) {
+        const loom_route_t *r = &app->routes[i];
+        if (!r->example)
+            continue;
+        if (!any)
+            printf("Try it:\n");
+        any = true;
+        bool body = strcmp(r->method, "GET") != 0 && strcmp(r->method, "DELETE") != 0;
+        if (body)
+            printf("  curl -s -H 'Authorization: Bearer %s'%s%s \\\n    -d '%s' '%s%s?wait=5s'\n",
+                   token, strcmp(r->method, "POST") ? " -X " : "",
+                   strcmp(r->method, "POST") ? r->method : "", r->example, api_url, r->pattern);
+        else
+            printf("  curl -s -H 'Authorization: Bearer %s'%s%s %s%s\n", token,
+                   strcmp(r->method, "GET") ? " -X " : "",
+                   strcmp(r->method, "GET") ? r->method : "", api_url, r->example);
+    }
+    if (!any)
+        printf("Routes: %zu (see `loom api --help`); ops: `loom op --list`.\n", app->n_routes);
+}
+
 static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
 {
     if (argc > 1)
@@ -78,6 +104,20 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
         if (!mock_owner)
             rc = cli_fail("dev", "could not start the embedded kafka");
     }
+    /* A real broker gets its topics as `loom migrate up` makes them, before
+     * any consumer subscribes or any write auto-creates one. */
+    char topics_line[512] = "";
+    if (rc == 0 && !mock_owner) {
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *mem = open_memstream(&buf, &len);
+        if (mem) {
+            cli_create_topics(ctx, brokers, mem);
+            fclose(mem);
+            snprintf(topics_line, sizeof(topics_line), "%s", buf);
+            free(buf);
+        }
+    }
     loom_db_pool_t *pool = NULL;
     loom_producer_t *producer = NULL;
     loom_metrics_t *metrics = loom_metrics_new();
@@ -94,39 +134,29 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
         if (loom_producer_new(&popts, &producer, &err) != 0)
             rc = cli_fail("dev", "%s", err.message);
     }
-    /* The gateway: ops on a read-only pool, writes through a producer of its own. */
+    /* The gateway: ops on a read-only pool, writes through a producer of its
+     * own, started as `loom api` starts it (LOOM_API_* apply). */
     loom_db_pool_t *read_pool = NULL;
     loom_op_table_t *table = loom_op_table_new();
     loom_op_runtime_t rt;
     loom_producer_t *api_producer = NULL;
+    loom_gateway_opts_t gopts;
     loom_gateway_t *gw = NULL;
     char token[64] = "", api_url[128] = "";
     if (rc == 0) {
-        loom_db_pool_opts_t ro = {.size = 4, .read_only = true, .application_name = "loom dev"};
+        loom_db_pool_opts_t ro = {
+            .size = ctx->cfg.database_pool_size, .read_only = true, .application_name = "loom dev"};
         if (loom_db_pool_new(url, &ro, &read_pool, &err) != 0 ||
             loom_op_table_add(table, ctx->app->ops, ctx->app->n_ops, &err) != 0)
             rc = cli_fail("dev", "%s", err.message);
     }
     if (rc == 0) {
         loom_op_runtime_init(&rt, table, read_pool, metrics);
-        loom_producer_opts_t ap = {.brokers = brokers,
-                                   .cfg = &ctx->cfg,
-                                   .flush_timeout_ms = ctx->cfg.shutdown_timeout_ms,
-                                   .message_timeout_ms = 10000};
-        if (loom_producer_new(&ap, &api_producer, &err) != 0)
+        if (cli_gateway_producer_new(ctx, brokers, &api_producer, &err) != 0)
             rc = cli_fail("dev", "%s", err.message);
     }
     if (rc == 0) {
-        loom_gateway_opts_t gopts = {.listen = ctx->cfg.api_listen,
-                                     .routes = ctx->app->routes,
-                                     .n_routes = ctx->app->n_routes,
-                                     .ops = &rt,
-                                     .producer = api_producer,
-                                     .metrics = metrics,
-                                     .tokens_file = ctx->cfg.api_tokens_file,
-                                     .site = ctx->cfg.site_name,
-                                     .node = ctx->cfg.node_id};
-        if (loom_gateway_start(&gopts, &gw, &err) != 0 ||
+        if (cli_gateway_start(ctx, &rt, api_producer, metrics, &gopts, &gw, &err) != 0 ||
             loom_gateway_dev_token(gw, token, sizeof(token)) != 0)
             rc = cli_fail("dev", "%s", err.message);
         else
@@ -151,18 +181,13 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
             printf("  kafka       %s  (embedded mock cluster; kcat -L -b %s)\n", brokers, brokers);
         else
             printf("  kafka       %s  (LOOM_KAFKA_BROKERS)\n", brokers);
+        if (topics_line[0])
+            printf("  topics      %s", topics_line + (strncmp(topics_line, "kafka: ", 7) ? 0 : 7));
         printf("  migrations  %zu known, %d applied now\n", ctx->app->migrations.count, applied);
         printf("  worker      %zu consumer%s, %zu periodic job%s, outbox relay\n",
                ctx->app->n_consumers, ctx->app->n_consumers == 1 ? "" : "s", ctx->app->n_jobs,
                ctx->app->n_jobs == 1 ? "" : "s");
-        printf("Try it:\n"
-               "  curl -s -H 'Authorization: Bearer %s' \\\n"
-               "    -d '{\"msgs\":[{\"id\":\"hello-1\",\"source\":\"urn:demo\","
-               "\"specversion\":\"1.0\",\"type\":\"demo.greeting\",\"data\":{\"text\":"
-               "\"hello\"}}]}' \\\n"
-               "    '%s/v1/messages:batchPut?wait=5s'\n"
-               "  curl -s -H 'Authorization: Bearer %s' %s/v1/messages/hello-1\n",
-               token, api_url, token, api_url);
+        print_examples(ctx->app, token, api_url);
         printf("Press Ctrl-C to stop.\n");
         fflush(stdout);
         LOOM_INFO("loom dev ready", "api=%s postgres_port=%d kafka=%s", api_url, pg.port, brokers);

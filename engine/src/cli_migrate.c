@@ -9,40 +9,88 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Creates the topics the app's consumers read, when a broker is configured. */
-static int create_topics(const cli_ctx_t *ctx)
+/* The per-type topics of an earlier Loom ("<prefix>.cmd.<type>") that still
+ * exist on the broker: up to max names into found; returns how many, or -1
+ * when the broker could not be asked. */
+static int legacy_topics(const cli_ctx_t *ctx, const char *brokers, char (*found)[LOOM_TOPIC_MAX],
+                         int max)
 {
-    const loom_app_t *app = ctx->app;
-    if (!ctx->cfg.kafka_brokers) {
-        printf("kafka: LOOM_KAFKA_BROKERS is not set, no topics created\n");
-        return LOOM_EXIT_OK;
+    char errbuf[512];
+    rd_kafka_conf_t *conf = loom_kafka_conf_new(brokers, &ctx->cfg, errbuf, sizeof(errbuf));
+    rd_kafka_t *rk = conf ? rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf)) : NULL;
+    if (!rk) {
+        if (conf)
+            rd_kafka_conf_destroy(conf);
+        return -1;
     }
-    static char names[256][256];
-    const char *topics[256];
-    size_t n = 0;
-    for (size_t i = 0; i < app->n_consumers; i++)
-        for (const char *const *t = app->consumers[i].topics; t && *t && n < 256; t++) {
-            loom_topic_map(*t, names[n], sizeof(names[n]));
-            topics[n] = names[n];
-            n++;
+    const struct rd_kafka_metadata *md = NULL;
+    int n = -1;
+    if (rd_kafka_metadata(rk, 1, NULL, &md, 10000) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        n = 0;
+        for (size_t i = 0; i < ctx->app->n_consumers; i++) {
+            const loom_command_t *c = ctx->app->consumers[i].commands;
+            for (size_t k = 0; c && c[k].type; k++) {
+                char legacy[LOOM_TOPIC_MAX], now[LOOM_TOPIC_MAX];
+                loom_topic_legacy_for_command(c[k].type, legacy, sizeof(legacy));
+                loom_topic_for_command(c[k].type, now, sizeof(now));
+                if (strcmp(legacy, now) == 0)
+                    continue;
+                for (int t = 0; t < md->topic_cnt; t++)
+                    if (strcmp(md->topics[t].topic, legacy) == 0 && n < max)
+                        snprintf(found[n++], LOOM_TOPIC_MAX, "%s", legacy);
+            }
         }
-    int created = 0;
-    loom_error_t err;
-    if (loom_kafka_create_topics(ctx->cfg.kafka_brokers, &ctx->cfg, topics, n,
-                                 ctx->cfg.kafka_partitions, &created, &err) != 0) {
-        /* Some brokers do not allow it (the embedded mock, locked-down clusters):
-         * the schema is done, so say what to do and succeed. */
-        printf("kafka: topics not created (%s); create them with %d partitions, or let the "
-               "broker auto-create them\n",
-               err.message, ctx->cfg.kafka_partitions);
-        return LOOM_EXIT_OK;
+        rd_kafka_metadata_destroy(md);
     }
-    printf("kafka: %d topic%s created, %zu already there (%d partitions each)\n", created,
-           created == 1 ? "" : "s", n - (size_t)created, ctx->cfg.kafka_partitions);
-    return LOOM_EXIT_OK;
+    rd_kafka_destroy(rk);
+    return n;
 }
 
-static int migrate_up(loom_db_t *db, const cli_ctx_t *ctx)
+int cli_create_topics(cli_ctx_t *ctx, const char *brokers, FILE *out)
+{
+    const loom_app_t *app = ctx->app;
+    static char names[256][LOOM_TOPIC_MAX];
+    const char *topics[256];
+    size_t n = 0;
+    for (size_t i = 0; i < app->n_consumers && n < 256; i++) {
+        char mine[64][LOOM_TOPIC_MAX];
+        size_t nt = loom_consumer_topics(&app->consumers[i], mine, 64);
+        for (size_t t = 0; t < nt && t < 64 && n < 256; t++) {
+            bool dup = false;
+            for (size_t k = 0; k < n && !dup; k++)
+                dup = strcmp(names[k], mine[t]) == 0;
+            if (!dup) {
+                memcpy(names[n], mine[t], LOOM_TOPIC_MAX);
+                topics[n] = names[n];
+                n++;
+            }
+        }
+    }
+    int created = 0;
+    loom_error_t err;
+    if (loom_kafka_create_topics(brokers, &ctx->cfg, topics, n, ctx->cfg.kafka_partitions, &created,
+                                 &err) != 0) {
+        /* Some brokers do not allow it (the embedded mock, locked-down clusters):
+         * the schema is done, so say what to do and succeed. */
+        fprintf(out,
+                "kafka: topics not created (%s); create them with %d partitions, or let the "
+                "broker auto-create them\n",
+                err.message, ctx->cfg.kafka_partitions);
+        return -1;
+    }
+    fprintf(out, "kafka: %d topic%s created, %zu already there (%d partitions each)\n", created,
+            created == 1 ? "" : "s", n - (size_t)created, ctx->cfg.kafka_partitions);
+    char legacy[32][LOOM_TOPIC_MAX];
+    int nl = legacy_topics(ctx, brokers, legacy, 32);
+    for (int i = 0; i < nl; i++)
+        fprintf(out,
+                "kafka: %s is a per-type topic of an earlier Loom: workers apply what is left on "
+                "it; delete it once its consumer lag is 0\n",
+                legacy[i]);
+    return created;
+}
+
+static int migrate_up(loom_db_t *db, cli_ctx_t *ctx)
 {
     const loom_app_t *app = ctx->app;
     loom_error_t err;
@@ -51,7 +99,12 @@ static int migrate_up(loom_db_t *db, const cli_ctx_t *ctx)
         return cli_fail("migrate up", "%s", err.message);
     printf("%d migration%s applied; schema is up to date (%zu known)\n", applied,
            applied == 1 ? "" : "s", app->migrations.count);
-    return create_topics(ctx);
+    if (!ctx->cfg.kafka_brokers) {
+        printf("kafka: LOOM_KAFKA_BROKERS is not set, no topics created\n");
+        return LOOM_EXIT_OK;
+    }
+    cli_create_topics(ctx, ctx->cfg.kafka_brokers, stdout);
+    return LOOM_EXIT_OK;
 }
 
 static int migrate_down(loom_db_t *db, const loom_app_t *app, int steps)
@@ -147,8 +200,10 @@ const cli_command_t cli_migrate_command = {
     ".down.sql), built into the binary. Each applied one is recorded with its\n"
     "version, name and SHA-256; a run refuses to start when an applied file has\n"
     "changed. Several processes may migrate at once: they take turns.\n"
-    "'up' also creates the Kafka topics the consumers read, with\n"
-    "LOOM_KAFKA_PARTITIONS partitions, when LOOM_KAFKA_BROKERS is set.\n"
+    "'up' also creates the Kafka topics the consumers read (one per service,\n"
+    "<prefix>.cmd.<service>, and those a service declares), with\n"
+    "LOOM_KAFKA_PARTITIONS partitions, when LOOM_KAFKA_BROKERS is set, and names\n"
+    "any per-type topic of an earlier Loom that workers still drain.\n"
     "\n"
     "  up        apply every pending migration, in order\n"
     "  down [N]  revert the last N applied migrations (default 1), newest first\n"

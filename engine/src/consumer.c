@@ -175,6 +175,52 @@ int loom_msg_dispatch(loom_msg_t *msg, const loom_command_t *cmds, size_t n, loo
     return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "unknown command type \"%s\"", type);
 }
 
+size_t loom_commands_count(const loom_command_t *cmds)
+{
+    size_t n = 0;
+    while (cmds && cmds[n].type)
+        n++;
+    return n;
+}
+
+size_t loom_consumer_topics(const loom_consumer_def_t *def, char (*out)[LOOM_TOPIC_MAX], size_t max)
+{
+    size_t n = 0;
+    char topic[LOOM_TOPIC_MAX];
+    size_t n_commands = loom_commands_count(def->commands);
+    for (size_t i = 0; def->topics ? def->topics[i] != NULL : i < n_commands; i++) {
+        if (def->topics)
+            loom_topic_map(def->topics[i], topic, sizeof(topic));
+        else if (def->commands[i].topic)
+            loom_topic_map(def->commands[i].topic, topic, sizeof(topic));
+        else
+            loom_topic_for_command(def->commands[i].type, topic, sizeof(topic));
+        bool seen = false;
+        for (size_t k = 0; k < n && k < max && !seen; k++)
+            seen = strcmp(out[k], topic) == 0;
+        if (seen)
+            continue;
+        if (n < max)
+            memcpy(out[n], topic, sizeof(topic));
+        n++;
+    }
+    return n;
+}
+
+int loom_consumer_routes_register(const loom_consumer_def_t *defs, size_t n, loom_error_t *err)
+{
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < loom_commands_count(defs[i].commands); k++) {
+            const loom_command_t *c = &defs[i].commands[k];
+            if (c->topic && !loom_topic_route_add(c->type, c->topic))
+                return loom_error_set(err, LOOM_CODE_CONFIG_INVALID,
+                                      "command %s of consumer %s: routed to two topics, or too "
+                                      "many declared routes",
+                                      c->type, defs[i].name);
+        }
+    return 0;
+}
+
 void loom_msg_set_result(loom_msg_t *msg, json_t *result)
 {
     json_decref(msg->result);
@@ -559,7 +605,9 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
         }
         loom_error_t herr;
         loom_error_clear(&herr);
-        rc = wc->def->handler(m, &herr);
+        rc = wc->def->handler ? wc->def->handler(m, &herr)
+                              : loom_msg_dispatch(m, wc->def->commands,
+                                                  loom_commands_count(wc->def->commands), &herr);
         if (rc != 0) {
             if (!herr.code)
                 loom_error_set(&herr, LOOM_CODE_INTERNAL, "handler failed: %s", loom_strerror(rc));
@@ -1239,6 +1287,10 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
          * memory than a few batches need. */
         {"queued.min.messages", "10000"},
         {"queued.max.messages.kbytes", "16384"},
+        /* A topic created just before the subscription (loom dev, a fresh
+         * deployment) may not be in the first metadata answer: look again
+         * within seconds rather than librdkafka's five minutes. */
+        {"topic.metadata.refresh.interval.ms", "5000"},
     };
     /* Loom's defaults; a LOOM_KAFKA_<PROPERTY> wins, except the first three:
      * one group per consumer, and offsets that follow the database. */
@@ -1256,6 +1308,53 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
     }
     rd_kafka_poll_set_consumer(rk);
     return rk;
+}
+
+/*
+ * The topics to subscribe to: the consumer's own (loom_consumer_topics), and
+ * the per-type topics of an earlier Loom ("<prefix>.cmd.<type>") that still
+ * exist, so commands published before an upgrade are applied rather than
+ * stranded. The group and its committed offsets are the same, so only what
+ * was not applied yet is delivered; a command seen twice is skipped by its
+ * dedup row. Such a topic can be deleted once `loom consumers` shows no lag.
+ */
+static rd_kafka_topic_partition_list_t *consumer_subscription(consumer_rt_t *rt)
+{
+    const loom_consumer_def_t *def = rt->wc->def;
+    static const size_t max = 64;
+    char(*topics)[LOOM_TOPIC_MAX] = loom_xcalloc(max, sizeof(*topics));
+    size_t n = loom_consumer_topics(def, topics, max);
+    if (n > max)
+        LOOM_ERROR("consumer reads more topics than a worker subscribes to",
+                   "consumer=%s topics=%zu max=%zu", def->name, n, max);
+    rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new((int)max);
+    for (size_t i = 0; i < n && i < max; i++)
+        rd_kafka_topic_partition_list_add(subs, topics[i], RD_KAFKA_PARTITION_UA);
+    const struct rd_kafka_metadata *md = NULL;
+    size_t n_commands = loom_commands_count(def->commands);
+    if (!def->topics && n_commands > 0 &&
+        rd_kafka_metadata(rt->rk, 1, NULL, &md, 5000) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        LOOM_WARN("could not list topics: per-type topics of an earlier Loom are not drained",
+                  "consumer=%s", def->name);
+        md = NULL;
+    }
+    for (size_t k = 0; md && k < n_commands; k++) {
+        char legacy[LOOM_TOPIC_MAX];
+        loom_topic_legacy_for_command(def->commands[k].type, legacy, sizeof(legacy));
+        if (rd_kafka_topic_partition_list_find(subs, legacy, RD_KAFKA_PARTITION_UA))
+            continue;
+        for (int t = 0; t < md->topic_cnt; t++)
+            if (strcmp(md->topics[t].topic, legacy) == 0 && !md->topics[t].err) {
+                LOOM_WARN("draining a per-type topic of an earlier Loom: delete it once its lag "
+                          "is 0 (loom consumers)",
+                          "consumer=%s topic=%s", def->name, legacy);
+                rd_kafka_topic_partition_list_add(subs, legacy, RD_KAFKA_PARTITION_UA);
+            }
+    }
+    if (md)
+        rd_kafka_metadata_destroy(md);
+    free(topics);
+    return subs;
 }
 
 /* How long a stopping consumer may take to commit and leave its group. */
@@ -1314,12 +1413,7 @@ void *loom__consumer_run(void *arg)
     rt.rk = consumer_new(&rt);
     if (!rt.rk)
         return NULL;
-    rd_kafka_topic_partition_list_t *subs = rd_kafka_topic_partition_list_new(4);
-    for (const char *const *t = wc->def->topics; t && *t; t++) {
-        char topic[256];
-        loom_topic_map(*t, topic, sizeof(topic));
-        rd_kafka_topic_partition_list_add(subs, topic, RD_KAFKA_PARTITION_UA);
-    }
+    rd_kafka_topic_partition_list_t *subs = consumer_subscription(&rt);
     rd_kafka_resp_err_t e = rd_kafka_subscribe(rt.rk, subs);
     rd_kafka_topic_partition_list_destroy(subs);
     if (e) {

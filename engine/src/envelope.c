@@ -93,32 +93,6 @@ int loom_rfc3339_parse(const char *s, int64_t *unix_us)
     return 0;
 }
 
-/* Set once at start (LOOM_TOPIC_PREFIX), read everywhere after. */
-static char topic_prefix[64] = "loom";
-
-void loom_topic_prefix_set(const char *prefix)
-{
-    snprintf(topic_prefix, sizeof(topic_prefix), "%s", prefix && *prefix ? prefix : "loom");
-}
-
-const char *loom_topic_prefix(void)
-{
-    return topic_prefix;
-}
-
-void loom_topic_for_command(const char *type, char *out, size_t size)
-{
-    snprintf(out, size, "%s.cmd.%s", topic_prefix, type);
-}
-
-void loom_topic_map(const char *declared, char *out, size_t size)
-{
-    if (strncmp(declared, "loom.", 5) == 0)
-        snprintf(out, size, "%s.%s", topic_prefix, declared + 5);
-    else
-        snprintf(out, size, "%s", declared);
-}
-
 /* Whether a datacontenttype declares JSON: absent, application/json, text/json
  * or a +json suffix, parameters aside. The JSON event format keeps such data
  * as a JSON value, and other data as a string or as data_base64 (section 3.1). */

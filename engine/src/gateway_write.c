@@ -67,6 +67,49 @@ void loom_gateway_idempotent_id(const char *caller, const char *route, const cha
     loom_uuid_format(&u, out);
 }
 
+/* True when s is valid UTF-8 without control characters. */
+static bool printable_utf8(const unsigned char *s, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        unsigned char c = s[i];
+        size_t len = c < 0x80             ? 1
+                     : (c & 0xe0) == 0xc0 ? 2
+                     : (c & 0xf0) == 0xe0 ? 3
+                     : (c & 0xf8) == 0xf0 ? 4
+                                          : 0;
+        if (len == 0 || i + len > n || (len == 1 && (c < 0x20 || c == 0x7f)))
+            return false;
+        uint32_t cp = len == 1 ? c : len == 2 ? c & 0x1f : len == 3 ? c & 0x0f : c & 0x07;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xc0) != 0x80)
+                return false;
+            cp = (cp << 6) | (s[i + k] & 0x3f);
+        }
+        /* overlong forms, surrogates, past U+10FFFF */
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+            (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff)
+            return false;
+        i += len;
+    }
+    return true;
+}
+
+int loom_gateway_partition_key(loom_http_req_t *req, const char **key, loom_error_t *err)
+{
+    *key = loom_http_req_header(req, "Partition-Key");
+    if (!*key)
+        return 0;
+    size_t n = strlen(*key);
+    if (n == 0 || n > LOOM_GATEWAY_PARTITION_KEY_MAX ||
+        !printable_utf8((const unsigned char *)*key, n)) {
+        *key = NULL;
+        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                              "Partition-Key must be 1 to %d bytes of printable UTF-8",
+                              LOOM_GATEWAY_PARTITION_KEY_MAX);
+    }
+    return 0;
+}
+
 static void pub_free(pub_t *p)
 {
     loom_http_req_t *req = p->req;

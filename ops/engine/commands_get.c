@@ -11,7 +11,7 @@
  *             "attempts", "last_error", "result", "stream_id", "topic",
  *             "partition", "offset", "ray_id", "received_at", "updated_at"}]}
  */
-#include "../ops.h"
+#include "loom/op.h"
 #include "../row.h"
 
 static const loom_db_stmt_t select_commands = {

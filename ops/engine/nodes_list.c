@@ -1,7 +1,7 @@
 /*
  * engine.nodes.list: every Loom process that ever sent a heartbeat, with a
  * computed "stale" flag: a node is stale when its last heartbeat is older
- * than 20 s (DESIGN.md section 8; nodes beat every 5 s). The age is computed
+ * than 20 s (nodes beat every 5 s). The age is computed
  * by the database, against the same clock that stamped the heartbeats.
  *
  *   request  {"role": "worker"?, "stale": false?}
@@ -9,7 +9,7 @@
  *             "site", "version", "started_at", "last_heartbeat",
  *             "heartbeat_age_ms", "stale"}]}
  */
-#include "../ops.h"
+#include "loom/op.h"
 #include "../row.h"
 
 #include <string.h>

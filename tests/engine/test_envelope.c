@@ -9,6 +9,7 @@
  */
 #include "loom/arena.h"
 #include "loom/clock.h"
+#include "loom/consumer.h"
 #include "loom/envelope.h"
 #include "loom/error.h"
 #include "loom/uuid.h"
@@ -1162,13 +1163,49 @@ Test(envelope, topic_for_command)
 {
     char topic[128];
     cr_assert_str_eq(loom_topic_prefix(), "loom");
+    /* One topic per service: the type up to its first dot. */
     loom_topic_for_command("messages.put_batch", topic, sizeof(topic));
+    cr_assert_str_eq(topic, "loom.cmd.messages");
+    loom_topic_for_command("messages.delete_batch", topic, sizeof(topic));
+    cr_assert_str_eq(topic, "loom.cmd.messages");
+    loom_topic_for_command("registry.put_instance.v2", topic, sizeof(topic));
+    cr_assert_str_eq(topic, "loom.cmd.registry");
+    loom_topic_for_command("solo", topic, sizeof(topic));
+    cr_assert_str_eq(topic, "loom.cmd.solo");
+    loom_topic_legacy_for_command("messages.put_batch", topic, sizeof(topic));
     cr_assert_str_eq(topic, "loom.cmd.messages.put_batch");
-    loom_topic_for_command("a.b", topic, sizeof(topic));
-    cr_assert_str_eq(topic, "loom.cmd.a.b");
     char small[12];
     loom_topic_for_command("messages.put_batch", small, sizeof(small));
     cr_assert_str_eq(small, "loom.cmd.me", "truncated, still terminated");
+}
+
+Test(envelope, topic_routes_declared_by_a_command_table)
+{
+    static const loom_command_t cmds[] = {
+        {"shop.place_order", NULL, NULL},
+        {"shop.restock", NULL, "loom.cmd.shop.inventory"},
+        {0},
+    };
+    const loom_consumer_def_t defs[] = {{.name = "shop.store", .commands = cmds}};
+    loom_error_t err;
+    loom_topic_routes_clear();
+    cr_assert_eq(loom_consumer_routes_register(defs, 1, &err), 0, "%s", err.message);
+    char topic[128];
+    loom_topic_for_command("shop.restock", topic, sizeof(topic));
+    cr_assert_str_eq(topic, "loom.cmd.shop.inventory");
+    loom_topic_for_command("shop.place_order", topic, sizeof(topic));
+    cr_assert_str_eq(topic, "loom.cmd.shop");
+    /* The consumer reads exactly the topics of its table. */
+    char topics[4][LOOM_TOPIC_MAX];
+    cr_assert_eq(loom_consumer_topics(&defs[0], topics, 4), 2);
+    cr_assert_str_eq(topics[0], "loom.cmd.shop");
+    cr_assert_str_eq(topics[1], "loom.cmd.shop.inventory");
+    /* One type on two topics is refused, naming it. */
+    static const loom_command_t clash[] = {{"shop.restock", NULL, "loom.cmd.other"}, {0}};
+    const loom_consumer_def_t more[] = {{.name = "other.store", .commands = clash}};
+    cr_assert_neq(loom_consumer_routes_register(more, 1, &err), 0);
+    cr_assert(strstr(err.message, "shop.restock"), "%s", err.message);
+    loom_topic_routes_clear();
 }
 
 Test(envelope, topic_prefix)
@@ -1177,7 +1214,7 @@ Test(envelope, topic_prefix)
     loom_topic_prefix_set("staging");
     cr_assert_str_eq(loom_topic_prefix(), "staging");
     loom_topic_for_command("messages.put_batch", topic, sizeof(topic));
-    cr_assert_str_eq(topic, "staging.cmd.messages.put_batch");
+    cr_assert_str_eq(topic, "staging.cmd.messages");
     loom_topic_map("loom.evt.messages.batch_put", topic, sizeof(topic));
     cr_assert_str_eq(topic, "staging.evt.messages.batch_put");
     loom_topic_map("other.topic", topic, sizeof(topic));

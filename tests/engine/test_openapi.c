@@ -7,6 +7,7 @@
  * response, and every $ref of the document resolves within it.
  */
 #include "api.h"
+#include "services.h"
 
 #include <criterion/criterion.h>
 #include <ctype.h>
@@ -75,8 +76,8 @@ Test(openapi, document_is_openapi_3)
 Test(openapi, every_route_is_documented_with_its_scope)
 {
     json_t *doc = load_doc();
-    size_t n;
-    const loom_route_t *routes = loom_app_routes(&n);
+    size_t n = loom_test_full_app()->n_routes;
+    const loom_route_t *routes = loom_test_full_app()->routes;
     cr_assert_gt(n, 0);
     for (size_t i = 0; i < n; i++) {
         const loom_route_t *r = &routes[i];
@@ -120,8 +121,8 @@ Test(openapi, every_route_is_documented_with_its_scope)
 Test(openapi, every_documented_operation_is_a_route)
 {
     json_t *doc = load_doc();
-    size_t n;
-    const loom_route_t *routes = loom_app_routes(&n);
+    size_t n = loom_test_full_app()->n_routes;
+    const loom_route_t *routes = loom_test_full_app()->routes;
     json_t *ids = json_object();
     const char *path;
     json_t *item;

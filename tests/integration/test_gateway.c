@@ -11,6 +11,7 @@
 #include "api.h"
 #include "http_client.h"
 #include "ops.h"
+#include "services.h"
 #include "support.h"
 #include "loom/bus.h"
 #include "loom/clock.h"
@@ -176,16 +177,14 @@ static void env_init(gw_env_t *e, bool db, const char *brokers)
     e->def.name = e->name;
     e->def.topics = e->topics;
     write_tokens(e);
-    size_t n_app = 0;
-    const loom_route_t *app = loom_app_routes(&n_app);
-    for (size_t i = 0; i < n_app; i++)
-        e->routes[e->n_routes++] = app[i];
+    const loom_app_t *app = loom_test_full_app();
+    for (size_t i = 0; i < app->n_routes; i++)
+        e->routes[e->n_routes++] = app->routes[i];
     for (size_t i = 0; i < sizeof(test_routes) / sizeof(test_routes[0]); i++)
         e->routes[e->n_routes++] = test_routes[i];
     e->table = loom_op_table_new();
     loom_error_t err;
-    cr_assert_eq(loom_op_table_add(e->table, loom_app_ops, loom_app_n_ops, &err), 0, "%s",
-                 err.message);
+    cr_assert_eq(loom_op_table_add(e->table, app->ops, app->n_ops, &err), 0, "%s", err.message);
     const loom_op_t *mine[] = {&balance_op, &sleep_op};
     cr_assert_eq(loom_op_table_add(e->table, mine, 2, &err), 0, "%s", err.message);
     e->metrics = loom_metrics_new();

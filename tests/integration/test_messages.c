@@ -6,7 +6,7 @@
  * heartbeats with `loom nodes`.
  */
 #include "support.h"
-#include "consumers.h"
+#include "services.h"
 #include "loom/bus.h"
 #include "loom/clock.h"
 #include "loom/node.h"
@@ -24,7 +24,8 @@ typedef struct svc {
     char url[512];
     char suffix[64];
     char topics_buf[3][200];
-    const char *topics[4];
+    const char *topics[4]; /* per kind: all the service's one topic */
+    const char *sub[2];
     char name[128];
     loom_consumer_def_t def;
     loom_db_pool_t *pool;
@@ -41,19 +42,19 @@ static void svc_start(svc_t *s)
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(s->url, sizeof(s->url));
     loom_test_unique_name("m", s->suffix, sizeof(s->suffix));
-    for (int i = 0; i < 3; i++) {
-        snprintf(s->topics_buf[i], sizeof(s->topics_buf[i]), "loom.cmd.messages.%s.%s", kinds[i],
-                 s->suffix);
-        s->topics[i] = s->topics_buf[i];
-    }
+    /* One topic for every command of the service, as loom.cmd.messages. */
+    snprintf(s->topics_buf[0], sizeof(s->topics_buf[0]), "loom.cmd.messages.%s", s->suffix);
+    for (int i = 0; i < 3; i++)
+        s->topics[i] = s->topics_buf[0];
     int created;
     loom_error_t err;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, 3, 3, &created, &err), 0, "%s",
+    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, 1, 3, &created, &err), 0, "%s",
                  err.message);
     snprintf(s->name, sizeof(s->name), "messages.store.%s", s->suffix);
-    s->def = loom_app_consumers[0];
+    s->def = *loom_test_app_consumer("messages.store");
     s->def.name = s->name;
-    s->def.topics = s->topics;
+    s->sub[0] = s->topics_buf[0];
+    s->def.topics = s->sub;
     s->pool = loom_test_pool(s->url, 4);
     loom_producer_opts_t po = {.brokers = brokers};
     cr_assert_eq(loom_producer_new(&po, &s->p, &err), 0, "%s", err.message);
@@ -119,7 +120,8 @@ static json_t *op(svc_t *s, const char *name, const char *req_text)
 {
     loom_op_table_t *t = loom_op_table_new();
     loom_error_t err;
-    cr_assert_eq(loom_op_table_add(t, loom_app_ops, loom_app_n_ops, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_op_table_add(t, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
+                 0, "%s", err.message);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, t, s->pool, NULL);
     loom_op_ctx_t ctx = {.rt = &rt};
@@ -290,16 +292,16 @@ Test(messages, the_periodic_clean_runs_on_one_node_at_a_time, .timeout = 120)
     char *env1[] = {"LOOM_MESSAGES_CLEAN_INTERVAL=1s", "LOOM_MESSAGES_RETENTION=2s",
                     "LOOM_NODE_ID=00000000-0000-4000-8000-00000000000b", NULL};
     char eb[256];
-    cr_assert_eq(loom_config_load(&cfg[0], env0, loom_app_config_vars, loom_app_n_config_vars, eb,
-                                  sizeof(eb)),
+    cr_assert_eq(loom_config_load(&cfg[0], env0, loom_test_full_app()->config_vars,
+                                  loom_test_full_app()->n_config_vars, eb, sizeof(eb)),
                  0, "%s", eb);
-    cr_assert_eq(loom_config_load(&cfg[1], env1, loom_app_config_vars, loom_app_n_config_vars, eb,
-                                  sizeof(eb)),
+    cr_assert_eq(loom_config_load(&cfg[1], env1, loom_test_full_app()->config_vars,
+                                  loom_test_full_app()->n_config_vars, eb, sizeof(eb)),
                  0, "%s", eb);
     loom_periodic_t *runners[2];
     for (int i = 0; i < 2; i++) {
-        loom_periodic_opts_t o = {.jobs = loom_app_jobs,
-                                  .n_jobs = loom_app_n_jobs,
+        loom_periodic_opts_t o = {.jobs = loom_test_full_app()->jobs,
+                                  .n_jobs = loom_test_full_app()->n_jobs,
                                   .pool = pool,
                                   .producer = p,
                                   .cfg = &cfg[i],

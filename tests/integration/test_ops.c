@@ -9,6 +9,7 @@
 #include "loom/clock.h"
 #include "loom/op.h"
 #include "ops.h"
+#include "services.h"
 #include "prom.h"
 
 #include <criterion/criterion.h>
@@ -113,8 +114,9 @@ static void setup(void)
     loom_test_db_create_migrated(url, sizeof(url));
     table = loom_op_table_new();
     loom_error_t err;
-    cr_assert_eq(loom_op_table_add(table, loom_app_ops, loom_app_n_ops, &err), 0, "%s",
-                 err.message);
+    cr_assert_eq(
+        loom_op_table_add(table, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err), 0,
+        "%s", err.message);
     cr_assert_eq(loom_op_table_add(table, test_ops, sizeof(test_ops) / sizeof(test_ops[0]), &err),
                  0, "%s", err.message);
     metrics = loom_metrics_new();

@@ -1,5 +1,5 @@
 /*
- * The registry service below the gateway (SERVICES.md section 2): its
+ * The registry service below the gateway (README.md, "HTTP API"): its
  * consumer against the real Kafka broker and Postgres (definitions created,
  * replaced, deleted; instances registered, re-registered, owned by their
  * first caller unless an admin acts; statuses and heartbeats), its ops
@@ -13,7 +13,7 @@
  * app's consumer and job run unchanged on topics no other test uses.
  */
 #include "support.h"
-#include "consumers.h"
+#include "services.h"
 #include "loom/bus.h"
 #include "loom/clock.h"
 #include "loom/node.h"
@@ -45,8 +45,9 @@ typedef struct svc {
     char url[512];
     char prefix[64];
     char group[80];
-    char topics_buf[N_TOPICS][200];
+    char topics_buf[N_TOPICS][LOOM_TOPIC_MAX];
     const char *topics[N_TOPICS + 1];
+    size_t n_topics;
     loom_consumer_def_t def;
     loom_db_pool_t *pool;
     loom_worker_t *w;
@@ -65,9 +66,9 @@ static void expect_text(const json_t *v, size_t flags, const char *want)
 
 static const loom_consumer_def_t *app_consumer(const char *name)
 {
-    for (size_t i = 0; i < loom_app_n_consumers; i++)
-        if (strcmp(loom_app_consumers[i].name, name) == 0)
-            return &loom_app_consumers[i];
+    const loom_consumer_def_t *c = loom_test_app_consumer(name);
+    if (c)
+        return c;
     cr_assert_fail("no consumer %s", name);
     return NULL;
 }
@@ -83,17 +84,16 @@ static void svc_start(svc_t *s)
         if (*c == '_')
             *c = '-';
     loom_topic_prefix_set(s->prefix);
-    for (int i = 0; i < N_TOPICS; i++) {
-        loom_topic_map(registry_store_topics[i], s->topics_buf[i], sizeof(s->topics_buf[i]));
+    s->def = *app_consumer("registry.store");
+    s->n_topics = loom_consumer_topics(&s->def, s->topics_buf, N_TOPICS);
+    cr_assert(s->n_topics >= 1 && s->n_topics <= N_TOPICS);
+    for (size_t i = 0; i < s->n_topics; i++)
         s->topics[i] = s->topics_buf[i];
-    }
-    cr_assert_null(registry_store_topics[N_TOPICS]);
     int created;
     loom_error_t err;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, N_TOPICS, 3, &created, &err), 0,
-                 "%s", err.message);
+    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, s->n_topics, 3, &created, &err),
+                 0, "%s", err.message);
     snprintf(s->group, sizeof(s->group), "%s.", s->prefix);
-    s->def = *app_consumer("registry.store");
     s->pool = loom_test_pool(s->url, 4);
     loom_producer_opts_t po = {.brokers = brokers};
     cr_assert_eq(loom_producer_new(&po, &s->p, &err), 0, "%s", err.message);
@@ -105,8 +105,9 @@ static void svc_start(svc_t *s)
                             .group_prefix = s->group};
     cr_assert_eq(loom_worker_start(&o, &s->w, &err), 0, "%s", err.message);
     s->ops = loom_op_table_new();
-    cr_assert_eq(loom_op_table_add(s->ops, loom_app_ops, loom_app_n_ops, &err), 0, "%s",
-                 err.message);
+    cr_assert_eq(
+        loom_op_table_add(s->ops, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err), 0,
+        "%s", err.message);
     loom_op_runtime_init(&s->rt, s->ops, s->pool, NULL);
 }
 
@@ -805,7 +806,8 @@ Test(registry, nodes_have_a_stale_flag, .timeout = 60)
                        "'worker', NULL, 'eu', '1.1', now() - interval '1 hour', "
                        "now() - interval '21 seconds')");
     loom_op_table_t *t = loom_op_table_new();
-    cr_assert_eq(loom_op_table_add(t, loom_app_ops, loom_app_n_ops, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_op_table_add(t, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
+                 0, "%s", err.message);
     svc_t s = {.pool = pool, .ops = t};
     loom_op_runtime_init(&s.rt, t, pool, NULL);
 
@@ -1085,9 +1087,10 @@ Test(registry_probe, thousands_of_probes_with_bounded_sockets, .timeout = 120)
 
 static const loom_periodic_def_t *app_job(const char *name)
 {
-    for (size_t i = 0; i < loom_app_n_jobs; i++)
-        if (strcmp(loom_app_jobs[i].name, name) == 0)
-            return &loom_app_jobs[i];
+    const loom_app_t *app = loom_test_full_app();
+    for (size_t i = 0; i < app->n_jobs; i++)
+        if (strcmp(app->jobs[i].name, name) == 0)
+            return &app->jobs[i];
     cr_assert_fail("no job %s", name);
     return NULL;
 }
@@ -1142,9 +1145,9 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
                    "LOOM_NODE_ID=00000000-0000-4000-8000-0000000000b1", NULL};
     loom_config_t cfg;
     char eb[256];
-    cr_assert_eq(
-        loom_config_load(&cfg, env, loom_app_config_vars, loom_app_n_config_vars, eb, sizeof(eb)),
-        0, "%s", eb);
+    cr_assert_eq(loom_config_load(&cfg, env, loom_test_full_app()->config_vars,
+                                  loom_test_full_app()->n_config_vars, eb, sizeof(eb)),
+                 0, "%s", eb);
     loom_periodic_opts_t po = {.jobs = app_job("registry.probe"),
                                .n_jobs = 1,
                                .pool = s.pool,

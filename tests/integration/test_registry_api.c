@@ -1,5 +1,5 @@
 /*
- * The registry service over HTTP (SERVICES.md section 2): the gateway
+ * The registry service over HTTP (README.md, "HTTP API"): the gateway
  * in-process with the registry's routes, ops and tokens, the registry
  * consumer in an in-process worker against the real Kafka broker and
  * Postgres. Every endpoint and error: definitions created, replaced, listed,
@@ -10,7 +10,7 @@
  * flag; 401 and 403 for tokens.
  */
 #include "api.h"
-#include "consumers.h"
+#include "services.h"
 #include "http_client.h"
 #include "ops.h"
 #include "registry.h"
@@ -40,8 +40,11 @@ typedef struct env {
     char url[512];
     char prefix[64], group[80];
     char tokens_path[256];
-    char topics_buf[N_TOPICS][200];
+    char topics_buf[N_TOPICS][LOOM_TOPIC_MAX];
     const char *topics[N_TOPICS + 1];
+    size_t n_topics;
+    loom_route_t routes[32];
+    size_t n_routes;
     loom_consumer_def_t def;
     loom_op_table_t *table;
     loom_db_pool_t *read_pool, *wpool;
@@ -85,22 +88,23 @@ static void env_start(env_t *e)
         if (*c == '_')
             *c = '-';
     loom_topic_prefix_set(e->prefix);
-    for (int i = 0; i < N_TOPICS; i++) {
-        loom_topic_map(registry_store_topics[i], e->topics_buf[i], sizeof(e->topics_buf[i]));
+    e->def = *loom_test_app_consumer("registry.store");
+    e->n_topics = loom_consumer_topics(&e->def, e->topics_buf, N_TOPICS);
+    cr_assert(e->n_topics >= 1 && e->n_topics <= N_TOPICS);
+    for (size_t i = 0; i < e->n_topics; i++)
         e->topics[i] = e->topics_buf[i];
-    }
     int created;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, e->topics, N_TOPICS, 3, &created, &err), 0,
-                 "%s", err.message);
+    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, e->topics, e->n_topics, 3, &created, &err),
+                 0, "%s", err.message);
     snprintf(e->group, sizeof(e->group), "%s.", e->prefix);
-    for (size_t i = 0; i < loom_app_n_consumers; i++)
-        if (strcmp(loom_app_consumers[i].name, "registry.store") == 0)
-            e->def = loom_app_consumers[i];
+    for (e->n_routes = 0; api_registry_routes[e->n_routes].method; e->n_routes++)
+        e->routes[e->n_routes] = api_registry_routes[e->n_routes];
     cr_assert_not_null(e->def.name);
 
     e->table = loom_op_table_new();
-    cr_assert_eq(loom_op_table_add(e->table, loom_app_ops, loom_app_n_ops, &err), 0, "%s",
-                 err.message);
+    cr_assert_eq(
+        loom_op_table_add(e->table, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
+        0, "%s", err.message);
     loom_db_pool_opts_t po = {.size = 4, .read_only = true};
     cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, NULL);
@@ -117,8 +121,8 @@ static void env_start(env_t *e)
     write_tokens(e);
     e->opts = (loom_gateway_opts_t){.listen = "127.0.0.1:0",
                                     .threads = 2,
-                                    .routes = api_registry_routes,
-                                    .n_routes = api_registry_n_routes,
+                                    .routes = e->routes,
+                                    .n_routes = e->n_routes,
                                     .ops = &e->rt,
                                     .producer = e->producer,
                                     .tokens_file = e->tokens_path,

@@ -86,6 +86,8 @@ extern const size_t loom_test_n_consumers;
 int loom_test_ledger_handler(loom_msg_t *msg, loom_error_t *err);
 /* Engine migrations plus the test tables. */
 loom_migration_set_t loom_test_migrations(void);
+/* The test table alone (version 9001), for a service descriptor. */
+extern const loom_migration_t loom_test_ledger_migration;
 /* Path of the loom_test_app binary (loom with the test consumer). */
 const char *loom_test_app_bin(void);
 

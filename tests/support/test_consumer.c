@@ -100,10 +100,11 @@ static const char *const ledger_topics[] = {"loom.cmd.test.credit", NULL};
 const loom_consumer_def_t loom_test_consumers[] = {
     {"test.ledger", ledger_topics, loom_test_ledger_handler, 100,
      "credits accounts in test_ledger"},
+    {0},
 };
 const size_t loom_test_n_consumers = 1;
 
-static const loom_migration_t test_migration = {
+const loom_migration_t loom_test_ledger_migration = {
     9001, "test_ledger",
     "CREATE TABLE test_ledger (message_id TEXT NOT NULL, account TEXT NOT NULL, "
     "amount BIGINT NOT NULL, kafka_partition INT, kafka_offset BIGINT);"
@@ -117,6 +118,6 @@ loom_migration_set_t loom_test_migrations(void)
     size_t n = 0;
     for (size_t i = 0; i < loom_app_migrations.count && n < 63; i++)
         all[n++] = loom_app_migrations.items[i];
-    all[n++] = test_migration;
+    all[n++] = loom_test_ledger_migration;
     return (loom_migration_set_t){all, n};
 }

@@ -1,5 +1,5 @@
 /*
- * Consumers: the write side of Loom (DESIGN.md section 5).
+ * Consumers: the write side of Loom (docs/architecture.md, "Consumers").
  *
  * A consumer is a name, the topics it reads and a handler. The worker runs
  * each consumer in its own Kafka consumer group ("loom.<name>"), takes up to
@@ -21,6 +21,7 @@
 #include "loom/db.h"
 #include "loom/envelope.h"
 #include "loom/error.h"
+#include "loom/topic.h"
 
 #include <jansson.h>
 #include <stdint.h>
@@ -32,13 +33,43 @@ typedef struct loom_msg loom_msg_t;
  * loom_msg_add_row(), loom_emit() and loom_publish(). */
 typedef int (*loom_handler_fn)(loom_msg_t *msg, loom_error_t *err);
 
+/* A handler for one command type: data is the command's JSON object. */
+typedef int (*loom_command_fn)(loom_msg_t *msg, json_t *data, loom_error_t *err);
+/*
+ * One entry of a consumer's command table. The table is the one place that
+ * says which command types a consumer applies and where they travel: the
+ * worker subscribes to the topics of its commands, `loom migrate up` creates
+ * them, and publishers route each type with loom_topic_for_command().
+ */
+typedef struct loom_command {
+    const char *type; /* CloudEvent type, "messages.put_batch" */
+    loom_command_fn fn;
+    const char *topic; /* NULL: "loom.cmd.<service>" (the type up to its first
+                        * dot). Set it only for an aggregate whose order is
+                        * independent of the service's other commands. */
+} loom_command_t;
+
 typedef struct loom_consumer_def {
     const char *name;          /* "messages.store"; the group is "loom.<name>" */
-    const char *const *topics; /* NULL-terminated */
-    loom_handler_fn handler;
-    int batch_size; /* messages per transaction; 0: 100 */
+    const char *const *topics; /* NULL-terminated; NULL: the topics of `commands` */
+    loom_handler_fn handler;   /* NULL: loom_msg_dispatch() over `commands` */
+    int batch_size;            /* messages per transaction; 0: 100 */
     const char *description;
+    const loom_command_t *commands; /* the command table (see above), ending
+                                     * with an empty entry */
 } loom_consumer_def_t;
+
+/*
+ * The topics a consumer reads, as Kafka names under the configured prefix:
+ * its `topics` when set, else each distinct topic of its commands. Writes at
+ * most max names into out; returns how many there are.
+ */
+size_t loom_consumer_topics(const loom_consumer_def_t *def, char (*out)[LOOM_TOPIC_MAX],
+                            size_t max);
+/* Declares the routes of every command of defs that names its own topic, so
+ * loom_topic_for_command() finds them. false (with err) when one type is
+ * routed to two topics. */
+int loom_consumer_routes_register(const loom_consumer_def_t *defs, size_t n, loom_error_t *err);
 
 /* The transaction's connection (borrowed). */
 loom_db_t *loom_msg_db(loom_msg_t *msg);
@@ -57,16 +88,13 @@ int64_t loom_msg_offset(const loom_msg_t *msg);
 /* The worker's configuration (service settings such as retention); NULL
  * when the worker was started without one. */
 const loom_config_t *loom_msg_config(const loom_msg_t *msg);
-/* A handler for one command type: data is the command's JSON object. */
-typedef int (*loom_command_fn)(loom_msg_t *msg, json_t *data, loom_error_t *err);
-typedef struct loom_command {
-    const char *type; /* CloudEvent type, "messages.put_batch" */
-    loom_command_fn fn;
-} loom_command_t;
+
 /* A consumer's handler in one call: parses the data as a JSON object and
  * calls the entry of `cmds` (n of them) for the command's type; anything
  * else is rejected with INVALID_ARGUMENT / INVALID_JSON. */
 int loom_msg_dispatch(loom_msg_t *msg, const loom_command_t *cmds, size_t n, loom_error_t *err);
+/* The entries of a command table (up to its empty entry). */
+size_t loom_commands_count(const loom_command_t *cmds);
 /* Sets the command's result, stored in loom_commands.result (steals). */
 void loom_msg_set_result(loom_msg_t *msg, json_t *result);
 

@@ -17,6 +17,8 @@
 #include "loom/arena.h"
 #include "loom/error.h"
 
+#include "loom/topic.h"
+
 #include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include <stddef.h>
@@ -96,15 +98,5 @@ int loom_ce_check_json(const json_t *obj, const char **field, loom_error_t *err)
 
 /* Parses an RFC 3339 timestamp to Unix microseconds; 0 or LOOM_EINVAL. */
 int loom_rfc3339_parse(const char *s, int64_t *unix_us);
-
-/* Topic of a command type: "messages.put_batch" -> "loom.cmd.messages.put_batch"
- * ("<LOOM_TOPIC_PREFIX>.cmd.<type>"). */
-void loom_topic_for_command(const char *type, char *out, size_t size);
-/* A topic as code declares it ("loom.cmd.x", "loom.evt.y") under the
- * configured prefix ("staging.cmd.x"); other names are kept as they are. */
-void loom_topic_map(const char *declared, char *out, size_t size);
-/* Sets the prefix (LOOM_TOPIC_PREFIX; default "loom"). Call at start. */
-void loom_topic_prefix_set(const char *prefix);
-const char *loom_topic_prefix(void);
 
 #endif

@@ -1,5 +1,5 @@
 /*
- * The HTTP gateway (DESIGN.md sections 1 and 10): how people and non-C
+ * The HTTP gateway (docs/architecture.md, "Gateway"): how people and non-C
  * services reach Loom. It calls ops and publishes commands, nothing else.
  *
  * Services describe their endpoints as a route table in api/ (one file per
@@ -61,6 +61,10 @@ typedef struct loom_route {
     const char *pattern;   /* "/v1/messages/{id}" */
     loom_route_fn handler; /* required */
     const char *scope;     /* scope the caller's token needs; NULL: any valid token */
+    /* For `loom dev`'s banner, which prints a ready-to-paste call of each
+     * route that has one: the JSON body (POST, PUT, PATCH) or the concrete
+     * path to ask (GET, DELETE). NULL: not shown. */
+    const char *example;
 } loom_route_t;
 
 /* The scope that grants every scope (the development token has it). */
@@ -204,6 +208,17 @@ typedef struct loom_gateway_command {
  */
 int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
                          const loom_gateway_command_t *cmd);
+
+/* Longest Partition-Key, in bytes. */
+#define LOOM_GATEWAY_PARTITION_KEY_MAX 256
+/*
+ * The request's `Partition-Key` header, for routes whose command spans
+ * entities (a batch): commands published with the same key are applied in
+ * the order Kafka acknowledged them. *key is NULL when the header is absent
+ * (then the command id is the key); 400 INVALID_ARGUMENT when it is empty,
+ * longer than 256 bytes, or not printable UTF-8. Returns 0 or the error.
+ */
+int loom_gateway_partition_key(loom_http_req_t *req, const char **key, loom_error_t *err);
 
 /* The command id an Idempotency-Key maps to: a UUID (version 8) from
  * SHA-256(caller NUL route NUL key). out has room for 37 bytes. */

@@ -1,5 +1,5 @@
 /*
- * Node heartbeats (DESIGN.md section 8): every Loom process upserts its row in
+ * Node heartbeats (docs/architecture.md): every Loom process upserts its row in
  * loom_nodes (id, role, url, site, version, started_at, last_heartbeat) every
  * 5 s from a thread of its own. A node is stale after 20 s without one.
  */

@@ -1,5 +1,5 @@
 /*
- * Operations: the reads of Loom (DESIGN.md sections 1 and 6).
+ * Operations: the reads of Loom (docs/architecture.md, "Operations").
  *
  * An op is a C function in a table, found by name and called as a plain C
  * call: loom_op_call(ctx, "engine.nodes.list", req, &res, &err). Request and

@@ -1,5 +1,5 @@
 /*
- * Periodic jobs (DESIGN.md section 8): a job runs every `interval` on at most
+ * Periodic jobs (docs/architecture.md): a job runs every `interval` on at most
  * one node at a time. Leadership is a row in loom_leases: the node that takes
  * an expired (or absent) lease runs the job and holds the lease for one
  * interval, so on a cluster the job runs about once per interval whichever

@@ -3,7 +3,7 @@
  * consumer group each) and the outbox relay, in one process. `loom worker`
  * and `loom dev` run it; tests run it in-process.
  *
- * loom_worker_stop() is the graceful shutdown of DESIGN.md section 5: stop
+ * loom_worker_stop() is the graceful shutdown of docs/architecture.md: stop
  * fetching, finish the batch in flight, commit it and its offsets, leave the
  * group.
  */

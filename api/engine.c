@@ -1,10 +1,11 @@
 /*
- * engine_routes.c: the routes every Loom gateway has, whatever its services.
+ * engine.c: the routes every Loom gateway has, whatever its services. Built
+ * into the engine library, which registers them itself (loom_engine_service).
  *
  *   POST /v1/ops/{name}     any op, body = its request      scope ops:call
  *   GET  /v1/commands/{id}  a command's status and result   any valid token
  *
- * POST /v1/ops/{name} is the RPC path of DESIGN.md section 1: the op table
+ * POST /v1/ops/{name} is the RPC path of docs/architecture.md: the op table
  * over HTTP, so an op can move to another process without its callers
  * changing (loom_op_call_http and `loom op --url` are its clients).
  *
@@ -15,7 +16,7 @@
  * "retrying" when one is, else "applied". Any valid token may read a
  * command by id: callers poll the ids their writes returned.
  */
-#include "api.h"
+#include "loom/gateway.h"
 
 #include <string.h>
 
@@ -76,8 +77,9 @@ static int get_command(loom_http_req_t *req, loom_http_res_t *res)
                                 command_answer, NULL);
 }
 
-const loom_route_t api_engine_routes[] = {
+extern const loom_route_t loom_engine_routes[];
+const loom_route_t loom_engine_routes[] = {
     {"POST", "/v1/ops/{name}", call_op, "ops:call"},
     {"GET", "/v1/commands/{id}", get_command, NULL},
+    {0},
 };
-const size_t api_engine_n_routes = sizeof(api_engine_routes) / sizeof(api_engine_routes[0]);
