@@ -33,7 +33,8 @@ static char *slurp(const char *path)
 Test(tutorial, the_document_shows_every_file_as_it_is)
 {
     static const char *const files[] = {"notes_migration.sql", "notes.h",        "notes_consumer.c",
-                                        "notes_op.c",          "notes_routes.c", "notes_main.c"};
+                                        "notes_op.c",          "notes_routes.c", "notes_service.c",
+                                        "notes_main.c"};
     char *doc = slurp(LOOM_TEST_TUTORIAL_DOC);
     for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
         char path[512];
@@ -46,6 +47,20 @@ Test(tutorial, the_document_shows_every_file_as_it_is)
         free(code);
     }
     free(doc);
+}
+
+Test(tutorial, the_op_list_comes_from_the_descriptors)
+{
+    const char *argv[] = {LOOM_TEST_TUTORIAL_BIN, "op", "--list", NULL};
+    char *out = NULL, *err = NULL;
+    cr_assert_eq(loom_test_run(argv, NULL, &out, &err), 0, "%s", err);
+    /* The engine's ops come with every binary; the service adds its own. */
+    cr_expect(strstr(out, "engine.commands.get"), "%s", out);
+    cr_expect(strstr(out, "engine.nodes.list"), "%s", out);
+    cr_expect(strstr(out, "notes.get"), "%s", out);
+    cr_expect_null(strstr(out, "messages.get"), "%s", out);
+    free(out);
+    free(err);
 }
 
 Test(tutorial, the_notes_service_works_under_loom_dev, .timeout = 240)
@@ -69,6 +84,11 @@ Test(tutorial, the_notes_service_works_under_loom_dev, .timeout = 240)
     cr_assert_not_null(t, "%s", log);
     char token[128];
     snprintf(token, sizeof(token), "%.*s", (int)strcspn(t + 12, " \n"), t + 12);
+    /* The banner shows calls of this binary's routes, not another's. */
+    cr_assert(strstr(log, "/v1/notes/n1"), "%s", log);
+    cr_assert(strstr(log, "{\"id\":\"n1\",\"text\":\"hi\"}"), "%s", log);
+    cr_assert_null(strstr(log, "/v1/messages"), "%s", log);
+    cr_assert(strstr(log, "worker      1 consumer,"), "%s", log);
 
     loom_test_http_res_t r;
     loom_test_http(port, "POST", "/v1/notes?wait=10s", token, NULL,
