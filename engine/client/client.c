@@ -48,9 +48,9 @@ static int rc_of(const loom_error_t *e)
 {
     if (!e->code)
         return LOOM_CLIENT_EINTERNAL;
-    if (strcmp(e->code, "QUEUE_FULL") == 0)
+    if (loom_error_is(e, LOOM_CODE_QUEUE_FULL))
         return LOOM_CLIENT_EQUEUEFULL;
-    if (strcmp(e->code, "DEADLINE_EXCEEDED") == 0)
+    if (loom_error_is(e, LOOM_CODE_DEADLINE_EXCEEDED))
         return LOOM_CLIENT_ETIMEDOUT;
     switch (e->cls) {
     case LOOM_ERR_BAD_REQUEST:
@@ -61,7 +61,8 @@ static int rc_of(const loom_error_t *e)
     case LOOM_ERR_TIMEOUT:
         return LOOM_CLIENT_ETIMEDOUT;
     default:
-        return strcmp(e->code, "CONFIG_INVALID") == 0 ? LOOM_CLIENT_EINVAL : LOOM_CLIENT_EINTERNAL;
+        return loom_error_is(e, LOOM_CODE_CONFIG_INVALID) ? LOOM_CLIENT_EINVAL
+                                                          : LOOM_CLIENT_EINTERNAL;
     }
 }
 
@@ -265,7 +266,9 @@ static int publish_text(loom_client_t *c, const char *type, const char *key, con
                         pub_t *p, char *id_out, loom_client_error_t *err)
 {
     loom_client_result_t *res = &p->res;
-    snprintf(res->topic, sizeof(res->topic), "%s.cmd.%s", c->prefix, type);
+    /* The service's topic: the type up to its first dot (loom/topic.h). */
+    snprintf(res->topic, sizeof(res->topic), "%s.cmd.%.*s", c->prefix, (int)strcspn(type, "."),
+             type);
     loom_arena_t a;
     loom_arena_init(&a, 0);
     loom_ce_t ce;

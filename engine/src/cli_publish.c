@@ -69,7 +69,7 @@ static int publish_one(cli_ctx_t *ctx, loom_producer_t *p, const char *topic, co
     const char *k = key ? key : ce.id;
     for (int tries = 0; rc == 0; tries++) {
         rc = loom_producer_send(p, topic, k, strlen(k), &ce, on_delivery, st, err);
-        if (rc == 0 || !err || !err->code || strcmp(err->code, "QUEUE_FULL") != 0 || tries > 6000)
+        if (rc == 0 || !loom_error_is(err, LOOM_CODE_QUEUE_FULL) || tries > 6000)
             break;
         loom_sleep_ms(10); /* the queue drains as the broker acknowledges */
         rc = 0;

@@ -550,7 +550,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         PQclear(res);
     }
     /* Another writer took a version we counted on: run the batch again. */
-    if (rc != 0 && err && err->code && strcmp(err->code, "ALREADY_EXISTS") == 0 &&
+    if (rc != 0 && loom_error_is(err, LOOM_CODE_ALREADY_EXISTS) &&
         strstr(err->message, "loom_events_pkey"))
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                             "event stream written concurrently: %s", err->message);

@@ -100,8 +100,8 @@ int loom_db_error(PGconn *pg, const PGresult *res, loom_error_t *err)
 bool loom_db_error_is_transient(const loom_error_t *err)
 {
     return err && err->code &&
-           (strcmp(err->code, "SERIALIZATION_FAILURE") == 0 ||
-            strcmp(err->code, "DB_UNAVAILABLE") == 0);
+           (loom_error_is(err, LOOM_CODE_SERIALIZATION_FAILURE) ||
+            loom_error_is(err, LOOM_CODE_DB_UNAVAILABLE));
 }
 
 /* ---- connections ----------------------------------------------------------- */

@@ -141,6 +141,16 @@ int loom_error_setc(loom_error_t *err, const loom_error_code_t *code, const char
     return rc;
 }
 
+bool loom_error_is(const loom_error_t *err, loom_code_t code)
+{
+    return err && (unsigned)code < LOOM_CODE__COUNT && err->code == loom_error_codes[code].name;
+}
+
+bool loom_error_isc(const loom_error_t *err, const loom_error_code_t *code)
+{
+    return err && code && err->code == code->name;
+}
+
 const loom_error_code_t *loom_error_code_find(const char *name)
 {
     for (size_t i = 0; i < LOOM_CODE__COUNT; i++)

@@ -57,7 +57,7 @@ static int bootstrap(loom_db_t *db, loom_error_t *err)
         if (rc == 0)
             return 0;
         if (!loom_db_error_is_transient(err) && err && err->code &&
-            strcmp(err->code, "ALREADY_EXISTS") != 0 && !strstr(err->message, "42P07") &&
+            !loom_error_is(err, LOOM_CODE_ALREADY_EXISTS) && !strstr(err->message, "42P07") &&
             !strstr(err->message, "42710"))
             return rc;
         PGresult *r = PQexec(loom_db_pg(db), "ROLLBACK");

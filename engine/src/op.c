@@ -349,12 +349,12 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
         if (!e.code) {
             loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" failed: %s", op->name,
                            loom_strerror(rc));
-        } else if (strcmp(e.code, "DEADLINE_EXCEEDED") == 0) {
+        } else if (loom_error_is(&e, LOOM_CODE_DEADLINE_EXCEEDED)) {
             loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED,
                            "op \"%s\" did not finish within %s %lld ms: %s", op->name,
                            callers ? "the caller's deadline of" : "its timeout of",
                            (long long)(deadline - now), reason);
-        } else if (strcmp(e.code, "READ_ONLY_VIOLATION") == 0) {
+        } else if (loom_error_is(&e, LOOM_CODE_READ_ONLY_VIOLATION)) {
             loom_error_set(&e, LOOM_CODE_READ_ONLY_VIOLATION,
                            "op \"%s\" tried to write; ops are read-only: %s", op->name, reason);
         }

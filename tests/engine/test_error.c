@@ -89,3 +89,22 @@ Test(error, message_is_truncated_not_overflowed)
     loom_error_set(&err, LOOM_CODE_INTERNAL, "%s", big);
     cr_assert_eq(strlen(err.message), LOOM_ERROR_MESSAGE_MAX - 1);
 }
+
+Test(error, codes_are_compared_by_identity)
+{
+    loom_error_t err;
+    loom_error_set(&err, LOOM_CODE_QUEUE_FULL, "queue full");
+    cr_assert(loom_error_is(&err, LOOM_CODE_QUEUE_FULL));
+    cr_assert_not(loom_error_is(&err, LOOM_CODE_INTERNAL));
+    /* A string equal to the name is not the code: only the catalogue's own. */
+    char name[] = "QUEUE_FULL";
+    err.code = name;
+    cr_assert_not(loom_error_is(&err, LOOM_CODE_QUEUE_FULL));
+    loom_error_clear(&err);
+    cr_assert_not(loom_error_is(&err, LOOM_CODE_QUEUE_FULL));
+    cr_assert_not(loom_error_is(NULL, LOOM_CODE_QUEUE_FULL));
+    static const loom_error_code_t mine = {"MINE", LOOM_ERR_CONFLICT, false, "a service's"};
+    loom_error_setc(&err, &mine, "x");
+    cr_assert(loom_error_isc(&err, &mine));
+    cr_assert_not(loom_error_is(&err, LOOM_CODE_ALREADY_EXISTS));
+}

@@ -25,8 +25,8 @@
 typedef struct env {
     char url[512];
     char suffix[64];
-    char type[160];  /* "test.credit.<suffix>" */
-    char topic[200]; /* "loom.cmd.test.credit.<suffix>" */
+    char type[160];  /* "<suffix>.credit" */
+    char topic[200]; /* "loom.cmd.<suffix>" */
     char name[128];
     const char *topics[2];
     loom_consumer_def_t def;
@@ -40,8 +40,10 @@ static void env_init(env_t *e, const char *brokers)
     memset(e, 0, sizeof(*e));
     loom_test_db_create_ledger(e->url, sizeof(e->url));
     loom_test_unique_name("c", e->suffix, sizeof(e->suffix));
-    snprintf(e->type, sizeof(e->type), "test.credit.%s", e->suffix);
-    snprintf(e->topic, sizeof(e->topic), "loom.cmd.%s", e->type);
+    /* A service of its own per test: the client routes "S.credit" to
+     * loom.cmd.S, so tests running at once keep to their own topic. */
+    snprintf(e->type, sizeof(e->type), "%s.credit", e->suffix);
+    snprintf(e->topic, sizeof(e->topic), "loom.cmd.%s", e->suffix);
     snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
     e->topics[0] = e->topic;
     e->def = loom_test_consumers[0];

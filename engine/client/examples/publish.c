@@ -6,7 +6,8 @@
  *
  * Prints the command id and where it landed, or the error on stderr and
  * exits 1. LOOM_TOPIC_PREFIX (default "loom") sets the topic prefix:
- * the command goes to <prefix>.cmd.<TYPE>.
+ * the command goes to <prefix>.cmd.<SERVICE>, the service being the type up to
+ * its first dot.
  */
 #include <loom/client.h>
 

@@ -13,8 +13,8 @@
  *
  * A command is a CloudEvent 1.0 in Kafka binary content mode (ce_* headers,
  * the JSON data as the value, the key as the Kafka key) on the topic
- * "<prefix>.cmd.<type>", sent by an idempotent producer (acks=all). Its
- * delivery is reported once the broker acknowledged it, or failed.
+ * "<prefix>.cmd.<service>" (the type up to its first dot), sent by an idempotent producer
+ * (acks=all). Its delivery is reported once the broker acknowledged it, or failed.
  *
  * Thread-safe: one client may be shared by threads. Callbacks run on the
  * client's delivery thread; they must not block long nor free the client.
@@ -67,7 +67,7 @@ typedef struct loom_client_opts {
                                       * over the client's defaults, except
                                       * enable.idempotence and acks. */
     size_t n_props;
-    const char *topic_prefix;   /* NULL: "loom" -> "loom.cmd.<type>" */
+    const char *topic_prefix;   /* NULL: "loom" -> "loom.cmd.<service>" */
     const char *site;           /* ce_source "loom://SITE/NODE"; NULL: "local" */
     const char *node;           /* NULL: the host name */
     int64_t message_timeout_ms; /* a command not acknowledged by then fails; 0: 30000 */
@@ -106,10 +106,10 @@ void loom_client_free(loom_client_t *c);
 /*
  * Queues the command `type` (e.g. "orders.place") with Kafka key `key` (may
  * be NULL) and `json` (JSON text, any value; NULL means {}) for the topic
- * "<prefix>.cmd.<type>". On success returns 0, writes the command id to
- * id_out (LOOM_CLIENT_ID_LEN + 1 bytes; may be NULL), and cb (may be NULL)
- * runs once later with the delivery result. On failure returns a negative
- * code, fills err (may be NULL), and cb never runs.
+ * "<prefix>.cmd.<service>" (the type up to its first dot). On success returns 0, writes the command
+ * id to id_out (LOOM_CLIENT_ID_LEN + 1 bytes; may be NULL), and cb (may be NULL) runs once later
+ * with the delivery result. On failure returns a negative code, fills err (may be NULL), and cb
+ * never runs.
  */
 int loom_client_publish(loom_client_t *c, const char *type, const char *key, const char *json,
                         loom_client_delivery_cb cb, void *opaque, char *id_out,

@@ -173,6 +173,12 @@ int loom_error_set(loom_error_t *err, loom_code_t code, const char *fmt, ...)
 int loom_error_setc(loom_error_t *err, const loom_error_code_t *code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/* Whether err carries the engine's code (compared by identity: codes are the
+ * catalogue's own strings, so no name is compared as text). */
+bool loom_error_is(const loom_error_t *err, loom_code_t code);
+/* Whether err carries code, an entry of a service's catalogue. */
+bool loom_error_isc(const loom_error_t *err, const loom_error_code_t *code);
+
 /* Looks an engine code up by name; NULL when unknown. */
 const loom_error_code_t *loom_error_code_find(const char *name);
 
