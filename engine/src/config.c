@@ -37,7 +37,7 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_KAFKA_PARTITIONS", LOOM_CFG_INT, "12", NULL, 1, 10000, false,
      "partitions of the topics `loom migrate up` creates"},
     {"LOOM_TOPIC_PREFIX", LOOM_CFG_NAME, "loom", NULL, 0, 0, false,
-     "first part of every topic name: <prefix>.cmd.<service>.<command>, <prefix>.evt..."},
+     "first part of every topic name: <prefix>.cmd.<service>, <prefix>.evt..."},
     {"LOOM_API_LISTEN", LOOM_CFG_LISTEN, "127.0.0.1:8080", NULL, 0, 0, false,
      "address(es) the HTTP gateway listens on, host:port[,host:port]"},
     {"LOOM_API_THREADS", LOOM_CFG_INT, "0", NULL, 0, 64, false,
