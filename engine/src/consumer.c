@@ -1048,6 +1048,8 @@ static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const
     ps->resume_at = loom_mono_ms() + delay;
     atomic_fetch_add(&w->retries, 1);
     count(rt->wc, ps->topic, "retried", 1);
+    if (!rt->rk) /* applied without a Kafka consumer (loom_consumer_apply_offline) */
+        return;
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = offset;
     rd_kafka_pause_partitions(rt->rk, l);
@@ -1277,6 +1279,25 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
     free(b.msgs);
     loom_arena_release(&b.arena);
     loom_arena_release(&b.scratch);
+}
+
+int64_t loom_consumer_apply_offline(loom_db_pool_t *pool, const loom_consumer_def_t *def,
+                                    rd_kafka_message_t **msgs, size_t n)
+{
+    if (n == 0)
+        return -1;
+    loom_worker_t w;
+    memset(&w, 0, sizeof(w));
+    w.opts.pool = pool;
+    w.opts.retry_base_ms = 1;
+    w.opts.retry_max_ms = 1;
+    worker_consumer_t wc = {.w = &w, .def = def};
+    consumer_rt_t rt = {.wc = &wc};
+    part_state_t *ps = part_get(&rt, rd_kafka_topic_name(msgs[0]->rkt), msgs[0]->partition);
+    batch_run(&rt, msgs, n, ps);
+    int64_t committed = ps->commit_offset;
+    free(rt.parts);
+    return committed;
 }
 
 /* ---- stall detection ---------------------------------------------------------------- */
