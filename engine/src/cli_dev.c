@@ -146,8 +146,8 @@ static void *mock_watch_run(void *arg)
                                   "broker keeps; beyond it the oldest messages are dropped",
                                   "topic=%s partition=%d backlog_messages=%lld "
                                   "backlog_bytes=%lld limit_bytes=%d limit_messages=%d "
-                                  "hint=\"see loom commands list --stuck; use a real Kafka "
-                                  "(LOOM_KAFKA_BROKERS) for large backlogs\"",
+                                  "hint=see loom commands list --stuck; use a real Kafka "
+                                  "(LOOM_KAFKA_BROKERS) for large backlogs",
                                   topic, p, (long long)count, (long long)bytes, MOCK_MAX_BYTES,
                                   MOCK_MAX_COUNT);
                     warned[slot] = near || (warned[slot] && bytes >= MOCK_MAX_BYTES / 4);
