@@ -501,3 +501,26 @@ Test(poison, a_message_whose_outcome_cannot_be_recorded_holds_its_partition, .ti
     expect_row(&e, "r-1", "rejected", "\"time\"");
     penv_stop(&e);
 }
+
+Test(poison, a_row_refused_as_it_is_is_recorded_in_safe_form, .timeout = 240)
+{
+    penv_t e;
+    penv_start(&e, NULL);
+    /* The database refuses a rejected row unless it is the safe form (type
+     * "unknown", filed under the Kafka position). */
+    loom_test_sql(e.url, "ALTER TABLE loom_commands ADD CONSTRAINT test_safe_only "
+                         "CHECK (status <> 'rejected' OR type = 'unknown')");
+    rd_kafka_headers_t *h = hdrs_ok("sf-1");
+    hdr_set(h, "ce_time", "never", 5);
+    int64_t off = publish(&e, "a", 1, h, credit, strlen(credit));
+    good_after(&e, "sf-good");
+    char *kid = kafka_id(&e, off);
+    expect_row(&e, kid, "rejected", "recorded in safe form");
+    expect_row(&e, kid, "rejected", "\"time\" is not an RFC 3339 timestamp");
+    expect_row(&e, kid, "rejected", "test_safe_only");
+    char *payload = row(&e, kid, "rejected", "length(payload)");
+    cr_assert_str_eq(payload, "26", "the raw value is kept");
+    free(payload);
+    free(kid);
+    penv_stop(&e);
+}
