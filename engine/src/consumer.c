@@ -684,7 +684,7 @@ static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
     record_arg_t *r = arg;
     loom_msg_t *m = r->m;
     bool conflict = strcmp(r->status, "conflict") == 0;
-    char part[16], off[32], cid[LOOM_CE_ID_MAX + 200];
+    char part[16], off[32], cid[LOOM_CE_ID_MAX + 400];
     snprintf(part, sizeof(part), "%" PRId32, m->rkm->partition);
     snprintf(off, sizeof(off), "%" PRId64, m->rkm->offset);
     const char *id = msg_id(m);
