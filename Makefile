@@ -4,6 +4,8 @@ BUILD      ?= build
 ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
+# The private PostgreSQL of fuzz_kafka (in /tmp: the server may run as postgres).
+FUZZ_PG_DIR ?= /tmp/loom-fuzz-pg-$(shell printf %s "$(CURDIR)" | md5sum | cut -c1-8)
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 LOOM       := $(BUILD)/cmd/loom/loom
@@ -43,7 +45,8 @@ asan: $(ASAN_BUILD)/build.ninja
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -j 2
 
-# Fuzzing: request parsing, routing and JSON bodies (tests/fuzz/), with
+# Fuzzing: request parsing, routing and JSON bodies, and Kafka messages
+# through decode and record against a private PostgreSQL (tests/fuzz/), with
 # ASan+UBSan, for FUZZ_SECONDS, from the seed corpus (new inputs go to a
 # scratch copy; crashes are written to $(FUZZ_BUILD)/ and fail the target).
 $(FUZZ_BUILD)/build.ninja:
@@ -51,11 +54,17 @@ $(FUZZ_BUILD)/build.ninja:
 	  -DLOOM_SANITIZE=ON -DLOOM_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Debug $(CMAKE_ARGS)
 
 fuzz: $(FUZZ_BUILD)/build.ninja
-	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_http
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_http fuzz_kafka
 	rm -rf $(FUZZ_BUILD)/corpus-http && mkdir -p $(FUZZ_BUILD)/corpus-http
 	cd $(FUZZ_BUILD) && UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ./tests/fuzz/fuzz_http -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 \
 	  -rss_limit_mb=2048 -print_final_stats=1 corpus-http $(CURDIR)/tests/fuzz/corpus/http
+	rm -rf $(FUZZ_BUILD)/corpus-kafka && mkdir -p $(FUZZ_BUILD)/corpus-kafka
+	cd $(FUZZ_BUILD) && export LOOM_FUZZ_PG_DIR=$(FUZZ_PG_DIR); \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ./tests/fuzz/fuzz_kafka -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=30 \
+	  -rss_limit_mb=2048 -print_final_stats=1 corpus-kafka $(CURDIR)/tests/fuzz/corpus/kafka; \
+	  rc=$$?; LOOM_FUZZ_PG_STOP=1 ./tests/fuzz/fuzz_kafka -runs=0 >/dev/null 2>&1; exit $$rc
 
 test: format-check check asan fuzz
 

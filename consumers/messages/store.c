@@ -135,15 +135,21 @@ static int delete_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
     return rc;
 }
 
+#define MESSAGES_CLEAN_MAX_MS (100LL * 36525 * 24 * 3600 * 10) /* 100 years */
+
 static int clean(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
     /* older_than_ms, or this worker's LOOM_MESSAGES_RETENTION */
     json_t *older = json_object_get(d, "older_than_ms");
     long long older_ms;
     if (older) {
-        if (!json_is_integer(older) || json_integer_value(older) < 0)
+        /* now() minus more than this leaves PostgreSQL's timestamp range
+         * (22008, which would fail the same way on every retry). */
+        if (!json_is_integer(older) || json_integer_value(older) < 0 ||
+            json_integer_value(older) > MESSAGES_CLEAN_MAX_MS)
             return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                                  "\"older_than_ms\" must be a non-negative integer");
+                                  "\"older_than_ms\" must be an integer from 0 to %lld (100 years)",
+                                  (long long)MESSAGES_CLEAN_MAX_MS);
         older_ms = (long long)json_integer_value(older);
     } else {
         const loom_config_t *cfg = loom_msg_config(msg);

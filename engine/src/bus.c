@@ -11,6 +11,7 @@
 #include "loom/mem.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,23 @@ rd_kafka_headers_t *loom_kafka_headers_from_json(const char *text)
     {
         if (json_is_string(v))
             rd_kafka_header_add(h, name, -1, json_string_value(v), (ssize_t)json_string_length(v));
+        else if (json_is_null(v))
+            rd_kafka_header_add(h, name, -1, NULL, 0);
+        else if (json_is_string(json_object_get(v, "hex"))) {
+            /* Bytes that are not text, as the consumer recorded them. */
+            const char *hex = json_string_value(json_object_get(v, "hex"));
+            size_t n = strlen(hex) / 2;
+            unsigned char *buf = malloc(n + 1);
+            if (!buf)
+                abort();
+            for (size_t i = 0; i < n; i++) {
+                unsigned hi = 0, lo = 0;
+                sscanf(hex + 2 * i, "%1x%1x", &hi, &lo);
+                buf[i] = (unsigned char)(hi << 4 | lo);
+            }
+            rd_kafka_header_add(h, name, -1, buf, (ssize_t)n);
+            free(buf);
+        }
     }
     json_decref(o);
     return h;

@@ -65,8 +65,10 @@ static int cmd_show(loom_db_pool_t *pool, const char *id)
                    "'type', type, 'stream_id', stream_id, 'topic', topic, "
                    "'partition', kafka_partition, 'offset', kafka_offset, 'status', status, "
                    "'attempts', attempts, 'last_error', last_error, 'result', result, "
-                   "'ray_id', ray_id, 'received_at', received_at, 'updated_at', updated_at)::text "
-                   "FROM loom_commands WHERE message_id = $1 ORDER BY consumer",
+                   "'ray_id', ray_id, 'received_at', received_at, 'updated_at', updated_at, "
+                   "'source', source, 'conflict_of', conflict_of)::text "
+                   "FROM loom_commands WHERE message_id = $1 OR conflict_of = $1 "
+                   "ORDER BY conflict_of NULLS FIRST, consumer, received_at",
                    1, p, &res, &err);
     if (rc != 0)
         return cli_fail("commands", "%s", err.message);
@@ -120,7 +122,8 @@ static int cmd_replay(cli_ctx_t *ctx, loom_db_pool_t *pool, const char *id, cons
     PGresult *res = NULL;
     loom_error_t err;
     rc = query(pool,
-               "SELECT consumer, topic, stream_id, headers::text, payload FROM loom_commands "
+               "SELECT consumer, topic, stream_id, headers::text, payload, msg_key "
+               "FROM loom_commands "
                "WHERE message_id = $1 AND ($2::text IS NULL OR consumer = $2) "
                "AND status IN ('parked', 'rejected') AND payload IS NOT NULL",
                2, p, &res, &err);
@@ -152,11 +155,24 @@ static int cmd_replay(cli_ctx_t *ctx, loom_db_pool_t *pool, const char *id, cons
         size_t len = 0;
         unsigned char *payload =
             PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 4), &len);
-        const char *key = PQgetisnull(res, i, 2) ? NULL : PQgetvalue(res, i, 2);
+        /* The raw key when it was kept (a key that is not text), else the
+         * stream id. */
+        size_t key_len = 0;
+        unsigned char *raw_key =
+            PQgetisnull(res, i, 5)
+                ? NULL
+                : PQunescapeBytea((const unsigned char *)PQgetvalue(res, i, 5), &key_len);
+        const char *key = raw_key                  ? (const char *)raw_key
+                          : PQgetisnull(res, i, 2) ? NULL
+                                                   : PQgetvalue(res, i, 2);
+        if (key && !raw_key)
+            key_len = strlen(key);
         loom_delivery_t d;
         loom_delivery_init(&d);
-        rc = loom_producer_send_raw(prod, PQgetvalue(res, i, 1), key, key ? strlen(key) : 0, h,
-                                    payload, len, loom_delivery_future_cb, &d, &err);
+        rc = loom_producer_send_raw(prod, PQgetvalue(res, i, 1), key, key_len, h, payload, len,
+                                    loom_delivery_future_cb, &d, &err);
+        if (raw_key)
+            PQfreemem(raw_key);
         if (rc != 0)
             rd_kafka_headers_destroy(h);
         else
@@ -233,7 +249,9 @@ const cli_command_t cli_commands_command = {
     "\n"
     "Every command a consumer handled has a row: status applied, rejected (the\n"
     "handler refused it for good), retrying (failing transiently; its partition\n"
-    "waits) or parked. With its attempts, last error and result.\n"
+    "waits), parked, or conflict (it reused the id of another command with\n"
+    "another type or data, and was not applied). With its attempts, last error\n"
+    "and result.\n"
     "\n"
     "  list      newest first; --stuck shows only retrying and parked ones\n"
     "  show      the rows of one command id, as JSON\n"

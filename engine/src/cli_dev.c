@@ -7,6 +7,7 @@
  * cleanly so nothing is left behind.
  */
 #include "cli.h"
+#include "loom/clock.h"
 #include "loom/log.h"
 #include "loom/gateway.h"
 #include "loom/metrics.h"
@@ -16,6 +17,7 @@
 #include <pthread.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +65,150 @@ static void print_examples(const loom_app_t *app, const char *token, const char 
     }
     if (!any)
         printf("Routes: %zu (see `loom api --help`); ops: `loom op --list`.\n", app->n_routes);
+}
+
+/* ---- the embedded broker's limits ------------------------------------------------- */
+
+/*
+ * librdkafka's mock cluster keeps at most 5 MiB and 100,000 message sets per
+ * partition, and drops the oldest beyond that, consumed or not. A partition
+ * whose consumer is held (a command retrying) can so lose the commands
+ * behind it. This watcher warns before a partition's backlog (what its
+ * consumer group has not committed) reaches those limits.
+ */
+#define MOCK_MAX_BYTES  (5 * 1024 * 1024)
+#define MOCK_MAX_COUNT  100000
+#define MOCK_WARN_SHARE 0.6 /* warn at 60% of either */
+
+typedef struct mock_watch {
+    cli_ctx_t *ctx;
+    const char *brokers;
+    atomic_int stop;
+    pthread_t thread;
+    bool started;
+} mock_watch_t;
+
+/* Bytes of partition's messages from `from` to `hi`, read with `rk`;
+ * stops early once over `enough`. */
+static int64_t backlog_bytes(rd_kafka_t *rk, const char *topic, int32_t part, int64_t from,
+                             int64_t hi, int64_t enough)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, topic, part)->offset = from;
+    rd_kafka_assign(rk, l);
+    int64_t bytes = 0, until = loom_mono_ms() + 2000;
+    while (bytes < enough && loom_mono_ms() < until) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+        if (!m)
+            continue;
+        bool last = m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF || m->offset >= hi - 1;
+        if (!m->err)
+            bytes += (int64_t)(m->len + m->key_len) + 64; /* and the record's overhead */
+        rd_kafka_message_destroy(m);
+        if (last)
+            break;
+    }
+    rd_kafka_assign(rk, NULL);
+    rd_kafka_topic_partition_list_destroy(l);
+    return bytes;
+}
+
+static rd_kafka_t *watch_client(const char *brokers, const char *group)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *kv[][2] = {{"bootstrap.servers", brokers},
+                           {"group.id", group},
+                           {"enable.auto.commit", "false"},
+                           {"enable.partition.eof", "true"},
+                           {"log_level", "3"}};
+    for (size_t i = 0; i < sizeof(kv) / sizeof(kv[0]); i++)
+        rd_kafka_conf_set(conf, kv[i][0], kv[i][1], NULL, 0);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, NULL, 0);
+    if (!rk)
+        rd_kafka_conf_destroy(conf);
+    return rk;
+}
+
+static void *mock_watch_run(void *arg)
+{
+    mock_watch_t *mw = arg;
+    const loom_app_t *app = mw->ctx->app;
+    int parts = mw->ctx->cfg.kafka_partitions;
+    size_t n_slots = 0;
+    for (size_t i = 0; i < app->n_consumers; i++)
+        for (const char *const *t = app->consumers[i].topics; t && *t; t++)
+            n_slots += (size_t)parts;
+    bool *warned = calloc(n_slots ? n_slots : 1, sizeof(bool));
+    rd_kafka_t *reader = watch_client(mw->brokers, "loom.dev.limits");
+    while (warned && reader && !atomic_load(&mw->stop)) {
+        for (int i = 0; i < 20 && !atomic_load(&mw->stop); i++)
+            loom_sleep_ms(100);
+        size_t slot = 0;
+        for (size_t c = 0; c < app->n_consumers && !atomic_load(&mw->stop); c++) {
+            /* The worker's group: "loom." + name (loom_worker_opts_t). */
+            char group[256];
+            snprintf(group, sizeof(group), "loom.%s", app->consumers[c].name);
+            rd_kafka_t *rk = watch_client(mw->brokers, group);
+            for (const char *const *t = app->consumers[c].topics; rk && t && *t; t++) {
+                char topic[256];
+                loom_topic_map(*t, topic, sizeof(topic));
+                rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(parts);
+                for (int p = 0; p < parts; p++)
+                    rd_kafka_topic_partition_list_add(l, topic, p);
+                if (rd_kafka_committed(rk, l, 1000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+                    l->cnt = 0;
+                for (int p = 0; p < l->cnt; p++, slot++) {
+                    int64_t lo = 0, hi = 0;
+                    if (rd_kafka_query_watermark_offsets(rk, topic, p, &lo, &hi, 1000) != 0)
+                        continue;
+                    int64_t from = l->elems[p].offset >= lo ? l->elems[p].offset : lo;
+                    int64_t count = hi - from;
+                    int64_t bytes =
+                        count > 0 ? backlog_bytes(reader, topic, p, from, hi, MOCK_MAX_BYTES) : 0;
+                    bool near = count >= MOCK_WARN_SHARE * MOCK_MAX_COUNT ||
+                                bytes >= MOCK_WARN_SHARE * MOCK_MAX_BYTES;
+                    if (near && !warned[slot])
+                        LOOM_WARN("embedded kafka: a partition's backlog nears what the mock "
+                                  "broker keeps; beyond it the oldest messages are dropped",
+                                  "topic=%s partition=%d backlog_messages=%lld "
+                                  "backlog_bytes=%lld limit_bytes=%d limit_messages=%d "
+                                  "hint=see loom commands list --stuck; use a real Kafka "
+                                  "(LOOM_KAFKA_BROKERS) for large backlogs",
+                                  topic, p, (long long)count, (long long)bytes, MOCK_MAX_BYTES,
+                                  MOCK_MAX_COUNT);
+                    warned[slot] = near || (warned[slot] && bytes >= MOCK_MAX_BYTES / 4);
+                }
+                slot += (size_t)(parts - l->cnt);
+                rd_kafka_topic_partition_list_destroy(l);
+            }
+            if (rk) {
+                rd_kafka_consumer_close(rk);
+                rd_kafka_destroy(rk);
+            }
+        }
+    }
+    if (reader) {
+        rd_kafka_consumer_close(reader);
+        rd_kafka_destroy(reader);
+    }
+    free(warned);
+    return NULL;
+}
+
+static void mock_watch_start(mock_watch_t *mw, cli_ctx_t *ctx, const char *brokers)
+{
+    mw->ctx = ctx;
+    mw->brokers = brokers;
+    atomic_store(&mw->stop, 0);
+    mw->started = pthread_create(&mw->thread, NULL, mock_watch_run, mw) == 0;
+}
+
+static void mock_watch_stop(mock_watch_t *mw)
+{
+    atomic_store(&mw->stop, 1);
+    if (mw->started)
+        pthread_join(mw->thread, NULL);
+    mw->started = false;
 }
 
 static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
@@ -164,6 +310,7 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
     }
     cli_worker_parts_t parts = {0};
     bool parts_up = false;
+    mock_watch_t mock_watch = {.started = false};
     if (rc == 0) {
         rc = cli_worker_parts_start(ctx, "dev", brokers, pool, producer, metrics, "dev", api_url,
                                     &parts);
@@ -191,10 +338,13 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
         printf("Press Ctrl-C to stop.\n");
         fflush(stdout);
         LOOM_INFO("loom dev ready", "api=%s postgres_port=%d kafka=%s", api_url, pg.port, brokers);
+        if (mock_owner)
+            mock_watch_start(&mock_watch, ctx, brokers);
         int sig = 0;
         sigwait(&sigs, &sig);
         LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
     }
+    mock_watch_stop(&mock_watch);
     if (gw)
         loom_gateway_stop(gw, ctx->cfg.shutdown_timeout_ms);
     loom_gateway_free(gw);

@@ -26,6 +26,7 @@
 #include "loom/clock.h"
 #include "loom/log.h"
 #include "loom/mem.h"
+#include "loom/sha256.h"
 #include "loom/uuid.h"
 
 #include <inttypes.h>
@@ -87,7 +88,9 @@ struct loom_msg {
     json_t *json;
     json_t *result;
     int attempt;
-    char fallback_id[160]; /* for messages without a usable ce_id */
+    char fallback_id[160];                /* for messages without a usable ce_id */
+    char digest[2 * LOOM_SHA256_LEN + 1]; /* of type and data: tells a resend from a reuse */
+    const char *conflict;                 /* why its id is taken by another command (arena) */
 };
 
 struct batch {
@@ -408,7 +411,8 @@ int loom_publish(loom_msg_t *msg, const char *topic, const char *key, const char
 
 static const char *msg_id(loom_msg_t *m)
 {
-    if (m->decoded && m->ce.id)
+    /* Decoded, or usable by itself (loom_ce_decode keeps only such an id). */
+    if (m->ce.id)
         return m->ce.id;
     if (!m->fallback_id[0])
         snprintf(m->fallback_id, sizeof(m->fallback_id), "kafka:%s:%" PRId32 ":%" PRId64,
@@ -418,24 +422,25 @@ static const char *msg_id(loom_msg_t *m)
 
 static const loom_db_stmt_t stmt_dedup = {
     "loom_commands_dedup",
-    "SELECT message_id FROM loom_commands WHERE consumer = $1 AND message_id = ANY($2::text[]) "
-    "AND status IN ('applied', 'rejected', 'parked')",
+    "SELECT message_id, digest, type, source, status FROM loom_commands WHERE consumer = $1 "
+    "AND message_id = ANY($2::text[]) AND status IN ('applied', 'rejected', 'parked')",
     2};
 
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray "
+    "kafka_offset, status, attempts, result, ray_id, source, digest) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg "
     "FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
-    "$10::text[]) AS u(m, t, s, o, a, r, ray) "
+    "$10::text[], $11::text[], $12::text[]) AS u(m, t, s, o, a, r, ray, src, dg) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
+    "msg_key = NULL, source = EXCLUDED.source, digest = EXCLUDED.digest, "
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
     "updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    10};
+    12};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -476,9 +481,10 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-                    rays = {0};
-    loom_db_array_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays};
-    for (size_t i = 0; i < 7; i++)
+                    rays = {0}, srcs = {0}, digests = {0};
+    loom_db_array_t *all[] = {&ids,     &types, &streams, &offs,   &atts,
+                              &results, &rays,  &srcs,    &digests};
+    for (size_t i = 0; i < 9; i++)
         loom_db_array_reset(all[i]);
     size_t expected = 0;
     for (size_t i = from; i < to; i++) {
@@ -495,6 +501,8 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&results, r);
         free(r);
         loom_db_array_add(&rays, m->ce.rayid);
+        loom_db_array_add(&srcs, m->ce.source);
+        loom_db_array_add(&digests, m->digest);
     }
     int rc = 0;
     /* Everything but the loom_commands INSERT is deferred: they all go to
@@ -538,7 +546,9 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&offs),
                            loom_db_array_str(&atts),
                            loom_db_array_str(&results),
-                           loom_db_array_str(&rays)};
+                           loom_db_array_str(&rays),
+                           loom_db_array_str(&srcs),
+                           loom_db_array_str(&digests)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -554,9 +564,31 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         strstr(err->message, "loom_events_pkey"))
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                             "event stream written concurrently: %s", err->message);
-    for (size_t i = 0; i < 7; i++)
+    for (size_t i = 0; i < 9; i++)
         loom_db_array_free(all[i]);
     return rc;
+}
+
+/*
+ * A message whose id is taken already. CloudEvents makes producers keep
+ * source + id unique, so the same id with the same type and data is a resend
+ * (skipped). With another type or data it is a different command reusing the
+ * id: it is not applied, and is recorded as a conflict. The source is not
+ * compared: Loom's gateway stamps its node into the source, and a retry of
+ * one write through another gateway is the same command.
+ */
+static void dedup_mark(batch_t *b, loom_msg_t *m, const char *digest, const char *type,
+                       const char *source, const char *status)
+{
+    m->done = true;
+    if (!digest || strcmp(digest, m->digest) == 0)
+        return;
+    m->conflict = loom_arena_sprintf(
+        &b->arena,
+        "id already used by another command (%s, type %s, source %s) with another type or data; "
+        "this one (type %s, source %s) was not applied",
+        status, type ? type : "unknown", source ? source : "unknown",
+        m->ce.type ? m->ce.type : "unknown", m->ce.source ? m->ce.source : "unknown");
 }
 
 static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
@@ -573,6 +605,7 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
     loom_db_array_reset(&ids);
     for (size_t i = a->from; i < a->to; i++) {
         b->msgs[i].done = false;
+        b->msgs[i].conflict = NULL;
         loom_db_array_add(&ids, msg_id(&b->msgs[i]));
     }
     const char *p[] = {wc->def->name, loom_db_array_str(&ids)};
@@ -584,14 +617,18 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
     for (int r = 0; r < PQntuples(res); r++)
         for (size_t i = a->from; i < a->to; i++)
             if (strcmp(PQgetvalue(res, r, 0), msg_id(&b->msgs[i])) == 0)
-                b->msgs[i].done = true;
+                dedup_mark(b, &b->msgs[i], PQgetisnull(res, r, 1) ? NULL : PQgetvalue(res, r, 1),
+                           PQgetvalue(res, r, 2),
+                           PQgetisnull(res, r, 3) ? NULL : PQgetvalue(res, r, 3),
+                           PQgetvalue(res, r, 4));
     PQclear(res);
     /* The same command twice in one batch (a producer retry, a replay): the
-     * first copy is applied, the others are skipped. */
+     * first copy is applied, the others are skipped (or are conflicts). */
     for (size_t i = a->from; i < a->to; i++)
         for (size_t j = a->from; j < i && !b->msgs[i].done; j++)
             if (strcmp(msg_id(&b->msgs[i]), msg_id(&b->msgs[j])) == 0)
-                b->msgs[i].done = true;
+                dedup_mark(b, &b->msgs[i], b->msgs[j].digest, b->msgs[j].ce.type,
+                           b->msgs[j].ce.source, "in the same batch");
 
     for (size_t i = a->from; i < a->to; i++) {
         loom_msg_t *m = &b->msgs[i];
@@ -638,14 +675,21 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
 static const loom_db_stmt_t stmt_record = {
     "loom_commands_record",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, last_error, ray_id, headers, payload) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea) "
+    "kafka_offset, status, attempts, last_error, ray_id, headers, payload, source, digest, "
+    "msg_key, conflict_of) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea, $13, $14, "
+    "$15::bytea, $16) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = EXCLUDED.status, "
     "attempts = loom_commands.attempts + 1, last_error = EXCLUDED.last_error, "
-    "headers = EXCLUDED.headers, payload = EXCLUDED.payload, updated_at = now() "
+    "headers = EXCLUDED.headers, payload = EXCLUDED.payload, msg_key = EXCLUDED.msg_key, "
+    "source = EXCLUDED.source, digest = EXCLUDED.digest, updated_at = now() "
     "WHERE loom_commands.status = 'retrying'",
-    12};
+    16};
 
+/* The headers as a JSON object for loom_commands.headers (and `loom commands
+ * replay`): a value that is UTF-8 text without NUL as a string, any other as
+ * {"hex": "..."} so that jsonb takes it and no byte is lost. A name that is
+ * not UTF-8 is escaped (\xNN). */
 static char *headers_json(rd_kafka_message_t *rkm)
 {
     json_t *o = json_object();
@@ -655,9 +699,19 @@ static char *headers_json(rd_kafka_message_t *rkm)
         const void *val;
         size_t len;
         for (size_t i = 0; rd_kafka_header_get_all(hdrs, i, &name, &val, &len) == 0; i++) {
-            json_t *s = json_stringn(val ? val : "", val ? len : 0);
-            if (s)
-                json_object_set_new(o, name, s);
+            json_t *v;
+            if (!val)
+                v = json_null();
+            else if (loom_text_valid(val, len))
+                v = json_stringn(val, len);
+            else {
+                char *hex = bytea_hex(val, len);
+                v = json_pack("{s:s}", "hex", hex + 2);
+                free(hex);
+            }
+            char *safe = loom_text_escape(name, strlen(name), 0);
+            json_object_set_new(o, safe, v);
+            free(safe);
         }
     }
     char *text = json_dumps(o, JSON_COMPACT);
@@ -670,43 +724,95 @@ typedef struct record_arg {
     loom_msg_t *m;
     const char *status;
     const char *error;
+    bool safe; /* the fallback form: only the Kafka position and raw bytes */
 } record_arg_t;
 
 static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
 {
     record_arg_t *r = arg;
     loom_msg_t *m = r->m;
-    char part[16], off[32];
+    bool conflict = strcmp(r->status, "conflict") == 0;
+    char part[16], off[32], cid[LOOM_CE_ID_MAX + 400];
     snprintf(part, sizeof(part), "%" PRId32, m->rkm->partition);
     snprintf(off, sizeof(off), "%" PRId64, m->rkm->offset);
-    char *hdrs = headers_json(m->rkm);
+    const char *id = msg_id(m);
+    if (r->safe) {
+        id = m->fallback_id;
+        if (!id[0]) {
+            snprintf(m->fallback_id, sizeof(m->fallback_id), "kafka:%s:%" PRId32 ":%" PRId64,
+                     rd_kafka_topic_name(m->rkm->rkt), m->rkm->partition, m->rkm->offset);
+        }
+    } else if (conflict) {
+        /* Its own row, next to the command that holds the id. */
+        snprintf(cid, sizeof(cid), "%s (conflict at %s:%" PRId32 ":%" PRId64 ")", id,
+                 rd_kafka_topic_name(m->rkm->rkt), m->rkm->partition, m->rkm->offset);
+        id = cid;
+    }
+    char *hdrs = r->safe ? NULL : headers_json(m->rkm);
     char *bytea = bytea_hex(m->rkm->payload ? m->rkm->payload : "", m->rkm->len);
+    char *key = m->rkm->key ? bytea_hex(m->rkm->key, m->rkm->key_len) : NULL;
+    char *error = loom_text_escape(r->error, strlen(r->error), 4000);
     const char *p[] = {r->b->wc->def->name,
-                       msg_id(m),
-                       m->decoded && m->ce.type ? m->ce.type : "unknown",
-                       m->decoded ? m->ce.key : NULL,
+                       id,
+                       !r->safe && m->ce.type ? m->ce.type : "unknown",
+                       !r->safe && m->decoded ? m->ce.key : NULL,
                        rd_kafka_topic_name(m->rkm->rkt),
                        part,
                        off,
                        r->status,
-                       r->error,
-                       m->decoded ? m->ce.rayid : NULL,
+                       error,
+                       !r->safe && m->decoded ? m->ce.rayid : NULL,
                        hdrs,
-                       bytea};
+                       bytea,
+                       r->safe ? NULL : m->ce.source,
+                       m->digest,
+                       key,
+                       conflict && !r->safe ? msg_id(m) : NULL};
     int rc = loom_db_exec(db, &stmt_record, p, NULL, err);
     free(hdrs);
     free(bytea);
+    free(key);
+    free(error);
     return rc;
 }
 
-static void record(batch_t *b, loom_msg_t *m, const char *status, const char *error)
+/*
+ * Records a message's outcome. When the row cannot be written as it is (the
+ * database refuses a value for good), it is written in a safe form: under
+ * its Kafka position, with the raw payload and key and the reason. Returns 0,
+ * or an error when not even that could be written: the caller must then not
+ * move past the message.
+ */
+static int record(batch_t *b, loom_msg_t *m, const char *status, const char *error)
 {
-    record_arg_t r = {b, m, status, error};
+    record_arg_t r = {b, m, status, error, false};
     loom_error_t err;
     loom_tx_opts_t o = {.max_attempts = 2};
-    if (loom_tx_run(b->wc->w->opts.pool, &o, record_body, &r, &err) != 0)
-        LOOM_WARN("could not record command status", "consumer=%s message_id=%s status=%s error=%s",
-                  b->wc->def->name, msg_id(m), status, err.message);
+    int rc = loom_tx_run(b->wc->w->opts.pool, &o, record_body, &r, &err);
+    if (rc == 0)
+        return 0;
+    if (!loom_db_error_is_transient(&err)) {
+        char *why =
+            loom_arena_sprintf(&b->arena, "%s (recorded in safe form: %s)", error, err.message);
+        record_arg_t safe = {b, m, status, why, true};
+        loom_tx_opts_t o2 = {.max_attempts = 2};
+        char *text = loom_text_escape(why, strlen(why), 1000);
+        rc = loom_tx_run(b->wc->w->opts.pool, &o2, record_body, &safe, &err);
+        if (rc == 0)
+            LOOM_WARN("command recorded in safe form, under its Kafka position",
+                      "consumer=%s message_id=%s status=%s error=%s", b->wc->def->name,
+                      m->fallback_id, status, text);
+        free(text);
+        if (rc == 0)
+            return 0;
+    }
+    char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
+    LOOM_ERROR("could not record a command's outcome: its partition waits",
+               "consumer=%s topic=%s partition=%d offset=%lld message_id=%s status=%s error=%s",
+               b->wc->def->name, rd_kafka_topic_name(m->rkm->rkt), (int)m->rkm->partition,
+               (long long)m->rkm->offset, id, status, err.message);
+    free(id);
+    return LOOM_EDB;
 }
 
 /* ---- metrics ------------------------------------------------------------------------ */
@@ -990,6 +1096,8 @@ static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const
     ps->resume_at = loom_mono_ms() + delay;
     atomic_fetch_add(&w->retries, 1);
     count(rt->wc, ps->topic, "retried", 1);
+    if (!rt->rk) /* applied without a Kafka consumer (loom_consumer_apply_offline) */
+        return;
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = offset;
     rd_kafka_pause_partitions(rt->rk, l);
@@ -1038,6 +1146,66 @@ static bool is_permanent(const loom_error_t *e)
     }
 }
 
+/* A message whose outcome could not be recorded: its offset is not
+ * committed, and the partition is held at it and tries again after the
+ * backoff. record() logged why, at error level. */
+static void hold_unrecorded(consumer_rt_t *rt, part_state_t *ps, loom_msg_t *m)
+{
+    count(rt->wc, ps->topic, "unrecorded", 1);
+    part_hold(rt, ps, m->rkm->offset, "its outcome could not be recorded");
+}
+
+/* After msgs [from, to) were applied (or skipped) in a committed
+ * transaction: records the conflicts among them and counts them. Returns
+ * false when a conflict could not be recorded; the partition is then held at
+ * that message, and commit_offset stops before it. */
+static bool applied_ok(consumer_rt_t *rt, batch_t *b, part_state_t *ps, size_t from, size_t to)
+{
+    worker_consumer_t *wc = rt->wc;
+    loom_worker_t *w = wc->w;
+    for (size_t i = from; i < to; i++) {
+        loom_msg_t *m = &b->msgs[i];
+        if (m->conflict) {
+            if (record(b, m, "conflict", m->conflict) != 0) {
+                hold_unrecorded(rt, ps, m);
+                return false;
+            }
+            char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
+            LOOM_WARN("command id reused: recorded as a conflict, not applied",
+                      "consumer=%s topic=%s partition=%d offset=%lld message_id=%s", wc->def->name,
+                      ps->topic, (int)ps->partition, (long long)m->rkm->offset, id);
+            free(id);
+            count(wc, ps->topic, "conflict", 1);
+        }
+        atomic_fetch_add(m->done ? &w->skipped : &w->applied, 1);
+        if (!m->conflict)
+            count(wc, ps->topic, m->done ? "skipped" : "applied", 1);
+        ps->commit_offset = m->rkm->offset + 1;
+    }
+    return true;
+}
+
+/* Records a rejected message; false (the partition held) when it could not. */
+static bool rejected(consumer_rt_t *rt, batch_t *b, part_state_t *ps, loom_msg_t *m,
+                     const loom_error_t *why)
+{
+    worker_consumer_t *wc = rt->wc;
+    if (record(b, m, "rejected", why->message) != 0) {
+        hold_unrecorded(rt, ps, m);
+        return false;
+    }
+    atomic_fetch_add(&wc->w->rejected, 1);
+    count(wc, ps->topic, "rejected", 1);
+    char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
+    char *text = loom_text_escape(why->message, strlen(why->message), 1000);
+    LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s", wc->def->name, id,
+              why->code, text);
+    free(id);
+    free(text);
+    ps->commit_offset = m->rkm->offset + 1;
+    return true;
+}
+
 /* Applies msgs (all of one partition, in offset order). */
 static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
 {
@@ -1052,28 +1220,16 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
     loom_tx_opts_t o = {.max_attempts = 3, .stop = NULL};
     int rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
     if (rc == 0) {
-        size_t done = 0;
-        for (size_t i = 0; i < b->n; i++)
-            done += b->msgs[i].done;
-        atomic_fetch_add(&w->applied, (long long)(b->n - done));
-        atomic_fetch_add(&w->skipped, (long long)done);
-        count(wc, ps->topic, "applied", (long long)(b->n - done));
-        count(wc, ps->topic, "skipped", (long long)done);
-        ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
+        if (!applied_ok(rt, b, ps, 0, b->n))
+            return;
         ps->retry_offset = -1;
         ps->attempts = 0;
         return;
     }
     if (!a.handler_failed || b->n == 1) {
         if (a.handler_failed && is_permanent(&a.herr)) {
-            loom_msg_t *m = &b->msgs[a.failed];
-            record(b, m, "rejected", a.herr.message);
-            atomic_fetch_add(&w->rejected, 1);
-            count(wc, ps->topic, "rejected", 1);
-            LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
-                      wc->def->name, msg_id(m), a.herr.code, a.herr.message);
-            ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
-            ps->retry_offset = -1;
+            if (rejected(rt, b, ps, &b->msgs[a.failed], &a.herr))
+                ps->retry_offset = -1;
             return;
         }
         /* Transient: hold the partition at the first message not applied. */
@@ -1092,19 +1248,13 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
         rc = loom_tx_run(w->opts.pool, &o1, apply_body, &one, &err);
         loom_msg_t *m = &b->msgs[i];
         if (rc == 0) {
-            atomic_fetch_add(&w->applied, m->done ? 0 : 1);
-            atomic_fetch_add(&w->skipped, m->done ? 1 : 0);
-            count(wc, ps->topic, m->done ? "skipped" : "applied", 1);
-            ps->commit_offset = m->rkm->offset + 1;
+            if (!applied_ok(rt, b, ps, i, i + 1))
+                return;
             continue;
         }
         if (one.handler_failed && is_permanent(&one.herr)) {
-            record(b, m, "rejected", one.herr.message);
-            atomic_fetch_add(&w->rejected, 1);
-            count(wc, ps->topic, "rejected", 1);
-            LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
-                      wc->def->name, msg_id(m), one.herr.code, one.herr.message);
-            ps->commit_offset = m->rkm->offset + 1;
+            if (!rejected(rt, b, ps, m, &one.herr))
+                return;
             continue;
         }
         record(b, m, "retrying", err.message);
@@ -1113,6 +1263,28 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
     }
     ps->retry_offset = -1;
     ps->attempts = 0;
+}
+
+/* SHA-256 of the type and the data (the raw value when it did not decode):
+ * what tells a resend of a command from another command reusing its id. */
+static void msg_digest(loom_msg_t *m)
+{
+    loom_sha256_t h;
+    loom_sha256_init(&h);
+    const char *type = m->ce.type ? m->ce.type : "";
+    loom_sha256_update(&h, type, strlen(type) + 1);
+    if (m->decoded)
+        loom_sha256_update(&h, m->ce.data ? m->ce.data : "", m->ce.data ? m->ce.data_len : 0);
+    else
+        loom_sha256_update(&h, m->rkm->payload ? m->rkm->payload : "", m->rkm->len);
+    uint8_t out[LOOM_SHA256_LEN];
+    loom_sha256_final(&h, out);
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < LOOM_SHA256_LEN; i++) {
+        m->digest[2 * i] = hex[out[i] >> 4];
+        m->digest[2 * i + 1] = hex[out[i] & 15];
+    }
+    m->digest[2 * LOOM_SHA256_LEN] = '\0';
 }
 
 static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, part_state_t *ps)
@@ -1133,6 +1305,7 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
         m->rkm = msgs[i];
         loom_error_clear(&m->decode_err);
         m->decoded = loom_ce_decode(msgs[i], &b.arena, &m->ce, &m->decode_err) == 0;
+        msg_digest(m);
     }
     apply_partition(rt, &b, ps);
     for (size_t i = 0; i < n; i++) {
@@ -1154,6 +1327,25 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
     free(b.msgs);
     loom_arena_release(&b.arena);
     loom_arena_release(&b.scratch);
+}
+
+int64_t loom_consumer_apply_offline(loom_db_pool_t *pool, const loom_consumer_def_t *def,
+                                    rd_kafka_message_t **msgs, size_t n)
+{
+    if (n == 0)
+        return -1;
+    loom_worker_t w;
+    memset(&w, 0, sizeof(w));
+    w.opts.pool = pool;
+    w.opts.retry_base_ms = 1;
+    w.opts.retry_max_ms = 1;
+    worker_consumer_t wc = {.w = &w, .def = def};
+    consumer_rt_t rt = {.wc = &wc};
+    part_state_t *ps = part_get(&rt, rd_kafka_topic_name(msgs[0]->rkt), msgs[0]->partition);
+    batch_run(&rt, msgs, n, ps);
+    int64_t committed = ps->commit_offset;
+    free(rt.parts);
+    return committed;
 }
 
 /* ---- stall detection ---------------------------------------------------------------- */

@@ -64,6 +64,51 @@ static const char *first_line(const char *msg, char *buf, size_t size)
     return buf;
 }
 
+/*
+ * What each SQLSTATE means for a caller, in one place: the longest prefix
+ * that matches wins. "Transient" ones may succeed when run again (the
+ * transaction runner and the workers retry them); the others fail the same
+ * way every time. A consumer rejects a command that fails with a permanent
+ * one (DB_REJECTED, ALREADY_EXISTS) and holds its partition on the others.
+ * States not listed are DB_ERROR: a bug or a schema that does not match
+ * (42P01 undefined table...), which an operator must fix; a worker holds
+ * the partition rather than reject every command meanwhile.
+ */
+typedef struct sqlstate_rule {
+    const char *prefix;
+    loom_code_t code;
+} sqlstate_rule_t;
+
+static const sqlstate_rule_t sqlstate_rules[] = {
+    {"40", LOOM_CODE_SERIALIZATION_FAILURE}, /* 40001 serialization, 40P01 deadlock */
+    {"40002", LOOM_CODE_DB_REJECTED},        /* a deferred constraint failed at COMMIT */
+    {"08", LOOM_CODE_DB_UNAVAILABLE},        /* connection exceptions */
+    {"57P", LOOM_CODE_DB_UNAVAILABLE},       /* admin/crash shutdown, cannot connect now */
+    {"53", LOOM_CODE_DB_BUSY},               /* insufficient resources: disk, memory, connections */
+    {"55P03", LOOM_CODE_DB_BUSY},            /* lock_not_available (lock_timeout) */
+    {"55006", LOOM_CODE_DB_BUSY},            /* object_in_use */
+    {"57014", LOOM_CODE_DEADLINE_EXCEEDED},  /* query_canceled (statement_timeout) */
+    {"25006", LOOM_CODE_READ_ONLY_VIOLATION},
+    {"22", LOOM_CODE_DB_REJECTED}, /* data exceptions: bad encoding, out of range, ... */
+    {"23505", LOOM_CODE_ALREADY_EXISTS},
+    {"23", LOOM_CODE_DB_REJECTED}, /* integrity constraint violations */
+    {"54", LOOM_CODE_DB_REJECTED}, /* program limits: index row too large, too many columns */
+};
+
+loom_code_t loom_db_sqlstate_code(const char *state)
+{
+    size_t best = 0;
+    loom_code_t code = LOOM_CODE_DB_ERROR;
+    for (size_t i = 0; state && i < sizeof(sqlstate_rules) / sizeof(sqlstate_rules[0]); i++) {
+        size_t n = strlen(sqlstate_rules[i].prefix);
+        if (n > best && strncmp(state, sqlstate_rules[i].prefix, n) == 0) {
+            best = n;
+            code = sqlstate_rules[i].code;
+        }
+    }
+    return code;
+}
+
 int loom_db_error(PGconn *pg, const PGresult *res, loom_error_t *err)
 {
     char line[LOOM_ERROR_MESSAGE_MAX];
@@ -76,32 +121,33 @@ int loom_db_error(PGconn *pg, const PGresult *res, loom_error_t *err)
     if (strncmp(text, "ERROR:  ", 8) == 0)
         text += 8;
 
-    if (state && (strcmp(state, "40001") == 0 || strcmp(state, "40P01") == 0))
-        return loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE, "%s (SQLSTATE %s)", text,
-                              state);
-    if ((state && (strncmp(state, "08", 2) == 0 || strcmp(state, "57P01") == 0 ||
-                   strcmp(state, "57P02") == 0 || strcmp(state, "57P03") == 0)) ||
-        (pg && PQstatus(pg) == CONNECTION_BAD) || (!state && !res)) {
+    loom_code_t code = loom_db_sqlstate_code(state);
+    if (code == LOOM_CODE_DB_UNAVAILABLE || (pg && PQstatus(pg) == CONNECTION_BAD) ||
+        (!state && !res)) {
         int rc =
             loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost: %s", text);
         (void)rc;
         return LOOM_EDBCONN;
     }
-    if (state && strcmp(state, "57014") == 0)
-        return loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "statement canceled: %s", text);
-    if (state && strcmp(state, "25006") == 0)
-        return loom_error_set(err, LOOM_CODE_READ_ONLY_VIOLATION, "%s", text);
-    if (state && strcmp(state, "23505") == 0)
-        return loom_error_set(err, LOOM_CODE_ALREADY_EXISTS, "%s", text);
-    loom_error_set(err, LOOM_CODE_DB_ERROR, "%s (SQLSTATE %s)", text, state ? state : "none");
-    return LOOM_EDB;
+    switch (code) {
+    case LOOM_CODE_DEADLINE_EXCEEDED:
+        return loom_error_set(err, code, "statement canceled: %s", text);
+    case LOOM_CODE_READ_ONLY_VIOLATION:
+    case LOOM_CODE_ALREADY_EXISTS:
+        return loom_error_set(err, code, "%s", text);
+    case LOOM_CODE_DB_ERROR:
+        loom_error_set(err, code, "%s (SQLSTATE %s)", text, state ? state : "none");
+        return LOOM_EDB;
+    default:
+        return loom_error_set(err, code, "%s (SQLSTATE %s)", text, state);
+    }
 }
 
 bool loom_db_error_is_transient(const loom_error_t *err)
 {
     return err && err->code &&
            (loom_error_is(err, LOOM_CODE_SERIALIZATION_FAILURE) ||
-            loom_error_is(err, LOOM_CODE_DB_UNAVAILABLE));
+            loom_error_is(err, LOOM_CODE_DB_UNAVAILABLE) || loom_error_is(err, LOOM_CODE_DB_BUSY));
 }
 
 /* ---- connections ----------------------------------------------------------- */

@@ -9,6 +9,7 @@
  */
 #include "loom/envelope.h"
 #include "loom/clock.h"
+#include "loom/log.h"
 #include "loom/uuid.h"
 
 #include <ctype.h>
@@ -138,6 +139,8 @@ int loom_ce_validate(const loom_ce_t *ce, loom_error_t *err)
         return bad(err, "id", "is missing");
     if (!*ce->id)
         return bad(err, "id", "must not be empty");
+    if (strlen(ce->id) > LOOM_CE_ID_MAX)
+        return bad(err, "id", "is longer than " LOOM_STR(LOOM_CE_ID_MAX) " bytes");
     if (!ce->source)
         return bad(err, "source", "is missing");
     if (!*ce->source)
@@ -252,6 +255,8 @@ static int decode_binary(const rd_kafka_message_t *rkm, rd_kafka_headers_t *hdrs
             return bad(err, name + 3, "is longer than 4096 bytes");
         if (val && memchr(val, '\0', len))
             return bad(err, name + 3, "holds a NUL byte");
+        if (val && !loom_text_valid(val, len))
+            return bad(err, name + 3, "is not valid UTF-8");
         const char *v = loom_arena_strndup(arena, val ? val : "", val ? len : 0);
         int rc = set_attr(ce, loom_arena_strdup(arena, name + 3), v, err);
         if (rc != 0)
@@ -375,6 +380,53 @@ int loom_ce_decode_json(const char *json, size_t len, loom_arena_t *arena, loom_
     return rc;
 }
 
+/* Whether the message has any ce_ header (a binary-mode event, perhaps
+ * without its ce_specversion). */
+static bool has_any_ce_header(rd_kafka_headers_t *hdrs)
+{
+    const char *name;
+    const void *val;
+    size_t len;
+    for (size_t i = 0; hdrs && rd_kafka_header_get_all(hdrs, i, &name, &val, &len) == 0; i++)
+        if (strncmp(name, "ce_", 3) == 0)
+            return true;
+    return false;
+}
+
+/* An attribute value good enough to file a rejected message under: UTF-8
+ * text without NUL, 1 to max bytes. NULL otherwise. */
+static const char *usable(const void *v, size_t n, size_t max, loom_arena_t *arena)
+{
+    if (!v || n == 0 || n > max || !loom_text_valid(v, n))
+        return NULL;
+    return loom_arena_strndup(arena, v, n);
+}
+
+/* After a failed decode: the id and type of the message when they are usable
+ * by themselves, so a rejection is filed under the sender's id. */
+static void salvage(const rd_kafka_message_t *rkm, rd_kafka_headers_t *hdrs, json_t *obj,
+                    loom_arena_t *arena, loom_ce_t *ce)
+{
+    memset(ce, 0, sizeof(*ce));
+    const char *names[] = {"id", "type", "source"};
+    const char **slots[] = {&ce->id, &ce->type, &ce->source};
+    size_t max[] = {LOOM_CE_ID_MAX, ATTR_MAX, ATTR_MAX};
+    for (size_t i = 0; i < 3; i++) {
+        char hname[16];
+        const void *v;
+        size_t n;
+        snprintf(hname, sizeof(hname), "ce_%s", names[i]);
+        if (obj) {
+            json_t *j = json_object_get(obj, names[i]);
+            if (json_is_string(j))
+                *slots[i] = usable(json_string_value(j), json_string_length(j), max[i], arena);
+        } else if (hdrs && rd_kafka_header_get_last(hdrs, hname, &v, &n) == 0) {
+            *slots[i] = usable(v, n, max[i], arena);
+        }
+    }
+    (void)rkm;
+}
+
 int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t *ce,
                    loom_error_t *err)
 {
@@ -383,25 +435,56 @@ int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t
     if (rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
         hdrs = NULL;
     int rc;
+    json_t *obj = NULL;
     const char *ct = content_type(hdrs, arena);
     bool structured = ct && strncmp(ct, "application/cloudevents", 23) == 0;
     if (!structured && has_ce_headers(hdrs)) {
         rc = decode_binary(rkm, hdrs, arena, ce, err);
-    } else if (structured || (rkm->len > 0 && ((const char *)rkm->payload)[0] == '{')) {
-        rc = loom_ce_decode_json(rkm->payload, rkm->len, arena, ce, err);
-    } else {
+    } else if (!structured && has_any_ce_header(hdrs)) {
         rc = bad(err, "specversion",
-                 "is missing: the message has no ce_specversion header and is not a "
-                 "structured CloudEvent");
+                 "is missing: the message has ce_ headers (binary mode) but no ce_specversion");
+    } else {
+        /* Structured mode: said by the content type, or a JSON object value
+         * with a "specversion" member. */
+        json_error_t jerr;
+        bool tried = rkm->len > 0 && (structured || ((const char *)rkm->payload)[0] == '{');
+        if (tried)
+            obj = json_loadb(rkm->payload, rkm->len, JSON_REJECT_DUPLICATES, &jerr);
+        if (obj && json_is_object(obj) && (structured || json_object_get(obj, "specversion")))
+            rc = decode_object(obj, arena, ce, err);
+        else if (!structured && tried && !obj)
+            rc = loom_error_set(err, LOOM_CODE_INVALID_JSON,
+                                "the message has no ce_specversion header, and its value is not a "
+                                "structured CloudEvent: %s (line %d, column %d)",
+                                jerr.text, jerr.line, jerr.column);
+        else if (structured)
+            rc = loom_error_set(err, LOOM_CODE_INVALID_JSON,
+                                "CloudEvent is not a JSON object: %s (line %d, column %d)",
+                                obj || !tried ? "not an object" : jerr.text, tried ? jerr.line : 0,
+                                tried ? jerr.column : 0);
+        else
+            rc = bad(err, "specversion",
+                     "is missing: the message has no ce_specversion header and its value is not "
+                     "a structured CloudEvent (a JSON object with \"specversion\")");
     }
     if (rc == 0 && rkm->key) {
-        /* Not strndup: key_len must stay true for a key with a NUL byte. */
+        if (rkm->key_len > LOOM_CE_ID_MAX)
+            rc = loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                "the Kafka key is longer than " LOOM_STR(LOOM_CE_ID_MAX) " bytes");
+        else if (!loom_text_valid(rkm->key, rkm->key_len))
+            rc = loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                "the Kafka key is not UTF-8 text without NUL bytes");
+    }
+    if (rc == 0 && rkm->key) {
         char *key = loom_arena_alloc(arena, rkm->key_len + 1);
         memcpy(key, rkm->key, rkm->key_len);
         key[rkm->key_len] = '\0';
         ce->key = key;
         ce->key_len = rkm->key_len;
     }
+    if (rc != 0)
+        salvage(rkm, hdrs, obj && json_is_object(obj) ? obj : NULL, arena, ce);
+    json_decref(obj);
     return rc;
 }
 

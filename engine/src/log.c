@@ -12,6 +12,7 @@
 
 #include <ctype.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <string.h>
@@ -71,6 +72,9 @@ int loom_log_format_parse(const char *s, loom_log_format_t *out)
     return 0;
 }
 
+/* Bytes kept free at the end of a line for closing quotes, "..." and "}". */
+#define SB_CLOSE_ROOM 16
+
 /* A small bounded string builder; output is truncated, never overflows. */
 typedef struct {
     char *p;
@@ -95,12 +99,103 @@ static void sb_puts(sbuf_t *sb, const char *s)
     sb_putn(sb, s, strlen(s));
 }
 
+size_t loom_utf8_seq(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    if (n == 0 || u[0] == 0)
+        return 0;
+    if (u[0] < 0x80)
+        return 1;
+    size_t len;
+    unsigned lo = 0x80, hi = 0xbf; /* range of the second byte */
+    if (u[0] >= 0xc2 && u[0] <= 0xdf)
+        len = 2;
+    else if (u[0] >= 0xe0 && u[0] <= 0xef) {
+        len = 3;
+        if (u[0] == 0xe0)
+            lo = 0xa0; /* no overlong forms */
+        else if (u[0] == 0xed)
+            hi = 0x9f; /* no surrogates */
+    } else if (u[0] >= 0xf0 && u[0] <= 0xf4) {
+        len = 4;
+        if (u[0] == 0xf0)
+            lo = 0x90;
+        else if (u[0] == 0xf4)
+            hi = 0x8f; /* at most U+10FFFF */
+    } else
+        return 0;
+    if (n < len || u[1] < lo || u[1] > hi)
+        return 0;
+    for (size_t i = 2; i < len; i++)
+        if (u[i] < 0x80 || u[i] > 0xbf)
+            return 0;
+    return len;
+}
+
+bool loom_text_valid(const void *s, size_t n)
+{
+    const char *p = s;
+    for (size_t i = 0; i < n;) {
+        size_t k = loom_utf8_seq(p + i, n - i);
+        if (k == 0)
+            return false;
+        i += k;
+    }
+    return true;
+}
+
+char *loom_text_escape(const void *s, size_t n, size_t max)
+{
+    static const char hex[] = "0123456789abcdef";
+    const char *p = s ? s : "";
+    if (max > 0 && max < 8)
+        max = 8;
+    size_t cap = 4 * n + 4;
+    if (max > 0 && cap > max + 4)
+        cap = max + 4;
+    char *out = malloc(cap);
+    if (!out)
+        abort();
+    size_t len = 0;
+    for (size_t i = 0; i < n;) {
+        size_t k = loom_utf8_seq(p + i, n - i);
+        size_t need = k ? k : 4;
+        if (max > 0 && len + need > max - 3) {
+            memcpy(out + len, "...", 3);
+            len += 3;
+            break;
+        }
+        if (k) {
+            memcpy(out + len, p + i, k);
+            len += k;
+            i += k;
+        } else {
+            unsigned char c = (unsigned char)p[i++];
+            out[len++] = '\\';
+            out[len++] = 'x';
+            out[len++] = hex[c >> 4];
+            out[len++] = hex[c & 15];
+        }
+    }
+    out[len] = '\0';
+    return out;
+}
+
+/* A JSON string: control characters as \u00NN, and a byte that starts no
+ * valid UTF-8 sequence as the text \\xNN, so the line stays valid JSON
+ * whatever bytes a value holds. */
 static void sb_json_str(sbuf_t *sb, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
     sb_putc(sb, '"');
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
+        /* Room is kept to close the string and the line, so a value cut at
+         * the end of the buffer still leaves valid JSON. */
+        if (sb->len + SB_CLOSE_ROOM >= sb->cap) {
+            sb_puts(sb, "...");
+            break;
+        }
         if (c == '"' || c == '\\') {
             sb_putc(sb, '\\');
             sb_putc(sb, (char)c);
@@ -108,12 +203,22 @@ static void sb_json_str(sbuf_t *sb, const char *s, size_t n)
             sb_puts(sb, "\\n");
         } else if (c == '\t') {
             sb_puts(sb, "\\t");
-        } else if (c < 0x20) {
+        } else if (c < 0x20 || c == 0x7f) {
             sb_puts(sb, "\\u00");
             sb_putc(sb, hex[c >> 4]);
             sb_putc(sb, hex[c & 15]);
-        } else {
+        } else if (c < 0x80) {
             sb_putc(sb, (char)c);
+        } else {
+            size_t k = loom_utf8_seq(s + i, n - i);
+            if (k == 0) {
+                sb_puts(sb, "\\\\x");
+                sb_putc(sb, hex[c >> 4]);
+                sb_putc(sb, hex[c & 15]);
+                continue;
+            }
+            sb_putn(sb, s + i, k);
+            i += k - 1;
         }
     }
     sb_putc(sb, '"');
@@ -125,7 +230,7 @@ static void sb_text_value(sbuf_t *sb, const char *s, size_t n)
     bool bare = n > 0;
     for (size_t i = 0; i < n && bare; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c <= ' ' || c == '"' || c == '=' || c == '\\')
+        if (c <= ' ' || c >= 0x7f || c == '"' || c == '=' || c == '\\')
             bare = false;
     }
     if (bare)
@@ -191,7 +296,7 @@ int loom_log_format_line(char *buf, size_t size, loom_log_format_t format, loom_
     const char *p = fields ? fields : "";
     while (*p == ' ')
         p++;
-    while (*p) {
+    while (*p && sb.len + 2 * SB_CLOSE_ROOM < size) {
         size_t kn = key_len_at(p);
         if (kn == 0) { /* not a key=value field: keep it as free text */
             add_field(&sb, format, "detail", 6, p, strlen(p));

@@ -9,7 +9,12 @@
  *   request  {"id": "0191b2c4-...", "consumer": "messages"?}
  *   result   {"id": "...", "commands": [{"consumer", "type", "status",
  *             "attempts", "last_error", "result", "stream_id", "topic",
- *             "partition", "offset", "ray_id", "received_at", "updated_at"}]}
+ *             "partition", "offset", "ray_id", "received_at", "updated_at"}],
+ *             "conflicts": [...]?}
+ *
+ * "conflicts" (only when there are some) lists the other commands that came
+ * with this id but another type or data: they were not applied, and are
+ * recorded with status "conflict" (docs/operations.md).
  */
 #include "loom/op.h"
 #include "../row.h"
@@ -22,6 +27,14 @@ static const loom_db_stmt_t select_commands = {
     "(extract(epoch FROM updated_at) * 1000000)::BIGINT AS updated_us "
     "FROM loom_commands WHERE message_id = $1 AND ($2::TEXT IS NULL OR consumer = $2::TEXT) "
     "ORDER BY consumer LIMIT 1000",
+    2};
+
+static const loom_db_stmt_t select_conflicts = {
+    "loom_op_engine_commands_get_conflicts",
+    "SELECT consumer, message_id, type, status, source, last_error, topic, kafka_partition, "
+    "kafka_offset, (extract(epoch FROM received_at) * 1000000)::BIGINT AS received_us "
+    "FROM loom_commands WHERE conflict_of = $1 AND ($2::TEXT IS NULL OR consumer = $2::TEXT) "
+    "ORDER BY received_at, message_id LIMIT 1000",
     2};
 
 static int commands_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
@@ -71,6 +84,31 @@ static int commands_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, js
     }
     PQclear(r);
     *res = json_pack("{s:s, s:o}", "id", id, "commands", list);
+    rc = loom_db_exec(db, &select_conflicts, params, &r, err);
+    if (rc != 0) {
+        json_decref(*res);
+        *res = NULL;
+        return rc;
+    }
+    if (PQntuples(r) > 0) {
+        json_t *conflicts = json_array();
+        for (int i = 0; i < PQntuples(r); i++) {
+            json_t *c = json_object();
+            json_object_set_new(c, "consumer", row_string(r, i, "consumer"));
+            json_object_set_new(c, "message_id", row_string(r, i, "message_id"));
+            json_object_set_new(c, "type", row_string(r, i, "type"));
+            json_object_set_new(c, "status", row_string(r, i, "status"));
+            json_object_set_new(c, "source", row_string(r, i, "source"));
+            json_object_set_new(c, "last_error", row_string(r, i, "last_error"));
+            json_object_set_new(c, "topic", row_string(r, i, "topic"));
+            json_object_set_new(c, "partition", row_integer(r, i, "kafka_partition"));
+            json_object_set_new(c, "offset", row_integer(r, i, "kafka_offset"));
+            json_object_set_new(c, "received_at", row_time(r, i, "received_us"));
+            json_array_append_new(conflicts, c);
+        }
+        json_object_set_new(*res, "conflicts", conflicts);
+    }
+    PQclear(r);
     return 0;
 }
 

@@ -314,17 +314,54 @@ Test(envelope, binary_data_with_any_bytes_and_no_value)
 
 Test(envelope, binary_key_keeps_its_length)
 {
-    /* A key with a NUL byte: key_len must describe what key points to. */
-    static const char key[] = {'a', '\0', 'b'};
+    /* A key of UTF-8 text: key_len must describe what key points to. */
+    static const char key[] = {'a', (char)0xc3, (char)0xa9, 'b'};
     rd_kafka_message_t *rkm = msg_binary("{}");
     rkm->key = (void *)key;
     rkm->key_len = sizeof(key);
     loom_ce_t ce;
     loom_error_t err;
     cr_assert_eq(decode(rkm, &ce, &err), 0, "%s", err.message);
-    cr_assert_eq(ce.key_len, 3);
-    cr_assert(memcmp(ce.key, key, 3) == 0);
-    cr_assert_eq(ce.key[3], '\0');
+    cr_assert_eq(ce.key_len, 4);
+    cr_assert(memcmp(ce.key, key, 4) == 0);
+    cr_assert_eq(ce.key[4], '\0');
+}
+
+Test(envelope, a_key_that_is_not_text_is_refused_and_the_id_is_kept)
+{
+    static const char nul_key[] = {'a', '\0', 'b'};
+    static const char bad_utf8[] = {'a', (char)0xff, 'b'};
+    const struct {
+        const char *key;
+        size_t len;
+    } keys[] = {{nul_key, sizeof(nul_key)}, {bad_utf8, sizeof(bad_utf8)}};
+    for (size_t i = 0; i < 2; i++) {
+        rd_kafka_message_t *rkm = msg_binary("{}");
+        rkm->key = (void *)keys[i].key;
+        rkm->key_len = keys[i].len;
+        loom_ce_t ce;
+        loom_error_t err;
+        cr_assert_eq(decode(rkm, &ce, &err), LOOM_EINVAL);
+        cr_assert(strstr(err.message, "Kafka key"), "%s", err.message);
+        /* Filed under the sender's id all the same. */
+        cr_assert_str_eq(ce.id, "0191b2c4-7e1f-7a3b-9c1d-2e3f4a5b6c7d");
+        cr_assert_str_eq(ce.type, "messages.put_batch");
+    }
+    /* Longest key allowed, and one byte more. */
+    char *big = malloc(LOOM_CE_ID_MAX + 1);
+    memset(big, 'k', LOOM_CE_ID_MAX + 1);
+    rd_kafka_message_t *rkm = msg_binary("{}");
+    rkm->key = big;
+    rkm->key_len = LOOM_CE_ID_MAX;
+    loom_ce_t ce;
+    loom_error_t err;
+    cr_assert_eq(decode(rkm, &ce, &err), 0, "%s", err.message);
+    rkm = msg_binary("{}");
+    rkm->key = big;
+    rkm->key_len = LOOM_CE_ID_MAX + 1;
+    cr_assert_eq(decode(rkm, &ce, &err), LOOM_EINVAL);
+    cr_assert(strstr(err.message, "longer than 1024"), "%s", err.message);
+    free(big);
 }
 
 Test(envelope, binary_wins_over_a_json_value)
@@ -907,6 +944,91 @@ Test(envelope, header_longer_than_4096_bytes)
             cr_assert_eq(rc, 0, "%s", err.message);
     }
     free(v);
+}
+
+Test(envelope, header_values_that_are_not_utf8_are_refused)
+{
+    const char *attrs[] = {"id", "type", "source", "rayid", "tenant"};
+    const char *bad[] = {"a\xff", "\xc0\xaf", "\xed\xa0\x80", "ab\xe2\x82"};
+    for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++) {
+        for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
+            rd_kafka_message_t *rkm = msg_binary("{}");
+            char name[32];
+            snprintf(name, sizeof(name), "ce_%s", attrs[i]);
+            msg_hdr(rkm, name, bad[k]);
+            loom_ce_t ce;
+            loom_error_t err;
+            expect_bad(decode(rkm, &ce, &err), &err, attrs[i], name);
+            cr_assert(strstr(err.message, "UTF-8"), "%s", err.message);
+            /* The id is kept when it is usable by itself. */
+            if (strcmp(attrs[i], "id") == 0)
+                cr_assert_null(ce.id);
+            else
+                cr_assert_str_eq(ce.id, "0191b2c4-7e1f-7a3b-9c1d-2e3f4a5b6c7d");
+        }
+    }
+    /* Valid multibyte text passes. */
+    rd_kafka_message_t *rkm = msg_binary("{}");
+    msg_hdr(rkm, "ce_subject", "caf\xc3\xa9 \xf0\x9f\x98\x80");
+    loom_ce_t ce;
+    loom_error_t err;
+    cr_assert_eq(decode(rkm, &ce, &err), 0, "%s", err.message);
+}
+
+Test(envelope, id_of_the_largest_size_allowed_and_one_byte_more)
+{
+    char *v = malloc(LOOM_CE_ID_MAX + 2);
+    memset(v, 'i', LOOM_CE_ID_MAX + 1);
+    v[LOOM_CE_ID_MAX + 1] = '\0';
+    for (int over = 0; over < 2; over++) {
+        rd_kafka_message_t *rkm = msg_binary("{}");
+        msg_hdr_n(rkm, "ce_id", v, LOOM_CE_ID_MAX + over);
+        loom_ce_t ce;
+        loom_error_t err;
+        int rc = decode(rkm, &ce, &err);
+        if (over) {
+            expect_bad(rc, &err, "id", "1025 bytes");
+            cr_assert(strstr(err.message, "1024"), "%s", err.message);
+            cr_assert_null(ce.id, "an id over the limit is not usable");
+        } else {
+            cr_assert_eq(rc, 0, "%s", err.message);
+            cr_assert_eq(strlen(ce.id), LOOM_CE_ID_MAX);
+        }
+    }
+    free(v);
+}
+
+Test(envelope, a_malformed_time_keeps_the_id_to_file_the_rejection_under)
+{
+    rd_kafka_message_t *rkm = msg_binary("{}");
+    msg_hdr(rkm, "ce_time", "yesterday");
+    loom_ce_t ce;
+    loom_error_t err;
+    expect_bad(decode(rkm, &ce, &err), &err, "time", "ce_time");
+    cr_assert_str_eq(ce.id, "0191b2c4-7e1f-7a3b-9c1d-2e3f4a5b6c7d");
+    rkm = msg_structured("{\"specversion\":\"1.0\",\"id\":\"s-1\",\"source\":\"/s\",\"type\":"
+                         "\"t\",\"deadline\":\"soon\"}",
+                         NULL);
+    expect_bad(decode(rkm, &ce, &err), &err, "deadline", "structured");
+    cr_assert_str_eq(ce.id, "s-1");
+}
+
+Test(envelope, missing_specversion_is_named_not_a_data_field)
+{
+    /* A command's data with no CloudEvent around it. */
+    const char *v = "{\"msgs\":[{\"id\":\"m\"}]}";
+    rd_kafka_message_t *rkm = msg_new(v, strlen(v), NULL);
+    loom_ce_t ce;
+    loom_error_t err;
+    expect_bad(decode(rkm, &ce, &err), &err, "specversion", v);
+    cr_assert_null(strstr(err.message, "msgs"), "%s", err.message);
+    /* Binary mode without its ce_specversion: the id is still usable. */
+    rkm = msg_new(v, strlen(v), NULL);
+    msg_hdr(rkm, "ce_id", "b-1");
+    msg_hdr(rkm, "ce_type", "t");
+    expect_bad(decode(rkm, &ce, &err), &err, "specversion", "binary");
+    cr_assert(strstr(err.message, "ce_specversion"), "%s", err.message);
+    cr_assert_str_eq(ce.id, "b-1");
 }
 
 Test(envelope, messages_that_are_not_cloudevents)

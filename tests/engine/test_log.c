@@ -81,3 +81,62 @@ Test(log, level_and_format_names_parse)
     cr_assert_eq(f, LOOM_LOG_JSON);
     cr_assert_neq(loom_log_format_parse("xml", &f), 0);
 }
+
+/* Bytes from Kafka or HTTP end up in log values: every byte value, broken
+ * UTF-8 and values far over the line size. */
+Test(log, hostile_bytes_leave_json_lines_valid_and_text_lines_escaped)
+{
+    char all[256 * 3 + 1];
+    size_t n = 0;
+    for (int c = 1; c < 256; c++) { /* every byte but NUL, some twice */
+        all[n++] = (char)c;
+        if (c % 3 == 0)
+            all[n++] = (char)(0x80 | (c & 0x3f));
+    }
+    all[n] = '\0';
+    const char *values[] = {all,
+                            "a\xff"
+                            "b",
+                            "\xc3",
+                            "caf\xc3\xa9",
+                            "\xed\xa0\x80 x=1 y",
+                            "\xf4\x90\x80\x80"};
+    char big[6000];
+    memset(big, 0xff, sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    for (size_t i = 0; i < sizeof(values) / sizeof(values[0]) + 1; i++) {
+        const char *v = i < sizeof(values) / sizeof(values[0]) ? values[i] : big;
+        char fields[7000], line[8192];
+        snprintf(fields, sizeof(fields), "message_id=%s consumer=c", v);
+        int len = loom_log_format_line(line, sizeof(line), LOOM_LOG_JSON, LOOM_LOG_WARN,
+                                       "command rejected", fields);
+        json_error_t jerr;
+        json_t *o = json_loadb(line, (size_t)len, 0, &jerr);
+        cr_assert_not_null(o, "value %zu: not JSON (%s): %s", i, jerr.text, line);
+        cr_assert_str_eq(json_string_value(json_object_get(o, "msg")), "command rejected");
+        json_decref(o);
+        /* Text: nothing but printable ASCII, space and valid UTF-8. */
+        len = loom_log_format_line(line, sizeof(line), LOOM_LOG_TEXT, LOOM_LOG_WARN,
+                                   "command rejected", fields);
+        cr_assert(loom_text_valid(line, (size_t)len), "value %zu: %s", i, line);
+        for (int k = 0; k < len; k++)
+            cr_assert((unsigned char)line[k] >= 0x20 && line[k] != 0x7f, "value %zu: byte %d", i,
+                      k);
+    }
+}
+
+Test(log, text_escape_keeps_utf8_and_marks_other_bytes)
+{
+    char *s = loom_text_escape("a\xff\0b\xc3\xa9", 6, 0);
+    cr_assert_str_eq(s, "a\\xff\\x00b\xc3\xa9");
+    free(s);
+    s = loom_text_escape("abcdefghijklmnop", 16, 10);
+    cr_assert_str_eq(s, "abcdefg...");
+    free(s);
+    cr_assert(loom_text_valid("caf\xc3\xa9", 5));
+    cr_assert_not(loom_text_valid("a\0b", 3));
+    cr_assert_not(loom_text_valid("\xc0\xaf", 2));         /* overlong */
+    cr_assert_not(loom_text_valid("\xed\xa0\x80", 3));     /* surrogate */
+    cr_assert_not(loom_text_valid("\xf4\x90\x80\x80", 4)); /* over U+10FFFF */
+    cr_assert_not(loom_text_valid("\xe2\x82", 2));         /* cut */
+}

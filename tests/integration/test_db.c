@@ -234,7 +234,7 @@ Test(db, tx_run_does_not_retry_a_permanent_error_and_rolls_back)
     loom_error_t err;
     cr_assert_neq(loom_tx_run(pool, &opts, failing_body, &calls, &err), 0);
     cr_assert_eq(calls, 1);
-    cr_assert_str_eq(err.code, "DB_ERROR");
+    cr_assert_str_eq(err.code, "DB_REJECTED"); /* 22012: class 22, permanent */
     cr_assert(strstr(err.message, "division by zero"), "%s", err.message);
     char *n = loom_test_sql_value(url, "SELECT count(*) FROM items");
     cr_assert_str_eq(n, "0");

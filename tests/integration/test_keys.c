@@ -101,9 +101,8 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     const char *put = "{\"msgs\":[{\"id\":\"locked\",\"source\":\"urn:k\",\"specversion\":\"1.0\","
                       "\"type\":\"t\"}]}";
     send_cmd(p, topic, "messages.put_batch", NULL, "locked", put, NULL, NULL);
-    cr_assert_eq(loom_test_wait_for(url, "SELECT count(*) FROM messages WHERE id = 'locked'", 1,
-                                    60000),
-                 1);
+    cr_assert_eq(
+        loom_test_wait_for(url, "SELECT count(*) FROM messages WHERE id = 'locked'", 1, 60000), 1);
     PGconn *locker = PQconnectdb(url);
     cr_assert_eq(PQstatus(locker), CONNECTION_OK, "%s", PQerrorMessage(locker));
     PQclear(PQexec(locker, "BEGIN"));
@@ -114,8 +113,8 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     /* Its delete waits on the lock; 1,000 writes of other ids, in every
      * partition (the locked one's too), are applied meanwhile. */
     int32_t locked_part = -1;
-    send_cmd(p, topic, "messages.delete_batch", "delete-locked", "locked",
-             "{\"ids\":[\"locked\"]}", NULL, &locked_part);
+    send_cmd(p, topic, "messages.delete_batch", "delete-locked", "locked", "{\"ids\":[\"locked\"]}",
+             NULL, &locked_part);
     for (int i = 0; i < 1000; i++) {
         char id[32], data[256];
         snprintf(id, sizeof(id), "free-%d", i);
@@ -146,9 +145,8 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     /* The lock goes; the delete follows. */
     PQclear(PQexec(locker, "ROLLBACK"));
     PQfinish(locker);
-    cr_assert_eq(loom_test_wait_for(url, "SELECT count(*) FROM messages WHERE id = 'locked'", 0,
-                                    60000),
-                 0);
+    cr_assert_eq(
+        loom_test_wait_for(url, "SELECT count(*) FROM messages WHERE id = 'locked'", 0, 60000), 0);
     loom_worker_free(w);
     loom_producer_free(p);
     loom_db_pool_free(pool);
@@ -200,8 +198,8 @@ static void ledger_stop(ledger_t *l)
     loom_db_pool_free(l->pool);
 }
 
-static void credit(ledger_t *l, const char *id, const char *account, long amount,
-                   const char *extra, const char *deadline)
+static void credit(ledger_t *l, const char *id, const char *account, long amount, const char *extra,
+                   const char *deadline)
 {
     char data[256];
     snprintf(data, sizeof(data), "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
@@ -249,8 +247,9 @@ Test(keys, a_failing_key_holds_only_its_own_later_commands, .timeout = 300)
                                     10000, 180000),
                  10000, "other keys of the partition waited for the failing one");
     cr_expect_eq(in_key_order(l.url, "account-acct-%"), 500);
-    cr_assert_eq(loom_test_sql_ll(l.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'"),
-                 0, "the failing key's later commands wait");
+    cr_assert_eq(
+        loom_test_sql_ll(l.url, "SELECT count(*) FROM test_ledger WHERE account = 'stuck'"), 0,
+        "the failing key's later commands wait");
     cr_assert_geq(loom_test_wait_for(l.url,
                                      "SELECT least(attempts, 2) FROM loom_commands WHERE "
                                      "message_id = 'stuck-1' AND status = 'retrying'",
@@ -274,16 +273,17 @@ Test(keys, a_command_failing_longer_than_the_park_setting_is_parked, .timeout = 
     credit(&l, "park-1", "stuck", 1, "\"fail\":\"blocked\"", NULL);
     credit(&l, "after-park", "stuck", 2, NULL, NULL);
     wait_acked(2);
-    cr_assert_eq(loom_test_wait_for(l.url,
-                                    "SELECT count(*) FROM loom_commands WHERE message_id = 'park-1' "
-                                    "AND status = 'parked' AND last_error LIKE '%blocked%'",
-                                    1, 60000),
-                 1, "not parked");
+    cr_assert_eq(
+        loom_test_wait_for(l.url,
+                           "SELECT count(*) FROM loom_commands WHERE message_id = 'park-1' "
+                           "AND status = 'parked' AND last_error LIKE '%blocked%'",
+                           1, 60000),
+        1, "not parked");
     /* Its key moves on. */
-    cr_assert_eq(loom_test_wait_for(
-                     l.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'after-park'", 1,
-                     60000),
-                 1);
+    cr_assert_eq(
+        loom_test_wait_for(
+            l.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'after-park'", 1, 60000),
+        1);
     ledger_stop(&l);
 }
 
@@ -295,14 +295,15 @@ Test(keys, a_command_past_its_deadline_is_expired_not_applied, .timeout = 240)
     credit(&l, "late-1", "acct", 1, NULL, "2020-01-01T00:00:00Z");
     credit(&l, "on-time", "acct", 1, NULL, "2999-01-01T00:00:00Z");
     wait_acked(2);
+    cr_assert_eq(
+        loom_test_wait_for(l.url,
+                           "SELECT count(*) FROM loom_commands WHERE message_id = 'late-1' "
+                           "AND status = 'expired'",
+                           1, 60000),
+        1);
     cr_assert_eq(loom_test_wait_for(l.url,
-                                    "SELECT count(*) FROM loom_commands WHERE message_id = 'late-1' "
-                                    "AND status = 'expired'",
+                                    "SELECT count(*) FROM test_ledger WHERE message_id = 'on-time'",
                                     1, 60000),
-                 1);
-    cr_assert_eq(loom_test_wait_for(
-                     l.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'on-time'", 1,
-                     60000),
                  1);
     cr_assert_eq(
         loom_test_sql_ll(l.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'late-1'"), 0);

@@ -128,4 +128,14 @@ int loom_emit(loom_msg_t *msg, const char *stream_id, int64_t expected_version, 
 int loom_publish(loom_msg_t *msg, const char *topic, const char *key, const char *type,
                  json_t *data, loom_error_t *err);
 
+/*
+ * Applies msgs (one partition's, in offset order) with def on pool exactly as
+ * a worker would, but without a Kafka consumer: nothing is paused or
+ * rewound. For the Kafka fuzz target (tests/fuzz/fuzz_kafka.c). The messages
+ * need a topic (rkt). Returns the offset a worker would commit (every message
+ * before it has its outcome recorded), or -1 when none.
+ */
+int64_t loom_consumer_apply_offline(loom_db_pool_t *pool, const loom_consumer_def_t *def,
+                                    rd_kafka_message_t **msgs, size_t n);
+
 #endif

@@ -82,12 +82,17 @@ int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const
 /* Runs SQL without parameters (may hold several statements: migrations). */
 int loom_db_exec_script(loom_db_t *db, const char *sql, loom_error_t *err);
 
-/* Fills err from a failed result (or from the connection when res is NULL):
- * 40001/40P01 -> SERIALIZATION_FAILURE (retriable), class 08 and lost
- * connections -> DB_UNAVAILABLE (retriable), 57014 -> DEADLINE_EXCEEDED,
- * 25006 -> READ_ONLY_VIOLATION, 23505 -> ALREADY_EXISTS, else DB_ERROR.
+/* Fills err from a failed result (or from the connection when res is NULL),
+ * by its SQLSTATE through the one table in db.c (loom_db_sqlstate_code):
+ * transient: 40xxx -> SERIALIZATION_FAILURE, 08xxx, 57Pxx and lost
+ * connections -> DB_UNAVAILABLE, 53xxx, 55P03, 55006 -> DB_BUSY;
+ * permanent: 22xxx, 23xxx, 54xxx -> DB_REJECTED (23505 -> ALREADY_EXISTS);
+ * 57014 -> DEADLINE_EXCEEDED, 25006 -> READ_ONLY_VIOLATION, else DB_ERROR.
  * Returns the matching LOOM_E* code. */
 int loom_db_error(PGconn *pg, const PGresult *res, loom_error_t *err);
+
+/* The engine code of a SQLSTATE (NULL: DB_ERROR). */
+loom_code_t loom_db_sqlstate_code(const char *state);
 
 /* True when err is one loom_tx_run() retries. */
 bool loom_db_error_is_transient(const loom_error_t *err);

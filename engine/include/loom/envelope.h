@@ -26,6 +26,13 @@
 
 #define LOOM_CE_MAX_EXTENSIONS 32
 
+/* Longest ce_id and Kafka key accepted, in bytes: an id is indexed (with its
+ * consumer, and alone) in loom_commands, and a btree index row holds at most
+ * 2704 bytes, so an id stays well below that. Other attributes: 4096. */
+#define LOOM_CE_ID_MAX 1024
+#define LOOM_STR_(x)   #x
+#define LOOM_STR(x)    LOOM_STR_(x)
+
 typedef struct loom_ce_ext {
     const char *name;  /* [a-z0-9]{1,20} */
     const char *value; /* as text */
@@ -60,7 +67,11 @@ typedef struct loom_ce {
 } loom_ce_t;
 
 /* Decodes a Kafka message in binary or structured mode. Returns 0, or
- * LOOM_EINVAL with err (INVALID_ARGUMENT) naming the attribute. */
+ * LOOM_EINVAL with err (INVALID_ARGUMENT) naming the attribute. Attribute
+ * values and the key must be UTF-8 text without NUL bytes; the id and the
+ * key at most LOOM_CE_ID_MAX bytes. On failure ce holds only what is usable
+ * by itself (id, type, source; each NULL when not), so the rejection can be
+ * filed under the sender's id. */
 int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t *ce,
                    loom_error_t *err);
 

@@ -108,6 +108,10 @@ typedef struct loom_error_code {
     X(RATE_LIMITED, TOO_MANY, true, "Too many requests; retry later.")                            \
     X(INTERNAL, INTERNAL, false, "An unexpected failure inside Loom; the log has the details.")   \
     X(DB_ERROR, INTERNAL, false, "The database refused a statement.")                             \
+    X(DB_REJECTED, BAD_REQUEST, false,                                                            \
+      "The database refused the data for good (SQLSTATE class 22, 23 or 54).")                    \
+    X(DB_BUSY, UNAVAILABLE, true,                                                                 \
+      "The database is short of a resource or a lock (SQLSTATE class 53, 55P03); retry later.")   \
     X(READ_ONLY_VIOLATION, INTERNAL, false,                                                       \
       "An operation tried to write; operations are read-only.")                                   \
     X(MIGRATION_CHECKSUM_MISMATCH, INTERNAL, false,                                               \

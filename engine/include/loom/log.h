@@ -13,6 +13,8 @@
 #define LOOM_LOG_H
 
 #include <stdio.h>
+#include <stdbool.h>
+#include <stddef.h>
 
 typedef enum {
     LOOM_LOG_DEBUG = 0,
@@ -47,6 +49,18 @@ void loom_log_emit(loom_log_level_t level, const char *msg, const char *fields_f
 /* Formats one line into buf (no newline) without writing it; for tests. */
 int loom_log_format_line(char *buf, size_t size, loom_log_format_t format, loom_log_level_t level,
                          const char *msg, const char *fields);
+
+/* Text from outside (Kafka headers and keys, request fields) is checked and
+ * escaped with these before it is logged or stored as text. */
+/* Length of the valid UTF-8 sequence at s (1 to 4 bytes), or 0 when the
+ * bytes there are not one (a NUL byte counts as not one). */
+size_t loom_utf8_seq(const char *s, size_t n);
+/* True when s[0..n) is valid UTF-8 without a NUL byte. */
+bool loom_text_valid(const void *s, size_t n);
+/* s[0..n) as valid UTF-8 without NUL, a new string: a byte that starts no
+ * valid sequence, or a NUL, becomes the four characters \xNN. Output stops
+ * before max bytes (then ends in "..."); max 0 means no limit. */
+char *loom_text_escape(const void *s, size_t n, size_t max);
 
 #define LOOM_LOG(level, msg, ...)                          \
     do {                                                   \
