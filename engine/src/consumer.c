@@ -1149,10 +1149,18 @@ static bool is_permanent(const loom_error_t *e)
 /* A message whose outcome could not be recorded: its offset is not
  * committed, and the partition is held at it and tries again after the
  * backoff. record() logged why, at error level. */
-static void hold_unrecorded(consumer_rt_t *rt, part_state_t *ps, loom_msg_t *m)
+static void hold_unrecorded(consumer_rt_t *rt, batch_t *b, part_state_t *ps, loom_msg_t *m,
+                            const char *status)
 {
     count(rt->wc, ps->topic, "unrecorded", 1);
-    part_hold(rt, ps, m->rkm->offset, "its outcome could not be recorded");
+    /* A "retrying" row, when the database takes that, shows the wait in
+     * `loom commands list --stuck`. */
+    char why[160];
+    snprintf(why, sizeof(why),
+             "its outcome (%s) could not be recorded; the partition waits: see the error log",
+             status);
+    record(b, m, "retrying", why);
+    part_hold(rt, ps, m->rkm->offset, why);
 }
 
 /* After msgs [from, to) were applied (or skipped) in a committed
@@ -1167,7 +1175,7 @@ static bool applied_ok(consumer_rt_t *rt, batch_t *b, part_state_t *ps, size_t f
         loom_msg_t *m = &b->msgs[i];
         if (m->conflict) {
             if (record(b, m, "conflict", m->conflict) != 0) {
-                hold_unrecorded(rt, ps, m);
+                hold_unrecorded(rt, b, ps, m, "conflict");
                 return false;
             }
             char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
@@ -1191,7 +1199,7 @@ static bool rejected(consumer_rt_t *rt, batch_t *b, part_state_t *ps, loom_msg_t
 {
     worker_consumer_t *wc = rt->wc;
     if (record(b, m, "rejected", why->message) != 0) {
-        hold_unrecorded(rt, ps, m);
+        hold_unrecorded(rt, b, ps, m, "rejected");
         return false;
     }
     atomic_fetch_add(&wc->w->rejected, 1);

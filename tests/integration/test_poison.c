@@ -491,9 +491,19 @@ Test(poison, a_message_whose_outcome_cannot_be_recorded_holds_its_partition, .ti
     hdr_set(h, "ce_time", "never", 5);
     publish(&e, "a", 1, h, credit, strlen(credit));
     publish(&e, "a", 1, hdrs_ok("r-after"), credit, strlen(credit));
-    /* Held: the command behind it waits (not skipped, not committed past). */
-    loom_sleep_ms(3000);
-    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands"), 0);
+    /* Held, and shown as retrying: the command behind it waits (not
+     * skipped, not committed past). */
+    cr_assert_eq(loom_test_wait_for(e.url,
+                                    "SELECT count(*) FROM loom_commands WHERE message_id = 'r-1' "
+                                    "AND status = 'retrying' AND attempts >= 3 AND last_error "
+                                    "LIKE '%outcome (rejected) could not be recorded%'",
+                                    1, 60000),
+                 1);
+    const char *stuck[] = {"commands", "list", "--stuck", NULL};
+    char *out = loom_out(&e, stuck);
+    cr_assert(strstr(out, "r-1"), "%s", out);
+    free(out);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands"), 1);
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 0);
     /* Fixed: the outcome is recorded and the partition moves on. */
     loom_test_sql(e.url, "ALTER TABLE loom_commands DROP CONSTRAINT test_no_rejects");
