@@ -22,6 +22,7 @@
  * BEGIN goes with the dedup SELECT, all the multi-row INSERTs go in one
  * pipeline, then COMMIT; a handler adds only the statements it runs itself.
  */
+#include "keyq.h"
 #include "worker_int.h"
 #include "loom/clock.h"
 #include "loom/log.h"
@@ -91,6 +92,7 @@ struct loom_msg {
     char fallback_id[160];                /* for messages without a usable ce_id */
     char digest[2 * LOOM_SHA256_LEN + 1]; /* of type and data: tells a resend from a reuse */
     const char *conflict;                 /* why its id is taken by another command (arena) */
+    bool skip;                            /* its outcome is set already (expired): not applied */
 };
 
 struct batch {
@@ -423,7 +425,7 @@ static const char *msg_id(loom_msg_t *m)
 static const loom_db_stmt_t stmt_dedup = {
     "loom_commands_dedup",
     "SELECT message_id, digest, type, source, status FROM loom_commands WHERE consumer = $1 "
-    "AND message_id = ANY($2::text[]) AND status IN ('applied', 'rejected', 'parked')",
+    "AND message_id = ANY($2::text[]) AND status IN ('applied', 'rejected', 'parked', 'expired')",
     2};
 
 static const loom_db_stmt_t stmt_commands_applied = {
@@ -475,6 +477,8 @@ typedef struct apply_arg {
     size_t failed;     /* index of the message whose handler failed */
     loom_error_t herr; /* its error */
     bool handler_failed;
+    bool in_handler; /* the failure came from a handler (transient ones too):
+                      * a command's own trouble, not an outage */
 } apply_arg_t;
 
 static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
@@ -599,14 +603,16 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
     b->db = db;
     reset_attempt(b);
     a->handler_failed = false;
+    a->in_handler = false;
 
     /* Dedup: which of these were handled already? */
     loom_db_array_t ids = {0};
     loom_db_array_reset(&ids);
     for (size_t i = a->from; i < a->to; i++) {
-        b->msgs[i].done = false;
+        b->msgs[i].done = b->msgs[i].skip;
         b->msgs[i].conflict = NULL;
-        loom_db_array_add(&ids, msg_id(&b->msgs[i]));
+        if (!b->msgs[i].skip)
+            loom_db_array_add(&ids, msg_id(&b->msgs[i]));
     }
     const char *p[] = {wc->def->name, loom_db_array_str(&ids)};
     PGresult *res = NULL;
@@ -616,7 +622,7 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
         return rc;
     for (int r = 0; r < PQntuples(res); r++)
         for (size_t i = a->from; i < a->to; i++)
-            if (strcmp(PQgetvalue(res, r, 0), msg_id(&b->msgs[i])) == 0)
+            if (!b->msgs[i].skip && strcmp(PQgetvalue(res, r, 0), msg_id(&b->msgs[i])) == 0)
                 dedup_mark(b, &b->msgs[i], PQgetisnull(res, r, 1) ? NULL : PQgetvalue(res, r, 1),
                            PQgetvalue(res, r, 2),
                            PQgetisnull(res, r, 3) ? NULL : PQgetvalue(res, r, 3),
@@ -626,7 +632,7 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
      * first copy is applied, the others are skipped (or are conflicts). */
     for (size_t i = a->from; i < a->to; i++)
         for (size_t j = a->from; j < i && !b->msgs[i].done; j++)
-            if (strcmp(msg_id(&b->msgs[i]), msg_id(&b->msgs[j])) == 0)
+            if (!b->msgs[j].skip && strcmp(msg_id(&b->msgs[i]), msg_id(&b->msgs[j])) == 0)
                 dedup_mark(b, &b->msgs[i], b->msgs[j].digest, b->msgs[j].ce.type,
                            b->msgs[j].ce.source, "in the same batch");
 
@@ -648,6 +654,7 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
         if (rc != 0) {
             if (!herr.code)
                 loom_error_set(&herr, LOOM_CODE_INTERNAL, "handler failed: %s", loom_strerror(rc));
+            a->in_handler = true;
             /* Database trouble inside the handler is the engine's to retry. */
             if (!loom_db_error_is_transient(&herr)) {
                 a->failed = i;
@@ -830,136 +837,162 @@ static void count(worker_consumer_t *wc, const char *topic, const char *outcome,
 typedef struct part_state {
     char topic[256];
     int32_t partition;
-    bool paused;
-    int64_t resume_at; /* mono ms */
-    int64_t retry_offset;
-    int attempts;          /* failures of the message at retry_offset */
-    int64_t commit_offset; /* next offset to commit (all before it applied); -1 none */
+    keyq_t q;  /* commands fetched and not yet committed, by key */
+    int jobs;  /* batches of it in flight */
+    bool held; /* the whole partition waits: the database is unavailable */
+    int64_t held_until;
+    int hold_attempts;
+    bool fetch_paused;     /* over max_pending: fetching paused */
+    int64_t commit_offset; /* next offset to commit (all before it finished); -1 none */
     int64_t committed;     /* what the group coordinator confirmed; -1 unknown */
     bool committed_asked;  /* committed was asked for (-1 then: none, start of log) */
     int64_t sent;          /* last offset sent in an asynchronous commit */
     int64_t sent_ms;       /* and when (mono ms) */
     int64_t last_msg_ms;
     bool stalled;
+    int repairs;         /* stall repairs tried since it last moved */
+    int64_t repaired_ms; /* when the first was (mono ms) */
 } part_state_t;
-
-typedef struct consumer_rt {
-    worker_consumer_t *wc;
-    rd_kafka_t *rk;
-    part_state_t *parts;
-    size_t n_parts, cap_parts;
-    bool commit_failing; /* the last offset commit failed (logged once) */
-    int stall_cursor;    /* where the next stall check starts asking the broker */
-} consumer_rt_t;
 
 /* ---- apply threads ------------------------------------------------------------------ */
 
-/* One partition's share of a fetch, applied in batches of batch_size. */
-typedef struct apply_task {
+enum { OUT_RETURN, OUT_DONE, OUT_RETRY };
+
+/*
+ * One batch of a partition, applied on an apply thread. The consumer's thread
+ * fills the messages (commands whose keys are free, from keyq) and reads the
+ * outcome of each when the job comes back: done (applied, skipped, rejected,
+ * parked, expired, a conflict), retry (failed: its key waits retry_ms), or
+ * return (not tried: another command of its key failed first).
+ */
+typedef struct job {
+    struct consumer_rt *rt;
     part_state_t *ps;
-    rd_kafka_message_t **msgs;
     size_t n;
-} apply_task_t;
+    rd_kafka_message_t **msgs;
+    int *attempt;        /* in: 1 on the first try */
+    int64_t *first_fail; /* in: mono ms of its first failure; 0: none */
+    uint8_t *out;        /* out: OUT_* */
+    int64_t *retry_ms;   /* out: the backoff of a retried one */
+    bool hold_partition; /* out: a failure no command caused (the database is down) */
+    char why[256];       /* out: why, for the log */
+    struct job *next;
+} job_t;
 
 typedef struct apply_pool {
-    consumer_rt_t *rt;
-    size_t batch_size;
     pthread_t *threads;
     int n_threads;
     pthread_mutex_t mu;
     pthread_cond_t work, done;
-    apply_task_t *tasks;
-    size_t n_tasks, next, finished;
-    uint64_t round; /* bumped for each set of tasks */
+    job_t *todo, *todo_tail;  /* waiting for a thread, in order */
+    job_t *finished;          /* back from the threads */
+    size_t queued, in_flight; /* jobs submitted and not collected */
     bool quit;
+    rd_kafka_queue_t *wake; /* yielded when a job is done, so the loop sees it */
 } apply_pool_t;
 
-static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, part_state_t *ps);
+typedef struct consumer_rt {
+    worker_consumer_t *wc;
+    rd_kafka_t *rk;
+    part_state_t **parts;
+    size_t n_parts, cap_parts;
+    bool commit_failing; /* the last offset commit failed (logged once) */
+    int stall_cursor;    /* where the next stall check starts asking the broker */
+    apply_pool_t pool;
+    size_t batch_size;
+    int key_concurrency;
+    size_t max_pending;
+    size_t rr;   /* where the next round of scheduling starts */
+    bool rejoin; /* a stall repair asks to leave and rejoin the group */
+} consumer_rt_t;
 
-static void task_run(apply_pool_t *ap, apply_task_t *t)
-{
-    /* A partition held by a failure skips the rest (it is rewound and
-     * fetched again). */
-    for (size_t from = 0; from < t->n && !t->ps->paused; from += ap->batch_size)
-        batch_run(ap->rt, t->msgs + from,
-                  t->n - from < ap->batch_size ? t->n - from : ap->batch_size, t->ps);
-}
-
-/* Takes tasks until none is left; called with ap->mu held, returns with it. */
-static void take_tasks(apply_pool_t *ap)
-{
-    while (ap->next < ap->n_tasks) {
-        apply_task_t *t = &ap->tasks[ap->next++];
-        pthread_mutex_unlock(&ap->mu);
-        task_run(ap, t);
-        pthread_mutex_lock(&ap->mu);
-        if (++ap->finished == ap->n_tasks)
-            pthread_cond_signal(&ap->done);
-    }
-}
+static void job_run(job_t *job);
 
 static void *apply_thread(void *arg)
 {
     apply_pool_t *ap = arg;
-    uint64_t seen = 0;
     pthread_mutex_lock(&ap->mu);
     for (;;) {
-        while (!ap->quit && ap->round == seen)
+        while (!ap->quit && !ap->todo)
             pthread_cond_wait(&ap->work, &ap->mu);
-        if (ap->quit)
+        if (!ap->todo)
             break;
-        seen = ap->round;
-        take_tasks(ap);
+        job_t *job = ap->todo;
+        ap->todo = job->next;
+        if (!ap->todo)
+            ap->todo_tail = NULL;
+        ap->queued--;
+        pthread_mutex_unlock(&ap->mu);
+        job_run(job);
+        pthread_mutex_lock(&ap->mu);
+        job->next = ap->finished;
+        ap->finished = job;
+        pthread_cond_broadcast(&ap->done);
+        if (ap->wake)
+            rd_kafka_queue_yield(ap->wake);
     }
     pthread_mutex_unlock(&ap->mu);
     return NULL;
 }
 
-/* The calling thread is one of the appliers: n - 1 threads are started. */
-static void apply_pool_start(apply_pool_t *ap, consumer_rt_t *rt, int n, size_t batch_size)
+static void apply_pool_start(apply_pool_t *ap, const char *name, int n, rd_kafka_queue_t *wake)
 {
     memset(ap, 0, sizeof(*ap));
-    ap->rt = rt;
-    ap->batch_size = batch_size;
+    ap->wake = wake;
     pthread_mutex_init(&ap->mu, NULL);
     pthread_cond_init(&ap->work, NULL);
     pthread_cond_init(&ap->done, NULL);
-    ap->threads = loom_xcalloc((size_t)(n > 1 ? n - 1 : 1), sizeof(pthread_t));
-    for (int i = 0; i < n - 1; i++) {
+    ap->threads = loom_xcalloc((size_t)(n > 0 ? n : 1), sizeof(pthread_t));
+    for (int i = 0; i < (n > 0 ? n : 1); i++) {
         if (pthread_create(&ap->threads[ap->n_threads], NULL, apply_thread, ap) != 0) {
-            LOOM_WARN("could not start an apply thread", "consumer=%s threads=%d",
-                      rt->wc->def->name, ap->n_threads + 1);
+            LOOM_WARN("could not start an apply thread", "consumer=%s threads=%d", name,
+                      ap->n_threads);
             break;
         }
         ap->n_threads++;
     }
 }
 
-/* Applies every task and returns when all are done. */
-static void apply_pool_run(apply_pool_t *ap, apply_task_t *tasks, size_t n)
+static void apply_pool_submit(apply_pool_t *ap, job_t *job)
 {
-    if (n == 0)
-        return;
-    if (n == 1 || ap->n_threads == 0) {
-        for (size_t i = 0; i < n; i++)
-            task_run(ap, &tasks[i]);
-        return;
-    }
     pthread_mutex_lock(&ap->mu);
-    ap->tasks = tasks;
-    ap->n_tasks = n;
-    ap->next = 0;
-    ap->finished = 0;
-    ap->round++;
-    pthread_cond_broadcast(&ap->work);
-    take_tasks(ap);
-    while (ap->finished < ap->n_tasks)
-        pthread_cond_wait(&ap->done, &ap->mu);
-    ap->tasks = NULL;
-    ap->n_tasks = ap->next = ap->finished = 0;
+    job->next = NULL;
+    if (ap->todo_tail)
+        ap->todo_tail->next = job;
+    else
+        ap->todo = job;
+    ap->todo_tail = job;
+    ap->queued++;
+    ap->in_flight++;
+    pthread_cond_signal(&ap->work);
     pthread_mutex_unlock(&ap->mu);
 }
 
+/* The jobs that came back (a list), waiting up to wait_ms for one when some
+ * are in flight and none is back yet. */
+static job_t *apply_pool_collect(apply_pool_t *ap, int64_t wait_ms)
+{
+    pthread_mutex_lock(&ap->mu);
+    if (!ap->finished && ap->in_flight > 0 && wait_ms > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += wait_ms / 1000;
+        ts.tv_nsec += (wait_ms % 1000) * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&ap->done, &ap->mu, &ts);
+    }
+    job_t *list = ap->finished;
+    ap->finished = NULL;
+    for (job_t *j = list; j; j = j->next)
+        ap->in_flight--;
+    pthread_mutex_unlock(&ap->mu);
+    return list;
+}
+
+/* Stops the threads once every job queued ran. */
 static void apply_pool_stop(apply_pool_t *ap)
 {
     pthread_mutex_lock(&ap->mu);
@@ -974,11 +1007,16 @@ static void apply_pool_stop(apply_pool_t *ap)
     pthread_cond_destroy(&ap->done);
 }
 
+static void msg_destroy(void *m)
+{
+    rd_kafka_message_destroy(m);
+}
+
 static part_state_t *part_find(consumer_rt_t *rt, const char *topic, int32_t partition)
 {
     for (size_t i = 0; i < rt->n_parts; i++)
-        if (rt->parts[i].partition == partition && strcmp(rt->parts[i].topic, topic) == 0)
-            return &rt->parts[i];
+        if (rt->parts[i]->partition == partition && strcmp(rt->parts[i]->topic, topic) == 0)
+            return rt->parts[i];
     return NULL;
 }
 
@@ -991,11 +1029,11 @@ static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t part
         rt->cap_parts = rt->cap_parts ? 2 * rt->cap_parts : 32;
         rt->parts = loom_xrealloc(rt->parts, rt->cap_parts * sizeof(*rt->parts));
     }
-    part_state_t *ps = &rt->parts[rt->n_parts++];
-    memset(ps, 0, sizeof(*ps));
+    part_state_t *ps = loom_xcalloc(1, sizeof(*ps));
+    rt->parts[rt->n_parts++] = ps;
     snprintf(ps->topic, sizeof(ps->topic), "%s", topic);
     ps->partition = partition;
-    ps->retry_offset = -1;
+    kq_init(&ps->q);
     ps->commit_offset = -1;
     ps->committed = -1;
     ps->sent = -1;
@@ -1003,11 +1041,19 @@ static part_state_t *part_get(consumer_rt_t *rt, const char *topic, int32_t part
     return ps;
 }
 
+/* Forgets a partition (no job of it may be in flight); the messages it
+ * still tracks are dropped: the next owner gets them again. */
 static void part_remove(consumer_rt_t *rt, const char *topic, int32_t partition)
 {
-    part_state_t *ps = part_find(rt, topic, partition);
-    if (ps)
-        *ps = rt->parts[--rt->n_parts];
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        part_state_t *ps = rt->parts[i];
+        if (ps->partition != partition || strcmp(ps->topic, topic) != 0)
+            continue;
+        kq_free(&ps->q, msg_destroy);
+        free(ps);
+        rt->parts[i] = rt->parts[--rt->n_parts];
+        return;
+    }
 }
 
 /* Records what the coordinator confirmed; a partition whose commit failed
@@ -1048,7 +1094,7 @@ static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
     commit_result(opaque, e, offsets);
 }
 
-/* The applied offsets the coordinator has not confirmed (a new list). An
+/* The finished offsets the coordinator has not confirmed (a new list). An
  * asynchronous commit sent less than a second ago may still be answered:
  * with `all` false, it is not sent again yet. */
 static rd_kafka_topic_partition_list_t *unconfirmed_offsets(consumer_rt_t *rt, bool all)
@@ -1056,7 +1102,7 @@ static rd_kafka_topic_partition_list_t *unconfirmed_offsets(consumer_rt_t *rt, b
     int64_t now = loom_mono_ms();
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new((int)rt->n_parts + 1);
     for (size_t i = 0; i < rt->n_parts; i++) {
-        part_state_t *ps = &rt->parts[i];
+        part_state_t *ps = rt->parts[i];
         if (ps->commit_offset < 0 || ps->commit_offset <= ps->committed)
             continue;
         if (!all && ps->sent == ps->commit_offset && now - ps->sent_ms < 1000)
@@ -1068,7 +1114,7 @@ static rd_kafka_topic_partition_list_t *unconfirmed_offsets(consumer_rt_t *rt, b
     return l;
 }
 
-/* Commits every partition's applied offset the coordinator has not
+/* Commits every partition's finished offset the coordinator has not
  * confirmed; a synchronous commit (revoke) sends all of them. */
 static void commit_offsets(consumer_rt_t *rt, bool sync)
 {
@@ -1081,54 +1127,17 @@ static void commit_offsets(consumer_rt_t *rt, bool sync)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* Rewinds a partition to `offset` and pauses it until the backoff is over. */
-static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const char *why)
+/* Pauses or resumes fetching a partition. */
+static void part_fetch(consumer_rt_t *rt, part_state_t *ps, bool on)
 {
-    loom_worker_t *w = rt->wc->w;
-    if (ps->retry_offset == offset)
-        ps->attempts++;
-    else {
-        ps->retry_offset = offset;
-        ps->attempts = 1;
-    }
-    int64_t delay = loom_backoff_ms(ps->attempts - 1, w->opts.retry_base_ms, w->opts.retry_max_ms);
-    ps->paused = true;
-    ps->resume_at = loom_mono_ms() + delay;
-    atomic_fetch_add(&w->retries, 1);
-    count(rt->wc, ps->topic, "retried", 1);
-    if (!rt->rk) /* applied without a Kafka consumer (loom_consumer_apply_offline) */
-        return;
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = offset;
-    rd_kafka_pause_partitions(rt->rk, l);
-    rd_kafka_error_t *e = rd_kafka_seek_partitions(rt->rk, l, 5000);
-    if (e) {
-        LOOM_WARN("could not rewind partition", "consumer=%s topic=%s partition=%d error=%s",
-                  rt->wc->def->name, ps->topic, ps->partition, rd_kafka_error_string(e));
-        rd_kafka_error_destroy(e);
-    }
-    rd_kafka_topic_partition_list_destroy(l);
-    LOOM_WARN("command failed, will retry",
-              "consumer=%s topic=%s partition=%d offset=%lld "
-              "attempt=%d retry_in_ms=%lld error=%s",
-              rt->wc->def->name, ps->topic, ps->partition, (long long)offset, ps->attempts,
-              (long long)delay, why);
-}
-
-static void part_resume_due(consumer_rt_t *rt)
-{
-    int64_t now = loom_mono_ms();
-    for (size_t i = 0; i < rt->n_parts; i++) {
-        part_state_t *ps = &rt->parts[i];
-        if (!ps->paused || now < ps->resume_at)
-            continue;
-        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-        rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition);
+    rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition);
+    if (on)
         rd_kafka_resume_partitions(rt->rk, l);
-        rd_kafka_topic_partition_list_destroy(l);
-        ps->paused = false;
-        ps->last_msg_ms = now;
-    }
+    else
+        rd_kafka_pause_partitions(rt->rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    ps->fetch_paused = !on;
 }
 
 static bool is_permanent(const loom_error_t *e)
@@ -1146,131 +1155,232 @@ static bool is_permanent(const loom_error_t *e)
     }
 }
 
-/* A message whose outcome could not be recorded: its offset is not
- * committed, and the partition is held at it and tries again after the
- * backoff. record() logged why, at error level. */
-static void hold_unrecorded(consumer_rt_t *rt, batch_t *b, part_state_t *ps, loom_msg_t *m,
-                            const char *status)
+/* A failure no command caused: the database cannot be reached or is shutting
+ * down. The whole partition waits, and no command's attempt is counted. */
+static bool is_outage(const loom_error_t *e)
 {
-    count(rt->wc, ps->topic, "unrecorded", 1);
-    /* A "retrying" row, when the database takes that, shows the wait in
-     * `loom commands list --stuck`. */
-    char why[160];
+    return loom_error_is(e, LOOM_CODE_DB_UNAVAILABLE) || loom_error_is(e, LOOM_CODE_SHUTTING_DOWN);
+}
+
+/* ---- outcomes (on the apply thread) ------------------------------------------------- */
+
+/* The message failed transiently: it goes back with a backoff for its key,
+ * or is parked when it has been failing for LOOM_WORKER_PARK_AFTER. */
+static void failed(job_t *job, batch_t *b, size_t i, const loom_error_t *why)
+{
+    worker_consumer_t *wc = job->rt->wc;
+    loom_worker_t *w = wc->w;
+    loom_msg_t *m = &b->msgs[i];
+    int64_t now = loom_mono_ms();
+    char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
+    char *text = loom_text_escape(why->message, strlen(why->message), 1000);
+    if (w->opts.park_after_ms > 0 && job->first_fail[i] > 0 &&
+        now - job->first_fail[i] >= w->opts.park_after_ms) {
+        char *reason = loom_arena_sprintf(
+            &b->arena, "parked after failing for %lld ms (LOOM_WORKER_PARK_AFTER): %s",
+            (long long)(now - job->first_fail[i]), why->message);
+        if (record(b, m, "parked", reason) == 0) {
+            job->out[i] = OUT_DONE;
+            atomic_fetch_add(&w->parked, 1);
+            count(wc, job->ps->topic, "parked", 1);
+            LOOM_WARN("command parked: it kept failing; `loom commands replay` sends it again",
+                      "consumer=%s topic=%s partition=%d offset=%lld message_id=%s attempts=%d "
+                      "error=%s",
+                      wc->def->name, job->ps->topic, (int)job->ps->partition,
+                      (long long)m->rkm->offset, id, m->attempt, text);
+            free(id);
+            free(text);
+            return;
+        }
+    }
+    record(b, m, "retrying", why->message);
+    job->out[i] = OUT_RETRY;
+    job->retry_ms[i] = loom_backoff_ms(m->attempt - 1, w->opts.retry_base_ms, w->opts.retry_max_ms);
+    atomic_fetch_add(&w->retries, 1);
+    count(wc, job->ps->topic, "retried", 1);
+    LOOM_WARN("command failed, will retry; only its key waits",
+              "consumer=%s topic=%s partition=%d offset=%lld message_id=%s attempt=%d "
+              "retry_in_ms=%lld error=%s",
+              wc->def->name, job->ps->topic, (int)job->ps->partition, (long long)m->rkm->offset, id,
+              m->attempt, (long long)job->retry_ms[i], text);
+    free(id);
+    free(text);
+}
+
+/* A message whose outcome could not be recorded: its offset is not
+ * committed, and it is tried again after the backoff (its key waits).
+ * record() logged why, at error level. */
+static void unrecorded(job_t *job, batch_t *b, size_t i, const char *status)
+{
+    count(job->rt->wc, job->ps->topic, "unrecorded", 1);
+    char why[200];
     snprintf(why, sizeof(why),
-             "its outcome (%s) could not be recorded; the partition waits: see the error log",
-             status);
-    record(b, m, "retrying", why);
-    part_hold(rt, ps, m->rkm->offset, why);
+             "its outcome (%s) could not be recorded; its key waits: see the error log", status);
+    /* Not parked: an outcome that cannot be written cannot be parked either. */
+    record(b, &b->msgs[i], "retrying", why);
+    job->out[i] = OUT_RETRY;
+    job->retry_ms[i] = loom_backoff_ms(b->msgs[i].attempt - 1, job->rt->wc->w->opts.retry_base_ms,
+                                       job->rt->wc->w->opts.retry_max_ms);
 }
 
 /* After msgs [from, to) were applied (or skipped) in a committed
- * transaction: records the conflicts among them and counts them. Returns
- * false when a conflict could not be recorded; the partition is then held at
- * that message, and commit_offset stops before it. */
-static bool applied_ok(consumer_rt_t *rt, batch_t *b, part_state_t *ps, size_t from, size_t to)
+ * transaction: records the conflicts among them and counts them. */
+static void applied_ok(job_t *job, batch_t *b, size_t from, size_t to)
 {
-    worker_consumer_t *wc = rt->wc;
+    worker_consumer_t *wc = job->rt->wc;
     loom_worker_t *w = wc->w;
     for (size_t i = from; i < to; i++) {
         loom_msg_t *m = &b->msgs[i];
+        if (m->skip)
+            continue; /* expired: its outcome is set */
         if (m->conflict) {
             if (record(b, m, "conflict", m->conflict) != 0) {
-                hold_unrecorded(rt, b, ps, m, "conflict");
-                return false;
+                unrecorded(job, b, i, "conflict");
+                continue;
             }
             char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
             LOOM_WARN("command id reused: recorded as a conflict, not applied",
                       "consumer=%s topic=%s partition=%d offset=%lld message_id=%s", wc->def->name,
-                      ps->topic, (int)ps->partition, (long long)m->rkm->offset, id);
+                      job->ps->topic, (int)job->ps->partition, (long long)m->rkm->offset, id);
             free(id);
-            count(wc, ps->topic, "conflict", 1);
+            count(wc, job->ps->topic, "conflict", 1);
         }
         atomic_fetch_add(m->done ? &w->skipped : &w->applied, 1);
         if (!m->conflict)
-            count(wc, ps->topic, m->done ? "skipped" : "applied", 1);
-        ps->commit_offset = m->rkm->offset + 1;
+            count(wc, job->ps->topic, m->done ? "skipped" : "applied", 1);
+        job->out[i] = OUT_DONE;
     }
-    return true;
 }
 
-/* Records a rejected message; false (the partition held) when it could not. */
-static bool rejected(consumer_rt_t *rt, batch_t *b, part_state_t *ps, loom_msg_t *m,
-                     const loom_error_t *why)
+/* Records a rejected message. */
+static void rejected(job_t *job, batch_t *b, size_t i, const loom_error_t *why)
 {
-    worker_consumer_t *wc = rt->wc;
+    worker_consumer_t *wc = job->rt->wc;
+    loom_msg_t *m = &b->msgs[i];
     if (record(b, m, "rejected", why->message) != 0) {
-        hold_unrecorded(rt, b, ps, m, "rejected");
-        return false;
+        unrecorded(job, b, i, "rejected");
+        return;
     }
     atomic_fetch_add(&wc->w->rejected, 1);
-    count(wc, ps->topic, "rejected", 1);
+    count(wc, job->ps->topic, "rejected", 1);
     char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
     char *text = loom_text_escape(why->message, strlen(why->message), 1000);
     LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s", wc->def->name, id,
               why->code, text);
     free(id);
     free(text);
-    ps->commit_offset = m->rkm->offset + 1;
+    job->out[i] = OUT_DONE;
+}
+
+/* A command first taken after its ce_deadline is not applied: it is recorded
+ * as expired. Returns true when m was expired (and its outcome set). */
+static bool expired(job_t *job, batch_t *b, size_t i)
+{
+    loom_msg_t *m = &b->msgs[i];
+    int64_t deadline_us = 0;
+    if (m->attempt != 1 || !m->decoded || !m->ce.deadline ||
+        loom_rfc3339_parse(m->ce.deadline, &deadline_us) != 0 || deadline_us > loom_now_us())
+        return false;
+    m->skip = true;
+    char why[200];
+    snprintf(why, sizeof(why), "its deadline (%s) had passed when a worker took it",
+             m->ce.deadline);
+    if (record(b, m, "expired", why) != 0) {
+        unrecorded(job, b, i, "expired");
+        return true;
+    }
+    atomic_fetch_add(&job->rt->wc->w->expired, 1);
+    count(job->rt->wc, job->ps->topic, "expired", 1);
+    char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
+    LOOM_WARN("command expired: not applied", "consumer=%s message_id=%s deadline=%s",
+              job->rt->wc->def->name, id, m->ce.deadline);
+    free(id);
+    job->out[i] = OUT_DONE;
     return true;
 }
 
-/* Applies msgs (all of one partition, in offset order). */
-static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
+/* Whether two messages share a Kafka key (no key: never). */
+static bool same_key(const rd_kafka_message_t *a, const rd_kafka_message_t *b)
 {
-    worker_consumer_t *wc = rt->wc;
+    return a->key && b->key && a->key_len == b->key_len && memcmp(a->key, b->key, a->key_len) == 0;
+}
+
+/*
+ * Applies a job's messages: in one transaction when all goes well, else one
+ * at a time to find the one that fails. A failing command holds only its
+ * key: later commands of other keys in the job are still applied, those of
+ * its key go back untried.
+ */
+static void apply_job(job_t *job, batch_t *b)
+{
+    worker_consumer_t *wc = job->rt->wc;
     loom_worker_t *w = wc->w;
+    size_t live = 0, last = 0;
     for (size_t i = 0; i < b->n; i++) {
-        loom_msg_t *m = &b->msgs[i];
-        m->attempt = (ps->retry_offset == m->rkm->offset ? ps->attempts : 0) + 1;
+        b->msgs[i].attempt = job->attempt[i];
+        job->out[i] = OUT_RETURN;
+        if (!expired(job, b, i)) {
+            live++;
+            last = i;
+        }
     }
+    if (live == 0)
+        return;
+    char lock[64];
+    snprintf(lock, sizeof(lock), "SET LOCAL lock_timeout = %lld",
+             (long long)w->opts.lock_timeout_ms);
     apply_arg_t a = {.b = b, .from = 0, .to = b->n};
     loom_error_t err;
-    loom_tx_opts_t o = {.max_attempts = 3, .stop = NULL};
+    loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock};
     int rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
     if (rc == 0) {
-        if (!applied_ok(rt, b, ps, 0, b->n))
-            return;
-        ps->retry_offset = -1;
-        ps->attempts = 0;
+        applied_ok(job, b, 0, b->n);
         return;
     }
-    if (!a.handler_failed || b->n == 1) {
-        if (a.handler_failed && is_permanent(&a.herr)) {
-            if (rejected(rt, b, ps, &b->msgs[a.failed], &a.herr))
-                ps->retry_offset = -1;
-            return;
-        }
-        /* Transient: hold the partition at the first message not applied. */
-        loom_msg_t *m = &b->msgs[a.handler_failed ? a.failed : 0];
-        record(b, m, "retrying", err.message);
-        part_hold(rt, ps, m->rkm->offset, err.message);
+    if (!a.in_handler && is_outage(&err)) {
+        job->hold_partition = true;
+        snprintf(job->why, sizeof(job->why), "%s", err.message);
+        return;
+    }
+    if (live == 1) {
+        if (a.handler_failed && is_permanent(&a.herr))
+            rejected(job, b, last, &a.herr);
+        else
+            failed(job, b, last, a.handler_failed ? &a.herr : &err);
         return;
     }
     /* Isolate: one message at a time. */
+    char *text = loom_text_escape(err.message, strlen(err.message), 500);
     LOOM_INFO("batch failed, applying its commands one by one",
-              "consumer=%s topic=%s partition=%d messages=%zu error=%s", wc->def->name, ps->topic,
-              ps->partition, b->n, err.message);
+              "consumer=%s topic=%s partition=%d messages=%zu error=%s", wc->def->name,
+              job->ps->topic, (int)job->ps->partition, live, text);
+    free(text);
     for (size_t i = 0; i < b->n; i++) {
-        apply_arg_t one = {.b = b, .from = i, .to = i + 1};
-        loom_tx_opts_t o1 = {.max_attempts = 3};
-        rc = loom_tx_run(w->opts.pool, &o1, apply_body, &one, &err);
         loom_msg_t *m = &b->msgs[i];
+        if (m->skip)
+            continue;
+        bool behind = false; /* an earlier command of its key failed in this job */
+        for (size_t k = 0; k < i && !behind; k++)
+            behind = job->out[k] == OUT_RETRY && same_key(b->msgs[k].rkm, m->rkm);
+        if (behind)
+            continue;
+        apply_arg_t one = {.b = b, .from = i, .to = i + 1};
+        loom_tx_opts_t o1 = {.max_attempts = 2, .begin_extra = lock};
+        rc = loom_tx_run(w->opts.pool, &o1, apply_body, &one, &err);
         if (rc == 0) {
-            if (!applied_ok(rt, b, ps, i, i + 1))
-                return;
+            applied_ok(job, b, i, i + 1);
             continue;
         }
-        if (one.handler_failed && is_permanent(&one.herr)) {
-            if (!rejected(rt, b, ps, m, &one.herr))
-                return;
-            continue;
+        if (!one.in_handler && is_outage(&err)) {
+            job->hold_partition = true;
+            snprintf(job->why, sizeof(job->why), "%s", err.message);
+            return; /* the rest goes back untried */
         }
-        record(b, m, "retrying", err.message);
-        part_hold(rt, ps, m->rkm->offset, err.message);
-        return;
+        if (one.handler_failed && is_permanent(&one.herr))
+            rejected(job, b, i, &one.herr);
+        else
+            failed(job, b, i, one.handler_failed ? &one.herr : &err);
     }
-    ps->retry_offset = -1;
-    ps->attempts = 0;
 }
 
 /* SHA-256 of the type and the data (the raw value when it did not decode):
@@ -1295,28 +1405,29 @@ static void msg_digest(loom_msg_t *m)
     m->digest[2 * LOOM_SHA256_LEN] = '\0';
 }
 
-static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, part_state_t *ps)
+/* Runs a job on the calling thread. */
+static void job_run(job_t *job)
 {
-    loom_worker_t *w = rt->wc->w;
+    loom_worker_t *w = job->rt->wc->w;
     batch_t b;
     memset(&b, 0, sizeof(b));
-    b.wc = rt->wc;
+    b.wc = job->rt->wc;
     b.site = w->opts.cfg ? w->opts.cfg->site_name : "local";
     b.node = w->opts.cfg ? w->opts.cfg->node_id : "worker";
     loom_arena_init(&b.arena, 64 * 1024);
     loom_arena_init(&b.scratch, 16 * 1024);
-    b.msgs = loom_xcalloc(n, sizeof(*b.msgs));
-    b.n = n;
-    for (size_t i = 0; i < n; i++) {
+    b.msgs = loom_xcalloc(job->n, sizeof(*b.msgs));
+    b.n = job->n;
+    for (size_t i = 0; i < job->n; i++) {
         loom_msg_t *m = &b.msgs[i];
         m->batch = &b;
-        m->rkm = msgs[i];
+        m->rkm = job->msgs[i];
         loom_error_clear(&m->decode_err);
-        m->decoded = loom_ce_decode(msgs[i], &b.arena, &m->ce, &m->decode_err) == 0;
+        m->decoded = loom_ce_decode(job->msgs[i], &b.arena, &m->ce, &m->decode_err) == 0;
         msg_digest(m);
     }
-    apply_partition(rt, &b, ps);
-    for (size_t i = 0; i < n; i++) {
+    apply_job(job, &b);
+    for (size_t i = 0; i < job->n; i++) {
         json_decref(b.msgs[i].json);
         json_decref(b.msgs[i].result);
     }
@@ -1337,6 +1448,29 @@ static void batch_run(consumer_rt_t *rt, rd_kafka_message_t **msgs, size_t n, pa
     loom_arena_release(&b.scratch);
 }
 
+static job_t *job_new(consumer_rt_t *rt, part_state_t *ps, size_t max)
+{
+    job_t *job = loom_xcalloc(1, sizeof(*job));
+    job->rt = rt;
+    job->ps = ps;
+    job->msgs = loom_xcalloc(max, sizeof(*job->msgs));
+    job->attempt = loom_xcalloc(max, sizeof(*job->attempt));
+    job->first_fail = loom_xcalloc(max, sizeof(*job->first_fail));
+    job->out = loom_xcalloc(max, sizeof(*job->out));
+    job->retry_ms = loom_xcalloc(max, sizeof(*job->retry_ms));
+    return job;
+}
+
+static void job_free(job_t *job)
+{
+    free(job->msgs);
+    free(job->attempt);
+    free(job->first_fail);
+    free(job->out);
+    free(job->retry_ms);
+    free(job);
+}
+
 int64_t loom_consumer_apply_offline(loom_db_pool_t *pool, const loom_consumer_def_t *def,
                                     rd_kafka_message_t **msgs, size_t n)
 {
@@ -1347,13 +1481,171 @@ int64_t loom_consumer_apply_offline(loom_db_pool_t *pool, const loom_consumer_de
     w.opts.pool = pool;
     w.opts.retry_base_ms = 1;
     w.opts.retry_max_ms = 1;
+    w.opts.lock_timeout_ms = 5000;
     worker_consumer_t wc = {.w = &w, .def = def};
     consumer_rt_t rt = {.wc = &wc};
-    part_state_t *ps = part_get(&rt, rd_kafka_topic_name(msgs[0]->rkt), msgs[0]->partition);
-    batch_run(&rt, msgs, n, ps);
-    int64_t committed = ps->commit_offset;
-    free(rt.parts);
+    part_state_t ps = {.partition = msgs[0]->partition};
+    snprintf(ps.topic, sizeof(ps.topic), "%s", rd_kafka_topic_name(msgs[0]->rkt));
+    job_t *job = job_new(&rt, &ps, n);
+    job->n = n;
+    for (size_t i = 0; i < n; i++) {
+        job->msgs[i] = msgs[i];
+        job->attempt[i] = 1;
+    }
+    job_run(job);
+    /* The offset to commit: the one after the last message, when every one
+     * before it is finished. */
+    int64_t committed = msgs[n - 1]->offset + 1;
+    for (size_t i = 0; i < n; i++)
+        if (job->out[i] != OUT_DONE) {
+            committed = msgs[i]->offset;
+            break;
+        }
+    job_free(job);
     return committed;
+}
+
+/* ---- scheduling (on the consumer's thread) ------------------------------------------- */
+
+/* Takes a job's outcomes into its partition's queue. */
+static void job_land(consumer_rt_t *rt, job_t *job)
+{
+    part_state_t *ps = job->ps;
+    loom_worker_t *w = rt->wc->w;
+    int64_t now = loom_mono_ms();
+    bool progress = false;
+    for (size_t i = 0; i < job->n; i++) {
+        int64_t off = job->msgs[i]->offset;
+        switch (job->out[i]) {
+        case OUT_DONE:
+            kq_done(&ps->q, off);
+            progress = true;
+            break;
+        case OUT_RETRY:
+            kq_retry(&ps->q, off, now, now + job->retry_ms[i]);
+            break;
+        default:
+            kq_return(&ps->q, off);
+        }
+    }
+    if (job->hold_partition) {
+        ps->held = true;
+        ps->hold_attempts++;
+        int64_t delay =
+            loom_backoff_ms(ps->hold_attempts - 1, w->opts.retry_base_ms, w->opts.retry_max_ms);
+        ps->held_until = now + delay;
+        atomic_fetch_add(&w->retries, 1);
+        count(rt->wc, ps->topic, "retried", (long long)job->n);
+        LOOM_WARN("the database is unavailable: the partition waits",
+                  "consumer=%s topic=%s partition=%d attempt=%d retry_in_ms=%lld error=%s",
+                  rt->wc->def->name, ps->topic, (int)ps->partition, ps->hold_attempts,
+                  (long long)delay, job->why);
+    } else if (progress) {
+        ps->hold_attempts = 0;
+    }
+    ps->jobs--;
+    job_free(job);
+}
+
+/* Lands every job that came back, waiting up to wait_ms for the first. */
+static void collect(consumer_rt_t *rt, int64_t wait_ms)
+{
+    job_t *list = apply_pool_collect(&rt->pool, wait_ms);
+    while (list) {
+        job_t *next = list->next;
+        job_land(rt, list);
+        list = next;
+    }
+}
+
+/* Hands out batches of commands whose keys are free, partition after
+ * partition, while the apply threads have room for them. */
+static void schedule(consumer_rt_t *rt)
+{
+    int64_t now = loom_mono_ms();
+    size_t room = (size_t)rt->pool.n_threads * 2;
+    int64_t *offsets = loom_xcalloc(rt->batch_size, sizeof(*offsets));
+    void **msgs = loom_xcalloc(rt->batch_size, sizeof(*msgs));
+    for (size_t k = 0; k < rt->n_parts; k++) {
+        part_state_t *ps = rt->parts[(rt->rr + k) % rt->n_parts];
+        if (ps->held && now < ps->held_until)
+            continue;
+        ps->held = false;
+        while (rt->pool.queued < room) {
+            size_t n = kq_take(&ps->q, now, rt->batch_size, rt->key_concurrency, offsets, msgs);
+            if (n == 0)
+                break;
+            job_t *job = job_new(rt, ps, n);
+            job->n = n;
+            for (size_t i = 0; i < n; i++) {
+                kq_item_t *it = kq_find(&ps->q, offsets[i]);
+                job->msgs[i] = msgs[i];
+                job->attempt[i] = it->attempts + 1;
+                job->first_fail[i] = it->first_fail_ms;
+            }
+            ps->jobs++;
+            apply_pool_submit(&rt->pool, job);
+        }
+    }
+    rt->rr = rt->n_parts ? (rt->rr + 1) % rt->n_parts : 0;
+    free(offsets);
+    free(msgs);
+}
+
+/* Moves each partition's commit offset to its lowest unfinished command,
+ * and pauses or resumes fetching around max_pending. */
+static void release(consumer_rt_t *rt)
+{
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        part_state_t *ps = rt->parts[i];
+        int64_t next = kq_release(&ps->q, msg_destroy);
+        if (next >= 0)
+            ps->commit_offset = next;
+        if (!ps->fetch_paused && kq_count(&ps->q) >= rt->max_pending)
+            part_fetch(rt, ps, false);
+        else if (ps->fetch_paused && kq_count(&ps->q) <= rt->max_pending / 2)
+            part_fetch(rt, ps, true);
+    }
+}
+
+/* Waits for every job of the partitions in l (NULL: of all) to come back. */
+static void drain(consumer_rt_t *rt, const rd_kafka_topic_partition_list_t *l)
+{
+    for (;;) {
+        int busy = 0;
+        for (size_t i = 0; i < rt->n_parts; i++) {
+            part_state_t *ps = rt->parts[i];
+            if (!l || rd_kafka_topic_partition_list_find(l, ps->topic, ps->partition))
+                busy += ps->jobs;
+        }
+        if (busy == 0)
+            return;
+        collect(rt, 100);
+    }
+}
+
+/* How many partitions have a key (or the whole partition) waiting on a
+ * failure, and when the first of them is free again (0: none). */
+static int retrying_parts(consumer_rt_t *rt, int64_t now, int64_t *next_free)
+{
+    int n = 0;
+    *next_free = 0;
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        part_state_t *ps = rt->parts[i];
+        int64_t when = 0;
+        int held = kq_held(&ps->q, now, &when);
+        if (ps->held && ps->held_until > now) {
+            held++;
+            if (!when || ps->held_until < when)
+                when = ps->held_until;
+        }
+        if (held) {
+            n++;
+            if (!*next_free || when < *next_free)
+                *next_free = when;
+        }
+    }
+    return n;
 }
 
 /* ---- stall detection ---------------------------------------------------------------- */
@@ -1363,6 +1655,49 @@ int64_t loom_consumer_apply_offline(loom_db_pool_t *pool, const loom_consumer_de
  * are asked at the next checks, in turn. */
 #define STALL_CHECK_BUDGET_MS  50
 #define STALL_QUERY_TIMEOUT_MS 500
+/* The least a stalled partition waits after its seek before a rejoin. */
+#define STALL_REJOIN_MS 60000
+
+/*
+ * Repairs a partition that is assigned but not fetched (seen with librdkafka
+ * 2.0.2 after failed commits during a rebalance): first a seek to where it
+ * stands, which restarts its fetcher; when it is still stalled a minute
+ * later (three stall periods, if longer), the consumer leaves the group and
+ * joins again. A partition whose fetches fail (a broker away) recovers by
+ * itself once they work: the wait keeps a rejoin for real stalls.
+ */
+static void stall_repair(consumer_rt_t *rt, part_state_t *ps, int64_t pos)
+{
+    const char *name = rt->wc->def->name;
+    if (ps->repairs == 0) {
+        LOOM_WARN("stalled partition: fetching it again from where it stands",
+                  "consumer=%s topic=%s partition=%d offset=%lld", name, ps->topic,
+                  (int)ps->partition, (long long)pos);
+        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_add(l, ps->topic, ps->partition)->offset = pos;
+        rd_kafka_error_t *e = rd_kafka_seek_partitions(rt->rk, l, STALL_QUERY_TIMEOUT_MS);
+        if (e) {
+            LOOM_WARN("could not seek the stalled partition", "consumer=%s error=%s", name,
+                      rd_kafka_error_string(e));
+            rd_kafka_error_destroy(e);
+        }
+        rd_kafka_resume_partitions(rt->rk, l);
+        rd_kafka_topic_partition_list_destroy(l);
+        ps->fetch_paused = false;
+        ps->repairs = 1;
+        ps->repaired_ms = loom_mono_ms();
+    } else if (ps->repairs == 1) {
+        int64_t wait = 3 * rt->wc->w->opts.stall_after_ms;
+        if (wait < STALL_REJOIN_MS)
+            wait = STALL_REJOIN_MS;
+        if (loom_mono_ms() - ps->repaired_ms < wait)
+            return;
+        LOOM_WARN("stalled partition: still not fetched; leaving and rejoining the group",
+                  "consumer=%s topic=%s partition=%d", name, ps->topic, (int)ps->partition);
+        rt->rejoin = true;
+        ps->repairs = 2;
+    }
+}
 
 static void check_stalls(consumer_rt_t *rt)
 {
@@ -1393,13 +1728,13 @@ static void check_stalls(consumer_rt_t *rt)
                 ps->committed = unknown->elems[i].offset;
         }
     rd_kafka_topic_partition_list_destroy(unknown);
-    int stalled = 0, retrying = 0, next_cursor = rt->stall_cursor;
+    int stalled = 0, next_cursor = rt->stall_cursor;
     for (int k = 0; k < assigned->cnt; k++) {
         int i = (rt->stall_cursor + k) % assigned->cnt;
         rd_kafka_topic_partition_t *tp = &assigned->elems[i];
         part_state_t *ps = part_get(rt, tp->topic, tp->partition);
         int64_t lo = 0, hi = 0;
-        bool idle = !ps->paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
+        bool idle = !ps->fetch_paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
         /* Cached watermarks are free; an idle partition gets a fresh answer
          * while the budget lasts. */
         bool ask = idle && loom_mono_ms() < budget_end;
@@ -1421,18 +1756,22 @@ static void check_stalls(consumer_rt_t *rt)
             const char *labels[] = {name, tp->topic, part};
             loom_metrics_gauge_set(w->m_lag, labels, (double)lag);
         }
-        retrying += ps->paused;
         if (idle && lag > 0 && !ps->stalled) {
             ps->stalled = true;
             atomic_fetch_add(&w->stalls, 1);
             LOOM_WARN("partition lag is not shrinking: messages wait but none arrive",
                       "consumer=%s topic=%s partition=%d lag=%lld idle_ms=%lld", name, tp->topic,
                       tp->partition, (long long)lag, (long long)(now - ps->last_msg_ms));
+        }
+        if (idle && lag > 0 && ask) {
+            stall_repair(rt, ps, pos);
         } else if (lag == 0) {
             ps->stalled = false;
         }
         stalled += ps->stalled;
     }
+    int64_t next_free;
+    int retrying = retrying_parts(rt, now, &next_free);
     const char *labels[] = {name};
     loom_metrics_gauge_set(w->m_stalled, labels, stalled);
     loom_metrics_gauge_set(w->m_retrying, labels, retrying);
@@ -1447,11 +1786,16 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
 {
     consumer_rt_t *rt = opaque;
     if (e == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        drain(rt, parts);
         for (int i = 0; i < parts->cnt; i++)
             part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
         rd_kafka_assign(rk, parts);
         LOOM_INFO("partitions assigned", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
     } else {
+        /* The batches in flight finish first; what was fetched and not
+         * finished goes to the next owner (its dedup rows skip what was). */
+        drain(rt, parts);
+        release(rt);
         commit_offsets(rt, true);
         for (int i = 0; i < parts->cnt; i++)
             part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
@@ -1624,43 +1968,37 @@ void *loom__consumer_run(void *arg)
     }
     LOOM_INFO("consumer started", "consumer=%s group=%s%s", wc->def->name, w->opts.group_prefix,
               wc->def->name);
-    int batch_size = wc->def->batch_size > 0 ? wc->def->batch_size : 100;
+    rt.batch_size = (size_t)(wc->def->batch_size > 0 ? wc->def->batch_size : 100);
+    rt.key_concurrency = w->opts.key_concurrency;
+    rt.max_pending = (size_t)w->opts.max_pending;
     rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
-    /* Fetch several batches' worth at once: split by partition, each
-     * partition's share then fills its transactions. */
-    size_t fetch_max = (size_t)batch_size * 8 < 4000 ? (size_t)batch_size * 8 : 4000;
+    apply_pool_start(&rt.pool, wc->def->name, w->opts.apply_threads, q);
+    size_t fetch_max = 4000;
     rd_kafka_message_t **msgs = loom_xcalloc(fetch_max, sizeof(*msgs));
-    rd_kafka_message_t **group_msgs = loom_xcalloc(fetch_max, sizeof(*msgs));
     int64_t check_every = w->opts.stall_after_ms / 2 < 5000 ? w->opts.stall_after_ms / 2 : 5000;
     int64_t next_stall_check = loom_mono_ms() + check_every;
-    apply_pool_t ap;
-    apply_pool_start(&ap, &rt, w->opts.apply_threads > 0 ? w->opts.apply_threads : 1,
-                     (size_t)batch_size);
-    apply_task_t *tasks = loom_xcalloc(fetch_max, sizeof(*tasks));
-    bool *used = loom_xcalloc(fetch_max, sizeof(bool));
 
     while (!atomic_load(&w->stop)) {
-        part_resume_due(&rt);
-        /* Wait for one message, then take what else is already fetched:
-         * rd_kafka_consume_batch_queue() alone would wait for a full batch
-         * or its timeout, a delay every command would pay at low load. */
+        collect(&rt, 0);
+        schedule(&rt);
+        /* Wait for a message, a batch coming back (it yields this queue)
+         * or a held key's backoff to end, then take what else is fetched. */
+        int64_t now = loom_mono_ms(), next_free = 0;
+        retrying_parts(&rt, now, &next_free);
+        int timeout = 200;
+        if (next_free && next_free - now < timeout)
+            timeout = next_free > now ? (int)(next_free - now) : 1;
         ssize_t n = 0;
-        rd_kafka_message_t *first = rd_kafka_consumer_poll(rt.rk, 200);
+        rd_kafka_message_t *first = rd_kafka_consumer_poll(rt.rk, timeout);
         if (first) {
             msgs[n++] = first;
             ssize_t more = rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
             if (more > 0)
                 n += more;
         }
-        /* Split by partition, keeping each partition's order: one task each,
-         * with its messages side by side in group_msgs. */
-        memset(used, 0, fetch_max * sizeof(bool));
-        size_t n_tasks = 0, k = 0;
+        now = loom_mono_ms();
         for (ssize_t i = 0; i < n; i++) {
             rd_kafka_message_t *rkm = msgs[i];
-            if (used[i])
-                continue;
-            used[i] = true;
             if (rkm->err) {
                 if (rkm->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
                     LOOM_WARN("consumer error", "consumer=%s error=%s", wc->def->name,
@@ -1668,40 +2006,49 @@ void *loom__consumer_run(void *arg)
                 rd_kafka_message_destroy(rkm);
                 continue;
             }
-            apply_task_t *t = &tasks[n_tasks++];
-            t->msgs = group_msgs + k;
-            group_msgs[k++] = rkm;
-            for (ssize_t j = i + 1; j < n; j++) {
-                if (!used[j] && !msgs[j]->err && msgs[j]->partition == rkm->partition &&
-                    msgs[j]->rkt == rkm->rkt) {
-                    group_msgs[k++] = msgs[j];
-                    used[j] = true;
-                }
+            part_state_t *ps = part_get(&rt, rd_kafka_topic_name(rkm->rkt), rkm->partition);
+            ps->last_msg_ms = now;
+            ps->stalled = false;
+            ps->repairs = 0;
+            if (ps->q.next_offset >= 0 && rkm->offset < ps->q.next_offset) {
+                rd_kafka_message_destroy(rkm); /* fetched again after a seek */
+                continue;
             }
-            t->n = (size_t)(group_msgs + k - t->msgs);
-            t->ps = part_get(&rt, rd_kafka_topic_name(rkm->rkt), rkm->partition);
-            t->ps->last_msg_ms = loom_mono_ms();
-            t->ps->stalled = false;
+            kq_push(&ps->q, rkm, rkm->offset, rkm->key, rkm->key ? rkm->key_len : 0);
         }
-        apply_pool_run(&ap, tasks, n_tasks);
-        for (size_t j = 0; j < k; j++)
-            rd_kafka_message_destroy(group_msgs[j]);
+        collect(&rt, 0);
+        schedule(&rt);
+        release(&rt);
         commit_offsets(&rt, false);
         if (loom_mono_ms() >= next_stall_check) {
             check_stalls(&rt);
             next_stall_check = loom_mono_ms() + check_every;
         }
+        if (rt.rejoin) {
+            rt.rejoin = false;
+            rd_kafka_unsubscribe(rt.rk);
+            rd_kafka_topic_partition_list_t *again = consumer_subscription(&rt);
+            rd_kafka_resp_err_t se = rd_kafka_subscribe(rt.rk, again);
+            rd_kafka_topic_partition_list_destroy(again);
+            if (se)
+                LOOM_ERROR("could not subscribe again", "consumer=%s error=%s", wc->def->name,
+                           rd_kafka_err2str(se));
+        }
     }
-    apply_pool_stop(&ap);
-    free(tasks);
-    free(used);
-    /* Graceful: the batches in flight are done; commit and leave the group. */
+    /* Graceful: the batches in flight finish and their offsets are
+     * committed; what was fetched and not finished goes to the next owner. */
+    drain(&rt, NULL);
+    release(&rt);
+    apply_pool_stop(&rt.pool);
     free(msgs);
-    free(group_msgs);
     rd_kafka_queue_destroy(q);
     bool closed = consumer_leave(&rt, loom_mono_ms() + CONSUMER_CLOSE_MS);
-    rd_kafka_destroy_flags(rt.rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    for (size_t i = 0; i < rt.n_parts; i++) {
+        kq_free(&rt.parts[i]->q, msg_destroy);
+        free(rt.parts[i]);
+    }
     free(rt.parts);
+    rd_kafka_destroy_flags(rt.rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
     LOOM_INFO("consumer stopped", "consumer=%s", wc->def->name);
     return NULL;
 }

@@ -185,6 +185,15 @@ static bool poll_decide(pub_t *p, json_t *result)
             reply_accepted(p, "parked");
             return true;
         }
+        if (strcmp(st, "expired") == 0) {
+            loom_error_t err;
+            loom_error_set(&err, LOOM_CODE_COMMAND_EXPIRED,
+                           "command %s was not applied: its deadline had passed when a worker "
+                           "took it",
+                           p->id);
+            loom_gateway_fail(p->req, loom_http_req_res(p->req), &err);
+            return true;
+        }
         if (strcmp(st, "applied") == 0 && applied++ == 0)
             first_applied = row;
     }

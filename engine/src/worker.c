@@ -8,6 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A LOOM_* number of the configuration; dflt when it is unset or 0. */
+static int64_t cfg_num(const loom_config_t *cfg, const char *name, int64_t dflt)
+{
+    const loom_config_value_t *v = loom_config_get(cfg, name);
+    return v && v->raw && v->num > 0 ? v->num : dflt;
+}
+
 int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_error_t *err)
 {
     if (!opts || !opts->brokers || !opts->pool)
@@ -25,6 +32,15 @@ int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_
         w->opts.apply_threads = opts->cfg ? opts->cfg->worker_apply_threads : 4;
     if (w->opts.apply_threads <= 0)
         w->opts.apply_threads = 4;
+    const loom_config_t *cfg = opts->cfg;
+    if (w->opts.key_concurrency <= 0)
+        w->opts.key_concurrency = cfg ? (int)cfg_num(cfg, "LOOM_WORKER_KEY_CONCURRENCY", 256) : 256;
+    if (w->opts.max_pending <= 0)
+        w->opts.max_pending = cfg ? (int)cfg_num(cfg, "LOOM_WORKER_MAX_PENDING", 10000) : 10000;
+    if (w->opts.lock_timeout_ms <= 0)
+        w->opts.lock_timeout_ms = cfg ? cfg_num(cfg, "LOOM_WORKER_LOCK_TIMEOUT", 5000) : 5000;
+    if (w->opts.park_after_ms == 0)
+        w->opts.park_after_ms = cfg ? cfg_num(cfg, "LOOM_WORKER_PARK_AFTER", -1) : -1;
     if (!w->opts.group_prefix)
         w->opts.group_prefix = "loom.";
     if (opts->metrics) {
@@ -107,4 +123,6 @@ void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out)
     out->retries = atomic_load(&w->retries);
     out->relayed = atomic_load(&w->relayed);
     out->stalls = atomic_load(&w->stalls);
+    out->parked = atomic_load(&w->parked);
+    out->expired = atomic_load(&w->expired);
 }

@@ -23,7 +23,7 @@ struct loom_worker {
     size_t n_consumers;
     pthread_t relay_thread;
     bool relay_started;
-    atomic_llong applied, skipped, rejected, retries, relayed, stalls;
+    atomic_llong applied, skipped, rejected, retries, relayed, stalls, parked, expired;
     loom_metrics_family_t *m_messages; /* {consumer,topic,outcome} */
     loom_metrics_family_t *m_lag;      /* {consumer,topic,partition} */
     loom_metrics_family_t *m_stalled;  /* {consumer} */

@@ -21,9 +21,9 @@
  * LOOM_CHAOS_SCALE=long runs eight to ten times the commands and three times the
  * faults; the default is the short version CI runs. Nothing asserts on speed:
  * the waits are generous and only there so that a system that does not
- * recover fails with a message instead of hanging. LOOM_CHAOS_KNOWN_BUGS=1
- * also runs what reproduces a known problem (request_errors' comment); without
- * it CI stays green.
+ * recover fails with a message instead of hanging. request_errors runs the
+ * order that once stalled partitions (its comment says how the worker now
+ * repairs them).
  */
 #include "support.h"
 #include "loom/arena.h"
@@ -895,18 +895,18 @@ static const int16_t injected_apis[] = {API_PRODUCE,          API_FETCH,      AP
                                         API_FIND_COORDINATOR, API_SYNC_GROUP};
 
 /*
- * With LOOM_CHAOS_KNOWN_BUGS set, the last two rounds swap and the mixed one
- * also forces a rebalance (Heartbeat REBALANCE_IN_PROGRESS) while its commits
- * fail, as the stream ends. Run beside broker_down_and_up (--jobs=2) that
- * left partitions assigned but never fetched again in about every other run
- * (librdkafka 2.0.2; compare librdkafka issues #2933 and #4723): the worker
- * reports them ("partition lag is not shrinking") and does nothing more
- * (engine/src/consumer.c, check_stalls()), so their commands wait for the
- * next rebalance and the scenario fails on its recovery timeout.
+ * The last two rounds swap and the mixed one also forces a rebalance
+ * (Heartbeat REBALANCE_IN_PROGRESS) while its commits fail, as the stream
+ * ends. Run beside broker_down_and_up (--jobs=2) that left partitions
+ * assigned but never fetched again in about every other run (librdkafka
+ * 2.0.2; compare librdkafka issues #2933 and #4723). The worker reports such
+ * a partition ("partition lag is not shrinking") and repairs it
+ * (engine/src/consumer.c, stall_repair(): a seek, then leaving and rejoining
+ * the group), so the scenario recovers within its timeout.
  */
 Test(chaos_mock, request_errors, .timeout = 3000)
 {
-    bool lng = chaos_long(), known = getenv("LOOM_CHAOS_KNOWN_BUGS") != NULL;
+    bool lng = chaos_long(), known = true;
     chaos_t c;
     chaos_setup(&c, "request_errors", 6, 2, lng ? 100000 : 12000, lng ? 1000 : known ? 1000 : 500);
     int rounds = lng ? 15 : 5;

@@ -130,6 +130,8 @@ typedef struct loom_error_code {
     X(DEADLINE_EXCEEDED, TIMEOUT, true, "The call did not finish before its deadline.")           \
     X(COMMAND_REJECTED, BAD_REQUEST, false,                                                       \
       "A consumer rejected the command for good; the message gives its reason.")                  \
+    X(COMMAND_EXPIRED, TIMEOUT, false,                                                            \
+      "The command's deadline (ce_deadline) had passed when a worker took it: not applied.")      \
     X(MALFORMED_REQUEST, BAD_REQUEST, false,                                                      \
       "The request is not valid HTTP/1.1; the gateway closes the connection.")                    \
     X(METHOD_NOT_ALLOWED, BAD_REQUEST, false,                                                     \

@@ -32,8 +32,20 @@ typedef struct loom_worker_opts {
     int64_t retry_max_ms;      /* backoff cap; 0: 30000 */
     int64_t stall_after_ms;    /* lag > 0 and nothing arriving for this long; 0: 30000 */
     const char *group_prefix;  /* consumer group = prefix + name; NULL: "loom." */
-    int apply_threads;         /* partitions a consumer applies at once; 0: the
-                                * config's LOOM_WORKER_APPLY_THREADS, else 4 */
+    int apply_threads;         /* batches a consumer applies at once, each in its
+                                * own transaction; 0: the config's
+                                * LOOM_WORKER_APPLY_THREADS, else 4 */
+    int key_concurrency;       /* keys of one partition applied at once; 0: the
+                                * config's LOOM_WORKER_KEY_CONCURRENCY, else 256 */
+    int max_pending;           /* commands of one partition tracked between fetch
+                                * and commit before its fetching pauses; 0: the
+                                * config's LOOM_WORKER_MAX_PENDING, else 10000 */
+    int64_t lock_timeout_ms;   /* a command waiting longer on a lock fails (and is
+                                * retried, holding only its key); 0: the config's
+                                * LOOM_WORKER_LOCK_TIMEOUT, else 5000 */
+    int64_t park_after_ms;     /* a command failing transiently for this long is
+                                * parked; 0: the config's LOOM_WORKER_PARK_AFTER;
+                                * -1 or an unset setting: never */
     loom_metrics_t *metrics;   /* borrowed; NULL: no metrics. Registers
                                 * loom_consumer_messages_total{consumer,topic,outcome},
                                 * loom_consumer_lag{consumer,topic,partition},
@@ -53,7 +65,10 @@ typedef struct loom_worker_stats {
     int64_t applied;  /* commands applied */
     int64_t skipped;  /* redeliveries found already handled */
     int64_t rejected; /* commands rejected for good */
-    int64_t retries;  /* transient failures (each pauses a partition) */
+    int64_t retries;  /* transient failures (each holds a key, or a partition
+                       * while the database is unavailable) */
+    int64_t parked;   /* commands parked after LOOM_WORKER_PARK_AFTER */
+    int64_t expired;  /* commands past their deadline, not applied */
     int64_t relayed;  /* outbox messages sent */
     int64_t stalls;   /* partitions reported stalled */
 } loom_worker_stats_t;
