@@ -12,8 +12,8 @@
  * GET /v1/commands/{id} answers from the op engine.commands.get:
  *   {"command_id", "status", "attempts", "last_error", "result",
  *    "consumers": [{"consumer", "status", ...}, ...]}
- * where status is "rejected" when a consumer rejected it, else "parked" or
- * "retrying" when one is, else "applied". Any valid token may read a
+ * where status is "rejected" when a consumer rejected it, else "expired",
+ * "parked" or "retrying" when one is, else "applied". Any valid token may read a
  * command by id: callers poll the ids their writes returned.
  */
 #include "loom/gateway.h"
@@ -31,8 +31,8 @@ static int call_op(loom_http_req_t *req, loom_http_res_t *res)
 
 static int rank(const char *status)
 {
-    static const char *const order[] = {"applied", "retrying", "parked", "rejected"};
-    for (int i = 0; i < 4; i++)
+    static const char *const order[] = {"applied", "retrying", "parked", "expired", "rejected"};
+    for (int i = 0; i < 5; i++)
         if (status && strcmp(status, order[i]) == 0)
             return i;
     return 1;

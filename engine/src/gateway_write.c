@@ -319,6 +319,16 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
                        wait);
         return loom_gateway_fail(req, res, &err);
     }
+    /* Command-Deadline: the command is not applied when a worker takes it
+     * later (ce_deadline). */
+    const char *deadline = loom_http_req_header(req, "Command-Deadline");
+    int64_t deadline_us = 0;
+    if (deadline && (strlen(deadline) > 64 || loom_rfc3339_parse(deadline, &deadline_us) != 0)) {
+        json_decref(data);
+        loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
+                       "Command-Deadline must be an RFC 3339 time such as 2026-01-02T15:04:05Z");
+        return loom_gateway_fail(req, res, &err);
+    }
     /* Idempotency-Key */
     pub_t *p = loom_xcalloc(1, sizeof(*p));
     p->gw = g->gw;
@@ -355,6 +365,7 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     ce.id = p->id;
     ce.rayid = g->ray_id;
     ce.traceparent = g->traceparent;
+    ce.deadline = deadline;
     ce.datacontenttype = "application/json";
     char *text = data ? json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
     json_decref(data);

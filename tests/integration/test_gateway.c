@@ -916,6 +916,30 @@ Test(gateway, write_answers_202_after_ack_and_wait_returns_the_applied_result, .
     cr_expect(strstr(r.body, "account w-2 is closed"), "%s", r.body);
     loom_test_http_res_free(&r);
 
+    /* A Command-Deadline that passed before a worker took the command: not
+     * applied, ?wait says so, and the command shows as expired. */
+    b = credit_body("w-late", 5, NULL);
+    loom_test_http(e.port, "POST", "/v1/test/credits?wait=20s", TOK_WRITER,
+                   "Command-Deadline: 2020-01-01T00:00:00Z\r\n", b, &r);
+    free(b);
+    expect_error(&r, 504, "COMMAND_EXPIRED");
+    loom_test_http_res_free(&r);
+    cr_expect_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account = 'w-late'"), 0);
+    cr_expect_eq(
+        loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE status = 'expired'"), 1);
+    /* One in the future is applied; one that is not a time is refused. */
+    b = credit_body("w-soon", 5, NULL);
+    loom_test_http(e.port, "POST", "/v1/test/credits?wait=20s", TOK_WRITER,
+                   "Command-Deadline: 2999-01-01T00:00:00Z\r\n", b, &r);
+    cr_expect_eq(r.status, 200, "%s", r.body);
+    loom_test_http_res_free(&r);
+    loom_test_http(e.port, "POST", "/v1/test/credits?wait=20s", TOK_WRITER,
+                   "Command-Deadline: tomorrow\r\n", b, &r);
+    free(b);
+    expect_error(&r, 400, "INVALID_ARGUMENT");
+    loom_test_http_res_free(&r);
+
     /* A bad ?wait publishes nothing. */
     b = credit_body("w-3", 1, NULL);
     loom_test_http(e.port, "POST", "/v1/test/credits?wait=31s", TOK_WRITER, NULL, b, &r);

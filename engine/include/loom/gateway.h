@@ -195,7 +195,9 @@ typedef struct loom_gateway_command {
 
 /*
  * The write path. Checks ?wait (a duration up to 30s, else 400) and
- * Idempotency-Key (printable, at most 200 bytes, else 400); derives the
+ * Idempotency-Key (printable, at most 200 bytes, else 400) and
+ * Command-Deadline (an RFC 3339 time, else 400: a worker taking the command
+ * later records it as expired and does not apply it); derives the
  * command id from (caller, route, key) when a key is given, else a new
  * UUIDv7; publishes the command as a CloudEvent with the request's ray id
  * and traceparent; then answers
