@@ -7,7 +7,11 @@
  *
  *   bench_apply BROKERS PG_ADMIN_URL [COMMANDS] [BATCH_SIZE...]
  *
- * Prints "apply_commands_per_s{batch=B} R" for each batch size.
+ * Prints "apply_commands_per_s{batch=B} R" for each batch size. With
+ * BENCH_STUCK_PCT=P (1..50) each batch size is run again with P % of the
+ * accounts stuck (their commands fail transiently until the end), printing
+ * "apply_stuck_commands_per_s{batch=B,stuck_pct=P} R": the rate of the other
+ * accounts' commands, which share their partitions with the stuck ones.
  */
 #include "loom/bus.h"
 #include "loom/clock.h"
@@ -40,7 +44,7 @@ static long long count(PGconn *c)
     return n;
 }
 
-static double run(const char *brokers, const char *admin, long n, int batch)
+static double run(const char *brokers, const char *admin, long n, int batch, int stuck_pct)
 {
     char db[64], url[600], topic[128], name[128];
     snprintf(db, sizeof(db), "bench_%lld_%d", (long long)loom_now_ms(), batch);
@@ -64,6 +68,13 @@ static double run(const char *brokers, const char *admin, long n, int batch)
         exit(1);
     }
     loom_db_release(dbc);
+    /* The stuck accounts: acct-0 .. acct-(k-1) of 1000. */
+    long stuck_keys = stuck_pct * 1000L / 100, stuck_cmds = 0;
+    for (long k = 0; k < stuck_keys; k++) {
+        char ins[128];
+        snprintf(ins, sizeof(ins), "INSERT INTO test_blocks VALUES ('acct-%ld')", k);
+        sql(url, ins);
+    }
 
     snprintf(topic, sizeof(topic), "bench.apply.%s", db);
     snprintf(name, sizeof(name), "bench.%s", db);
@@ -81,7 +92,10 @@ static double run(const char *brokers, const char *admin, long n, int batch)
     for (long i = 0; i < n; i++) {
         loom_ce_t ce;
         loom_ce_init(&ce, &a, "bench", "bench", "test.credit");
-        char *data = loom_arena_sprintf(&a, "{\"account\":\"acct-%ld\",\"amount\":1}", i % 1000);
+        bool stuck = i % 1000 < stuck_keys;
+        stuck_cmds += stuck;
+        char *data = loom_arena_sprintf(&a, "{\"account\":\"acct-%ld\",\"amount\":1%s}", i % 1000,
+                                        stuck ? ",\"fail\":\"blocked\"" : "");
         ce.data = data;
         ce.data_len = strlen(data);
         char key[32];
@@ -103,7 +117,8 @@ static double run(const char *brokers, const char *admin, long n, int batch)
     long long got = 0, first = 0;
     loom_worker_t *w;
     loom_worker_start(&wo, &w, &err);
-    while ((got = count(c)) < n && loom_mono_ns() - start < 600LL * 1000000000) {
+    long want = n - stuck_cmds;
+    while ((got = count(c)) < want && loom_mono_ns() - start < 600LL * 1000000000) {
         if (got > 0 && t0 == 0) {
             t0 = loom_mono_ns();
             first = got;
@@ -122,8 +137,8 @@ static double run(const char *brokers, const char *admin, long n, int batch)
     loom_producer_free(p);
     loom_db_pool_free(pool);
     PQfinish(c);
-    if (got != n)
-        fprintf(stderr, "bench_apply: only %lld of %ld applied\n", got, n);
+    if (got != want)
+        fprintf(stderr, "bench_apply: only %lld of %ld applied\n", got, want);
     return secs > 0 ? (double)(got - first) / secs : 0;
 }
 
@@ -141,8 +156,17 @@ int main(int argc, char **argv)
         for (int i = 4; i < argc && nb < 16; i++)
             batches[nb++] = atoi(argv[i]);
     }
-    for (int i = 0; i < nb; i++)
+    const char *sp = getenv("BENCH_STUCK_PCT");
+    int stuck_pct = sp ? atoi(sp) : 0;
+    if (stuck_pct < 0 || stuck_pct > 50)
+        stuck_pct = 0;
+    for (int i = 0; i < nb; i++) {
         printf("apply_commands_per_s{batch=%d} %.0f\n", batches[i],
-               run(argv[1], argv[2], n, batches[i]));
+               run(argv[1], argv[2], n, batches[i], 0));
+        fflush(stdout);
+        if (stuck_pct > 0)
+            printf("apply_stuck_commands_per_s{batch=%d,stuck_pct=%d} %.0f\n", batches[i],
+                   stuck_pct, run(argv[1], argv[2], n, batches[i], stuck_pct));
+    }
     return 0;
 }

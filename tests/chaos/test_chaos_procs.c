@@ -280,6 +280,7 @@ struct stream {
     char topic[200];
     const char *prefix; /* command ids are "<prefix>-<i>" */
     int n, rate;        /* commands, per second */
+    int keys;           /* accounts (Kafka keys) the commands spread over */
     pthread_t thread;
     ref_t *refs;
     _Atomic unsigned char *state; /* 0 not sent, 1 queued, 2 acked, 3 failed */
@@ -326,7 +327,7 @@ static void *stream_main(void *arg)
         loom_ce_init(&ce, &a, "chaos", "producer", "test.credit");
         char id[64], acct[32];
         snprintf(id, sizeof(id), "%s-%d", s->prefix, i);
-        snprintf(acct, sizeof(acct), "acct-%d", i % 97);
+        snprintf(acct, sizeof(acct), "acct-%d", i % s->keys);
         ce.id = id;
         char *data =
             loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld}", acct, amount_of(i));
@@ -357,6 +358,7 @@ static void stream_start(stream_t *s, const char *brokers, const char *topic, co
     s->prefix = prefix;
     s->n = n;
     s->rate = rate;
+    s->keys = 97;
     s->refs = loom_xcalloc((size_t)n, sizeof(ref_t));
     s->state = loom_xcalloc((size_t)n, 1);
     for (int i = 0; i < n; i++)
@@ -518,14 +520,29 @@ static bool applied_max(const char *url, int parts, int64_t *out)
 
 /* ---- 1. kill -9 of worker processes ------------------------------------------------ */
 
-Test(chaos, kill9_workers, .timeout = 7200, .fini = cleanup)
+/* Commands of one account applied out of the order they were published: each
+ * account's events, by version, must come from commands "<prefix>-<i>" with
+ * growing i. */
+static long long order_violations(const char *url)
+{
+    return try_ll(url, "SELECT count(*) FROM (SELECT split_part(causation_id, '-', 2)::int AS i, "
+                       "lag(split_part(causation_id, '-', 2)::int) OVER (PARTITION BY stream_id "
+                       "ORDER BY version) AS prev FROM loom_events "
+                       "WHERE stream_id LIKE 'account-%') e WHERE prev IS NOT NULL AND i < prev");
+}
+
+/*
+ * Workers killed with kill -9 and replaced while commands stream in, spread
+ * over `keys` accounts on `parts` partitions: with few partitions and many
+ * keys, every partition's keys are applied side by side (kill9_key_parallel).
+ */
+static void kill9(const char *scenario, const char *prefix, int parts, int keys)
 {
     bool lg = is_long();
     /* LOOM_CHAOS_COMMANDS: fewer for a long run under ASan (tests/chaos/run --asan). */
     const char *nenv = getenv("LOOM_CHAOS_COMMANDS");
     const int n = nenv && atoi(nenv) >= 1000 ? atoi(nenv) : lg ? 200000 : 20000;
     const int rate = 500;
-    const int parts = 12;
     const int kill_every_ms = lg ? 12000 : 9000;
     const char *brokers = loom_test_kafka_brokers();
     char dir[128];
@@ -550,7 +567,8 @@ Test(chaos, kill9_workers, .timeout = 7200, .fini = cleanup)
               w[0].log);
 
     stream_t s;
-    stream_start(&s, brokers, l.topic, "k9", n, rate);
+    stream_start(&s, brokers, l.topic, prefix, n, rate);
+    s.keys = keys;
     int kills = 0;
     long long max_recovery = 0, sum_recovery = 0;
     long long rss_first = -1, rss_last = -1, rss_max = -1;
@@ -626,10 +644,13 @@ Test(chaos, kill9_workers, .timeout = 7200, .fini = cleanup)
             rss_max = kb;
     }
 
-    result_t r = {.scenario = "kill9_workers", .faults = kills, .recovery_ms = max_recovery};
+    long long out_of_order = order_violations(l.url);
+    result_t r = {.scenario = scenario, .faults = kills, .recovery_ms = max_recovery};
     result_from_tally(&r, &s, &t);
     extra_add(&r, "workers=%d", W);
     extra_add(&r, "partitions=%d", parts);
+    extra_add(&r, "keys=%d", keys);
+    extra_add(&r, "out_of_key_order=%lld", out_of_order);
     extra_add(&r, "mean_recovery_ms=%lld", kills ? sum_recovery / kills : 0);
     extra_add(&r, "last_kill_to_all_applied_ms=%lld", last_kill_to_all);
     extra_add(&r, "drain_after_stream_ms=%lld", drain_ms);
@@ -641,10 +662,22 @@ Test(chaos, kill9_workers, .timeout = 7200, .fini = cleanup)
     assert_exactly_once(&r, &t, dir);
     cr_assert_gt(kills, 0, "no worker was killed");
     cr_assert_eq(t.acked, n, "only %lld of %d commands were acknowledged", t.acked, n);
+    cr_assert_eq(out_of_order, 0, "%lld commands were applied before an earlier one of their key",
+                 out_of_order);
     for (int k = 0; k < W; k++)
         proc_stop(&w[k], "worker");
     stream_free(&s);
     scratch_remove(dir);
+}
+
+Test(chaos, kill9_workers, .timeout = 7200, .fini = cleanup)
+{
+    kill9("kill9_workers", "k9", 12, 97);
+}
+
+Test(chaos, kill9_key_parallel, .timeout = 7200, .fini = cleanup)
+{
+    kill9("kill9_key_parallel", "kp", 2, 2000);
 }
 
 /* ---- 2. PostgreSQL stopped and started again ----------------------------------------- */
