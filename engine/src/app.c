@@ -3,6 +3,7 @@
  */
 #include "loom/app.h"
 #include "loom/mem.h"
+#include "loom/version.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -125,4 +126,9 @@ int loom_app_build(loom_app_t *app, loom_error_t *err)
         rc = loom_consumer_routes_register(b->consumers, n_cons, err);
     }
     return rc;
+}
+
+const char *loom_version(void)
+{
+    return LOOM_VERSION;
 }
