@@ -1,14 +1,14 @@
-/* cmd/loom/main.c: the binary's services, one line each. */
+/* main.c: the ledger binary: Loom's command line with the ledger service. */
+#include "ledger.h"
 #include "loom/app.h"
-#include "notes.h"
 
 int main(int argc, char **argv)
 {
     static const loom_service_t *const services[] = {
-        &notes_service,
+        &ledger_service,
     };
-    loom_app_t app = {.name = "loom",
-                      .version = "tutorial",
+    loom_app_t app = {.name = "ledger",
+                      .version = "1.0.0",
                       .services = services,
                       .n_services = LOOM_COUNT(services)};
     return loom_main(argc, argv, &app);
