@@ -2,7 +2,8 @@
  * Loom's public API in one place: every header a service, its main.c and its
  * tests may include. These are the headers `cmake --install` installs
  * (component loom_dev, docs/writing-a-service.md); the others of
- * engine/include/loom/ (worker.h, node.h, pglocal.h, mem.h, sha256.h) are
+ * engine/include/loom/ (worker.h, task_runner.h, node.h, pglocal.h, mem.h,
+ * sha256.h) are
  * the engine's own and stay in the source tree. A test checks that the
  * installed headers are exactly these.
  *
@@ -20,6 +21,7 @@
 #include "loom/consumer.h" /* loom_command_t, loom_emit(), loom_publish() */
 #include "loom/periodic.h" /* periodic jobs */
 #include "loom/replay.h"   /* projections `loom replay` rebuilds */
+#include "loom/task.h"     /* headless tasks and oneshot jobs */
 
 /* The read side and HTTP. */
 #include "loom/gateway.h" /* routes: loom_route_t, loom_gateway_publish() */
