@@ -45,6 +45,7 @@ extern const cli_command_t cli_broker_command;
 extern const cli_command_t cli_nodes_command;
 extern const cli_command_t cli_replay_command;
 extern const cli_command_t cli_run_command;
+extern const cli_command_t cli_new_command;
 
 /* The parts of a worker process: consumers + outbox relay, periodic jobs and
  * heartbeats (cli_worker.c); `loom worker` and `loom dev` both run them. */
