@@ -35,7 +35,9 @@
  *
  * Everything waits with a deadline and reports a timeout as an error; none
  * of it asserts, so it works with any test framework (criterion's .init and
- * .fini above run also when a test fails).
+ * .fini above run also when a test fails). One kit at a time per process:
+ * the kit sets the process's topic prefix. Criterion runs each test in a
+ * process of its own, so each test gets a fresh kit.
  */
 #ifndef LOOM_TESTKIT_H
 #define LOOM_TESTKIT_H
