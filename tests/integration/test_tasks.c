@@ -7,6 +7,7 @@
  * `loom run` and `loom worker` with a service that registers both kinds.
  */
 #include "support.h"
+#include "loom/pglocal.h"
 #include "loom/task_runner.h"
 
 #include <criterion/criterion.h>
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* ---- headless tasks in-process ---------------------------------------------- */
@@ -308,4 +310,38 @@ Test(tasks, loom_worker_runs_headless_tasks_and_stops_them, .timeout = 240)
     close(fd);
     free(log);
     free(rest);
+}
+
+Test(tasks, loom_dev_runs_them_too, .timeout = 240)
+{
+    char dir[] = "/tmp/loom-tasks-dev-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    chmod(dir, 0755);
+    char e_d[128], e_l[64];
+    snprintf(e_d, sizeof(e_d), "LOOM_DEV_DIR=%s", dir);
+    snprintf(e_l, sizeof(e_l), "LOOM_API_LISTEN=127.0.0.1:%d", loom_free_port());
+    unsetenv("LOOM_DATABASE_URL");
+    unsetenv("LOOM_KAFKA_BROKERS");
+    const char *env[] = {e_d, e_l, "LOOM_TEST_TASKS=1", NULL};
+    const char *argv[] = {loom_test_app_bin(), "dev", NULL};
+    int fd;
+    pid_t pid = loom_test_spawn(argv, env, &fd);
+    char *log = NULL;
+    cr_assert(loom_test_read_until(fd, "Press Ctrl-C", 120000, &log), "%s", log);
+    cr_assert(strstr(log, "tasks       1 headless task, 1 oneshot job ('loom run --list')"), "%s",
+              log);
+    char *more = NULL;
+    if (!strstr(log, "headless task started"))
+        cr_assert(loom_test_read_until(fd, "headless task started", 60000, &more), "%s", more);
+    kill(pid, SIGTERM);
+    char *rest = NULL;
+    cr_assert(loom_test_read_until(fd, "headless task stopped", 60000, &rest), "%s", rest);
+    cr_assert_eq(loom_test_wait(pid, 60000), 0);
+    close(fd);
+    free(log);
+    free(more);
+    free(rest);
+    char cmd[200];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
 }
