@@ -47,6 +47,8 @@ function(loom_embed_migrations service dir out_file out_var)
       message(FATAL_ERROR "${dir}/${base}: missing ${stem}.down.sql")
     endif()
     foreach(kind up down)
+      # An edited file embeds again at the next build.
+      set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${dir}/${stem}.${kind}.sql")
       file(READ "${dir}/${stem}.${kind}.sql" hex HEX)
       string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," hex "${hex}")
       string(APPEND body "static const char m${version}_${kind}[] = {${hex}0x00};\n")

@@ -9,27 +9,30 @@
  */
 #include "ledger.h"
 
-/* Publishes `type` with the request's JSON object as its data, keyed by the
- * string member `key` of the body (or the path's {id}). */
+#include <stdio.h>
+
+/* Publishes `type` with the request's JSON object (and the path's {id} as
+ * member `key`) as its data, keyed by that member. */
 static int publish(loom_http_req_t *req, loom_http_res_t *res, const char *type, const char *key)
 {
-    json_t *body;
+    json_t *body; /* borrowed: the request owns it */
     loom_error_t err;
     if (loom_gateway_body_json(req, true, &body, &err) != 0)
         return loom_gateway_fail(req, res, &err);
+    json_t *data = json_copy(body);
     const char *id = loom_gateway_param(req, "id");
     if (id) /* the account of the path */
-        json_object_set_new(body, key, json_string(id));
-    const char *k = json_string_value(json_object_get(body, key));
+        json_object_set_new(data, key, json_string(id));
+    const char *k = json_string_value(json_object_get(data, key));
     if (!k || !*k) {
-        json_decref(body);
+        json_decref(data);
         loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "\"%s\" must be a string", key);
         return loom_gateway_fail(req, res, &err); /* 400 before anything is published */
     }
-    loom_gateway_command_t cmd = {.type = type, .key = k, .data = json_incref(body)};
-    int rc = loom_gateway_publish(req, res, &cmd); /* 202, or 200 with ?wait */
-    json_decref(body);
-    return rc;
+    char k_copy[256]; /* the key outlives data, which publishing frees */
+    snprintf(k_copy, sizeof(k_copy), "%s", k);
+    loom_gateway_command_t cmd = {.type = type, .key = k_copy, .data = data}; /* data is stolen */
+    return loom_gateway_publish(req, res, &cmd); /* 202, or 200 with ?wait */
 }
 
 static int open_account(loom_http_req_t *req, loom_http_res_t *res)
