@@ -3,6 +3,7 @@
  */
 #include "loom/app.h"
 #include "loom/mem.h"
+#include "loom/version.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,8 @@ typedef struct built {
     loom_periodic_def_t *jobs;
     loom_projection_t *projections;
     loom_route_t *routes;
+    loom_task_def_t *tasks;
+    loom_oneshot_def_t *oneshots;
 } built_t;
 
 /* Appends n elements of size sz from src to *dst (which holds *count). */
@@ -48,6 +51,8 @@ void loom_app_release(loom_app_t *app)
     free(b->jobs);
     free(b->projections);
     free(b->routes);
+    free(b->tasks);
+    free(b->oneshots);
     free(b);
     app->built = NULL;
 }
@@ -57,7 +62,7 @@ int loom_app_build(loom_app_t *app, loom_error_t *err)
     loom_app_release(app);
     built_t *b = loom_xcalloc(1, sizeof(*b));
     size_t n_mig = 0, n_cfg = 0, n_ops = 0, n_cat = 0, n_cons = 0, n_jobs = 0, n_proj = 0,
-           n_routes = 0;
+           n_routes = 0, n_tasks = 0, n_oneshots = 0;
     int rc = 0;
     for (size_t i = 0; i <= app->n_services && rc == 0; i++) {
         const loom_service_t *s = i == 0 ? &loom_engine_service : app->services[i - 1];
@@ -93,6 +98,12 @@ int loom_app_build(loom_app_t *app, loom_error_t *err)
         for (k = 0; s->routes && s->routes[k].method; k++)
             ;
         append(&b->routes, &n_routes, s->routes, k, sizeof(*b->routes));
+        for (k = 0; s->tasks && s->tasks[k].name; k++)
+            ;
+        append(&b->tasks, &n_tasks, s->tasks, k, sizeof(*b->tasks));
+        for (k = 0; s->oneshots && s->oneshots[k].name; k++)
+            ;
+        append(&b->oneshots, &n_oneshots, s->oneshots, k, sizeof(*b->oneshots));
         if (s->errors)
             append(&b->catalogues, &n_cat, s->errors, 1, sizeof(*b->catalogues));
     }
@@ -104,6 +115,16 @@ int loom_app_build(loom_app_t *app, loom_error_t *err)
                                 "migrations %04d_%s and %04d_%s share a version",
                                 b->migrations[i - 1].version, b->migrations[i - 1].name,
                                 b->migrations[i].version, b->migrations[i].name);
+    for (size_t i = 0; i < n_tasks && rc == 0; i++)
+        for (size_t k = 0; k < i && rc == 0; k++)
+            if (strcmp(b->tasks[i].name, b->tasks[k].name) == 0)
+                rc = loom_error_set(err, LOOM_CODE_CONFIG_INVALID,
+                                    "headless task \"%s\" is registered twice", b->tasks[i].name);
+    for (size_t i = 0; i < n_oneshots && rc == 0; i++)
+        for (size_t k = 0; k < i && rc == 0; k++)
+            if (strcmp(b->oneshots[i].name, b->oneshots[k].name) == 0)
+                rc = loom_error_set(err, LOOM_CODE_CONFIG_INVALID,
+                                    "oneshot job \"%s\" is registered twice", b->oneshots[i].name);
     app->built = b;
     app->migrations = (loom_migration_set_t){b->migrations, n_mig};
     app->config_vars = b->config_vars;
@@ -120,9 +141,18 @@ int loom_app_build(loom_app_t *app, loom_error_t *err)
     app->n_projections = n_proj;
     app->routes = b->routes;
     app->n_routes = n_routes;
+    app->tasks = b->tasks;
+    app->n_tasks = n_tasks;
+    app->oneshots = b->oneshots;
+    app->n_oneshots = n_oneshots;
     if (rc == 0) {
         loom_topic_routes_clear();
         rc = loom_consumer_routes_register(b->consumers, n_cons, err);
     }
     return rc;
+}
+
+const char *loom_version(void)
+{
+    return LOOM_VERSION;
 }

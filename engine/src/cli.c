@@ -41,6 +41,8 @@ static const cli_command_t *const commands[] = {
     &cli_op_command,       /* call an op */
     &cli_nodes_command,    /* nodes and heartbeats */
     &cli_replay_command,   /* rebuild a read model */
+    &cli_run_command,      /* oneshot jobs */
+    &cli_new_command,      /* a new service's files */
     &cli_migrate_command,  /* schema and topics */
     &config_command,       /* effective configuration */
     &version_command,      /* version */

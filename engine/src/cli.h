@@ -12,6 +12,7 @@
 #include "loom/metrics.h"
 #include "loom/node.h"
 #include "loom/periodic.h"
+#include "loom/task_runner.h"
 #include "loom/worker.h"
 
 #include <librdkafka/rdkafka_mock.h>
@@ -43,12 +44,15 @@ extern const cli_command_t cli_commands_command;
 extern const cli_command_t cli_broker_command;
 extern const cli_command_t cli_nodes_command;
 extern const cli_command_t cli_replay_command;
+extern const cli_command_t cli_run_command;
+extern const cli_command_t cli_new_command;
 
 /* The parts of a worker process: consumers + outbox relay, periodic jobs and
  * heartbeats (cli_worker.c); `loom worker` and `loom dev` both run them. */
 typedef struct cli_worker_parts {
     loom_worker_t *worker;
     loom_periodic_t *periodic;
+    loom_tasks_t *tasks; /* the headless tasks (cli_worker_tasks_start) */
     loom_node_t *node;
 } cli_worker_parts_t;
 
@@ -56,6 +60,9 @@ int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
                            loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
                            const char *role, const char *url, cli_worker_parts_t *parts);
 void cli_worker_parts_stop(cli_worker_parts_t *parts);
+/* The app's headless tasks, as part of the worker (cli_run.c). */
+int cli_worker_tasks_start(cli_ctx_t *ctx, loom_db_pool_t *pool, loom_producer_t *producer,
+                           cli_worker_parts_t *parts, loom_error_t *err);
 
 /* The gateway's producer (a short linger, a bounded wait for the broker)
  * and the gateway on LOOM_API_* (threads, limits, tokens), as `loom api`

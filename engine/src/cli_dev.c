@@ -334,6 +334,10 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
         printf("  worker      %zu consumer%s, %zu periodic job%s, outbox relay\n",
                ctx->app->n_consumers, ctx->app->n_consumers == 1 ? "" : "s", ctx->app->n_jobs,
                ctx->app->n_jobs == 1 ? "" : "s");
+        if (ctx->app->n_tasks || ctx->app->n_oneshots)
+            printf("  tasks       %zu headless task%s, %zu oneshot job%s ('%s run --list')\n",
+                   ctx->app->n_tasks, ctx->app->n_tasks == 1 ? "" : "s", ctx->app->n_oneshots,
+                   ctx->app->n_oneshots == 1 ? "" : "s", ctx->app->name);
         print_examples(ctx->app, token, api_url);
         printf("Press Ctrl-C to stop.\n");
         fflush(stdout);

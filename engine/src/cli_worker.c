@@ -66,6 +66,10 @@ int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
         cli_worker_parts_stop(parts);
         return cli_fail(cmd, "%s", err.message);
     }
+    if (cli_worker_tasks_start(ctx, pool, producer, parts, &err) != 0) {
+        cli_worker_parts_stop(parts);
+        return cli_fail(cmd, "%s", err.message);
+    }
     for (size_t i = 0; i < ctx->app->n_consumers; i++)
         LOOM_INFO("running consumer", "consumer=%s", ctx->app->consumers[i].name);
     for (size_t i = 0; i < ctx->app->n_jobs; i++)
@@ -75,6 +79,7 @@ int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
 
 void cli_worker_parts_stop(cli_worker_parts_t *parts)
 {
+    loom_tasks_stop(parts->tasks);
     loom_periodic_stop(parts->periodic);
     if (parts->worker) {
         loom_worker_stats_t st;

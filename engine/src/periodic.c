@@ -6,6 +6,7 @@
  * same on Postgres and CockroachDB (no advisory locks).
  */
 #include "loom/periodic.h"
+#include "loom/task_runner.h"
 #include "loom/clock.h"
 #include "loom/log.h"
 #include "loom/mem.h"
@@ -81,28 +82,7 @@ loom_db_pool_t *loom_job_pool(const loom_job_ctx_t *ctx)
 int loom_job_publish(loom_job_ctx_t *ctx, const char *type, const char *key, json_t *data,
                      loom_error_t *err)
 {
-    const loom_config_t *cfg = ctx->p->opts.cfg;
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, cfg ? cfg->site_name : "local", cfg ? cfg->node_id : "node", type);
-    char *text = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
-    json_decref(data);
-    ce.data = text;
-    ce.data_len = strlen(text);
-    char topic[256];
-    loom_topic_for_command(type, topic, sizeof(topic));
-    const char *k = key ? key : ce.id;
-    loom_delivery_t d;
-    loom_delivery_init(&d);
-    int rc = loom_producer_send(ctx->p->opts.producer, topic, k, strlen(k), &ce,
-                                loom_delivery_future_cb, &d, err);
-    if (rc == 0)
-        rc = loom_delivery_wait(&d, 30000, err);
-    loom_delivery_release(&d);
-    free(text);
-    loom_arena_release(&a);
-    return rc;
+    return loom_command_publish(ctx->p->opts.producer, ctx->p->opts.cfg, type, key, data, err);
 }
 
 static void *periodic_run(void *arg)

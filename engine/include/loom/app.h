@@ -41,6 +41,10 @@ typedef struct loom_app {
     size_t n_projections;
     const loom_route_t *routes;
     size_t n_routes;
+    const loom_task_def_t *tasks;
+    size_t n_tasks;
+    const loom_oneshot_def_t *oneshots;
+    size_t n_oneshots;
     void *built; /* what loom_app_build() allocated */
 } loom_app_t;
 
@@ -56,7 +60,8 @@ enum {
  * Fills the tables of app from the engine's service and app->services, in
  * that order, and declares the command routes of their consumers
  * (loom/topic.h). Refuses two services of one name, two migrations of one
- * version and a command routed to two topics, naming them. Release with
+ * version, two tasks or oneshot jobs of one name and a command routed to two
+ * topics, naming them. Release with
  * loom_app_release().
  */
 int loom_app_build(loom_app_t *app, loom_error_t *err);

@@ -30,6 +30,7 @@
 #include "loom/op.h"
 #include "loom/periodic.h"
 #include "loom/replay.h"
+#include "loom/task.h"
 
 #include <stddef.h>
 
@@ -56,6 +57,11 @@ typedef struct loom_service {
     const loom_config_var_t *config_vars;
     /* The service's own error codes (docs/errors.md lists them). */
     const loom_error_catalogue_t *errors;
+    /* Headless tasks: long-running work the worker starts and stops
+     * (loom/task.h; the empty entry has name NULL). */
+    const loom_task_def_t *tasks;
+    /* Oneshot jobs: named work run once per deployment by `loom run NAME`. */
+    const loom_oneshot_def_t *oneshots;
 } loom_service_t;
 
 /* The engine's own service; loom_main() adds it first. */

@@ -1,0 +1,1 @@
+DROP TABLE loom_oneshot_runs;
