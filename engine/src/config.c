@@ -32,6 +32,8 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_DATABASE_POOL_SIZE", LOOM_CFG_INT, "8", NULL, 1, 256, false, "connections per pool"},
     {"LOOM_WORKER_APPLY_THREADS", LOOM_CFG_INT, "4", NULL, 1, 64, false,
      "partitions each consumer applies at once, each in its own transaction and connection"},
+    {"LOOM_WORKER_LISTEN", LOOM_CFG_LISTEN, "127.0.0.1:9091", NULL, 0, 0, false,
+     "address(es) where `loom worker` serves /healthz, /readyz and /metrics, host:port[,...]"},
     {"LOOM_KAFKA_BROKERS", LOOM_CFG_BROKERS, NULL, NULL, 0, 0, false,
      "Kafka bootstrap servers host:port[,host:port]; `loom dev` embeds a cluster when unset"},
     {"LOOM_KAFKA_PARTITIONS", LOOM_CFG_INT, "12", NULL, 1, 10000, false,

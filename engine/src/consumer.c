@@ -370,6 +370,32 @@ static const char *msg_id(loom_msg_t *m)
     return m->fallback_id;
 }
 
+/* A ray id for log lines: printable id characters only, so a hostile header
+ * cannot forge log fields; "-" when there is none. */
+static const char *msg_ray(const loom_msg_t *m)
+{
+    const char *r = m->decoded ? m->ce.rayid : NULL;
+    size_t n = r ? strspn(r, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                             "._:/+=-")
+                 : 0;
+    return r && n > 0 && n <= 128 && r[n] == '\0' ? r : "-";
+}
+
+/* The W3C trace context (version-traceid-parentid-flags, lower-case hex), or
+ * NULL when absent or malformed: only a well-formed one is stored and logged. */
+static const char *msg_traceparent(const loom_msg_t *m)
+{
+    const char *t = m->decoded ? m->ce.traceparent : NULL;
+    if (!t || strlen(t) != 55)
+        return NULL;
+    for (int i = 0; i < 55; i++) {
+        bool dash = i == 2 || i == 35 || i == 52;
+        if (dash ? t[i] != '-' : !strchr("0123456789abcdef", t[i]) || !t[i])
+            return NULL;
+    }
+    return t;
+}
+
 static const loom_db_stmt_t stmt_dedup = {
     "loom_commands_dedup",
     "SELECT message_id FROM loom_commands WHERE consumer = $1 AND message_id = ANY($2::text[]) "
@@ -379,17 +405,17 @@ static const loom_db_stmt_t stmt_dedup = {
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray "
+    "kafka_offset, status, attempts, result, ray_id, traceparent) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.tp "
     "FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
-    "$10::text[]) AS u(m, t, s, o, a, r, ray) "
+    "$10::text[], $11::text[]) AS u(m, t, s, o, a, r, ray, tp) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
-    "updated_at = now() "
+    "traceparent = EXCLUDED.traceparent, updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    10};
+    11};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -430,9 +456,9 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-                    rays = {0};
-    loom_db_array_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays};
-    for (size_t i = 0; i < 7; i++)
+                    rays = {0}, tps = {0};
+    loom_db_array_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays, &tps};
+    for (size_t i = 0; i < 8; i++)
         loom_db_array_reset(all[i]);
     size_t expected = 0;
     for (size_t i = from; i < to; i++) {
@@ -449,6 +475,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&results, r);
         free(r);
         loom_db_array_add(&rays, m->ce.rayid);
+        loom_db_array_add(&tps, msg_traceparent(m));
     }
     int rc = 0;
     /* Everything but the loom_commands INSERT is deferred: they all go to
@@ -492,7 +519,8 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&offs),
                            loom_db_array_str(&atts),
                            loom_db_array_str(&results),
-                           loom_db_array_str(&rays)};
+                           loom_db_array_str(&rays),
+                           loom_db_array_str(&tps)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -508,7 +536,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         strstr(err->message, "loom_events_pkey"))
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                             "event stream written concurrently: %s", err->message);
-    for (size_t i = 0; i < 7; i++)
+    for (size_t i = 0; i < 8; i++)
         loom_db_array_free(all[i]);
     return rc;
 }
@@ -657,8 +685,9 @@ static void record(batch_t *b, loom_msg_t *m, const char *status, const char *er
     loom_error_t err;
     loom_tx_opts_t o = {.max_attempts = 2};
     if (loom_tx_run(b->wc->w->opts.pool, &o, record_body, &r, &err) != 0)
-        LOOM_WARN("could not record command status", "consumer=%s message_id=%s status=%s error=%s",
-                  b->wc->def->name, msg_id(m), status, err.message);
+        LOOM_WARN("could not record command status",
+                  "consumer=%s message_id=%s ray_id=%s status=%s error=%s", b->wc->def->name,
+                  msg_id(m), msg_ray(m), status, err.message);
 }
 
 /* ---- metrics ------------------------------------------------------------------------ */
@@ -928,8 +957,9 @@ static void commit_offsets(consumer_rt_t *rt, bool sync)
 }
 
 /* Rewinds a partition to `offset` and pauses it until the backoff is over. */
-static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const char *why)
+static void part_hold(consumer_rt_t *rt, part_state_t *ps, loom_msg_t *m, const char *why)
 {
+    int64_t offset = m->rkm->offset;
     loom_worker_t *w = rt->wc->w;
     if (ps->retry_offset == offset)
         ps->attempts++;
@@ -953,10 +983,10 @@ static void part_hold(consumer_rt_t *rt, part_state_t *ps, int64_t offset, const
     }
     rd_kafka_topic_partition_list_destroy(l);
     LOOM_WARN("command failed, will retry",
-              "consumer=%s topic=%s partition=%d offset=%lld "
+              "consumer=%s topic=%s partition=%d offset=%lld message_id=%s ray_id=%s "
               "attempt=%d retry_in_ms=%lld error=%s",
-              rt->wc->def->name, ps->topic, ps->partition, (long long)offset, ps->attempts,
-              (long long)delay, why);
+              rt->wc->def->name, ps->topic, ps->partition, (long long)offset, msg_id(m), msg_ray(m),
+              ps->attempts, (long long)delay, why);
 }
 
 static void part_resume_due(consumer_rt_t *rt)
@@ -990,6 +1020,23 @@ static bool is_permanent(const loom_error_t *e)
     }
 }
 
+/* One debug line per command applied or skipped, with its ray id and trace
+ * context, so a request can be followed into the worker's log. */
+static void log_applied(batch_t *b, size_t from, size_t to)
+{
+    if (loom_log_level > LOOM_LOG_DEBUG)
+        return;
+    for (size_t i = from; i < to; i++) {
+        loom_msg_t *m = &b->msgs[i];
+        const char *tp = msg_traceparent(m);
+        LOOM_DEBUG(m->done ? "command skipped: already handled" : "command applied",
+                   "consumer=%s topic=%s partition=%d offset=%lld message_id=%s ray_id=%s "
+                   "traceparent=%s",
+                   b->wc->def->name, rd_kafka_topic_name(m->rkm->rkt), (int)m->rkm->partition,
+                   (long long)m->rkm->offset, msg_id(m), msg_ray(m), tp ? tp : "-");
+    }
+}
+
 /* Applies msgs (all of one partition, in offset order). */
 static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
 {
@@ -1011,6 +1058,7 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
         atomic_fetch_add(&w->skipped, (long long)done);
         count(wc, ps->topic, "applied", (long long)(b->n - done));
         count(wc, ps->topic, "skipped", (long long)done);
+        log_applied(b, 0, b->n);
         ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
         ps->retry_offset = -1;
         ps->attempts = 0;
@@ -1022,8 +1070,8 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
             record(b, m, "rejected", a.herr.message);
             atomic_fetch_add(&w->rejected, 1);
             count(wc, ps->topic, "rejected", 1);
-            LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
-                      wc->def->name, msg_id(m), a.herr.code, a.herr.message);
+            LOOM_WARN("command rejected", "consumer=%s message_id=%s ray_id=%s code=%s error=%s",
+                      wc->def->name, msg_id(m), msg_ray(m), a.herr.code, a.herr.message);
             ps->commit_offset = b->msgs[b->n - 1].rkm->offset + 1;
             ps->retry_offset = -1;
             return;
@@ -1031,7 +1079,7 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
         /* Transient: hold the partition at the first message not applied. */
         loom_msg_t *m = &b->msgs[a.handler_failed ? a.failed : 0];
         record(b, m, "retrying", err.message);
-        part_hold(rt, ps, m->rkm->offset, err.message);
+        part_hold(rt, ps, m, err.message);
         return;
     }
     /* Isolate: one message at a time. */
@@ -1047,6 +1095,7 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
             atomic_fetch_add(&w->applied, m->done ? 0 : 1);
             atomic_fetch_add(&w->skipped, m->done ? 1 : 0);
             count(wc, ps->topic, m->done ? "skipped" : "applied", 1);
+            log_applied(b, i, i + 1);
             ps->commit_offset = m->rkm->offset + 1;
             continue;
         }
@@ -1054,13 +1103,13 @@ static void apply_partition(consumer_rt_t *rt, batch_t *b, part_state_t *ps)
             record(b, m, "rejected", one.herr.message);
             atomic_fetch_add(&w->rejected, 1);
             count(wc, ps->topic, "rejected", 1);
-            LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s",
-                      wc->def->name, msg_id(m), one.herr.code, one.herr.message);
+            LOOM_WARN("command rejected", "consumer=%s message_id=%s ray_id=%s code=%s error=%s",
+                      wc->def->name, msg_id(m), msg_ray(m), one.herr.code, one.herr.message);
             ps->commit_offset = m->rkm->offset + 1;
             continue;
         }
         record(b, m, "retrying", err.message);
-        part_hold(rt, ps, m->rkm->offset, err.message);
+        part_hold(rt, ps, m, err.message);
         return;
     }
     ps->retry_offset = -1;
@@ -1153,8 +1202,9 @@ static void check_stalls(consumer_rt_t *rt)
         int64_t lo = 0, hi = 0;
         bool idle = !ps->paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
         /* Cached watermarks are free; an idle partition gets a fresh answer
-         * while the budget lasts. */
-        bool ask = idle && loom_mono_ms() < budget_end;
+         * while the budget lasts, and so does a paused one (it fetches
+         * nothing, so its cached watermark does not move). */
+        bool ask = (idle || ps->paused) && loom_mono_ms() < budget_end;
         rd_kafka_resp_err_t e =
             ask ? rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi,
                                                    STALL_QUERY_TIMEOUT_MS)
@@ -1205,8 +1255,15 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
         LOOM_INFO("partitions assigned", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
     } else {
         commit_offsets(rt, true);
-        for (int i = 0; i < parts->cnt; i++)
+        for (int i = 0; i < parts->cnt; i++) {
             part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
+            /* Its next owner reports its lag now. */
+            char part[16];
+            snprintf(part, sizeof(part), "%d", (int)parts->elems[i].partition);
+            const char *labels[] = {rt->wc->def->name, parts->elems[i].topic, part};
+            if (rt->wc->w->m_lag)
+                loom_metrics_gauge_set(rt->wc->w->m_lag, labels, 0);
+        }
         rd_kafka_assign(rk, NULL);
         LOOM_INFO("partitions revoked", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
     }

@@ -23,6 +23,7 @@ static const case_t cases[] = {
     {"LOOM_DATABASE_READ_URL", "host=replica port=5432 dbname=loom", "host=a bogus_key=1", "libpq"},
     {"LOOM_DATABASE_POOL_SIZE", "16", "0", "from 1 to 256"},
     {"LOOM_WORKER_APPLY_THREADS", "2", "65", "from 1 to 64"},
+    {"LOOM_WORKER_LISTEN", "0.0.0.0:9091", "9091", "host:port"},
     {"LOOM_KAFKA_BROKERS", "127.0.0.1:9092,kafka-2:9093", "kafka:", "host:port"},
     {"LOOM_KAFKA_PARTITIONS", "24", "twelve", "from 1 to 10000"},
     {"LOOM_TOPIC_PREFIX", "staging-eu", "Staging.EU", "a-z, 0-9"},
