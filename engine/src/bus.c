@@ -35,8 +35,11 @@ int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *e
         return loom_error_set(err, LOOM_CODE_QUEUE_FULL, "could not %s: local queue full", what);
     case RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
     case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
-    case RD_KAFKA_RESP_ERR__INVALID_ARG:
     case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+        /* The producer's or the topic's limit: sending again cannot help. */
+        return loom_error_set(err, LOOM_CODE_PAYLOAD_TOO_LARGE, "could not %s: %s", what,
+                              rd_kafka_err2str(kerr));
+    case RD_KAFKA_RESP_ERR__INVALID_ARG:
     case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "could not %s: %s", what,
                               rd_kafka_err2str(kerr));

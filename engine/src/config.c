@@ -45,7 +45,9 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_API_THREADS", LOOM_CFG_INT, "0", NULL, 0, 64, false,
      "event loops of the HTTP gateway, one thread each; 0: one per core"},
     {"LOOM_API_MAX_BODY", LOOM_CFG_INT, "4194304", NULL, 1024, 1073741824, false,
-     "largest request body the gateway accepts, in bytes (413 beyond)"},
+     "largest request body the gateway accepts, in bytes (413 beyond); a command must also fit "
+     "its topic's max.message.bytes (10 MiB on topics `loom migrate up` creates, 1 MiB on a "
+     "stock broker's), else 413 too"},
     {"LOOM_API_MAX_CONNECTIONS", LOOM_CFG_INT, "10000", NULL, 1, 1000000, false,
      "open connections the gateway holds (503 beyond)"},
     {"LOOM_API_HEADER_TIMEOUT", LOOM_CFG_DURATION, "10s", NULL, 100, 3600 * 1000LL, false,
