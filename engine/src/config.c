@@ -38,6 +38,12 @@ const loom_config_var_t loom_config_engine_vars[] = {
      "Kafka bootstrap servers host:port[,host:port]; `loom dev` embeds a cluster when unset"},
     {"LOOM_KAFKA_PARTITIONS", LOOM_CFG_INT, "12", NULL, 1, 10000, false,
      "partitions of the topics `loom migrate up` creates"},
+    {"LOOM_KAFKA_REPLICATION_FACTOR", LOOM_CFG_INT, "0", NULL, 0, 32, false,
+     "replicas of each topic `loom migrate up` creates; 0: the broker's "
+     "default.replication.factor"},
+    {"LOOM_KAFKA_MIN_INSYNC_REPLICAS", LOOM_CFG_INT, "0", NULL, 0, 32, false,
+     "min.insync.replicas of the topics `loom migrate up` creates (acks=all writes need that many "
+     "replicas); 0: the broker's default"},
     {"LOOM_TOPIC_PREFIX", LOOM_CFG_NAME, "loom", NULL, 0, 0, false,
      "first part of every topic name: <prefix>.cmd.<service>.<command>, <prefix>.evt..."},
     {"LOOM_API_LISTEN", LOOM_CFG_LISTEN, "127.0.0.1:8080", NULL, 0, 0, false,

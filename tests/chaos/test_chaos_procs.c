@@ -10,6 +10,12 @@
  *                      killed, then started again on its data and port
  *   gateway_kill       `loom api` killed with SIGKILL while clients write
  *                      with Idempotency-Key and retry
+ *   kafka_cluster_*    a 3-node KRaft cluster (scripts/kafka-cluster), topic
+ *                      with replication factor 3 and min.insync.replicas 2
+ *                      made by `loom migrate up`: the leader of partition 0
+ *                      killed with SIGKILL (CTest runs this one, once), the
+ *                      active controller killed, every node restarted in turn
+ *                      (the long run only)
  *
  * Afterwards every command acknowledged to its sender must be applied exactly
  * once (counts per id and a checksum of the amounts) and the system must
@@ -224,7 +230,9 @@ static void worker_start(proc_t *w, const char *dir, int n, const char *url, con
     snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", url);
     snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
     snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", suffix);
-    const char *env[] = {e1, e2, e3, "LOOM_DATABASE_POOL_SIZE=4", NULL};
+    /* Several workers on one machine: each serves /metrics on a port of its own. */
+    const char *env[] = {e1,  e2, e3, "LOOM_DATABASE_POOL_SIZE=4", "LOOM_WORKER_LISTEN=127.0.0.1:0",
+                         NULL};
     const char *argv[] = {loom_test_app_bin(), "worker", NULL};
     snprintf(w->log, sizeof(w->log), "%s/worker-%d.log", dir, n);
     w->pid = loom_test_spawn_logged(argv, env, w->log);
@@ -1244,4 +1252,309 @@ Test(chaos, gateway_kill, .timeout = 7200, .fini = cleanup)
     proc_stop(&worker, "loom worker");
     pthread_mutex_destroy(&run.mu);
     scratch_remove(dir);
+}
+
+/* ---- 5. a 3-broker Kafka cluster: leader, controller, rolling restart ---------------- */
+
+/* The cluster (scripts/kafka-cluster) of the running scenario, stopped by
+ * cluster_cleanup() when a test fails half-way. */
+static char live_cluster_dir[300];
+
+static const char *cluster_script(void)
+{
+    return LOOM_CHAOS_SOURCE_DIR "/scripts/kafka-cluster";
+}
+
+/* Runs `kafka-cluster CMD KDIR [ARG]`; returns its stdout's first line (new
+ * string) or aborts with its stderr. */
+static char *cluster(const char *kdir, const char *cmd, const char *arg)
+{
+    const char *argv[] = {cluster_script(), cmd, kdir, arg, NULL};
+    char *out = NULL, *errs = NULL;
+    int rc = loom_test_run(argv, NULL, &out, &errs);
+    cr_assert_eq(rc, 0, "kafka-cluster %s %s: %s", cmd, arg ? arg : "", errs);
+    free(errs);
+    char *last = out, *nl;
+    /* `start` prints its bootstrap list last. */
+    while ((nl = strchr(last, '\n')) && nl[1])
+        last = nl + 1;
+    last[strcspn(last, "\n")] = '\0';
+    char *r = loom_xstrdup(last);
+    free(out);
+    return r;
+}
+
+static void cluster_cleanup(void)
+{
+    cleanup();
+    if (live_cluster_dir[0]) {
+        char cmd[700];
+        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", cluster_script(),
+                 live_cluster_dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not stop the cluster in %s\n", live_cluster_dir);
+        live_cluster_dir[0] = '\0';
+    }
+}
+
+/* A topic's configuration value from the brokers (DescribeConfigs; new string). */
+static char *topic_config(const char *brokers, const char *topic, const char *name)
+{
+    char errbuf[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "bootstrap.servers", brokers, errbuf, sizeof(errbuf));
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));
+    cr_assert_not_null(rk, "%s", errbuf);
+    rd_kafka_ConfigResource_t *cr = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    rd_kafka_DescribeConfigs(rk, &cr, 1, NULL, q);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 30000);
+    char *value = loom_xstrdup("?");
+    if (ev && !rd_kafka_event_error(ev)) {
+        size_t n = 0;
+        const rd_kafka_ConfigResource_t **rs = rd_kafka_DescribeConfigs_result_resources(
+            rd_kafka_event_DescribeConfigs_result(ev), &n);
+        for (size_t i = 0; i < n; i++) {
+            size_t ne = 0;
+            const rd_kafka_ConfigEntry_t **es = rd_kafka_ConfigResource_configs(rs[i], &ne);
+            for (size_t k = 0; k < ne; k++)
+                if (strcmp(rd_kafka_ConfigEntry_name(es[k]), name) == 0 &&
+                    rd_kafka_ConfigEntry_value(es[k])) {
+                    free(value);
+                    value = loom_xstrdup(rd_kafka_ConfigEntry_value(es[k]));
+                }
+        }
+    }
+    if (ev)
+        rd_kafka_event_destroy(ev);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_ConfigResource_destroy(cr);
+    rd_kafka_destroy(rk);
+    return value;
+}
+
+/* Replicas of partition 0 as kcat reports them ("1,2,3"; new string). */
+static char *replicas_of(const char *brokers, const char *topic)
+{
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd),
+             "kcat -L -b %s -t %s -m 10 2>/dev/null | awk '$1 == \"partition\" && $2 == \"0,\" "
+             "{ for (i = 1; i <= NF; i++) if ($i == \"replicas:\") { print $(i + 1); exit } }'",
+             brokers, topic);
+    FILE *f = popen(cmd, "r");
+    char line[128] = "";
+    if (!f || !fgets(line, sizeof(line), f))
+        line[0] = '\0';
+    if (f)
+        pclose(f);
+    line[strcspn(line, "\n")] = '\0';
+    size_t n = strlen(line);
+    if (n > 0 && line[n - 1] == ',') /* kcat ends the list with a comma */
+        line[n - 1] = '\0';
+    return loom_xstrdup(line);
+}
+
+/* Waits until every partition applied a command acknowledged after the
+ * fault (acked_at_fault: the highest acknowledged offsets then): the
+ * producer, the brokers and the workers all work again, end to end. Returns
+ * the milliseconds since `since`, -1 after timeout_ms. */
+static long long wait_partitions_moving(const char *url, int parts, const int64_t *acked_at_fault,
+                                        int64_t since, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    while (loom_mono_ms() < end) {
+        int64_t cur[MAX_PARTS];
+        if (applied_max(url, parts, cur)) {
+            bool all = true;
+            for (int p = 0; p < parts && all; p++)
+                all = cur[p] > acked_at_fault[p];
+            if (all)
+                return loom_mono_ms() - since;
+        }
+        loom_sleep_ms(100);
+    }
+    return -1;
+}
+
+typedef enum { CL_LEADER, CL_CONTROLLER, CL_ROLLING } cluster_fault_t;
+
+/*
+ * Commands flow from an idempotent producer (acks=all) to two workers over a
+ * 3-node cluster whose topic `loom migrate up` created with replication
+ * factor 3 and min.insync.replicas 2; meanwhile a node is killed with SIGKILL
+ * (the leader of partition 0, or the active controller) and started again,
+ * or every node is restarted in turn. Every acknowledged command must be
+ * applied exactly once; the recovery time is from the fault until every
+ * partition applies again.
+ */
+static void cluster_scenario(cluster_fault_t kind)
+{
+    static const char *names[] = {"kafka_cluster_leader_kill9", "kafka_cluster_controller_kill9",
+                                  "kafka_cluster_rolling_restart"};
+    bool lg = is_long();
+    const int parts = 6;
+    const int rate = lg ? 200 : 150;
+    const int faults = kind == CL_ROLLING ? 3 : lg ? 3 : 1;
+    const int gap_ms = lg ? 15000 : 6000;
+    char dir[128], kdir[200];
+    scratch_dir("cluster", dir, sizeof(dir));
+    snprintf(kdir, sizeof(kdir), "%s/kafka", dir);
+    int64_t t0 = loom_mono_ms();
+    char *brokers = cluster(kdir, "start", NULL);
+    snprintf(live_cluster_dir, sizeof(live_cluster_dir), "%s", kdir);
+    long long start_ms = loom_mono_ms() - t0;
+
+    /* The schema and the topic, as an operator would make them. */
+    ledger_t l;
+    ledger_names(&l);
+    loom_test_db_create(l.url, sizeof(l.url));
+    char e1[800], e2[300], e3[128];
+    snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", l.url);
+    snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
+    snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", l.suffix);
+    const char *env[] = {e1,
+                         e2,
+                         e3,
+                         "LOOM_KAFKA_PARTITIONS=6",
+                         "LOOM_KAFKA_REPLICATION_FACTOR=3",
+                         "LOOM_KAFKA_MIN_INSYNC_REPLICAS=2",
+                         NULL};
+    const char *mig[] = {loom_test_app_bin(), "migrate", "up", NULL};
+    char *out = NULL, *errs = NULL;
+    cr_assert_eq(loom_test_run(mig, env, &out, &errs), 0, "migrate up: %s", errs);
+    free(out);
+    free(errs);
+    loom_test_sql(l.url, "CREATE INDEX ON test_ledger (kafka_partition, kafka_offset)");
+    char *reps = NULL;
+    for (int i = 0; i < 50; i++) {
+        free(reps);
+        reps = replicas_of(brokers, l.topic);
+        if (strlen(reps) == 5)
+            break;
+        loom_sleep_ms(200);
+    }
+    cr_assert_eq(strlen(reps), 5, "partition 0 of %s has replicas '%s', want three", l.topic, reps);
+    char *isr = topic_config(brokers, l.topic, "min.insync.replicas");
+    cr_assert_str_eq(isr, "2", "min.insync.replicas of %s", l.topic);
+    free(isr);
+    free(reps);
+
+    proc_t w[2];
+    for (int k = 0; k < 2; k++)
+        worker_start(&w[k], dir, k, l.url, brokers, l.suffix);
+    int64_t end = loom_mono_ms() + 120000;
+    while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
+        loom_sleep_ms(100);
+
+    stream_t s;
+    stream_start(&s, brokers, l.topic, "cl", 400000, rate);
+    long long max_recovery = 0, sum_recovery = 0, max_back = 0;
+    int done = 0;
+    char victims[64] = "";
+    int64_t next_fault = loom_mono_ms() + gap_ms;
+    for (int f = 0; f < faults; f++) {
+        sleep_until(next_fault);
+        cr_assert_gt(count_applied(l.url), 0, "nothing applied before the fault (logs: %s)", dir);
+        char node[8];
+        if (kind == CL_ROLLING) {
+            snprintf(node, sizeof(node), "%d", f + 1);
+        } else {
+            char *v = NULL;
+            if (kind == CL_LEADER) {
+                const char *argv[] = {cluster_script(), "leader", kdir, l.topic, "0", NULL};
+                char *e = NULL;
+                cr_assert_eq(loom_test_run(argv, NULL, &v, &e), 0, "leader: %s", e);
+                v[strcspn(v, "\n")] = '\0';
+                free(e);
+            } else {
+                v = cluster(kdir, "controller", NULL);
+            }
+            snprintf(node, sizeof(node), "%s", v);
+            free(v);
+        }
+        int64_t fault_at = loom_mono_ms();
+        free(cluster(kdir, kind == CL_ROLLING ? "stop-node" : "kill", node));
+        /* What was acknowledged until the node was gone: recovered once every
+         * partition applies something acknowledged after that. */
+        int64_t at_fault[MAX_PARTS];
+        pthread_mutex_lock(&s.mu);
+        memcpy(at_fault, s.acked_max, sizeof(at_fault));
+        pthread_mutex_unlock(&s.mu);
+        done++;
+        snprintf(victims + strlen(victims), sizeof(victims) - strlen(victims), "%s%s",
+                 victims[0] ? "/" : "", node);
+        long long rec = wait_partitions_moving(l.url, parts, at_fault, fault_at, 180000);
+        cr_assert_geq(rec, 0, "fault %d (node %s): partitions did not move within 180 s (logs %s)",
+                      done, node, dir);
+        if (rec > max_recovery)
+            max_recovery = rec;
+        sum_recovery += rec;
+        printf("%s %d: node %s, partitions applying again after %lld ms\n", names[kind], done, node,
+               rec);
+        /* The short run ends on two nodes: a restart costs it half a minute. */
+        if (!lg && kind != CL_ROLLING && f == faults - 1)
+            break;
+        /* Node back: the next fault finds a full cluster again. */
+        int64_t back_at = loom_mono_ms();
+        free(cluster(kdir, "start-node", node));
+        /* Back in sync (no under-replicated partition) before the next fault,
+         * as a careful operator does. */
+        const char *wi[] = {cluster_script(), "wait-isr", kdir, l.topic, NULL};
+        char *wo = NULL, *we = NULL;
+        cr_assert_eq(loom_test_run(wi, NULL, &wo, &we), 0, "wait-isr: %s", we);
+        free(wo);
+        free(we);
+        long long back = loom_mono_ms() - back_at;
+        if (back > max_back)
+            max_back = back;
+        cr_log_info("%s %d: node %s down; every partition applying again after %lld ms; node "
+                    "back and in sync in %lld ms",
+                    names[kind], done, node, rec, back);
+        next_fault = loom_mono_ms() + (kind == CL_ROLLING ? gap_ms / 2 : gap_ms);
+    }
+    loom_sleep_ms(3000);
+    atomic_store(&s.stop, true);
+    stream_finish(&s, 300000);
+    tally_t t;
+    tally_when_settled(l.url, &s, &t, 300000);
+    result_t r = {.scenario = names[kind], .faults = done, .recovery_ms = max_recovery};
+    result_from_tally(&r, &s, &t);
+    extra_add(&r, "nodes=3");
+    extra_add(&r, "rf=3");
+    extra_add(&r, "min_isr=2");
+    extra_add(&r, "victims=%s", victims);
+    extra_add(&r, "mean_recovery_ms=%lld", done ? sum_recovery / done : 0);
+    extra_add(&r, "node_back_ms_max=%lld", max_back);
+    extra_add(&r, "send_failed=%d", atomic_load(&s.failed));
+    extra_add(&r, "cluster_start_ms=%lld", start_ms);
+    report(&r);
+    assert_exactly_once(&r, &t, dir);
+    for (int k = 0; k < 2; k++)
+        proc_stop(&w[k], "worker");
+    stream_free(&s);
+    free(brokers);
+    free(cluster(kdir, "stop", NULL));
+    live_cluster_dir[0] = '\0';
+    scratch_remove(dir);
+}
+
+/* The one cluster scenario CTest runs (about a minute); the others run in
+ * the long run (tests/chaos/run --long). */
+Test(chaos, kafka_cluster_leader_kill9, .timeout = 7200, .fini = cluster_cleanup)
+{
+    cluster_scenario(CL_LEADER);
+}
+
+Test(chaos, kafka_cluster_controller_kill9, .timeout = 7200, .fini = cluster_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    cluster_scenario(CL_CONTROLLER);
+}
+
+Test(chaos, kafka_cluster_rolling_restart, .timeout = 7200, .fini = cluster_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    cluster_scenario(CL_ROLLING);
 }

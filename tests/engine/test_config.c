@@ -26,6 +26,8 @@ static const case_t cases[] = {
     {"LOOM_WORKER_LISTEN", "0.0.0.0:9091", "9091", "host:port"},
     {"LOOM_KAFKA_BROKERS", "127.0.0.1:9092,kafka-2:9093", "kafka:", "host:port"},
     {"LOOM_KAFKA_PARTITIONS", "24", "twelve", "from 1 to 10000"},
+    {"LOOM_KAFKA_REPLICATION_FACTOR", "3", "-1", "from 0 to 32"},
+    {"LOOM_KAFKA_MIN_INSYNC_REPLICAS", "2", "33", "from 0 to 32"},
     {"LOOM_TOPIC_PREFIX", "staging-eu", "Staging.EU", "a-z, 0-9"},
     {"LOOM_API_LISTEN", "0.0.0.0:8080,[::1]:8081", "localhost:99999", "host:port"},
     {"LOOM_API_THREADS", "4", "-1", "from 0 to 64"},
