@@ -222,21 +222,28 @@ typedef struct proc {
     char log[300];
 } proc_t;
 
-/* `loom_test_app worker` (consumer test.ledger.<suffix>) logging to dir/worker-<n>.log. */
-static void worker_start(proc_t *w, const char *dir, int n, const char *url, const char *brokers,
-                         const char *suffix)
+/* `loom_test_app worker` (consumer test.ledger.<suffix>) logging to
+ * dir/worker-<n>.log, serving /readyz and /metrics on 127.0.0.1:port (0: a
+ * free port: several workers run on one machine). */
+static void worker_start_on(proc_t *w, const char *dir, int n, const char *url, const char *brokers,
+                            const char *suffix, int port)
 {
-    char e1[600], e2[300], e3[128];
+    char e1[600], e2[300], e3[128], e4[64];
     snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", url);
     snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
     snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", suffix);
-    /* Several workers on one machine: each serves /metrics on a port of its own. */
-    const char *env[] = {e1,  e2, e3, "LOOM_DATABASE_POOL_SIZE=4", "LOOM_WORKER_LISTEN=127.0.0.1:0",
-                         NULL};
+    snprintf(e4, sizeof(e4), "LOOM_WORKER_LISTEN=127.0.0.1:%d", port);
+    const char *env[] = {e1, e2, e3, "LOOM_DATABASE_POOL_SIZE=4", e4, NULL};
     const char *argv[] = {loom_test_app_bin(), "worker", NULL};
     snprintf(w->log, sizeof(w->log), "%s/worker-%d.log", dir, n);
     w->pid = loom_test_spawn_logged(argv, env, w->log);
     track(w->pid, true);
+}
+
+static void worker_start(proc_t *w, const char *dir, int n, const char *url, const char *brokers,
+                         const char *suffix)
+{
+    worker_start_on(w, dir, n, url, brokers, suffix, 0);
 }
 
 /* SIGKILL and reap; a process that had already died on its own (a crash, a
@@ -1557,4 +1564,201 @@ Test(chaos, kafka_cluster_rolling_restart, .timeout = 7200, .fini = cluster_clea
     if (!is_long())
         cr_skip_test("long run only (tests/chaos/run --long)");
     cluster_scenario(CL_ROLLING);
+}
+
+/* ---- 6. PostgreSQL with automatic failover (Patroni): the primary killed ------------- */
+
+static char live_pgf_dir[300];
+
+static const char *pgf_script(void)
+{
+    return LOOM_CHAOS_SOURCE_DIR "/scripts/pg-failover";
+}
+
+/* Runs `pg-failover CMD DIR [ARG [ARG2]]`; its last stdout line (new string). */
+static char *pgf(const char *dir, const char *cmd, const char *arg, const char *arg2)
+{
+    const char *argv[] = {pgf_script(), cmd, dir, arg, arg2, NULL};
+    char *out = NULL, *errs = NULL;
+    int rc = loom_test_run(argv, NULL, &out, &errs);
+    cr_assert_eq(rc, 0, "pg-failover %s: %s", cmd, errs);
+    free(errs);
+    char *last = out, *nl;
+    while ((nl = strchr(last, '\n')) && nl[1])
+        last = nl + 1;
+    last[strcspn(last, "\n")] = '\0';
+    char *r = loom_xstrdup(last);
+    free(out);
+    return r;
+}
+
+static void pgf_cleanup(void)
+{
+    cleanup();
+    if (live_pgf_dir[0]) {
+        char cmd[700];
+        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", pgf_script(), live_pgf_dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not stop the cluster in %s\n", live_pgf_dir);
+        live_pgf_dir[0] = '\0';
+    }
+}
+
+static int readyz(int port)
+{
+    loom_test_http_conn_t *c = loom_test_http_try_open(port);
+    if (!c)
+        return -1;
+    loom_test_http_res_t res = {0};
+    int st = -1;
+    if (loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
+        loom_test_http_read(c, 10000, &res))
+        st = res.status;
+    loom_test_http_res_free(&res);
+    loom_test_http_close(c);
+    return st;
+}
+
+/* Polls a worker's /readyz until it answers want; ms since `since`, or -1. */
+static long long wait_readyz(int port, int want, int64_t since, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    while (loom_mono_ms() < end) {
+        if (readyz(port) == want)
+            return loom_mono_ms() - since;
+        loom_sleep_ms(100);
+    }
+    return -1;
+}
+
+/*
+ * Two workers on a Patroni pair (scripts/pg-failover) through a libpq
+ * multi-host URL with target_session_attrs=read-write, commands streaming;
+ * the primary machine is lost (SIGKILL of its Patroni, postmaster and
+ * backends at once), Patroni promotes the replica, the old primary rejoins.
+ * sync: synchronous_mode, every acknowledged command must be applied exactly
+ * once. async: asynchronous replication; what was lost is measured and
+ * reported, not asserted (docs/deployment.md says what it risks).
+ */
+static void pg_failover_scenario(bool sync)
+{
+    bool lg = is_long();
+    const int parts = 6, rate = 200, faults = lg ? 2 : 1, gap_ms = lg ? 15000 : 8000;
+    const char *scenario = sync ? "postgres_failover_sync" : "postgres_failover_async";
+    const char *brokers = loom_test_kafka_brokers();
+    char dir[128], pdir[200];
+    scratch_dir("pgf", dir, sizeof(dir));
+    snprintf(pdir, sizeof(pdir), "%s/pg", dir);
+    int64_t t0 = loom_mono_ms();
+    char *url = pgf(pdir, "start", sync ? "sync" : "async", NULL);
+    snprintf(live_pgf_dir, sizeof(live_pgf_dir), "%s", pdir);
+    long long start_ms = loom_mono_ms() - t0;
+
+    ledger_t l;
+    ledger_names(&l);
+    snprintf(l.url, sizeof(l.url), "%s", url);
+    loom_test_migrate_ledger(l.url);
+    loom_test_sql(l.url, "CREATE INDEX ON test_ledger (kafka_partition, kafka_offset)");
+    loom_test_kafka_topic(brokers, l.topic, parts);
+    int port = loom_free_port();
+    proc_t w[2];
+    worker_start_on(&w[0], dir, 0, l.url, brokers, l.suffix, port);
+    worker_start(&w[1], dir, 1, l.url, brokers, l.suffix);
+    cr_assert_geq(wait_readyz(port, 200, loom_mono_ms(), 60000), 0, "worker 0 never ready (%s)",
+                  w[0].log);
+    int64_t end = loom_mono_ms() + 120000;
+    while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
+        loom_sleep_ms(100);
+
+    stream_t s;
+    stream_start(&s, brokers, l.topic, "pf", 400000, rate);
+    long long max_recovery = 0, max_failover = 0, max_rejoin = 0, max_unready = 0;
+    long long not_ready_ms = -1;
+    int done = 0;
+    int64_t next_fault = loom_mono_ms() + gap_ms;
+    for (int f = 0; f < faults; f++) {
+        sleep_until(next_fault);
+        cr_assert_gt(count_applied(l.url), 0, "nothing applied before the fault (logs: %s)", dir);
+        int64_t fault_at = loom_mono_ms();
+        char *victim = pgf(pdir, "kill-primary", NULL, NULL);
+        int64_t at_fault[MAX_PARTS];
+        pthread_mutex_lock(&s.mu);
+        memcpy(at_fault, s.acked_max, sizeof(at_fault));
+        pthread_mutex_unlock(&s.mu);
+        done++;
+        /* The worker says so while there is no primary. */
+        long long unready = wait_readyz(port, 503, fault_at, 30000);
+        if (not_ready_ms < 0 || unready > not_ready_ms)
+            not_ready_ms = unready;
+        char *now_primary = pgf(pdir, "wait-primary", "180", NULL);
+        long long failover = loom_mono_ms() - fault_at;
+        long long ready = wait_readyz(port, 200, fault_at, 180000);
+        cr_assert_geq(ready, 0, "worker 0 not ready again within 180 s of the failover (%s)",
+                      w[0].log);
+        long long rec = wait_partitions_moving(l.url, parts, at_fault, fault_at, 240000);
+        cr_assert_geq(rec, 0, "failover %d: partitions did not move within 240 s (logs %s)", done,
+                      dir);
+        int64_t back_at = loom_mono_ms();
+        free(pgf(pdir, "start-node", victim, NULL));
+        free(pgf(pdir, "wait-replica", "240", NULL));
+        long long rejoin = loom_mono_ms() - back_at;
+        if (failover > max_failover)
+            max_failover = failover;
+        if (rec > max_recovery)
+            max_recovery = rec;
+        if (rejoin > max_rejoin)
+            max_rejoin = rejoin;
+        if (ready > max_unready)
+            max_unready = ready;
+        printf("%s %d: %s killed, %s primary after %lld ms, worker not ready after %lld ms and "
+               "ready after %lld ms, every partition applying after %lld ms, old primary back as "
+               "a replica in %lld ms\n",
+               scenario, done, victim, now_primary, failover, unready, ready, rec, rejoin);
+        free(victim);
+        free(now_primary);
+        next_fault = loom_mono_ms() + gap_ms;
+    }
+    loom_sleep_ms(3000);
+    atomic_store(&s.stop, true);
+    stream_finish(&s, 300000);
+    tally_t t;
+    tally_when_settled(l.url, &s, &t, sync ? 300000 : 60000);
+    result_t r = {.scenario = scenario, .faults = done, .recovery_ms = max_recovery};
+    result_from_tally(&r, &s, &t);
+    extra_add(&r, "replication=%s", sync ? "synchronous" : "asynchronous");
+    extra_add(&r, "failover_ms_max=%lld", max_failover);
+    extra_add(&r, "worker_not_ready_after_ms=%lld", not_ready_ms);
+    extra_add(&r, "worker_ready_again_ms_max=%lld", max_unready);
+    extra_add(&r, "rejoin_ms_max=%lld", max_rejoin);
+    extra_add(&r, "cluster_start_ms=%lld", start_ms);
+    report(&r);
+    cr_assert_geq(not_ready_ms, 0, "worker 0's /readyz never said 503 during a failover");
+    if (sync) {
+        assert_exactly_once(&r, &t, dir);
+    } else {
+        cr_assert_eq(t.bad_ids, 0, "rows with a foreign id or a wrong amount (logs: %s)", dir);
+        cr_assert_eq(r.duplicated, 0, "%lld commands applied twice (logs: %s)", r.duplicated, dir);
+    }
+    for (int k = 0; k < 2; k++)
+        proc_stop(&w[k], "worker");
+    stream_free(&s);
+    free(url);
+    free(pgf(pdir, "stop", NULL, NULL));
+    live_pgf_dir[0] = '\0';
+    scratch_remove(dir);
+}
+
+/* Long run only: a Patroni pair takes about half a minute to start. */
+Test(chaos, postgres_failover_sync, .timeout = 7200, .fini = pgf_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    pg_failover_scenario(true);
+}
+
+Test(chaos, postgres_failover_async, .timeout = 7200, .fini = pgf_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    pg_failover_scenario(false);
 }
