@@ -1679,8 +1679,11 @@ static void pg_failover_scenario(bool sync)
     for (int f = 0; f < faults; f++) {
         sleep_until(next_fault);
         cr_assert_gt(count_applied(l.url), 0, "nothing applied before the fault (logs: %s)", dir);
+        /* Every second failover finds the replica 2 s behind (the primary's
+         * WAL sender held): what a busy replica or a slow link looks like. */
+        bool lagging = f % 2 == 1;
         int64_t fault_at = loom_mono_ms();
-        char *victim = pgf(pdir, "kill-primary", NULL, NULL);
+        char *victim = pgf(pdir, "kill-primary", lagging ? "2" : "0", NULL);
         int64_t at_fault[MAX_PARTS];
         pthread_mutex_lock(&s.mu);
         memcpy(at_fault, s.acked_max, sizeof(at_fault));
@@ -1710,10 +1713,12 @@ static void pg_failover_scenario(bool sync)
             max_rejoin = rejoin;
         if (ready > max_unready)
             max_unready = ready;
-        printf("%s %d: %s killed, %s primary after %lld ms, worker not ready after %lld ms and "
-               "ready after %lld ms, every partition applying after %lld ms, old primary back as "
-               "a replica in %lld ms\n",
-               scenario, done, victim, now_primary, failover, unready, ready, rec, rejoin);
+        printf("%s %d: %s killed%s, %s primary after %lld ms, worker not ready after %lld ms "
+               "and ready after %lld ms, every partition applying after %lld ms, old primary back "
+               "as a replica in %lld ms\n",
+               scenario, done, victim, lagging ? " (replica 2 s behind)" : "", now_primary,
+               failover, unready, ready, rec, rejoin);
+        fflush(stdout);
         free(victim);
         free(now_primary);
         next_fault = loom_mono_ms() + gap_ms;
@@ -1731,6 +1736,7 @@ static void pg_failover_scenario(bool sync)
     extra_add(&r, "worker_ready_again_ms_max=%lld", max_unready);
     extra_add(&r, "rejoin_ms_max=%lld", max_rejoin);
     extra_add(&r, "cluster_start_ms=%lld", start_ms);
+    extra_add(&r, "replica_behind_ms_on_even_faults=2000");
     report(&r);
     cr_assert_geq(not_ready_ms, 0, "worker 0's /readyz never said 503 during a failover");
     if (sync) {
