@@ -174,9 +174,12 @@ static void *status_thread(void *arg)
         status_check_db(st, &db_ok, db, sizeof(db));
         status_check_kafka(st, &kafka_ok, kafka, sizeof(kafka));
         pthread_mutex_lock(&st->mu);
-        if (st->checked && (db_ok != st->db_ok || kafka_ok != st->kafka_ok))
-            LOOM_INFO(db_ok && kafka_ok ? "ready again" : "not ready", "database=%s kafka=%s", db,
-                      kafka);
+        if (st->checked && (db_ok != st->db_ok || kafka_ok != st->kafka_ok)) {
+            if (db_ok && kafka_ok)
+                LOOM_INFO("ready again", "database=%s kafka=%s", db, kafka);
+            else
+                LOOM_WARN("not ready", "database=%s kafka=%s", db, kafka);
+        }
         st->db_ok = db_ok;
         st->kafka_ok = kafka_ok;
         snprintf(st->db, sizeof(st->db), "%s", db);
