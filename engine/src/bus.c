@@ -36,8 +36,11 @@ int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *e
         return loom_error_set(err, LOOM_CODE_QUEUE_FULL, "could not %s: local queue full", what);
     case RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
     case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
-    case RD_KAFKA_RESP_ERR__INVALID_ARG:
     case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+        /* The producer's or the topic's limit: sending again cannot help. */
+        return loom_error_set(err, LOOM_CODE_PAYLOAD_TOO_LARGE, "could not %s: %s", what,
+                              rd_kafka_err2str(kerr));
+    case RD_KAFKA_RESP_ERR__INVALID_ARG:
     case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "could not %s: %s", what,
                               rd_kafka_err2str(kerr));
@@ -356,11 +359,31 @@ int loom_kafka_create_topics(const char *brokers, const loom_config_t *cfg,
         return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not create a client: %s",
                               errbuf);
     }
+    /* Replication: LOOM_KAFKA_REPLICATION_FACTOR and _MIN_INSYNC_REPLICAS,
+     * 0 (or no configuration) leaving the broker's defaults. */
+    const loom_config_value_t *rfv =
+        cfg ? loom_config_get(cfg, "LOOM_KAFKA_REPLICATION_FACTOR") : NULL;
+    const loom_config_value_t *isr =
+        cfg ? loom_config_get(cfg, "LOOM_KAFKA_MIN_INSYNC_REPLICAS") : NULL;
+    char isr_text[16];
+    snprintf(isr_text, sizeof(isr_text), "%lld", isr ? (long long)isr->num : 0LL);
     rd_kafka_NewTopic_t **nt = loom_xcalloc(n, sizeof(*nt));
     for (size_t i = 0; i < n; i++) {
-        nt[i] = rd_kafka_NewTopic_new(topics[i], partitions, -1, errbuf, sizeof(errbuf));
+        nt[i] =
+            rd_kafka_NewTopic_new(topics[i], partitions, rfv && rfv->num > 0 ? (int)rfv->num : -1,
+                                  errbuf, sizeof(errbuf));
+        if (!nt[i]) {
+            for (size_t k = 0; k < i; k++)
+                rd_kafka_NewTopic_destroy(nt[k]);
+            free(nt);
+            rd_kafka_destroy(rk);
+            return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not create topic %s: %s",
+                                  topics[i], errbuf);
+        }
         /* A batch of messages can be a few MiB: let the topic take it. */
         rd_kafka_NewTopic_set_config(nt[i], "max.message.bytes", LOOM_KAFKA_MESSAGE_MAX);
+        if (isr && isr->num > 0)
+            rd_kafka_NewTopic_set_config(nt[i], "min.insync.replicas", isr_text);
     }
     rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
     rd_kafka_AdminOptions_t *ao = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);

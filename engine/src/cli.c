@@ -32,20 +32,21 @@ static const cli_command_t version_command = {"version", "print the version",
                                               "usage: loom version\n", false, cmd_version};
 
 static const cli_command_t *const commands[] = {
-    &cli_dev_command,      /* everything in one process */
-    &cli_api_command,      /* the HTTP gateway */
-    &cli_worker_command,   /* consumers, outbox relay, periodic jobs */
-    &cli_broker_command,   /* the embedded Kafka alone */
-    &cli_publish_command,  /* commands from the shell */
-    &cli_commands_command, /* see and steer commands */
-    &cli_op_command,       /* call an op */
-    &cli_nodes_command,    /* nodes and heartbeats */
-    &cli_replay_command,   /* rebuild a read model */
-    &cli_run_command,      /* oneshot jobs */
-    &cli_new_command,      /* a new service's files */
-    &cli_migrate_command,  /* schema and topics */
-    &config_command,       /* effective configuration */
-    &version_command,      /* version */
+    &cli_dev_command,       /* everything in one process */
+    &cli_api_command,       /* the HTTP gateway */
+    &cli_worker_command,    /* consumers, outbox relay, periodic jobs */
+    &cli_broker_command,    /* the embedded Kafka alone */
+    &cli_publish_command,   /* commands from the shell */
+    &cli_commands_command,  /* see and steer commands */
+    &cli_consumers_command, /* partitions, owners, lag */
+    &cli_op_command,        /* call an op */
+    &cli_nodes_command,     /* nodes and heartbeats */
+    &cli_replay_command,    /* rebuild a read model */
+    &cli_run_command,       /* oneshot jobs */
+    &cli_new_command,       /* a new service's files */
+    &cli_migrate_command,   /* schema and topics */
+    &config_command,        /* effective configuration */
+    &version_command,       /* version */
 };
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 

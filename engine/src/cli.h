@@ -41,6 +41,7 @@ extern const cli_command_t cli_op_command;
 extern const cli_command_t cli_worker_command;
 extern const cli_command_t cli_publish_command;
 extern const cli_command_t cli_commands_command;
+extern const cli_command_t cli_consumers_command;
 extern const cli_command_t cli_broker_command;
 extern const cli_command_t cli_nodes_command;
 extern const cli_command_t cli_replay_command;

@@ -40,10 +40,18 @@ const loom_config_var_t loom_config_engine_vars[] = {
      "park a command that keeps failing for this long (unset: never; replay brings it back)"},
     {"LOOM_WORKER_APPLY_THREADS", LOOM_CFG_INT, "4", NULL, 1, 64, false,
      "partitions each consumer applies at once, each in its own transaction and connection"},
+    {"LOOM_WORKER_LISTEN", LOOM_CFG_LISTEN, "127.0.0.1:9091", NULL, 0, 0, false,
+     "address(es) where `loom worker` serves /healthz, /readyz and /metrics, host:port[,...]"},
     {"LOOM_KAFKA_BROKERS", LOOM_CFG_BROKERS, NULL, NULL, 0, 0, false,
      "Kafka bootstrap servers host:port[,host:port]; `loom dev` embeds a cluster when unset"},
     {"LOOM_KAFKA_PARTITIONS", LOOM_CFG_INT, "12", NULL, 1, 10000, false,
      "partitions of the topics `loom migrate up` creates"},
+    {"LOOM_KAFKA_REPLICATION_FACTOR", LOOM_CFG_INT, "0", NULL, 0, 32, false,
+     "replicas of each topic `loom migrate up` creates; 0: the broker's "
+     "default.replication.factor"},
+    {"LOOM_KAFKA_MIN_INSYNC_REPLICAS", LOOM_CFG_INT, "0", NULL, 0, 32, false,
+     "min.insync.replicas of the topics `loom migrate up` creates (acks=all writes need that many "
+     "replicas); 0: the broker's default"},
     {"LOOM_TOPIC_PREFIX", LOOM_CFG_NAME, "loom", NULL, 0, 0, false,
      "first part of every topic name: <prefix>.cmd.<service>, <prefix>.evt..."},
     {"LOOM_API_LISTEN", LOOM_CFG_LISTEN, "127.0.0.1:8080", NULL, 0, 0, false,
@@ -51,7 +59,9 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_API_THREADS", LOOM_CFG_INT, "0", NULL, 0, 64, false,
      "event loops of the HTTP gateway, one thread each; 0: one per core"},
     {"LOOM_API_MAX_BODY", LOOM_CFG_INT, "4194304", NULL, 1024, 1073741824, false,
-     "largest request body the gateway accepts, in bytes (413 beyond)"},
+     "largest request body the gateway accepts, in bytes (413 beyond); a command must also fit "
+     "its topic's max.message.bytes (10 MiB on topics `loom migrate up` creates, 1 MiB on a "
+     "stock broker's), else 413 too"},
     {"LOOM_API_MAX_CONNECTIONS", LOOM_CFG_INT, "10000", NULL, 1, 1000000, false,
      "open connections the gateway holds (503 beyond)"},
     {"LOOM_API_HEADER_TIMEOUT", LOOM_CFG_DURATION, "10s", NULL, 100, 3600 * 1000LL, false,

@@ -422,6 +422,32 @@ static const char *msg_id(loom_msg_t *m)
     return m->fallback_id;
 }
 
+/* A ray id for log lines: printable id characters only, so a hostile header
+ * cannot forge log fields; "-" when there is none. */
+static const char *msg_ray(const loom_msg_t *m)
+{
+    const char *r = m->decoded ? m->ce.rayid : NULL;
+    size_t n = r ? strspn(r, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                             "._:/+=-")
+                 : 0;
+    return r && n > 0 && n <= 128 && r[n] == '\0' ? r : "-";
+}
+
+/* The W3C trace context (version-traceid-parentid-flags, lower-case hex), or
+ * NULL when absent or malformed: only a well-formed one is stored and logged. */
+static const char *msg_traceparent(const loom_msg_t *m)
+{
+    const char *t = m->decoded ? m->ce.traceparent : NULL;
+    if (!t || strlen(t) != 55)
+        return NULL;
+    for (int i = 0; i < 55; i++) {
+        bool dash = i == 2 || i == 35 || i == 52;
+        if (dash ? t[i] != '-' : !strchr("0123456789abcdef", t[i]) || !t[i])
+            return NULL;
+    }
+    return t;
+}
+
 static const loom_db_stmt_t stmt_dedup = {
     "loom_commands_dedup",
     "SELECT message_id, digest, type, source, status FROM loom_commands WHERE consumer = $1 "
@@ -431,18 +457,18 @@ static const loom_db_stmt_t stmt_dedup = {
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id, source, digest) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg "
+    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp "
     "FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
-    "$10::text[], $11::text[], $12::text[]) AS u(m, t, s, o, a, r, ray, src, dg) "
+    "$10::text[], $11::text[], $12::text[], $13::text[]) AS u(m, t, s, o, a, r, ray, src, dg, tp) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
     "msg_key = NULL, source = EXCLUDED.source, digest = EXCLUDED.digest, "
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
-    "updated_at = now() "
+    "traceparent = EXCLUDED.traceparent, updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    12};
+    13};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -485,10 +511,10 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-                    rays = {0}, srcs = {0}, digests = {0};
-    loom_db_array_t *all[] = {&ids,     &types, &streams, &offs,   &atts,
-                              &results, &rays,  &srcs,    &digests};
-    for (size_t i = 0; i < 9; i++)
+                    rays = {0}, srcs = {0}, digests = {0}, tps = {0};
+    loom_db_array_t *all[] = {&ids,     &types, &streams, &offs,    &atts,
+                              &results, &rays,  &srcs,    &digests, &tps};
+    for (size_t i = 0; i < 10; i++)
         loom_db_array_reset(all[i]);
     size_t expected = 0;
     for (size_t i = from; i < to; i++) {
@@ -507,6 +533,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&rays, m->ce.rayid);
         loom_db_array_add(&srcs, m->ce.source);
         loom_db_array_add(&digests, m->digest);
+        loom_db_array_add(&tps, msg_traceparent(m));
     }
     int rc = 0;
     /* Everything but the loom_commands INSERT is deferred: they all go to
@@ -552,7 +579,8 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&results),
                            loom_db_array_str(&rays),
                            loom_db_array_str(&srcs),
-                           loom_db_array_str(&digests)};
+                           loom_db_array_str(&digests),
+                           loom_db_array_str(&tps)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -568,7 +596,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         strstr(err->message, "loom_events_pkey"))
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                             "event stream written concurrently: %s", err->message);
-    for (size_t i = 0; i < 9; i++)
+    for (size_t i = 0; i < 10; i++)
         loom_db_array_free(all[i]);
     return rc;
 }
@@ -814,10 +842,11 @@ static int record(batch_t *b, loom_msg_t *m, const char *status, const char *err
             return 0;
     }
     char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
-    LOOM_ERROR("could not record a command's outcome: its partition waits",
-               "consumer=%s topic=%s partition=%d offset=%lld message_id=%s status=%s error=%s",
+    LOOM_ERROR("could not record a command's outcome: its key waits",
+               "consumer=%s topic=%s partition=%d offset=%lld message_id=%s ray_id=%s status=%s "
+               "error=%s",
                b->wc->def->name, rd_kafka_topic_name(m->rkm->rkt), (int)m->rkm->partition,
-               (long long)m->rkm->offset, id, status, err.message);
+               (long long)m->rkm->offset, id, msg_ray(m), status, err.message);
     free(id);
     return LOOM_EDB;
 }
@@ -1155,6 +1184,25 @@ static bool is_permanent(const loom_error_t *e)
     }
 }
 
+/* One debug line per command applied or skipped, with its ray id and trace
+ * context, so a request can be followed into the worker's log. */
+static void log_applied(batch_t *b, size_t from, size_t to)
+{
+    if (loom_log_level > LOOM_LOG_DEBUG)
+        return;
+    for (size_t i = from; i < to; i++) {
+        loom_msg_t *m = &b->msgs[i];
+        if (m->skip)
+            continue;
+        const char *tp = msg_traceparent(m);
+        LOOM_DEBUG(m->done ? "command skipped: already handled" : "command applied",
+                   "consumer=%s topic=%s partition=%d offset=%lld message_id=%s ray_id=%s "
+                   "traceparent=%s",
+                   b->wc->def->name, rd_kafka_topic_name(m->rkm->rkt), (int)m->rkm->partition,
+                   (long long)m->rkm->offset, msg_id(m), msg_ray(m), tp ? tp : "-");
+    }
+}
+
 /* A failure no command caused: the database cannot be reached or is shutting
  * down. The whole partition waits, and no command's attempt is counted. */
 static bool is_outage(const loom_error_t *e)
@@ -1184,10 +1232,10 @@ static void failed(job_t *job, batch_t *b, size_t i, const loom_error_t *why)
             atomic_fetch_add(&w->parked, 1);
             count(wc, job->ps->topic, "parked", 1);
             LOOM_WARN("command parked: it kept failing; `loom commands replay` sends it again",
-                      "consumer=%s topic=%s partition=%d offset=%lld message_id=%s attempts=%d "
-                      "error=%s",
+                      "consumer=%s topic=%s partition=%d offset=%lld message_id=%s ray_id=%s "
+                      "attempts=%d error=%s",
                       wc->def->name, job->ps->topic, (int)job->ps->partition,
-                      (long long)m->rkm->offset, id, m->attempt, text);
+                      (long long)m->rkm->offset, id, msg_ray(m), m->attempt, text);
             free(id);
             free(text);
             return;
@@ -1199,10 +1247,10 @@ static void failed(job_t *job, batch_t *b, size_t i, const loom_error_t *why)
     atomic_fetch_add(&w->retries, 1);
     count(wc, job->ps->topic, "retried", 1);
     LOOM_WARN("command failed, will retry; only its key waits",
-              "consumer=%s topic=%s partition=%d offset=%lld message_id=%s attempt=%d "
+              "consumer=%s topic=%s partition=%d offset=%lld message_id=%s ray_id=%s attempt=%d "
               "retry_in_ms=%lld error=%s",
               wc->def->name, job->ps->topic, (int)job->ps->partition, (long long)m->rkm->offset, id,
-              m->attempt, (long long)job->retry_ms[i], text);
+              msg_ray(m), m->attempt, (long long)job->retry_ms[i], text);
     free(id);
     free(text);
 }
@@ -1250,6 +1298,7 @@ static void applied_ok(job_t *job, batch_t *b, size_t from, size_t to)
             count(wc, job->ps->topic, m->done ? "skipped" : "applied", 1);
         job->out[i] = OUT_DONE;
     }
+    log_applied(b, from, to);
 }
 
 /* Records a rejected message. */
@@ -1265,8 +1314,8 @@ static void rejected(job_t *job, batch_t *b, size_t i, const loom_error_t *why)
     count(wc, job->ps->topic, "rejected", 1);
     char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
     char *text = loom_text_escape(why->message, strlen(why->message), 1000);
-    LOOM_WARN("command rejected", "consumer=%s message_id=%s code=%s error=%s", wc->def->name, id,
-              why->code, text);
+    LOOM_WARN("command rejected", "consumer=%s message_id=%s ray_id=%s code=%s error=%s",
+              wc->def->name, id, msg_ray(m), why->code, text);
     free(id);
     free(text);
     job->out[i] = OUT_DONE;
@@ -1292,8 +1341,8 @@ static bool expired(job_t *job, batch_t *b, size_t i)
     atomic_fetch_add(&job->rt->wc->w->expired, 1);
     count(job->rt->wc, job->ps->topic, "expired", 1);
     char *id = loom_text_escape(msg_id(m), strlen(msg_id(m)), 200);
-    LOOM_WARN("command expired: not applied", "consumer=%s message_id=%s deadline=%s",
-              job->rt->wc->def->name, id, m->ce.deadline);
+    LOOM_WARN("command expired: not applied", "consumer=%s message_id=%s ray_id=%s deadline=%s",
+              job->rt->wc->def->name, id, msg_ray(m), m->ce.deadline);
     free(id);
     job->out[i] = OUT_DONE;
     return true;
@@ -1736,8 +1785,10 @@ static void check_stalls(consumer_rt_t *rt)
         int64_t lo = 0, hi = 0;
         bool idle = !ps->fetch_paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
         /* Cached watermarks are free; an idle partition gets a fresh answer
-         * while the budget lasts. */
-        bool ask = idle && loom_mono_ms() < budget_end;
+         * while the budget lasts, and so does one holding commands (paused,
+         * or a key waiting: its cached watermark may not move). */
+        bool holding = ps->fetch_paused || ps->held || kq_count(&ps->q) > 0;
+        bool ask = (idle || holding) && loom_mono_ms() < budget_end;
         rd_kafka_resp_err_t e =
             ask ? rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi,
                                                    STALL_QUERY_TIMEOUT_MS)
@@ -1749,23 +1800,27 @@ static void check_stalls(consumer_rt_t *rt)
         int64_t pos = tp->offset >= 0 ? tp->offset : ps->committed;
         if (pos < 0)
             pos = lo;
-        int64_t lag = hi > pos ? hi - pos : 0;
+        /* Stalls are about fetching (what was never fetched); the lag gauge
+         * is what is not applied yet: from the lowest unfinished command. */
+        int64_t fetch_lag = hi > pos ? hi - pos : 0;
+        int64_t from = ps->commit_offset >= 0 && ps->commit_offset < pos ? ps->commit_offset : pos;
+        int64_t lag = hi > from ? hi - from : 0;
         if (w->m_lag) {
             char part[16];
             snprintf(part, sizeof(part), "%d", (int)tp->partition);
             const char *labels[] = {name, tp->topic, part};
             loom_metrics_gauge_set(w->m_lag, labels, (double)lag);
         }
-        if (idle && lag > 0 && !ps->stalled) {
+        if (idle && fetch_lag > 0 && !ps->stalled) {
             ps->stalled = true;
             atomic_fetch_add(&w->stalls, 1);
             LOOM_WARN("partition lag is not shrinking: messages wait but none arrive",
                       "consumer=%s topic=%s partition=%d lag=%lld idle_ms=%lld", name, tp->topic,
-                      tp->partition, (long long)lag, (long long)(now - ps->last_msg_ms));
+                      tp->partition, (long long)fetch_lag, (long long)(now - ps->last_msg_ms));
         }
-        if (idle && lag > 0 && ask) {
+        if (idle && fetch_lag > 0 && ask) {
             stall_repair(rt, ps, pos);
-        } else if (lag == 0) {
+        } else if (fetch_lag == 0) {
             ps->stalled = false;
         }
         stalled += ps->stalled;
@@ -1797,8 +1852,15 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
         drain(rt, parts);
         release(rt);
         commit_offsets(rt, true);
-        for (int i = 0; i < parts->cnt; i++)
+        for (int i = 0; i < parts->cnt; i++) {
             part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
+            /* Its next owner reports its lag now. */
+            char part[16];
+            snprintf(part, sizeof(part), "%d", (int)parts->elems[i].partition);
+            const char *labels[] = {rt->wc->def->name, parts->elems[i].topic, part};
+            if (rt->wc->w->m_lag)
+                loom_metrics_gauge_set(rt->wc->w->m_lag, labels, 0);
+        }
         rd_kafka_assign(rk, NULL);
         LOOM_INFO("partitions revoked", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
     }

@@ -46,7 +46,21 @@ typedef struct pub {
     bool failed;
     loom_error_t err;
     char status[16]; /* last status seen while waiting */
+    size_t bytes;    /* of the command's data, for a too-large answer */
+    char topic[300];
 } pub_t;
+
+/* Kafka refused the record for its size (the topic's max.message.bytes, or
+ * the producer's message.max.bytes): 413 naming the limit, not retriable. */
+static void too_large(loom_error_t *err, const char *topic, size_t bytes)
+{
+    loom_error_set(err, LOOM_CODE_PAYLOAD_TOO_LARGE,
+                   "the command (%zu bytes of data) is larger than Kafka accepts on topic %s: "
+                   "its max.message.bytes (on a stock broker message.max.bytes, 1048588 bytes) "
+                   "caps a record; send less per request or raise the topic's limit",
+                   bytes, topic);
+    err->retriable = false;
+}
 
 static void poll_start(pub_t *p);
 
@@ -275,7 +289,10 @@ static void on_delivery(void *opaque, const loom_error_t *err, int32_t partition
     (void)partition;
     (void)offset;
     pub_t *p = opaque;
-    if (err) {
+    if (err && err->cls == LOOM_ERR_TOO_LARGE) {
+        p->failed = true;
+        too_large(&p->err, p->topic, p->bytes);
+    } else if (err) {
         p->failed = true;
         p->err = *err;
         /* Whatever librdkafka said, the client may retry later. */
@@ -377,6 +394,8 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     else
         loom_topic_for_command(cmd->type, topic, sizeof(topic));
     const char *k = cmd->key ? cmd->key : p->id;
+    p->bytes = ce.data_len;
+    snprintf(p->topic, sizeof(p->topic), "%s", topic);
 
     loom_http_req_ref(req);
     loom_http_req_on_detach(req, on_detach, p);
@@ -387,8 +406,11 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     free(text);
     if (rc != 0) {
         g->async = false;
+        if (err.cls == LOOM_ERR_TOO_LARGE)
+            too_large(&err, p->topic, p->bytes);
         pub_free(p);
-        if (err.cls != LOOM_ERR_UNAVAILABLE && err.cls != LOOM_ERR_BAD_REQUEST)
+        if (err.cls != LOOM_ERR_UNAVAILABLE && err.cls != LOOM_ERR_BAD_REQUEST &&
+            err.cls != LOOM_ERR_TOO_LARGE)
             loom_error_set(&err, LOOM_CODE_BROKER_UNAVAILABLE, "%s", err.message);
         if (err.cls == LOOM_ERR_UNAVAILABLE)
             err.retriable = true;

@@ -10,6 +10,12 @@
  *                      killed, then started again on its data and port
  *   gateway_kill       `loom api` killed with SIGKILL while clients write
  *                      with Idempotency-Key and retry
+ *   kafka_cluster_*    a 3-node KRaft cluster (scripts/kafka-cluster), topic
+ *                      with replication factor 3 and min.insync.replicas 2
+ *                      made by `loom migrate up`: the leader of partition 0
+ *                      killed with SIGKILL (CTest runs this one, once), the
+ *                      active controller killed, every node restarted in turn
+ *                      (the long run only)
  *
  * Afterwards every command acknowledged to its sender must be applied exactly
  * once (counts per id and a checksum of the amounts) and the system must
@@ -216,19 +222,28 @@ typedef struct proc {
     char log[300];
 } proc_t;
 
-/* `loom_test_app worker` (consumer test.ledger.<suffix>) logging to dir/worker-<n>.log. */
-static void worker_start(proc_t *w, const char *dir, int n, const char *url, const char *brokers,
-                         const char *suffix)
+/* `loom_test_app worker` (consumer test.ledger.<suffix>) logging to
+ * dir/worker-<n>.log, serving /readyz and /metrics on 127.0.0.1:port (0: a
+ * free port: several workers run on one machine). */
+static void worker_start_on(proc_t *w, const char *dir, int n, const char *url, const char *brokers,
+                            const char *suffix, int port)
 {
-    char e1[600], e2[300], e3[128];
+    char e1[600], e2[300], e3[128], e4[64];
     snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", url);
     snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
     snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", suffix);
-    const char *env[] = {e1, e2, e3, "LOOM_DATABASE_POOL_SIZE=4", NULL};
+    snprintf(e4, sizeof(e4), "LOOM_WORKER_LISTEN=127.0.0.1:%d", port);
+    const char *env[] = {e1, e2, e3, "LOOM_DATABASE_POOL_SIZE=4", e4, NULL};
     const char *argv[] = {loom_test_app_bin(), "worker", NULL};
     snprintf(w->log, sizeof(w->log), "%s/worker-%d.log", dir, n);
     w->pid = loom_test_spawn_logged(argv, env, w->log);
     track(w->pid, true);
+}
+
+static void worker_start(proc_t *w, const char *dir, int n, const char *url, const char *brokers,
+                         const char *suffix)
+{
+    worker_start_on(w, dir, n, url, brokers, suffix, 0);
 }
 
 /* SIGKILL and reap; a process that had already died on its own (a crash, a
@@ -1277,4 +1292,512 @@ Test(chaos, gateway_kill, .timeout = 7200, .fini = cleanup)
     proc_stop(&worker, "loom worker");
     pthread_mutex_destroy(&run.mu);
     scratch_remove(dir);
+}
+
+/* ---- 5. a 3-broker Kafka cluster: leader, controller, rolling restart ---------------- */
+
+/* The cluster (scripts/kafka-cluster) of the running scenario, stopped by
+ * cluster_cleanup() when a test fails half-way. */
+static char live_cluster_dir[300];
+
+static const char *cluster_script(void)
+{
+    return LOOM_CHAOS_SOURCE_DIR "/scripts/kafka-cluster";
+}
+
+/* Runs `kafka-cluster CMD KDIR [ARG]`; returns its stdout's first line (new
+ * string) or aborts with its stderr. */
+static char *cluster(const char *kdir, const char *cmd, const char *arg)
+{
+    const char *argv[] = {cluster_script(), cmd, kdir, arg, NULL};
+    char *out = NULL, *errs = NULL;
+    int rc = loom_test_run(argv, NULL, &out, &errs);
+    cr_assert_eq(rc, 0, "kafka-cluster %s %s: %s", cmd, arg ? arg : "", errs);
+    free(errs);
+    char *last = out, *nl;
+    /* `start` prints its bootstrap list last. */
+    while ((nl = strchr(last, '\n')) && nl[1])
+        last = nl + 1;
+    last[strcspn(last, "\n")] = '\0';
+    char *r = loom_xstrdup(last);
+    free(out);
+    return r;
+}
+
+static void cluster_cleanup(void)
+{
+    cleanup();
+    if (live_cluster_dir[0]) {
+        char cmd[700];
+        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", cluster_script(),
+                 live_cluster_dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not stop the cluster in %s\n", live_cluster_dir);
+        live_cluster_dir[0] = '\0';
+    }
+}
+
+/* A topic's configuration value from the brokers (DescribeConfigs; new string). */
+static char *topic_config(const char *brokers, const char *topic, const char *name)
+{
+    char errbuf[256];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "bootstrap.servers", brokers, errbuf, sizeof(errbuf));
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));
+    cr_assert_not_null(rk, "%s", errbuf);
+    rd_kafka_ConfigResource_t *cr = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
+    rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+    rd_kafka_DescribeConfigs(rk, &cr, 1, NULL, q);
+    rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 30000);
+    char *value = loom_xstrdup("?");
+    if (ev && !rd_kafka_event_error(ev)) {
+        size_t n = 0;
+        const rd_kafka_ConfigResource_t **rs = rd_kafka_DescribeConfigs_result_resources(
+            rd_kafka_event_DescribeConfigs_result(ev), &n);
+        for (size_t i = 0; i < n; i++) {
+            size_t ne = 0;
+            const rd_kafka_ConfigEntry_t **es = rd_kafka_ConfigResource_configs(rs[i], &ne);
+            for (size_t k = 0; k < ne; k++)
+                if (strcmp(rd_kafka_ConfigEntry_name(es[k]), name) == 0 &&
+                    rd_kafka_ConfigEntry_value(es[k])) {
+                    free(value);
+                    value = loom_xstrdup(rd_kafka_ConfigEntry_value(es[k]));
+                }
+        }
+    }
+    if (ev)
+        rd_kafka_event_destroy(ev);
+    rd_kafka_queue_destroy(q);
+    rd_kafka_ConfigResource_destroy(cr);
+    rd_kafka_destroy(rk);
+    return value;
+}
+
+/* Replicas of partition 0 as kcat reports them ("1,2,3"; new string). */
+static char *replicas_of(const char *brokers, const char *topic)
+{
+    char cmd[600];
+    snprintf(cmd, sizeof(cmd),
+             "kcat -L -b %s -t %s -m 10 2>/dev/null | awk '$1 == \"partition\" && $2 == \"0,\" "
+             "{ for (i = 1; i <= NF; i++) if ($i == \"replicas:\") { print $(i + 1); exit } }'",
+             brokers, topic);
+    FILE *f = popen(cmd, "r");
+    char line[128] = "";
+    if (!f || !fgets(line, sizeof(line), f))
+        line[0] = '\0';
+    if (f)
+        pclose(f);
+    line[strcspn(line, "\n")] = '\0';
+    size_t n = strlen(line);
+    if (n > 0 && line[n - 1] == ',') /* kcat ends the list with a comma */
+        line[n - 1] = '\0';
+    return loom_xstrdup(line);
+}
+
+/* Waits until every partition applied a command acknowledged after the
+ * fault (acked_at_fault: the highest acknowledged offsets then): the
+ * producer, the brokers and the workers all work again, end to end. Returns
+ * the milliseconds since `since`, -1 after timeout_ms. */
+static long long wait_partitions_moving(const char *url, int parts, const int64_t *acked_at_fault,
+                                        int64_t since, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    while (loom_mono_ms() < end) {
+        int64_t cur[MAX_PARTS];
+        if (applied_max(url, parts, cur)) {
+            bool all = true;
+            for (int p = 0; p < parts && all; p++)
+                all = cur[p] > acked_at_fault[p];
+            if (all)
+                return loom_mono_ms() - since;
+        }
+        loom_sleep_ms(100);
+    }
+    return -1;
+}
+
+typedef enum { CL_LEADER, CL_CONTROLLER, CL_ROLLING } cluster_fault_t;
+
+/*
+ * Commands flow from an idempotent producer (acks=all) to two workers over a
+ * 3-node cluster whose topic `loom migrate up` created with replication
+ * factor 3 and min.insync.replicas 2; meanwhile a node is killed with SIGKILL
+ * (the leader of partition 0, or the active controller) and started again,
+ * or every node is restarted in turn. Every acknowledged command must be
+ * applied exactly once; the recovery time is from the fault until every
+ * partition applies again.
+ */
+static void cluster_scenario(cluster_fault_t kind)
+{
+    static const char *names[] = {"kafka_cluster_leader_kill9", "kafka_cluster_controller_kill9",
+                                  "kafka_cluster_rolling_restart"};
+    bool lg = is_long();
+    const int parts = 6;
+    const int rate = lg ? 200 : 150;
+    const int faults = kind == CL_ROLLING ? 3 : lg ? 3 : 1;
+    const int gap_ms = lg ? 15000 : 6000;
+    char dir[128], kdir[200];
+    scratch_dir("cluster", dir, sizeof(dir));
+    snprintf(kdir, sizeof(kdir), "%s/kafka", dir);
+    int64_t t0 = loom_mono_ms();
+    char *brokers = cluster(kdir, "start", NULL);
+    snprintf(live_cluster_dir, sizeof(live_cluster_dir), "%s", kdir);
+    long long start_ms = loom_mono_ms() - t0;
+
+    /* The schema and the topic, as an operator would make them. */
+    ledger_t l;
+    ledger_names(&l);
+    loom_test_db_create(l.url, sizeof(l.url));
+    char e1[800], e2[300], e3[128];
+    snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", l.url);
+    snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
+    snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", l.suffix);
+    const char *env[] = {e1,
+                         e2,
+                         e3,
+                         "LOOM_KAFKA_PARTITIONS=6",
+                         "LOOM_KAFKA_REPLICATION_FACTOR=3",
+                         "LOOM_KAFKA_MIN_INSYNC_REPLICAS=2",
+                         NULL};
+    const char *mig[] = {loom_test_app_bin(), "migrate", "up", NULL};
+    char *out = NULL, *errs = NULL;
+    cr_assert_eq(loom_test_run(mig, env, &out, &errs), 0, "migrate up: %s", errs);
+    free(out);
+    free(errs);
+    loom_test_sql(l.url, "CREATE INDEX ON test_ledger (kafka_partition, kafka_offset)");
+    char *reps = NULL;
+    for (int i = 0; i < 50; i++) {
+        free(reps);
+        reps = replicas_of(brokers, l.topic);
+        if (strlen(reps) == 5)
+            break;
+        loom_sleep_ms(200);
+    }
+    cr_assert_eq(strlen(reps), 5, "partition 0 of %s has replicas '%s', want three", l.topic, reps);
+    char *isr = topic_config(brokers, l.topic, "min.insync.replicas");
+    cr_assert_str_eq(isr, "2", "min.insync.replicas of %s", l.topic);
+    free(isr);
+    free(reps);
+
+    proc_t w[2];
+    for (int k = 0; k < 2; k++)
+        worker_start(&w[k], dir, k, l.url, brokers, l.suffix);
+    int64_t end = loom_mono_ms() + 120000;
+    while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
+        loom_sleep_ms(100);
+
+    stream_t s;
+    stream_start(&s, brokers, l.topic, "cl", 400000, rate);
+    long long max_recovery = 0, sum_recovery = 0, max_back = 0;
+    int done = 0;
+    char victims[64] = "";
+    int64_t next_fault = loom_mono_ms() + gap_ms;
+    for (int f = 0; f < faults; f++) {
+        sleep_until(next_fault);
+        cr_assert_gt(count_applied(l.url), 0, "nothing applied before the fault (logs: %s)", dir);
+        char node[8];
+        if (kind == CL_ROLLING) {
+            snprintf(node, sizeof(node), "%d", f + 1);
+        } else {
+            char *v = NULL;
+            if (kind == CL_LEADER) {
+                const char *argv[] = {cluster_script(), "leader", kdir, l.topic, "0", NULL};
+                char *e = NULL;
+                cr_assert_eq(loom_test_run(argv, NULL, &v, &e), 0, "leader: %s", e);
+                v[strcspn(v, "\n")] = '\0';
+                free(e);
+            } else {
+                v = cluster(kdir, "controller", NULL);
+            }
+            snprintf(node, sizeof(node), "%s", v);
+            free(v);
+        }
+        int64_t fault_at = loom_mono_ms();
+        free(cluster(kdir, kind == CL_ROLLING ? "stop-node" : "kill", node));
+        /* What was acknowledged until the node was gone: recovered once every
+         * partition applies something acknowledged after that. */
+        int64_t at_fault[MAX_PARTS];
+        pthread_mutex_lock(&s.mu);
+        memcpy(at_fault, s.acked_max, sizeof(at_fault));
+        pthread_mutex_unlock(&s.mu);
+        done++;
+        snprintf(victims + strlen(victims), sizeof(victims) - strlen(victims), "%s%s",
+                 victims[0] ? "/" : "", node);
+        long long rec = wait_partitions_moving(l.url, parts, at_fault, fault_at, 180000);
+        cr_assert_geq(rec, 0, "fault %d (node %s): partitions did not move within 180 s (logs %s)",
+                      done, node, dir);
+        if (rec > max_recovery)
+            max_recovery = rec;
+        sum_recovery += rec;
+        printf("%s %d: node %s, partitions applying again after %lld ms\n", names[kind], done, node,
+               rec);
+        /* The short run ends on two nodes: a restart costs it half a minute. */
+        if (!lg && kind != CL_ROLLING && f == faults - 1)
+            break;
+        /* Node back: the next fault finds a full cluster again. */
+        int64_t back_at = loom_mono_ms();
+        free(cluster(kdir, "start-node", node));
+        /* Back in sync (no under-replicated partition) before the next fault,
+         * as a careful operator does. */
+        const char *wi[] = {cluster_script(), "wait-isr", kdir, l.topic, NULL};
+        char *wo = NULL, *we = NULL;
+        cr_assert_eq(loom_test_run(wi, NULL, &wo, &we), 0, "wait-isr: %s", we);
+        free(wo);
+        free(we);
+        long long back = loom_mono_ms() - back_at;
+        if (back > max_back)
+            max_back = back;
+        cr_log_info("%s %d: node %s down; every partition applying again after %lld ms; node "
+                    "back and in sync in %lld ms",
+                    names[kind], done, node, rec, back);
+        next_fault = loom_mono_ms() + (kind == CL_ROLLING ? gap_ms / 2 : gap_ms);
+    }
+    loom_sleep_ms(3000);
+    atomic_store(&s.stop, true);
+    stream_finish(&s, 300000);
+    tally_t t;
+    tally_when_settled(l.url, &s, &t, 300000);
+    result_t r = {.scenario = names[kind], .faults = done, .recovery_ms = max_recovery};
+    result_from_tally(&r, &s, &t);
+    extra_add(&r, "nodes=3");
+    extra_add(&r, "rf=3");
+    extra_add(&r, "min_isr=2");
+    extra_add(&r, "victims=%s", victims);
+    extra_add(&r, "mean_recovery_ms=%lld", done ? sum_recovery / done : 0);
+    extra_add(&r, "node_back_ms_max=%lld", max_back);
+    extra_add(&r, "send_failed=%d", atomic_load(&s.failed));
+    extra_add(&r, "cluster_start_ms=%lld", start_ms);
+    report(&r);
+    assert_exactly_once(&r, &t, dir);
+    for (int k = 0; k < 2; k++)
+        proc_stop(&w[k], "worker");
+    stream_free(&s);
+    free(brokers);
+    free(cluster(kdir, "stop", NULL));
+    live_cluster_dir[0] = '\0';
+    scratch_remove(dir);
+}
+
+/* The one cluster scenario CTest runs (about a minute); the others run in
+ * the long run (tests/chaos/run --long). */
+Test(chaos, kafka_cluster_leader_kill9, .timeout = 7200, .fini = cluster_cleanup)
+{
+    cluster_scenario(CL_LEADER);
+}
+
+Test(chaos, kafka_cluster_controller_kill9, .timeout = 7200, .fini = cluster_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    cluster_scenario(CL_CONTROLLER);
+}
+
+Test(chaos, kafka_cluster_rolling_restart, .timeout = 7200, .fini = cluster_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    cluster_scenario(CL_ROLLING);
+}
+
+/* ---- 6. PostgreSQL with automatic failover (Patroni): the primary killed ------------- */
+
+static char live_pgf_dir[300];
+
+static const char *pgf_script(void)
+{
+    return LOOM_CHAOS_SOURCE_DIR "/scripts/pg-failover";
+}
+
+/* Runs `pg-failover CMD DIR [ARG [ARG2]]`; its last stdout line (new string). */
+static char *pgf(const char *dir, const char *cmd, const char *arg, const char *arg2)
+{
+    const char *argv[] = {pgf_script(), cmd, dir, arg, arg2, NULL};
+    char *out = NULL, *errs = NULL;
+    int rc = loom_test_run(argv, NULL, &out, &errs);
+    cr_assert_eq(rc, 0, "pg-failover %s: %s", cmd, errs);
+    free(errs);
+    char *last = out, *nl;
+    while ((nl = strchr(last, '\n')) && nl[1])
+        last = nl + 1;
+    last[strcspn(last, "\n")] = '\0';
+    char *r = loom_xstrdup(last);
+    free(out);
+    return r;
+}
+
+static void pgf_cleanup(void)
+{
+    cleanup();
+    if (live_pgf_dir[0]) {
+        char cmd[700];
+        snprintf(cmd, sizeof(cmd), "'%s' stop '%s' >/dev/null 2>&1", pgf_script(), live_pgf_dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not stop the cluster in %s\n", live_pgf_dir);
+        live_pgf_dir[0] = '\0';
+    }
+}
+
+static int readyz(int port)
+{
+    loom_test_http_conn_t *c = loom_test_http_try_open(port);
+    if (!c)
+        return -1;
+    loom_test_http_res_t res = {0};
+    int st = -1;
+    if (loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
+        loom_test_http_read(c, 10000, &res))
+        st = res.status;
+    loom_test_http_res_free(&res);
+    loom_test_http_close(c);
+    return st;
+}
+
+/* Polls a worker's /readyz until it answers want; ms since `since`, or -1. */
+static long long wait_readyz(int port, int want, int64_t since, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    while (loom_mono_ms() < end) {
+        if (readyz(port) == want)
+            return loom_mono_ms() - since;
+        loom_sleep_ms(100);
+    }
+    return -1;
+}
+
+/*
+ * Two workers on a Patroni pair (scripts/pg-failover) through a libpq
+ * multi-host URL with target_session_attrs=read-write, commands streaming;
+ * the primary machine is lost (SIGKILL of its Patroni, postmaster and
+ * backends at once), Patroni promotes the replica, the old primary rejoins.
+ * sync: synchronous_mode, every acknowledged command must be applied exactly
+ * once. async: asynchronous replication; what was lost is measured and
+ * reported, not asserted (docs/deployment.md says what it risks).
+ */
+static void pg_failover_scenario(bool sync)
+{
+    bool lg = is_long();
+    const int parts = 6, rate = 200, faults = lg ? 2 : 1, gap_ms = lg ? 15000 : 8000;
+    const char *scenario = sync ? "postgres_failover_sync" : "postgres_failover_async";
+    const char *brokers = loom_test_kafka_brokers();
+    char dir[128], pdir[200];
+    scratch_dir("pgf", dir, sizeof(dir));
+    snprintf(pdir, sizeof(pdir), "%s/pg", dir);
+    int64_t t0 = loom_mono_ms();
+    char *url = pgf(pdir, "start", sync ? "sync" : "async", NULL);
+    snprintf(live_pgf_dir, sizeof(live_pgf_dir), "%s", pdir);
+    long long start_ms = loom_mono_ms() - t0;
+
+    ledger_t l;
+    ledger_names(&l);
+    snprintf(l.url, sizeof(l.url), "%s", url);
+    loom_test_migrate_ledger(l.url);
+    loom_test_sql(l.url, "CREATE INDEX ON test_ledger (kafka_partition, kafka_offset)");
+    loom_test_kafka_topic(brokers, l.topic, parts);
+    int port = loom_free_port();
+    proc_t w[2];
+    worker_start_on(&w[0], dir, 0, l.url, brokers, l.suffix, port);
+    worker_start(&w[1], dir, 1, l.url, brokers, l.suffix);
+    cr_assert_geq(wait_readyz(port, 200, loom_mono_ms(), 60000), 0, "worker 0 never ready (%s)",
+                  w[0].log);
+    int64_t end = loom_mono_ms() + 120000;
+    while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
+        loom_sleep_ms(100);
+
+    stream_t s;
+    stream_start(&s, brokers, l.topic, "pf", 400000, rate);
+    long long max_recovery = 0, max_failover = 0, max_rejoin = 0, max_unready = 0;
+    long long not_ready_ms = -1;
+    int done = 0;
+    int64_t next_fault = loom_mono_ms() + gap_ms;
+    for (int f = 0; f < faults; f++) {
+        sleep_until(next_fault);
+        cr_assert_gt(count_applied(l.url), 0, "nothing applied before the fault (logs: %s)", dir);
+        /* Every second failover finds the replica 2 s behind (the primary's
+         * WAL sender held): what a busy replica or a slow link looks like. */
+        bool lagging = f % 2 == 1;
+        int64_t fault_at = loom_mono_ms();
+        char *victim = pgf(pdir, "kill-primary", lagging ? "2" : "0", NULL);
+        int64_t at_fault[MAX_PARTS];
+        pthread_mutex_lock(&s.mu);
+        memcpy(at_fault, s.acked_max, sizeof(at_fault));
+        pthread_mutex_unlock(&s.mu);
+        done++;
+        /* The worker says so while there is no primary. */
+        long long unready = wait_readyz(port, 503, fault_at, 30000);
+        if (not_ready_ms < 0 || unready > not_ready_ms)
+            not_ready_ms = unready;
+        char *now_primary = pgf(pdir, "wait-primary", "180", NULL);
+        long long failover = loom_mono_ms() - fault_at;
+        long long ready = wait_readyz(port, 200, fault_at, 180000);
+        cr_assert_geq(ready, 0, "worker 0 not ready again within 180 s of the failover (%s)",
+                      w[0].log);
+        long long rec = wait_partitions_moving(l.url, parts, at_fault, fault_at, 240000);
+        cr_assert_geq(rec, 0, "failover %d: partitions did not move within 240 s (logs %s)", done,
+                      dir);
+        int64_t back_at = loom_mono_ms();
+        free(pgf(pdir, "start-node", victim, NULL));
+        free(pgf(pdir, "wait-replica", "240", NULL));
+        long long rejoin = loom_mono_ms() - back_at;
+        if (failover > max_failover)
+            max_failover = failover;
+        if (rec > max_recovery)
+            max_recovery = rec;
+        if (rejoin > max_rejoin)
+            max_rejoin = rejoin;
+        if (ready > max_unready)
+            max_unready = ready;
+        printf("%s %d: %s killed%s, %s primary after %lld ms, worker not ready after %lld ms "
+               "and ready after %lld ms, every partition applying after %lld ms, old primary back "
+               "as a replica in %lld ms\n",
+               scenario, done, victim, lagging ? " (replica 2 s behind)" : "", now_primary,
+               failover, unready, ready, rec, rejoin);
+        fflush(stdout);
+        free(victim);
+        free(now_primary);
+        next_fault = loom_mono_ms() + gap_ms;
+    }
+    loom_sleep_ms(3000);
+    atomic_store(&s.stop, true);
+    stream_finish(&s, 300000);
+    tally_t t;
+    tally_when_settled(l.url, &s, &t, sync ? 300000 : 60000);
+    result_t r = {.scenario = scenario, .faults = done, .recovery_ms = max_recovery};
+    result_from_tally(&r, &s, &t);
+    extra_add(&r, "replication=%s", sync ? "synchronous" : "asynchronous");
+    extra_add(&r, "failover_ms_max=%lld", max_failover);
+    extra_add(&r, "worker_not_ready_after_ms=%lld", not_ready_ms);
+    extra_add(&r, "worker_ready_again_ms_max=%lld", max_unready);
+    extra_add(&r, "rejoin_ms_max=%lld", max_rejoin);
+    extra_add(&r, "cluster_start_ms=%lld", start_ms);
+    extra_add(&r, "replica_behind_ms_on_even_faults=2000");
+    report(&r);
+    cr_assert_geq(not_ready_ms, 0, "worker 0's /readyz never said 503 during a failover");
+    if (sync) {
+        assert_exactly_once(&r, &t, dir);
+    } else {
+        cr_assert_eq(t.bad_ids, 0, "rows with a foreign id or a wrong amount (logs: %s)", dir);
+        cr_assert_eq(r.duplicated, 0, "%lld commands applied twice (logs: %s)", r.duplicated, dir);
+    }
+    for (int k = 0; k < 2; k++)
+        proc_stop(&w[k], "worker");
+    stream_free(&s);
+    free(url);
+    free(pgf(pdir, "stop", NULL, NULL));
+    live_pgf_dir[0] = '\0';
+    scratch_remove(dir);
+}
+
+/* Long run only: a Patroni pair takes about half a minute to start. */
+Test(chaos, postgres_failover_sync, .timeout = 7200, .fini = pgf_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    pg_failover_scenario(true);
+}
+
+Test(chaos, postgres_failover_async, .timeout = 7200, .fini = pgf_cleanup)
+{
+    if (!is_long())
+        cr_skip_test("long run only (tests/chaos/run --long)");
+    pg_failover_scenario(false);
 }

@@ -553,6 +553,21 @@ def check_k8s():
                 hpa["spec"].get("scaleTargetRef", {}).get("name") != "loom-api":
             fail(hf or af, "an autoscaling/v2 HorizontalPodAutoscaler loom-api scaling Deployment loom-api is missing")
     if worker:
+        # The worker serves /healthz, /readyz, /metrics on LOOM_WORKER_LISTEN.
+        wl = str(cm.get("data", {}).get("LOOM_WORKER_LISTEN", ""))
+        wport = int(wl.rsplit(":", 1)[1]) if re.fullmatch(r"[^,]+:\d+", wl) else None
+        if wport is None:
+            fail(f, "LOOM_WORKER_LISTEN must be set to host:port (the worker's probes and metrics)")
+        tmpl = worker["spec"]["template"]
+        ann = tmpl.get("metadata", {}).get("annotations", {})
+        if str(ann.get("prometheus.io/scrape")) != "true" or str(ann.get("prometheus.io/port")) != str(wport):
+            fail(wf, "the worker pods need prometheus.io/scrape: \"true\" and prometheus.io/port: \"%s\"" % wport)
+        ctr = tmpl["spec"]["containers"][0]
+        for probe, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            hg = ctr.get(probe, {}).get("httpGet", {})
+            if hg.get("path") != want or probe_port(ctr, hg.get("port")) != wport:
+                fail(wf, "%s must be httpGet %s on port %s (has path %r, port %r)"
+                     % (probe, want, wport, hg.get("path"), hg.get("port")))
         labels = worker["spec"]["template"].get("metadata", {}).get("labels", {})
         pdbs = [o for _, o in objs if o.get("kind") == "PodDisruptionBudget" and
                 o["spec"].get("selector", {}).get("matchLabels") and
@@ -629,6 +644,10 @@ def check_systemd():
                      % (s.get("TimeoutStopSec"), shutdown))
             if "loom-migrate.service" not in " ".join(s.get("After", [])):
                 fail(uf, "must start After=loom-migrate.service")
+        if u == "loom-worker.service":
+            wl = env_file(envf).get("LOOM_WORKER_LISTEN", "")
+            if not re.fullmatch(r"[^,]+:\d+", wl):
+                fail(envf, "LOOM_WORKER_LISTEN must be host:port (loom-worker's /metrics, /readyz)")
 
 
 CHECKS = {"yaml": check_yaml, "compose": check_compose, "env": check_env,

@@ -96,7 +96,9 @@ rd_kafka_headers_t *loom_kafka_headers_from_json(const char *text);
 int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *err);
 
 /* Creates the topics that do not exist yet (admin API), each with
- * `partitions` partitions and the broker's default replication. */
+ * `partitions` partitions, LOOM_KAFKA_REPLICATION_FACTOR replicas and
+ * LOOM_KAFKA_MIN_INSYNC_REPLICAS (the broker's defaults when 0 or cfg is
+ * NULL). */
 int loom_kafka_create_topics(const char *brokers, const loom_config_t *cfg,
                              const char *const *topics, size_t n, int partitions, int *created,
                              loom_error_t *err);

@@ -1,0 +1,1 @@
+ALTER TABLE loom_commands DROP COLUMN traceparent;
