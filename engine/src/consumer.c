@@ -425,17 +425,17 @@ static const loom_db_stmt_t stmt_dedup = {
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray "
+    "kafka_offset, status, attempts, result, ray_id, causation_id) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.c "
     "FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
-    "$10::text[]) AS u(m, t, s, o, a, r, ray) "
+    "$10::text[], $11::text[]) AS u(m, t, s, o, a, r, ray, c) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
     "updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    10};
+    11};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -476,9 +476,9 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-                    rays = {0};
-    loom_db_array_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays};
-    for (size_t i = 0; i < 7; i++)
+                    rays = {0}, causes = {0};
+    loom_db_array_t *all[] = {&ids, &types, &streams, &offs, &atts, &results, &rays, &causes};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         loom_db_array_reset(all[i]);
     size_t expected = 0;
     for (size_t i = from; i < to; i++) {
@@ -495,6 +495,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&results, r);
         free(r);
         loom_db_array_add(&rays, m->ce.rayid);
+        loom_db_array_add(&causes, m->ce.causationid);
     }
     int rc = 0;
     /* Everything but the loom_commands INSERT is deferred: they all go to
@@ -538,7 +539,8 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&offs),
                            loom_db_array_str(&atts),
                            loom_db_array_str(&results),
-                           loom_db_array_str(&rays)};
+                           loom_db_array_str(&rays),
+                           loom_db_array_str(&causes)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -554,7 +556,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         strstr(err->message, "loom_events_pkey"))
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                             "event stream written concurrently: %s", err->message);
-    for (size_t i = 0; i < 7; i++)
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         loom_db_array_free(all[i]);
     return rc;
 }
@@ -638,13 +640,13 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
 static const loom_db_stmt_t stmt_record = {
     "loom_commands_record",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, last_error, ray_id, headers, payload) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea) "
+    "kafka_offset, status, attempts, last_error, ray_id, headers, payload, causation_id) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea, $13) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = EXCLUDED.status, "
     "attempts = loom_commands.attempts + 1, last_error = EXCLUDED.last_error, "
     "headers = EXCLUDED.headers, payload = EXCLUDED.payload, updated_at = now() "
     "WHERE loom_commands.status = 'retrying'",
-    12};
+    13};
 
 static char *headers_json(rd_kafka_message_t *rkm)
 {
@@ -692,7 +694,8 @@ static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
                        r->error,
                        m->decoded ? m->ce.rayid : NULL,
                        hdrs,
-                       bytea};
+                       bytea,
+                       m->decoded ? m->ce.causationid : NULL};
     int rc = loom_db_exec(db, &stmt_record, p, NULL, err);
     free(hdrs);
     free(bytea);
