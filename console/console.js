@@ -206,6 +206,15 @@ function drawChart(canvas) {
   ctx.fillText(`commands applied per second (max ${max.toFixed(1)}, last ${pts.length ? pts[pts.length - 1].toFixed(1) : "0"})`, 6, 12);
 }
 
+/* A consumer's partitions in this process: how many, their total lag, and
+ * those that lag, by topic[partition]. */
+function partitions(lags) {
+  if (!lags.length) return "none in this process";
+  const total = lags.reduce((a, l) => a + l.lag, 0);
+  const behind = lags.filter((l) => l.lag > 0).map((l) => `${l.topic}[${l.partition}]: ${l.lag}`);
+  return `${lags.length} partitions, lag ${total}` + (behind.length ? ` (${behind.join(", ")})` : "");
+}
+
 pages.overview = {
   title: "Overview",
   async render(root) {
@@ -228,6 +237,7 @@ pages.overview = {
         card("stuck (retrying)", "retrying", "#/commands?status=retrying"),
         card("parked", "parked", "#/commands?status=parked"),
         card("rejected", "rejected", "#/commands?status=rejected")),
+      canvas,
       el("h2", {}, "Nodes"),
       table(["node", "role", "url", "version", "started", "heartbeat age", "state"],
         nodes.nodes.map((x) =>
@@ -243,13 +253,11 @@ pages.overview = {
               el("tr", {},
                 el("td", {class: "mono"}, c), el("td", {}, fmt(rate(c, "applied"))),
                 el("td", {}, fmt(rate(c, "rejected"))), el("td", {}, fmt(rate(c, "retried"))),
-                el("td", {class: "mono"}, m.lag.filter((l) => l.consumer === c)
-                  .map((l) => `${l.topic}[${l.partition}]: ${l.lag}`).join(", ") || "none assigned here"),
+                el("td", {}, partitions(m.lag.filter((l) => l.consumer === c))),
                 el("td", {}, text(m.retrying[c] || 0)))))
         : el("p", {class: "note"}, "This gateway's /metrics could not be read."),
       el("p", {class: "note"},
-        "Rates and lag come from this process's /metrics: the consumers running in it (all of them under loom dev). The partitions' owner is the process answering."),
-      canvas);
+        "Rates and lag come from this process's /metrics: the consumers running in it (all of them under loom dev). The partitions' owner is the process answering."));
     drawChart(canvas);
   },
 };
@@ -275,7 +283,7 @@ pages.commands = {
     if (cursor) params.set("cursor", cursor);
     const data = await api("GET", "/v1/commands?" + params.toString());
     if (unchanged(this, mode, data)) return;
-    if (!root.querySelector("form.filters")) fill(root, this.form(q), el("div", {id: "list"}));
+    if (!root.querySelector("form.filters")) fill(root, el("h1", {}, "Commands"), this.form(q), el("div", {id: "list"}));
     const list = root.querySelector("#list");
     fill(list, 
       table(["id", "type", "consumer", "status", "attempts", "key", "received", "last error"],

@@ -159,7 +159,7 @@ def goto(driver, base, hash_):
 def main():
     if len(sys.argv) != 2:
         fail(__doc__)
-    app = sys.argv[1]
+    app = os.path.abspath(sys.argv[1])
     workdir = tempfile.mkdtemp(prefix="loom-console-")
     os.chmod(workdir, 0o755)  # as root, the private Postgres runs as another user
     proc, console, token, banner = start_dev(app, workdir)
@@ -228,7 +228,11 @@ def main():
         wait_for(driver, "the stuck count", lambda d: d.find_element(By.ID, "count-retrying").text.startswith("1"))
         wait_for(driver, "the rejected count", lambda d: d.find_element(By.ID, "count-rejected").text.startswith("2"))
         wait_for(driver, "the consumers' rates", lambda d: "demo.orders" in d.find_element(By.ID, "page").text)
-        time.sleep(7)  # two more samples for the rates and the chart
+        # Some traffic for the rates and the chart (each order has a follow-up).
+        for i in range(30):
+            api.call("POST", "/v1/demo/orders", {"order": "load-%d" % i})
+            time.sleep(0.15)
+        time.sleep(4)  # more samples for the rates and the chart
         shot(driver, "overview")
         if wait_for(driver, "the count", lambda d: d.find_element(By.ID, "count-retrying").text).split()[0] != "1":
             fail("the overview's stuck count")
