@@ -16,6 +16,7 @@
  * holds only the filters asked for, so PostgreSQL plans each call with the
  * index that fits (migrations/engine/0007_console.up.sql).
  */
+#include "loom/mem.h"
 #include "loom/op.h"
 #include "../row.h"
 
@@ -87,8 +88,8 @@ static char *cursor_encode(const char *us, const char *id, const char *consumer)
     if (!text)
         return NULL;
     size_t n = strlen(text);
-    char *hex = malloc(2 * n + 1);
-    for (size_t i = 0; hex && i < n; i++)
+    char *hex = loom_xmalloc(2 * n + 1);
+    for (size_t i = 0; i < n; i++)
         snprintf(hex + 2 * i, 3, "%02x", (unsigned char)text[i]);
     free(text);
     return hex;

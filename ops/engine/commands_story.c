@@ -24,6 +24,7 @@
  * command has that id or ray id. At most 1000 commands and 2000 events
  * ("truncated": true beyond).
  */
+#include "loom/mem.h"
 #include "loom/op.h"
 #include "../row.h"
 
@@ -91,7 +92,7 @@ static char *text_array(json_t *ids)
     const char *k;
     json_t *v;
     json_object_foreach(ids, k, v) size += 2 * strlen(k) + 3;
-    char *s = malloc(size), *o = s;
+    char *s = loom_xmalloc(size), *o = s;
     *o++ = '{';
     json_object_foreach(ids, k, v)
     {
