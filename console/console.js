@@ -488,10 +488,11 @@ pages.registry = {
         el("tr", {}, el("td", {class: "mono"}, text(d.id)), el("td", {}, text(d.name)), el("td", {}, text(d.version)),
           el("td", {}, el("pre", {}, JSON.stringify(d, null, 2)))))),
       el("h2", {}, "Instances"),
-      table(["id", "slug", "url", "tags", "status", "last probe / heartbeat", "registered"], inst.instances.map((i) =>
+      table(["id", "slug", "url", "tags", "status", "updated", "last heartbeat", "registered"], inst.instances.map((i) =>
         el("tr", {}, el("td", {class: "mono"}, text(i.id)), el("td", {}, text(i.slug)), el("td", {class: "mono"}, text(i.url)),
           el("td", {}, (i.tags || []).map(text).join(", ")),
-          el("td", {}, status(i.status)), el("td", {}, when(i.updated_at || i.last_heartbeat)), el("td", {}, when(i.registered_at))))),
+          el("td", {}, status(i.status)), el("td", {}, when(i.updated_at)), el("td", {}, when(i.last_heartbeat)),
+          el("td", {}, when(i.registered_at))))),
       inst.next_cursor ? el("p", {class: "note"}, "The first 200 instances are shown.") : null);
   },
 };

@@ -12,6 +12,7 @@ docs/console-*.png (CI leaves the tree alone).
 
 usage: test_console.py APP
 """
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHOTS = os.environ.get("LOOM_CONSOLE_SCREENSHOTS") == "1"
 WAIT = 60  # seconds: generous, the machine is shared
+READER = "reader-token-for-the-console-test"
 
 
 def fail(msg):
@@ -43,7 +45,12 @@ def fail(msg):
 
 def start_dev(app, workdir):
     env = dict(os.environ)
+    # A second token that may read but not steer.
+    tokens = os.path.join(workdir, "tokens")
+    with open(tokens, "w") as f:
+        f.write("%s reader nodes:read,commands:read\n" % hashlib.sha256(READER.encode()).hexdigest())
     env.update({
+        "LOOM_API_TOKENS_FILE": tokens,
         "LOOM_DEV_DIR": os.path.join(workdir, ".loom"),
         "LOOM_API_LISTEN": "127.0.0.1:0",
         "LOOM_LOG_LEVEL": "warn",
@@ -204,6 +211,17 @@ def main():
         if st != 202:
             fail("order stuck-1: %s %s" % (st, stuck))
         api.wait_status(stuck["command_id"], "retrying")
+        # Park and replay need commands:admin; reading does not.
+        reader = Api(base, READER)
+        st, body = reader.call("POST", "/v1/commands/%s/park" % stuck["command_id"], {})
+        if st != 403 or body["error"]["code"] != "PERMISSION_DENIED":
+            fail("a reader parked a command: %s %s" % (st, body))
+        st, body = reader.call("POST", "/v1/commands/%s/replay" % stuck["command_id"], {})
+        if st != 403:
+            fail("a reader replayed a command: %s %s" % (st, body))
+        st, body = reader.call("GET", "/v1/commands?status=retrying")
+        if st != 200 or [c["id"] for c in body["commands"]] != [stuck["command_id"]]:
+            fail("a reader's list of stuck commands: %s %s" % (st, body))
         st, _ = api.call("POST", "/v1/messages:batchPut?wait=10s", {"msgs": [{
             "id": "xss-1", "source": "urn:test", "specversion": "1.0", "type": "demo.note",
             "data": {"text": "<script>window.__xss=3</script>",
