@@ -144,6 +144,22 @@ def wait_for(driver, what, cond):
     fail("waiting for %s; the page shows:\n%s" % (what, page[:3000]))
 
 
+def act(driver, what, by, sel, fn):
+    """fn(element) on the element found now, again if the page re-rendered
+    it in between (a stuck command's page changes with every retry)."""
+    def once(d):
+        e = d.find_element(by, sel)
+        if not e.is_enabled():
+            return False
+        fn(e)
+        return True
+    wait_for(driver, what, once)
+
+
+def click(driver, what, by, sel):
+    act(driver, what, by, sel, lambda e: e.click())
+
+
 def shot(driver, name):
     if SHOTS:
         time.sleep(0.5)
@@ -236,8 +252,8 @@ def main():
         driver.get(console)
         wait_for(driver, "the sign-in form", lambda d: d.find_element(By.ID, "token").is_displayed())
         shot(driver, "login")
-        driver.find_element(By.ID, "token").send_keys(token)
-        driver.find_element(By.ID, "login-button").click()
+        act(driver, "the token field", By.ID, "token", lambda e: e.send_keys(token))
+        click(driver, "sign in", By.ID, "login-button")
 
         # Overview: this node, the counts, the chart after a few refreshes.
         rows = wait_for(driver, "a node", lambda d: d.find_elements(By.CSS_SELECTOR, "tr.node-row"))
@@ -269,9 +285,12 @@ def main():
 
         # The form's filters: type and key.
         goto(driver, base, "#/commands")
-        form = wait_for(driver, "the filter form", lambda d: d.find_element(By.ID, "filters"))
-        form.find_element(By.NAME, "key").send_keys("stuck-1")
-        driver.find_element(By.ID, "apply-filters").click()
+        # The unfiltered page's own form (the rejected page's had a status).
+        wait_for(driver, "the filter form", lambda d: d.find_element(
+            By.CSS_SELECTOR, "#filters select[name=status]").get_attribute("value") == "")
+        act(driver, "the key field", By.CSS_SELECTOR, "#filters input[name=key]",
+            lambda e: e.send_keys("stuck-1"))
+        click(driver, "Filter", By.ID, "apply-filters")
         wait_for(driver, "the stuck command by key",
                  lambda d: [r for r in d.find_elements(By.CSS_SELECTOR, "tr.command-row")
                             if r.get_attribute("data-id") == stuck["command_id"]]
@@ -286,14 +305,13 @@ def main():
         if "stuck-1" not in data_text:
             fail("the command's data: %s" % data_text)
         shot(driver, "command")
-        driver.find_element(By.ID, "park").click()
+        click(driver, "Park", By.ID, "park")
         WebDriverWait(driver, WAIT).until(lambda d: d.switch_to.alert).accept()
         wait_for(driver, "the park's answer",
                  lambda d: "Park: applied" in d.find_element(By.ID, "steer-result").text)
         api.wait_status(stuck["command_id"], "parked")
         os.unlink(hold)
-        wait_for(driver, "the replay button", lambda d: d.find_element(By.ID, "replay").is_enabled())
-        driver.find_element(By.ID, "replay").click()
+        click(driver, "Replay", By.ID, "replay")
         WebDriverWait(driver, WAIT).until(lambda d: d.switch_to.alert).accept()
         wait_for(driver, "the replay's answer",
                  lambda d: "Replay: applied" in d.find_element(By.ID, "steer-result").text)
