@@ -198,6 +198,16 @@ def main():
             fail("weak Content-Security-Policy: %r" % csp)
         if re.search(r"<script(?![^>]*\bsrc=)", page) or "style=" in page or "http" in page:
             fail("the page has inline script or style, or a remote address")
+        for method, path, want in (("GET", "/console/nothing.js", 404), ("POST", "/console", 405),
+                                   ("GET", "/console/console.js", 200), ("HEAD", "/console/", 200)):
+            req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    st, hdr = r.status, r.headers
+            except urllib.error.HTTPError as e:
+                st, hdr = e.code, e.headers
+            if st != want or "default-src 'none'" not in (hdr["Content-Security-Policy"] or ""):
+                fail("%s %s: %s, CSP %r" % (method, path, st, hdr["Content-Security-Policy"]))
 
         # Commands: applied with a follow-up, rejected, stuck.
         st, ok = api.call("POST", "/v1/demo/orders?wait=10s", {"order": "ok-1"})
