@@ -5,6 +5,7 @@
 #include "cli.h"
 #include "loom/bus.h"
 #include "loom/clock.h"
+#include "loom/command_admin.h"
 #include "loom/log.h"
 
 #include <jansson.h>
@@ -88,16 +89,27 @@ static int cmd_show(loom_db_pool_t *pool, const char *id)
     return LOOM_EXIT_OK;
 }
 
+/* Parks or takes for replay with the statements the console's routes use
+ * (loom/command_admin.h), on one connection of pool. */
+typedef int (*admin_fn)(loom_db_t *db, const char *id, const char *consumer, PGresult **rows,
+                        loom_error_t *err);
+
+static int admin(loom_db_pool_t *pool, admin_fn fn, const char *id, const char *consumer,
+                 PGresult **res, loom_error_t *err)
+{
+    loom_db_t *db = NULL;
+    int rc = loom_db_acquire(pool, &db, err);
+    if (rc == 0)
+        rc = fn(db, id, consumer, res, err);
+    loom_db_release(db);
+    return rc;
+}
+
 static int cmd_park(loom_db_pool_t *pool, const char *id, const char *consumer)
 {
-    const char *p[] = {id, consumer};
     PGresult *res = NULL;
     loom_error_t err;
-    int rc = query(pool,
-                   "UPDATE loom_commands SET status = 'parked', updated_at = now() "
-                   "WHERE message_id = $1 AND ($2::text IS NULL OR consumer = $2) "
-                   "AND status = 'retrying' RETURNING consumer",
-                   2, p, &res, &err);
+    int rc = admin(pool, loom_command_park, id, consumer, &res, &err);
     if (rc != 0)
         return cli_fail("commands", "%s", err.message);
     int n = PQntuples(res);
@@ -118,39 +130,26 @@ static int cmd_replay(cli_ctx_t *ctx, loom_db_pool_t *pool, const char *id, cons
     int rc = cli_need_brokers(ctx, "commands");
     if (rc != 0)
         return rc;
-    const char *p[] = {id, consumer};
-    PGresult *res = NULL;
+    loom_producer_t *prod = NULL;
     loom_error_t err;
-    rc = query(pool,
-               "SELECT consumer, topic, stream_id, headers::text, payload, msg_key "
-               "FROM loom_commands "
-               "WHERE message_id = $1 AND ($2::text IS NULL OR consumer = $2) "
-               "AND status IN ('parked', 'rejected') AND payload IS NOT NULL",
-               2, p, &res, &err);
-    if (rc != 0)
+    loom_producer_opts_t popts = {.brokers = ctx->cfg.kafka_brokers, .cfg = &ctx->cfg};
+    if (loom_producer_new(&popts, &prod, &err) != 0)
         return cli_fail("commands", "%s", err.message);
+    /* Marked retrying in the same statement that reads it, so the dedup lets
+     * the replayed copy through. */
+    PGresult *res = NULL;
+    rc = admin(pool, loom_command_replay_take, id, consumer, &res, &err);
+    if (rc != 0) {
+        loom_producer_free(prod);
+        return cli_fail("commands", "%s", err.message);
+    }
     if (PQntuples(res) == 0) {
         PQclear(res);
+        loom_producer_free(prod);
         fprintf(stderr, "loom commands: no parked or rejected command with id \"%s\"\n", id);
         return loom_error_class_exit_status(LOOM_ERR_NOT_FOUND);
     }
-    loom_producer_t *prod = NULL;
-    loom_producer_opts_t popts = {.brokers = ctx->cfg.kafka_brokers, .cfg = &ctx->cfg};
-    if (loom_producer_new(&popts, &prod, &err) != 0) {
-        PQclear(res);
-        return cli_fail("commands", "%s", err.message);
-    }
     for (int i = 0; i < PQntuples(res) && rc == 0; i++) {
-        /* Mark it retrying first, so the dedup lets the replayed copy through. */
-        const char *up[] = {id, PQgetvalue(res, i, 0)};
-        PGresult *r2 = NULL;
-        rc = query(pool,
-                   "UPDATE loom_commands SET status = 'retrying', updated_at = now() "
-                   "WHERE message_id = $1 AND consumer = $2",
-                   2, up, &r2, &err);
-        PQclear(r2);
-        if (rc != 0)
-            break;
         rd_kafka_headers_t *h = loom_kafka_headers_from_json(PQgetvalue(res, i, 3));
         size_t len = 0;
         unsigned char *payload =

@@ -319,6 +319,7 @@ static int cmd_dev(cli_ctx_t *ctx, int argc, char **argv)
     if (rc == 0) {
         printf("loom dev is up (node %s)\n", ctx->cfg.node_id);
         printf("  api         %s  (/healthz, /readyz, /metrics need no token)\n", api_url);
+        printf("  console     %s/console  (paste the token once per browser tab)\n", api_url);
         printf("  token       %s  (development token: every scope)\n", token);
         if (pg.started)
             printf("  postgres    %s  (private, data in %s)\n", url, pgdir);

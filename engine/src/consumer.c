@@ -457,10 +457,11 @@ static const loom_db_stmt_t stmt_dedup = {
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp "
-    "FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
-    "$10::text[], $11::text[], $12::text[], $13::text[]) AS u(m, t, s, o, a, r, ray, src, dg, tp) "
+    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp, "
+    "u.c FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
+    "$10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) "
+    "AS u(m, t, s, o, a, r, ray, src, dg, tp, c) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
@@ -468,7 +469,7 @@ static const loom_db_stmt_t stmt_commands_applied = {
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
     "traceparent = EXCLUDED.traceparent, updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    13};
+    14};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -511,10 +512,10 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-                    rays = {0}, srcs = {0}, digests = {0}, tps = {0};
-    loom_db_array_t *all[] = {&ids,     &types, &streams, &offs,    &atts,
-                              &results, &rays,  &srcs,    &digests, &tps};
-    for (size_t i = 0; i < 10; i++)
+                    rays = {0}, srcs = {0}, digests = {0}, tps = {0}, causes = {0};
+    loom_db_array_t *all[] = {&ids,  &types, &streams, &offs, &atts,  &results,
+                              &rays, &srcs,  &digests, &tps,  &causes};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         loom_db_array_reset(all[i]);
     size_t expected = 0;
     for (size_t i = from; i < to; i++) {
@@ -534,6 +535,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&srcs, m->ce.source);
         loom_db_array_add(&digests, m->digest);
         loom_db_array_add(&tps, msg_traceparent(m));
+        loom_db_array_add(&causes, m->ce.causationid);
     }
     int rc = 0;
     /* Everything but the loom_commands INSERT is deferred: they all go to
@@ -580,7 +582,8 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&rays),
                            loom_db_array_str(&srcs),
                            loom_db_array_str(&digests),
-                           loom_db_array_str(&tps)};
+                           loom_db_array_str(&tps),
+                           loom_db_array_str(&causes)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -596,7 +599,7 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         strstr(err->message, "loom_events_pkey"))
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
                             "event stream written concurrently: %s", err->message);
-    for (size_t i = 0; i < 10; i++)
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         loom_db_array_free(all[i]);
     return rc;
 }
@@ -711,15 +714,15 @@ static const loom_db_stmt_t stmt_record = {
     "loom_commands_record",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
     "kafka_offset, status, attempts, last_error, ray_id, headers, payload, source, digest, "
-    "msg_key, conflict_of) "
+    "msg_key, conflict_of, causation_id) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea, $13, $14, "
-    "$15::bytea, $16) "
+    "$15::bytea, $16, $17) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = EXCLUDED.status, "
     "attempts = loom_commands.attempts + 1, last_error = EXCLUDED.last_error, "
     "headers = EXCLUDED.headers, payload = EXCLUDED.payload, msg_key = EXCLUDED.msg_key, "
     "source = EXCLUDED.source, digest = EXCLUDED.digest, updated_at = now() "
     "WHERE loom_commands.status = 'retrying'",
-    16};
+    17};
 
 /* The headers as a JSON object for loom_commands.headers (and `loom commands
  * replay`): a value that is UTF-8 text without NUL as a string, any other as
@@ -802,7 +805,8 @@ static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
                        r->safe ? NULL : m->ce.source,
                        m->digest,
                        key,
-                       conflict && !r->safe ? msg_id(m) : NULL};
+                       conflict && !r->safe ? msg_id(m) : NULL,
+                       !r->safe && m->decoded ? m->ce.causationid : NULL};
     int rc = loom_db_exec(db, &stmt_record, p, NULL, err);
     free(hdrs);
     free(bytea);

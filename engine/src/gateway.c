@@ -7,6 +7,7 @@
  */
 #include "gateway_int.h"
 #include "loom/clock.h"
+#include "loom/console.h"
 #include "loom/db.h"
 #include "loom/log.h"
 #include "loom/mem.h"
@@ -614,6 +615,13 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
         } else {
             serve_readyz(gw, req, res);
         }
+        return;
+    }
+
+    /* The console's static files: no token (they hold no data). */
+    if (loom_console_path(path)) {
+        g->route_label = "/console";
+        loom_console_serve(req, res);
         return;
     }
 

@@ -9,12 +9,19 @@
  *   request  {"id": "0191b2c4-...", "consumer": "messages"?}
  *   result   {"id": "...", "commands": [{"consumer", "type", "status",
  *             "attempts", "last_error", "result", "stream_id", "topic",
- *             "partition", "offset", "ray_id", "received_at", "updated_at"}],
+ *             "partition", "offset", "ray_id", "causation_id", "received_at",
+ *             "updated_at", "headers", "data"}],
  *             "conflicts": [...]?}
  *
  * "conflicts" (only when there are some) lists the other commands that came
  * with this id but another type or data: they were not applied, and are
  * recorded with status "conflict" (docs/operations.md).
+ *
+ * headers (the Kafka headers: the CloudEvent's ce_* attributes) and data
+ * are kept only while a command is not applied (rejected, retrying,
+ * parked), so it can be replayed; for an applied command both are null.
+ * data is the JSON value of the payload, or its text when it is not JSON,
+ * or null when it is not UTF-8 either.
  */
 #include "loom/op.h"
 #include "../row.h"
@@ -22,7 +29,8 @@
 static const loom_db_stmt_t select_commands = {
     "loom_op_engine_commands_get",
     "SELECT consumer, type, status, attempts, last_error, result::TEXT AS result, stream_id, "
-    "topic, kafka_partition, kafka_offset, ray_id, "
+    "topic, kafka_partition, kafka_offset, ray_id, causation_id, headers::TEXT AS headers, "
+    "payload, "
     "(extract(epoch FROM received_at) * 1000000)::BIGINT AS received_us, "
     "(extract(epoch FROM updated_at) * 1000000)::BIGINT AS updated_us "
     "FROM loom_commands WHERE message_id = $1 AND ($2::TEXT IS NULL OR consumer = $2::TEXT) "
@@ -36,6 +44,23 @@ static const loom_db_stmt_t select_conflicts = {
     "FROM loom_commands WHERE conflict_of = $1 AND ($2::TEXT IS NULL OR consumer = $2::TEXT) "
     "ORDER BY received_at, message_id LIMIT 1000",
     2};
+
+/* The payload column (bytea in its hex text form) as JSON: its value, else
+ * its text, else null. */
+static json_t *payload_json(const char *bytea)
+{
+    if (!bytea)
+        return json_null();
+    size_t len = 0;
+    unsigned char *raw = PQunescapeBytea((const unsigned char *)bytea, &len);
+    if (!raw)
+        return json_null();
+    json_t *v = json_loadb((const char *)raw, len, JSON_DECODE_ANY, NULL);
+    if (!v)
+        v = json_stringn((const char *)raw, len);
+    PQfreemem(raw);
+    return v ? v : json_null();
+}
 
 static int commands_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
                         loom_error_t *err)
@@ -78,8 +103,11 @@ static int commands_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, js
         json_object_set_new(c, "partition", row_integer(r, i, "kafka_partition"));
         json_object_set_new(c, "offset", row_integer(r, i, "kafka_offset"));
         json_object_set_new(c, "ray_id", row_string(r, i, "ray_id"));
+        json_object_set_new(c, "causation_id", row_string(r, i, "causation_id"));
         json_object_set_new(c, "received_at", row_time(r, i, "received_us"));
         json_object_set_new(c, "updated_at", row_time(r, i, "updated_us"));
+        json_object_set_new(c, "headers", row_json(r, i, "headers"));
+        json_object_set_new(c, "data", payload_json(row_text(r, i, "payload")));
         json_array_append_new(list, c);
     }
     PQclear(r);

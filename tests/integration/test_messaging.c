@@ -646,8 +646,11 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     char *out, *err;
 
     cr_assert_eq(app_run(e.url, brokers, e.suffix, "migrate up", &out, &err), 0, "%s", err);
-    cr_assert(strstr(out, "kafka: 1 topic created, 0 already there (3 partitions each)"), "%s",
-              out);
+    /* Its own topic is new; the engine's loom.cmd.engine (the console's park
+     * and replay) may be there already from another test on this broker. */
+    cr_assert(strstr(out, "kafka: 2 topics created, 0 already there (3 partitions each)") ||
+                  strstr(out, "kafka: 1 topic created, 1 already there (3 partitions each)"),
+              "%s", out);
     free(out);
     free(err);
     char cmd[1024];

@@ -115,7 +115,8 @@ Test(tutorial, the_ledger_works_under_loom_dev, .timeout = 240)
     /* The banner shows calls of this binary's routes, not another's. */
     cr_assert(strstr(log, "/v1/ledger/accounts/alice"), "%s", log);
     cr_assert_null(strstr(log, "/v1/messages"), "%s", log);
-    cr_assert(strstr(log, "worker      1 consumer,"), "%s", log);
+    /* notes.store, and the engine's own engine.commands (park, replay). */
+    cr_assert(strstr(log, "worker      2 consumers,"), "%s", log);
 
     loom_test_http_res_t r;
     post(port, token, "/v1/ledger/accounts", "{\"id\":\"alice\"}", &r);
