@@ -25,11 +25,22 @@ static int too_large(loom_http_req_t *req, loom_http_res_t *res, const char *wha
     return loom_gateway_fail(req, res, &err);
 }
 
+/* The body as an object holding no key but `allowed` (one rule for every
+ * route of the gateway: unknown keys are refused, naming the first). */
+static int body_of(loom_http_req_t *req, const char *const *allowed, json_t **body,
+                   loom_error_t *err)
+{
+    if (loom_gateway_body_json(req, true, body, err) != 0)
+        return -1;
+    return loom_op_req_check_keys(*body, allowed, err);
+}
+
 static int batch_put(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
     loom_error_t err;
-    if (loom_gateway_body_json(req, true, &body, &err) != 0)
+    static const char *const keys[] = {"msgs", NULL};
+    if (body_of(req, keys, &body, &err) != 0)
         return loom_gateway_fail(req, res, &err);
     json_t *msgs = json_object_get(body, "msgs");
     if (!json_is_array(msgs)) {
@@ -58,7 +69,8 @@ static json_t *ids_of(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
     loom_error_t err;
-    if (loom_gateway_body_json(req, true, &body, &err) != 0) {
+    static const char *const keys[] = {"ids", NULL};
+    if (body_of(req, keys, &body, &err) != 0) {
         loom_gateway_fail(req, res, &err);
         return NULL;
     }
@@ -112,7 +124,13 @@ static int batch_delete(loom_http_req_t *req, loom_http_res_t *res)
 
 static int clean(loom_http_req_t *req, loom_http_res_t *res)
 {
-    /* The worker applies its LOOM_MESSAGES_RETENTION. */
+    /* The worker applies its LOOM_MESSAGES_RETENTION; the body, when there
+     * is one, is an empty object. */
+    json_t *body;
+    loom_error_t err;
+    static const char *const keys[] = {NULL};
+    if (body_of(req, keys, &body, &err) != 0)
+        return loom_gateway_fail(req, res, &err);
     loom_gateway_command_t cmd = {.type = "messages.clean", .data = json_object()};
     return loom_gateway_publish(req, res, &cmd);
 }

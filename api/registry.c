@@ -158,30 +158,36 @@ static int put_instance(loom_http_req_t *req, loom_http_res_t *res)
                                 put_instance_checked, NULL);
 }
 
-/* A query parameter, with "" taken as absent. */
-static const char *query(loom_http_req_t *req, const char *name)
-{
-    const char *v = loom_http_req_query(req, name);
-    return v && *v ? v : NULL;
-}
-
 static int list_instances(loom_http_req_t *req, loom_http_res_t *res)
 {
     static const char *const filters[] = {"slug", "deployment_id", "status",
                                           "host", "cursor",        NULL};
+    loom_error_t err;
+    /* A filter given empty is refused, not dropped: "?status=" does not
+     * mean "every status". (The gateway refused values that are not UTF-8.) */
+    for (const char *const *f = filters; *f; f++) {
+        const char *v = loom_http_req_query(req, *f);
+        if (v && !*v) {
+            loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "%s: must not be empty", *f);
+            return loom_gateway_fail(req, res, &err);
+        }
+    }
+    const char *limit = loom_http_req_query(req, "limit");
+    if (limit && !*limit) {
+        loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "limit: must not be empty");
+        return loom_gateway_fail(req, res, &err);
+    }
     json_t *op_req = json_object();
     for (const char *const *f = filters; *f; f++) {
-        const char *v = query(req, *f);
+        const char *v = loom_http_req_query(req, *f);
         if (v)
             json_object_set_new(op_req, *f, json_string(v));
     }
-    const char *limit = query(req, "limit");
     if (limit) {
         char *end;
         long long n = strtoll(limit, &end, 10);
         if (*end || end == limit || n < 1 || strlen(limit) > 9) {
             json_decref(op_req);
-            loom_error_t err;
             loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
                            "limit: must be an integer from 1 to %d", REGISTRY_LIST_LIMIT_MAX);
             return loom_gateway_fail(req, res, &err);

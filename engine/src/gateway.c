@@ -335,16 +335,12 @@ const char *loom_gateway_request_id(const loom_http_req_t *req)
     return g ? g->request_id : NULL;
 }
 
-const char *loom_gateway_param(loom_http_req_t *req, const char *name)
+/* Percent-decodes a path parameter into the arena (no '+' rule in paths; a
+ * bad escape is kept as it is). *clean becomes false when the result holds
+ * a NUL or is not UTF-8. */
+static char *param_decode(loom_arena_t *a, const char *v, size_t len, bool *clean)
 {
-    gw_req_t *g = gw_req(req);
-    const char *v;
-    size_t len;
-    if (!g || !g->route ||
-        !loom_route_param(g->route->pattern, loom_http_req_path(req), name, &v, &len))
-        return NULL;
-    /* Percent-decode (no '+' rule in paths). */
-    char *out = loom_arena_alloc(loom_http_req_arena(req), len + 1);
+    char *out = loom_arena_alloc(a, len + 1);
     size_t o = 0;
     for (size_t i = 0; i < len; i++) {
         if (v[i] == '%' && i + 2 < len && isxdigit((unsigned char)v[i + 1]) &&
@@ -357,7 +353,40 @@ const char *loom_gateway_param(loom_http_req_t *req, const char *name)
         }
     }
     out[o] = '\0';
+    if (clean)
+        *clean = strlen(out) == o && loom_http_utf8_valid(out, o);
     return out;
+}
+
+const char *loom_gateway_param(loom_http_req_t *req, const char *name)
+{
+    gw_req_t *g = gw_req(req);
+    const char *v;
+    size_t len;
+    if (!g || !g->route ||
+        !loom_route_param(g->route->pattern, loom_http_req_path(req), name, &v, &len))
+        return NULL;
+    return param_decode(loom_http_req_arena(req), v, len, NULL);
+}
+
+/* The first parameter of the route whose value does not decode to clean
+ * text; NULL when all do. Handlers may then take every parameter as text. */
+static const char *unclean_param(loom_http_req_t *req, const loom_route_t *route, char *name,
+                                 size_t size)
+{
+    const char *path = loom_http_req_path(req);
+    for (const char *p = strchr(route->pattern, '{'); p; p = strchr(p + 1, '{')) {
+        size_t nl = strcspn(p + 1, "}");
+        snprintf(name, size, "%.*s", (int)nl, p + 1);
+        const char *v;
+        size_t len;
+        bool clean = true;
+        if (loom_route_param(route->pattern, path, name, &v, &len))
+            param_decode(loom_http_req_arena(req), v, len, &clean);
+        if (!clean)
+            return name;
+    }
+    return NULL;
 }
 
 int loom_gateway_parse_json(const char *text, size_t len, bool want_object, json_t **out,
@@ -409,15 +438,20 @@ int loom_gateway_body_json(loom_http_req_t *req, bool want_object, json_t **out,
 
 int loom_gateway_reply(loom_http_req_t *req, loom_http_res_t *res, int status, json_t *body)
 {
-    (void)req;
     loom_http_res_status(res, status);
     if (body) {
         char *text = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
         json_decref(body);
-        if (text) {
-            loom_http_res_header(res, "Content-Type", "application/json");
-            loom_http_res_body_take(res, text, strlen(text));
+        if (!text) {
+            /* Never an empty answer: say what went wrong, as JSON. */
+            LOOM_ERROR("an answer could not be encoded as JSON", "status=%d", status);
+            loom_http_res_status(res, 500);
+            text = loom_xasprintf("{\"error\":{\"code\":\"INTERNAL\",\"message\":\"the "
+                                  "answer could not be encoded as JSON\",\"ray_id\":\"%s\"}}",
+                                  loom_gateway_ray_id(req) ? loom_gateway_ray_id(req) : "");
         }
+        loom_http_res_header(res, "Content-Type", "application/json");
+        loom_http_res_body_take(res, text, strlen(text));
     }
     loom_http_res_send(res);
     return 0;
@@ -432,7 +466,10 @@ int loom_gateway_fail(loom_http_req_t *req, loom_http_res_t *res, const loom_err
     }
     int status = loom_error_class_http_status(err->cls);
     const char *ray = loom_gateway_ray_id(req);
-    json_t *e = json_pack("{s:s, s:s}", "code", err->code, "message", err->message);
+    char msg[sizeof(err->message)];
+    snprintf(msg, sizeof(msg), "%s", err->message);
+    loom_http_utf8_repair(msg); /* messages echo client bytes, and may be cut in a character */
+    json_t *e = json_pack("{s:s, s:s}", "code", err->code, "message", msg);
     if (e && ray)
         json_object_set_new(e, "ray_id", json_string(ray));
     if (err->retriable && (status == 503 || status == 429))
@@ -446,7 +483,10 @@ int loom_gateway_fail(loom_http_req_t *req, loom_http_res_t *res, const loom_err
 static void fail_status(loom_http_req_t *req, loom_http_res_t *res, int status,
                         const loom_error_t *err)
 {
-    json_t *e = json_pack("{s:s, s:s, s:s}", "code", err->code, "message", err->message, "ray_id",
+    char msg[sizeof(err->message)];
+    snprintf(msg, sizeof(msg), "%s", err->message);
+    loom_http_utf8_repair(msg);
+    json_t *e = json_pack("{s:s, s:s, s:s}", "code", err->code, "message", msg, "ray_id",
                           loom_gateway_ray_id(req));
     loom_gateway_reply(req, res, status, json_pack("{s:o}", "error", e));
 }
@@ -665,6 +705,23 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
         loom_error_set(&err, LOOM_CODE_PERMISSION_DENIED,
                        "%s %s needs the scope \"%s\", which the token of \"%s\" does not hold",
                        route->method, route->pattern, route->scope, g->token->slug);
+        loom_gateway_fail(req, res, &err);
+        return;
+    }
+
+    /* Parameters are text: a value that decodes to a NUL or to bytes that
+     * are not UTF-8 is refused here, naming it, for every route. */
+    char pname[64];
+    const char *bad = unclean_param(req, route, pname, sizeof(pname));
+    const char *badq = bad ? NULL : loom_http_req_query_unclean(req);
+    if (bad || badq) {
+        char name[64];
+        snprintf(name, sizeof(name), "%s", bad ? bad : badq);
+        loom_http_utf8_repair(name);
+        loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
+                       "%s parameter \"%s\" is not valid UTF-8 text (percent-decoded, it holds "
+                       "a NUL or bytes that are not UTF-8)",
+                       bad ? "path" : "query", name);
         loom_gateway_fail(req, res, &err);
         return;
     }

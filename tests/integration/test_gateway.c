@@ -833,6 +833,78 @@ Test(gateway, post_v1_ops_calls_any_op_with_ops_call_scope, .timeout = 120)
     env_free(&e);
 }
 
+/* ---- odd input ------------------------------------------------------------------------ */
+
+/* Each of these was once answered wrongly (a misleading reason, a filter
+ * silently dropped, a bad body accepted, a value cut at a %00). */
+Test(gateway, odd_input_gets_exact_answers, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, true, NULL);
+    env_start(&e);
+    static const struct {
+        const char *method, *path, *body, *code, *says;
+        int status;
+    } cases[] = {
+        {"GET", "/v1/messages/%ff", NULL, "INVALID_ARGUMENT", "path parameter \"id\"", 400},
+        {"POST", "/v1/ops/%ff%fe", "{}", "INVALID_ARGUMENT", "path parameter \"name\"", 400},
+        {"GET", "/v1/registry/instances?slug=%ff", NULL, "INVALID_ARGUMENT", "\"slug\"", 400},
+        {"GET", "/v1/registry/instances?cursor=%ff", NULL, "INVALID_ARGUMENT", "\"cursor\"", 400},
+        {"GET", "/v1/registry/instances?status=", NULL, "INVALID_ARGUMENT", "status: must not",
+         400},
+        {"GET", "/v1/registry/instances?limit=", NULL, "INVALID_ARGUMENT", "limit: must not", 400},
+        {"POST", "/v1/messages:clean", "{{{", "INVALID_JSON", "not valid JSON", 400},
+        {"POST", "/v1/messages:clean", "{\"all\":true}", "INVALID_ARGUMENT", "\"all\"", 400},
+        {"POST", "/v1/messages:batchPut", "{\"msgs\":[],\"extra\":1}", "INVALID_ARGUMENT",
+         "unknown field \"extra\"", 400},
+        {"POST", "/v1/messages:batchGet", "{\"ids\":[],\"extra\":1}", "INVALID_ARGUMENT",
+         "unknown field \"extra\"", 400},
+        {"POST", "/v1/messages:clean?wait=5s%00x", NULL, "INVALID_ARGUMENT", "\"wait\"", 400},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        loom_test_http_res_t r;
+        loom_test_http(e.port, cases[i].method, cases[i].path, TOK_ADMIN, NULL, cases[i].body, &r);
+        expect_error(&r, cases[i].status, cases[i].code);
+        const char *msg =
+            json_string_value(json_object_get(json_object_get(r.json, "error"), "message"));
+        cr_expect(msg && strstr(msg, cases[i].says), "case %zu (%s %s): %s", i, cases[i].method,
+                  cases[i].path, r.body);
+        loom_test_http_res_free(&r);
+    }
+    env_free(&e);
+}
+
+/* Error messages echo client bytes; whatever those are, the answer is JSON. */
+Test(gateway, error_bodies_are_json_when_echoing_invalid_utf8, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, true, NULL);
+    env_start(&e);
+    static const struct {
+        const char *method, *path;
+        int status;
+    } cases[] = {
+        {"POST", "/v1/messages:clean?wait=%C3", 400}, /* a character cut short */
+        {"POST", "/v1/messages:clean?%ff=1", 400},    /* the name itself */
+        {"GET", "/nowhere/\xff\xc3", 404},            /* raw bytes in the path */
+        {"PUT", "/v1/messages/\xff", 405},
+        {"GET", "/v1/test/accounts/%C3%28", 400},
+        {"POST", "/v1/ops/test.ledger.balance", 400}, /* the body: see below */
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        loom_test_http_res_t r;
+        loom_test_http(e.port, cases[i].method, cases[i].path, TOK_ADMIN, NULL,
+                       i == 5 ? "{\"account\":\"\xc3\"}" : NULL, &r);
+        cr_expect_eq(r.status, cases[i].status, "case %zu: %d %s", i, r.status, r.body);
+        cr_expect(r.body_len > 0, "case %zu: empty body", i);
+        cr_expect_not_null(r.json, "case %zu: not JSON: %s", i, r.body);
+        const char *ct = hdr(&r, "Content-Type");
+        cr_expect(ct && strstr(ct, "application/json"), "case %zu", i);
+        loom_test_http_res_free(&r);
+    }
+    env_free(&e);
+}
+
 /* ---- the write path ------------------------------------------------------------------- */
 
 static char *credit_body(const char *account, long amount, const char *extra)
