@@ -239,10 +239,7 @@ int loom_gateway_add_token(loom_gateway_t *gw, const char *token, const char *sl
     if (!gw || !token || !*token || !slug || !scopes)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "a token needs a slug and scopes");
     uint8_t digest[LOOM_SHA256_LEN];
-    loom_sha256_t ctx;
-    loom_sha256_init(&ctx);
-    loom_sha256_update(&ctx, token, strlen(token));
-    loom_sha256_final(&ctx, digest);
+    loom_sha256(token, strlen(token), digest);
     gw_token_t *t = token_new(digest, slug, strlen(slug), scopes, strlen(scopes));
     if (!t)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
@@ -274,19 +271,13 @@ int loom_gateway_dev_token(loom_gateway_t *gw, char *out, size_t size)
 static const gw_token_t *tokens_find(loom_gateway_t *gw, const char *token, size_t len)
 {
     uint8_t digest[LOOM_SHA256_LEN];
-    loom_sha256_t ctx;
-    loom_sha256_init(&ctx);
-    loom_sha256_update(&ctx, token, len);
-    loom_sha256_final(&ctx, digest);
+    loom_sha256(token, len, digest);
     const gw_token_t *found = NULL;
     pthread_rwlock_rdlock(&gw->tokens_mu);
-    for (size_t i = 0; i < gw->n_tokens; i++) {
-        volatile uint8_t diff = 0;
-        for (size_t k = 0; k < LOOM_SHA256_LEN; k++)
-            diff |= (uint8_t)(gw->tokens[i]->hash[k] ^ digest[k]);
-        if (diff == 0)
+    /* Every entry is compared, each in constant time, whichever matches. */
+    for (size_t i = 0; i < gw->n_tokens; i++)
+        if (loom_sha256_equal(gw->tokens[i]->hash, digest))
             found = gw->tokens[i];
-    }
     pthread_rwlock_unlock(&gw->tokens_mu);
     return found;
 }
