@@ -30,6 +30,8 @@
 #define TOK_ADMIN  "tok-admin-0123456789"
 #define TOK_READER "tok-reader-0123456789"
 #define TOK_WRITER "tok-writer-0123456789"
+#define TOK_OPS    "tok-ops-0123456789"
+#define TOK_OPS_RD "tok-ops-read-0123456789"
 
 /* ---- the test service: ops and routes ------------------------------------------------ */
 
@@ -159,7 +161,9 @@ static void write_tokens(gw_env_t *e)
     snprintf(e->tokens_path, sizeof(e->tokens_path), "/tmp/loom-gw-tokens-%d", (int)getpid());
     loom_test_token_t t[] = {{TOK_ADMIN, "admin *"},
                              {TOK_READER, "reader test:read   # a comment"},
-                             {TOK_WRITER, "writer test:write,test:read"}};
+                             {TOK_WRITER, "writer test:write,test:read"},
+                             {TOK_OPS, "opsonly ops:call"},
+                             {TOK_OPS_RD, "opsreader ops:call,test:read,messages:read"}};
     loom_test_tokens_file(e->tokens_path, t, sizeof(t) / sizeof(t[0]));
 }
 
@@ -830,6 +834,46 @@ Test(gateway, post_v1_ops_calls_any_op_with_ops_call_scope, .timeout = 120)
     loom_test_http(e.port, "GET", "/v1/commands/no-such-command", TOK_READER, NULL, NULL, &r);
     expect_error(&r, 404, "COMMAND_NOT_FOUND");
     loom_test_http_res_free(&r);
+    env_free(&e);
+}
+
+/* ops:call reaches the op table, but each op also needs its own scope (by
+ * default its service's read scope): ops:call alone reads nothing. */
+Test(gateway, ops_need_ops_call_and_their_own_scope, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, true, NULL);
+    env_start(&e);
+    loom_test_sql(e.url, "INSERT INTO test_ledger (message_id, account, amount) "
+                         "VALUES ('m1', 'acct-1', 5)");
+    static const struct {
+        const char *token, *op, *body, *code;
+        int status;
+    } cases[] = {
+        {TOK_OPS, "messages.get", "{\"id\":\"x\"}", "PERMISSION_DENIED", 403},
+        {TOK_OPS, "test.ledger.balance", "{\"account\":\"acct-1\"}", "PERMISSION_DENIED", 403},
+        {TOK_OPS, "registry.definitions.list", "{}", "PERMISSION_DENIED", 403},
+        {TOK_OPS, "test.ledger.nope", "{}", "OP_NOT_FOUND", 404},
+        {TOK_OPS_RD, "messages.get", "{\"id\":\"x\"}", "MESSAGE_NOT_FOUND", 404},
+        {TOK_OPS_RD, "test.ledger.balance", "{\"account\":\"acct-1\"}", "", 200},
+        {TOK_OPS_RD, "registry.definitions.list", "{}", "PERMISSION_DENIED", 403},
+        {TOK_READER, "test.ledger.balance", "{\"account\":\"acct-1\"}", "PERMISSION_DENIED", 403},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char path[128];
+        snprintf(path, sizeof(path), "/v1/ops/%s", cases[i].op);
+        loom_test_http_res_t r;
+        loom_test_http(e.port, "POST", path, cases[i].token, NULL, cases[i].body, &r);
+        cr_expect_eq(r.status, cases[i].status, "case %zu: %d %s", i, r.status, r.body);
+        cr_expect_str_eq(loom_test_http_error_code(&r), cases[i].code, "case %zu: %s", i, r.body);
+        loom_test_http_res_free(&r);
+    }
+    /* The scope an op needs: its own, else its service's read scope. */
+    char buf[64];
+    static const loom_op_t own = {.name = "svc.thing.get", .scope = "svc:secret"};
+    static const loom_op_t dflt = {.name = "svc.thing.get"};
+    cr_expect_str_eq(loom_op_scope(&own, buf, sizeof(buf)), "svc:secret");
+    cr_expect_str_eq(loom_op_scope(&dflt, buf, sizeof(buf)), "svc:read");
     env_free(&e);
 }
 

@@ -172,6 +172,13 @@ int loom_gateway_fail(loom_http_req_t *req, loom_http_res_t *res, const loom_err
 int loom_gateway_op_answer(loom_http_req_t *req, loom_http_res_t *res, const char *name,
                            json_t *op_req);
 
+/*
+ * Whether the caller may call op `name` directly (POST /v1/ops/{name}): the
+ * op exists (else OP_NOT_FOUND) and the caller's token holds the op's scope
+ * (loom_op_scope; else PERMISSION_DENIED naming it). 0 when it may.
+ */
+int loom_gateway_op_authorize(loom_http_req_t *req, const char *name, loom_error_t *err);
+
 /* What loom_gateway_op_call hands back, on the request's loop thread: rc 0
  * with result (borrowed; take a reference to keep it) or rc < 0 with err.
  * The callback must answer (reply/fail/another helper) and return 0. */
