@@ -20,7 +20,8 @@
  * get 404 and 403 at once; the consumer decides for good when it applies the
  * command (with ?wait, a late refusal comes back as 400 COMMAND_REJECTED).
  * The caller's slug and whether it holds registry:admin travel in the
- * command.
+ * command. Definitions and instances alike belong to the slug that put them
+ * first; only it or a registry:admin caller may change or delete them.
  */
 #include "registry.h"
 #include "api.h"
@@ -41,6 +42,53 @@ static bool is_admin(const loom_http_req_t *req)
 
 /* ---- definitions ---------------------------------------------------------------------- */
 
+/* Whether the caller may change the definition the op found (or did not:
+ * DEFINITION_NOT_FOUND is fine unless must_exist); answers the error itself
+ * and returns false otherwise. */
+static bool may_write_definition(loom_http_req_t *req, loom_http_res_t *res, int rc, json_t *found,
+                                 const loom_error_t *err, bool must_exist)
+{
+    bool missing = rc != 0 && err && err->code &&
+                   strcmp(err->code, code(REGISTRY_ERR_DEFINITION_NOT_FOUND)->name) == 0;
+    if (rc != 0 && (!missing || must_exist)) {
+        loom_gateway_fail(req, res, err);
+        return false;
+    }
+    if (rc != 0 || is_admin(req))
+        return true;
+    json_t *slug = json_object_get(found, "slug");
+    const char *owner = json_string_value(slug);
+    const char *caller = loom_gateway_caller(req);
+    if (owner && strcmp(owner, caller) == 0)
+        return true;
+    loom_error_t e;
+    loom_error_setc(&e, code(REGISTRY_ERR_DEFINITION_OWNED_BY_OTHER),
+                    "definition \"%s\" belongs to \"%s\", not to \"%s\"",
+                    json_string_value(json_object_get(json_object_get(found, "definition"), "id")),
+                    owner ? owner : "(no owner: admins only)", caller);
+    loom_gateway_fail(req, res, &e);
+    return false;
+}
+
+static int put_definition_checked(loom_http_req_t *req, loom_http_res_t *res, int rc,
+                                  json_t *result, const loom_error_t *err, void *arg)
+{
+    (void)arg;
+    if (!may_write_definition(req, res, rc, result, err, false))
+        return 0;
+    json_t *body; /* checked before the op was asked; it lives with the request */
+    loom_error_t e;
+    if (loom_gateway_body_json(req, true, &body, &e) != 0)
+        return loom_gateway_fail(req, res, &e);
+    json_t *def = json_object_get(body, "definition");
+    loom_gateway_command_t cmd = {.type = "registry.put_definition",
+                                  .key = json_string_value(json_object_get(def, "id")),
+                                  .data =
+                                      json_pack("{s:O, s:s, s:b}", "definition", def, "caller",
+                                                loom_gateway_caller(req), "admin", is_admin(req))};
+    return loom_gateway_publish(req, res, &cmd);
+}
+
 static int put_definition(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
@@ -56,10 +104,11 @@ static int put_definition(loom_http_req_t *req, loom_http_res_t *res)
     }
     if (registry_definition_check(def, "definition", &err) != 0)
         return loom_gateway_fail(req, res, &err);
-    loom_gateway_command_t cmd = {.type = "registry.put_definition",
-                                  .key = json_string_value(json_object_get(def, "id")),
-                                  .data = json_pack("{s:O}", "definition", def)};
-    return loom_gateway_publish(req, res, &cmd);
+    /* Who owns it decides whether the caller may replace it. */
+    return loom_gateway_op_call(
+        req, res, "registry.definitions.get",
+        json_pack("{s:O, s:b}", "id", json_object_get(def, "id"), "owner", 1),
+        put_definition_checked, NULL);
 }
 
 static int list_definitions(loom_http_req_t *req, loom_http_res_t *res)
@@ -70,15 +119,15 @@ static int list_definitions(loom_http_req_t *req, loom_http_res_t *res)
 static int delete_definition_found(loom_http_req_t *req, loom_http_res_t *res, int rc,
                                    json_t *result, const loom_error_t *err, void *arg)
 {
-    (void)result;
     (void)arg;
-    if (rc != 0)
-        return loom_gateway_fail(req, res, err); /* 404 DEFINITION_NOT_FOUND, or why not */
+    if (!may_write_definition(req, res, rc, result, err, true))
+        return 0; /* 404 DEFINITION_NOT_FOUND, 403, or why not */
     const char *id = loom_gateway_param(req, "id");
-    loom_gateway_command_t cmd = {
-        .type = "registry.delete_definition",
-        .key = id,
-        .data = json_pack("{s:s, s:s}", "id", id, "caller", loom_gateway_caller(req))};
+    loom_gateway_command_t cmd = {.type = "registry.delete_definition",
+                                  .key = id,
+                                  .data =
+                                      json_pack("{s:s, s:s, s:b}", "id", id, "caller",
+                                                loom_gateway_caller(req), "admin", is_admin(req))};
     return loom_gateway_publish(req, res, &cmd);
 }
 
@@ -91,7 +140,8 @@ static int delete_definition(loom_http_req_t *req, loom_http_res_t *res)
                         id);
         return loom_gateway_fail(req, res, &err);
     }
-    return loom_gateway_op_call(req, res, "registry.definitions.get", json_pack("{s:s}", "id", id),
+    return loom_gateway_op_call(req, res, "registry.definitions.get",
+                                json_pack("{s:s, s:b}", "id", id, "owner", 1),
                                 delete_definition_found, NULL);
 }
 

@@ -2,8 +2,9 @@
  * registry.h: the write side of the registry service (SERVICES.md section 2).
  *
  * Commands (topic loom.cmd.<type>, Kafka key = the definition or instance id):
- *   registry.put_definition     {"definition": {...}}           -> {"id", "definition"}
- *   registry.delete_definition  {"id"}                          -> {"id", "deleted": true}
+ *   registry.put_definition     {"definition": {...}, "caller", "admin"?}
+ *                                                               -> {"id", "definition"}
+ *   registry.delete_definition  {"id", "caller", "admin"?}      -> {"id", "deleted": true}
  *   registry.put_instance       {"url", "deployment_id"?, "node_url"?, "tags"?,
  *                                "id"?, "caller", "admin"?}     -> the instance
  *   registry.delete_instance    {"id", "caller", "admin"?}      -> {"id", "deleted": true}
@@ -13,8 +14,9 @@
  *
  * "caller" is the slug of whoever asks (the gateway puts the token's) and
  * "admin" whether it holds registry:admin: the first registration of a url
- * fixes its slug, and only that slug or an admin may register it again or
- * delete it (INSTANCE_OWNED_BY_OTHER otherwise). Whoever can publish to the
+ * (the first put of a definition id) fixes its slug, and only that slug or
+ * an admin may register it again or delete it (INSTANCE_OWNED_BY_OTHER,
+ * DEFINITION_OWNED_BY_OTHER otherwise). Whoever can publish to the
  * command topics is trusted to say who the caller is, as with every Loom
  * command. Events (stream registry.definition-<id> / registry.instance-<id>):
  * registry.definition_put, registry.definition_deleted,

@@ -40,27 +40,63 @@ static int caller_of(const json_t *d, const char **caller, bool *admin, loom_err
 
 /* ---- definitions ---------------------------------------------------------------------- */
 
+/* The owner is set by the first put and kept by every later one. */
 static const loom_db_stmt_t stmt_put_definition = {
     "registry_definition_put",
-    "INSERT INTO registry_definitions (id, definition) VALUES ($1, $2::JSONB) "
+    "INSERT INTO registry_definitions (id, definition, slug) VALUES ($1, $2::JSONB, $3) "
     "ON CONFLICT (id) DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()",
-    2};
+    3};
+
+static const loom_db_stmt_t stmt_definition_owner = {
+    "registry_definition_owner", "SELECT slug FROM registry_definitions WHERE id = $1 FOR UPDATE",
+    1};
 
 static const loom_db_stmt_t stmt_delete_definition = {
     "registry_definition_delete", "DELETE FROM registry_definitions WHERE id = $1 RETURNING id", 1};
 
+/*
+ * Whether caller may change definition id: yes when it does not exist yet
+ * (*exists false), when caller owns it, or when admin. A definition stored
+ * before definitions had owners (slug NULL) is the admins' only. Locks the
+ * row until the transaction ends.
+ */
+static int definition_writable(loom_msg_t *msg, const char *id, const char *caller, bool admin,
+                               bool *exists, loom_error_t *err)
+{
+    const char *p[] = {id};
+    PGresult *res = NULL;
+    int rc = loom_db_exec(loom_msg_db(msg), &stmt_definition_owner, p, &res, err);
+    if (rc != 0)
+        return rc;
+    *exists = PQntuples(res) > 0;
+    bool legacy = *exists && PQgetisnull(res, 0, 0);
+    const char *owner = *exists && !legacy ? PQgetvalue(res, 0, 0) : NULL;
+    if (*exists && !admin && (legacy || strcmp(owner, caller) != 0))
+        rc = loom_error_setc(err, &registry_error_codes[REGISTRY_ERR_DEFINITION_OWNED_BY_OTHER],
+                             "definition \"%s\" belongs to \"%s\", not to \"%s\"", id,
+                             legacy ? "(no owner: admins only)" : owner, caller);
+    PQclear(res);
+    return rc;
+}
+
 static int put_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"definition", NULL};
+    static const char *const keys[] = {"definition", "caller", "admin", NULL};
+    const char *caller = NULL;
+    bool admin = false, exists = false;
     int rc = registry_keys(d, "command", keys, err);
     json_t *def = json_object_get(d, "definition");
     if (rc == 0)
         rc = registry_definition_check(def, "definition", err);
+    if (rc == 0)
+        rc = caller_of(d, &caller, &admin, err);
     if (rc != 0)
         return rc;
     const char *id = json_string_value(json_object_get(def, "id"));
+    if ((rc = definition_writable(msg, id, caller, admin, &exists, err)) != 0)
+        return rc;
     char *text = json_dumps(def, JSON_COMPACT);
-    const char *p[] = {id, text};
+    const char *p[] = {id, text, caller};
     rc = loom_db_exec(loom_msg_db(msg), &stmt_put_definition, p, NULL, err);
     free(text);
     if (rc == 0)
@@ -74,10 +110,15 @@ static int put_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 static int delete_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
     static const char *const keys[] = {"id", "caller", "admin", NULL};
-    const char *id;
+    const char *id, *caller = NULL;
+    bool admin = false, exists = false;
     int rc = registry_keys(d, "command", keys, err);
     if (rc == 0)
         rc = registry_string(d, "id", "command", true, REGISTRY_ID_MAX, true, false, &id, err);
+    if (rc == 0)
+        rc = caller_of(d, &caller, &admin, err);
+    if (rc == 0)
+        rc = definition_writable(msg, id, caller, admin, &exists, err);
     if (rc != 0)
         return rc;
     const char *p[] = {id};

@@ -62,6 +62,7 @@ enum {
     REGISTRY_ERR_INSTANCE_NOT_FOUND,
     REGISTRY_ERR_INSTANCE_OWNED_BY_OTHER,
     REGISTRY_ERR_NODE_NOT_FOUND,
+    REGISTRY_ERR_DEFINITION_OWNED_BY_OTHER,
     REGISTRY_ERR__COUNT
 };
 
@@ -75,6 +76,9 @@ static const loom_error_code_t registry_error_codes[REGISTRY_ERR__COUNT] = {
      "caller may change or delete it."},
     {"NODE_NOT_FOUND", LOOM_ERR_NOT_FOUND, false,
      "No Loom node with that id ever sent a heartbeat."},
+    {"DEFINITION_OWNED_BY_OTHER", LOOM_ERR_FORBIDDEN, false,
+     "The definition was put by another caller; only it or a `registry:admin` caller may "
+     "replace or delete it."},
 };
 
 /* ---- small checks ------------------------------------------------------------------ */

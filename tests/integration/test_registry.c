@@ -380,14 +380,14 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     const char *a =
         "{\"definition\":{\"id\":\"test-a\",\"image\":{\"name\":\"hashicorp/http-echo\","
         "\"internal_ports\":[8080]},\"ports\":[{\"internal\":8080,\"host\":8887}],"
-        "\"envars\":[{\"key\":\"MODE\",\"value\":\"echo\"}]}}";
+        "\"envars\":[{\"key\":\"MODE\",\"value\":\"echo\"}]},\"caller\":\"alice\"}";
     json_t *r = applied(&s, "registry.put_definition", "test-a", a);
     cr_assert_str_eq(json_string_value(json_object_get(r, "id")), "test-a");
     json_decref(r);
     r = applied(&s, "registry.put_definition", "test-b",
                 "{\"definition\":{\"id\":\"test-b\",\"repository\":{\"url\":"
                 "\"https://github.com/1backend/1backend.git\",\"container_file\":"
-                "\"server/docker/Dockerfile\",\"internal_ports\":[9998]}}}");
+                "\"server/docker/Dockerfile\",\"internal_ports\":[9998]}},\"caller\":\"alice\"}");
     json_decref(r);
 
     got = op(&s, "registry.definitions.list", "{}");
@@ -403,7 +403,7 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     /* A put replaces the whole definition: what it leaves out is gone. */
     json_decref(applied(&s, "registry.put_definition", "test-a",
                         "{\"definition\":{\"id\":\"test-a\",\"repository\":{\"url\":"
-                        "\"https://example.com/a.git\"}}}"));
+                        "\"https://example.com/a.git\"}},\"caller\":\"alice\"}"));
     got = op(&s, "registry.definitions.get", "{\"id\":\"test-a\"}");
     expect_text(got, JSON_COMPACT | JSON_SORT_KEYS,
                 "{\"id\":\"test-a\",\"repository\":{\"url\":\"https://example.com/a.git\"}}");
@@ -413,17 +413,38 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     /* An invalid definition is rejected by the consumer too, naming the field. */
     char *why = rejected(&s, "registry.put_definition", "bad",
                          "{\"definition\":{\"id\":\"bad\",\"image\":{\"name\":\"x\","
-                         "\"internal_ports\":[0]}}}");
+                         "\"internal_ports\":[0]}},\"caller\":\"alice\"}");
     cr_assert_str_eq(why, "definition.image.internal_ports[0]: must be 1-65535");
     free(why);
     cr_assert_eq(
         loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_definitions WHERE id = 'bad'"), 0);
 
     /* Delete: gone from the list; deleting what does not exist is rejected. */
-    r = applied(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
+    /* Only the owner (or an admin) may replace or delete a definition. */
+    why = rejected(&s, "registry.put_definition", "test-b",
+                   "{\"definition\":{\"id\":\"test-b\",\"image\":{\"name\":\"x\"}},"
+                   "\"caller\":\"mallory\"}");
+    cr_assert_str_eq(why, "definition \"test-b\" belongs to \"alice\", not to \"mallory\"");
+    free(why);
+    why = rejected(&s, "registry.delete_definition", "test-b",
+                   "{\"id\":\"test-b\",\"caller\":\"mallory\"}");
+    cr_assert_str_eq(why, "definition \"test-b\" belongs to \"alice\", not to \"mallory\"");
+    free(why);
+    why = rejected(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
+    cr_assert_str_eq(why, "command.caller: is required");
+    free(why);
+    json_decref(applied(&s, "registry.put_definition", "test-a",
+                        "{\"definition\":{\"id\":\"test-a\",\"repository\":{\"url\":"
+                        "\"https://example.com/a.git\"}},\"caller\":\"root\",\"admin\":true}"));
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_definitions WHERE id = "
+                                         "'test-a' AND slug = 'alice'"),
+                 1, "an admin's put keeps the owner");
+    r = applied(&s, "registry.delete_definition", "test-b",
+                "{\"id\":\"test-b\",\"caller\":\"alice\"}");
     cr_assert(json_is_true(json_object_get(r, "deleted")));
     json_decref(r);
-    why = rejected(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
+    why = rejected(&s, "registry.delete_definition", "test-b",
+                   "{\"id\":\"test-b\",\"caller\":\"alice\"}");
     cr_assert_str_eq(why, "no definition \"test-b\"");
     free(why);
     expect_error(op(&s, "registry.definitions.get", "{\"id\":\"test-b\"}"), "DEFINITION_NOT_FOUND",
@@ -433,7 +454,7 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     json_decref(got);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type LIKE "
                                          "'registry.definition_%'"),
-                 4);
+                 5);
     json_decref(put_a);
     svc_stop(&s);
 }

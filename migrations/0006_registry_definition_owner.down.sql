@@ -1,0 +1,1 @@
+ALTER TABLE registry_definitions DROP COLUMN slug;
