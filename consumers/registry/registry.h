@@ -35,8 +35,10 @@
 #include "loom/consumer.h"
 #include "loom/periodic.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 /* store.c */
 int registry_store_handler(loom_msg_t *msg, loom_error_t *err);
@@ -47,7 +49,8 @@ extern const char *const registry_store_topics[];
 typedef struct registry_probe {
     const char *host; /* borrowed: an IP address or a name to resolve */
     int port;
-    /* Results. status is "healthy", "degraded" or "unreachable" (static
+    /* Results. status is "healthy", "degraded", "unreachable" or
+     * "not_probed" (outside the allow-list; details says why) (static
      * strings), or NULL when the probe could not run for a local reason (no
      * file descriptors left): such an instance keeps its status. */
     const char *status;
@@ -55,11 +58,41 @@ typedef struct registry_probe {
     char details[128];  /* why not healthy ("connection refused", ...); "" when healthy */
 } registry_probe_t;
 
+/*
+ * The probe allow-list (LOOM_REGISTRY_PROBE_ALLOW): a comma-separated list
+ * of CIDR blocks ("10.0.0.0/8", "fd12::/16", or one address) and host-name
+ * suffixes ("svc.cluster.local" matches that name and every name ending in
+ * ".svc.cluster.local"); "*" allows every address. It is checked on the
+ * address a probe would connect to, after name resolution: an address is
+ * allowed when it lies in one of the blocks, or when the instance's host
+ * is a name that matches one of the suffixes. 169.254.0.0/16 (link-local,
+ * where clouds serve instance metadata) and fd00:ec2::254 are refused
+ * whatever the list says, also as IPv4-mapped IPv6 addresses.
+ */
+typedef struct registry_probe_allow registry_probe_allow_t;
+
+/* The default: loopback and the private networks. */
+#define REGISTRY_PROBE_ALLOW_DEFAULT \
+    "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+/* Parses text into *out (free with registry_probe_allow_free); fails with
+ * CONFIG_INVALID naming the entry. */
+int registry_probe_allow_parse(const char *text, registry_probe_allow_t **out, loom_error_t *err);
+void registry_probe_allow_free(registry_probe_allow_t *allow);
+/* The check of the LOOM_REGISTRY_PROBE_ALLOW config variable. */
+bool registry_probe_allow_valid(const char *text, char *allowed, size_t size);
+/* NULL when host (as registered) may be probed at addr; else why not (a
+ * static string). allow NULL allows everything but the always-refused. */
+const char *registry_probe_allow_check(const registry_probe_allow_t *allow, const char *host,
+                                       const struct sockaddr *addr);
+
 typedef struct registry_probe_opts {
-    int64_t timeout_ms;  /* resolve + connect; 0: 3000. Past it: unreachable */
-    int64_t degraded_ms; /* a connection slower than this is degraded; 0: 1000 */
-    int max_in_flight;   /* probes at once (one socket each); 0: 256 */
-    int peak_in_flight;  /* out: the most probes that ran at once */
+    int64_t timeout_ms;                  /* resolve + connect; 0: 3000. Past it: unreachable */
+    int64_t degraded_ms;                 /* a connection slower than this is degraded; 0: 1000 */
+    int max_in_flight;                   /* probes at once (one socket each); 0: 256 */
+    const registry_probe_allow_t *allow; /* borrowed; NULL: allow all but the
+                                          * always-refused addresses */
+    int peak_in_flight;                  /* out: the most probes that ran at once */
 } registry_probe_opts_t;
 
 #define REGISTRY_PROBE_TIMEOUT_MS    3000
@@ -68,13 +101,14 @@ typedef struct registry_probe_opts {
 
 /*
  * Probes every entry of probes: resolves the host (IP literals at once,
- * names on libuv's thread pool), opens a TCP connection with a timer for the
- * timeout, and classifies: no connection (refused, unroutable, timed out,
- * unresolvable) -> unreachable; connected in more than degraded_ms ->
- * degraded; else healthy. Runs a libuv loop of its own on the calling thread
- * until every probe is done, with at most max_in_flight sockets open; it
- * never blocks on one probe. Returns 0, or a negative code with err when the
- * loop could not be set up. opts may be NULL.
+ * names on libuv's thread pool), checks the address against the allow-list
+ * (outside it -> not_probed, no connection attempted), opens a TCP
+ * connection with a timer for the timeout, and classifies: no connection
+ * (refused, unroutable, timed out, unresolvable) -> unreachable; connected
+ * in more than degraded_ms -> degraded; else healthy. Runs a libuv loop of its own on the calling
+ * thread until every probe is done, with at most max_in_flight sockets open; it never blocks on one
+ * probe. Returns 0, or a negative code with err when the loop could not be set up. opts may be
+ * NULL.
  */
 int registry_probe_run(registry_probe_t *probes, size_t n, registry_probe_opts_t *opts,
                        loom_error_t *err);
@@ -99,34 +133,39 @@ int registry_probe_job(loom_job_ctx_t *ctx, loom_error_t *err);
             "for each status that changed"                                                  \
     }
 
-#define REGISTRY_CONFIG_VARS                                                                \
-    {"LOOM_REGISTRY_PROBE_INTERVAL",                                                        \
-     LOOM_CFG_DURATION,                                                                     \
-     "15s",                                                                                 \
-     NULL,                                                                                  \
-     1000,                                                                                  \
-     86400LL * 1000,                                                                        \
-     false,                                                                                 \
-     "how often one node probes the health of every registered service instance"},          \
-        {"LOOM_REGISTRY_PROBE_TIMEOUT",                                                     \
-         LOOM_CFG_DURATION,                                                                 \
-         "3s",                                                                              \
-         NULL,                                                                              \
-         10,                                                                                \
-         60000,                                                                             \
-         false,                                                                             \
-         "how long a health probe may take to connect before the instance is unreachable"}, \
-        {"LOOM_REGISTRY_PROBE_DEGRADED_AFTER",                                              \
-         LOOM_CFG_DURATION,                                                                 \
-         "1s",                                                                              \
-         NULL,                                                                              \
-         1,                                                                                 \
-         60000,                                                                             \
-         false,                                                                             \
-         "a health probe that connects slower than this marks the instance degraded"},      \
-    {                                                                                       \
-        "LOOM_REGISTRY_PROBE_CONCURRENCY", LOOM_CFG_INT, "256", NULL, 1, 10000, false,      \
-            "health probes (sockets) open at once"                                          \
+#define REGISTRY_CONFIG_VARS                                                                    \
+    {"LOOM_REGISTRY_PROBE_INTERVAL",                                                            \
+     LOOM_CFG_DURATION,                                                                         \
+     "15s",                                                                                     \
+     NULL,                                                                                      \
+     1000,                                                                                      \
+     86400LL * 1000,                                                                            \
+     false,                                                                                     \
+     "how often one node probes the health of every registered service instance"},              \
+        {"LOOM_REGISTRY_PROBE_TIMEOUT",                                                         \
+         LOOM_CFG_DURATION,                                                                     \
+         "3s",                                                                                  \
+         NULL,                                                                                  \
+         10,                                                                                    \
+         60000,                                                                                 \
+         false,                                                                                 \
+         "how long a health probe may take to connect before the instance is unreachable"},     \
+        {"LOOM_REGISTRY_PROBE_DEGRADED_AFTER",                                                  \
+         LOOM_CFG_DURATION,                                                                     \
+         "1s",                                                                                  \
+         NULL,                                                                                  \
+         1,                                                                                     \
+         60000,                                                                                 \
+         false,                                                                                 \
+         "a health probe that connects slower than this marks the instance degraded"},          \
+        {"LOOM_REGISTRY_PROBE_CONCURRENCY",     LOOM_CFG_INT, "256", NULL, 1, 10000, false,     \
+         "health probes (sockets) open at once"},                                               \
+    {                                                                                           \
+        "LOOM_REGISTRY_PROBE_ALLOW", LOOM_CFG_STRING, REGISTRY_PROBE_ALLOW_DEFAULT, NULL, 0, 0, \
+            false,                                                                              \
+            "CIDR blocks and host-name suffixes the health probe may connect to; others "       \
+            "are not_probed (169.254.0.0/16 and fd00:ec2::254 never)",                          \
+            registry_probe_allow_valid                                                          \
     }
 
 #endif

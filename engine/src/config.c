@@ -319,6 +319,8 @@ int loom_config_check(const loom_config_var_t *var, const char *value, int64_t *
         break;
     }
     }
+    if (!allowed && var->check && !var->check(value, allowed_buf, sizeof(allowed_buf)))
+        allowed = allowed_buf;
     if (allowed) {
         char shown[512];
         loom_config_redact(var, value, shown, sizeof(shown));

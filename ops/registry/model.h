@@ -52,8 +52,8 @@
 #define REGISTRY_SCOPE_ADMIN "registry:admin"
 
 /* Instance statuses, as stored and shown. */
-static const char *const registry_statuses[] = {"unknown", "healthy", "degraded", "unreachable",
-                                                NULL};
+static const char *const registry_statuses[] = {"unknown",     "healthy",    "degraded",
+                                                "unreachable", "not_probed", NULL};
 
 /* ---- error codes (the catalogue is ops/registry/errors.c) ---------------------------- */
 

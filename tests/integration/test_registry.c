@@ -26,6 +26,7 @@
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
+#include <uv.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -974,6 +975,85 @@ Test(registry_probe, a_listener_is_healthy_and_a_closed_port_unreachable, .timeo
     close(up);
 }
 
+/* LOOM_REGISTRY_PROBE_ALLOW: blocks and suffixes, checked on the address
+ * after resolution; metadata and link-local addresses never. */
+Test(registry_probe, the_allow_list_is_checked_after_resolution)
+{
+    registry_probe_allow_t *a = NULL;
+    loom_error_t err;
+    cr_assert_eq(registry_probe_allow_parse(" 127.0.0.1/32, ::1 ,.svc.local,localhost", &a, &err),
+                 0, "%s", err.message);
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+#define V4(ip) (uv_ip4_addr(ip, 80, &v4), (const struct sockaddr *)&v4)
+#define V6(ip) (uv_ip6_addr(ip, 80, &v6), (const struct sockaddr *)&v6)
+    cr_assert_null(registry_probe_allow_check(a, "127.0.0.1", V4("127.0.0.1")));
+    cr_assert_null(registry_probe_allow_check(a, "::1", V6("::1")));
+    cr_assert_str_eq(registry_probe_allow_check(a, "127.0.0.2", V4("127.0.0.2")),
+                     "outside LOOM_REGISTRY_PROBE_ALLOW");
+    /* A name matching a suffix may be probed wherever it resolves... */
+    cr_assert_null(registry_probe_allow_check(a, "api.svc.local", V4("127.0.0.3")));
+    cr_assert_null(registry_probe_allow_check(a, "localhost", V4("127.0.0.4")));
+    cr_assert_not_null(registry_probe_allow_check(a, "evilsvc.local", V4("127.0.0.3")));
+    cr_assert_not_null(registry_probe_allow_check(a, "notlocalhost", V4("127.0.0.3")));
+    /* ...but never to the metadata service or link-local addresses. */
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V4("169.254.169.254")));
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V6("fd00:ec2::254")));
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V6("::ffff:169.254.1.1")));
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V6("fe80::1")));
+    registry_probe_allow_free(a);
+    cr_assert_eq(registry_probe_allow_parse("*", &a, &err), 0);
+    cr_assert_null(registry_probe_allow_check(a, "10.1.2.3", V4("10.1.2.3")));
+    cr_assert_not_null(registry_probe_allow_check(a, "169.254.169.254", V4("169.254.169.254")));
+    registry_probe_allow_free(a);
+    cr_assert_eq(registry_probe_allow_parse(REGISTRY_PROBE_ALLOW_DEFAULT, &a, &err), 0);
+    cr_assert_null(registry_probe_allow_check(a, "172.31.0.1", V4("172.31.0.1")));
+    cr_assert_not_null(registry_probe_allow_check(a, "172.32.0.1", V4("172.32.0.1")));
+    cr_assert_not_null(registry_probe_allow_check(a, "8.8.8.8", V4("8.8.8.8")));
+    registry_probe_allow_free(a);
+#undef V4
+#undef V6
+    static const char *const bad[] = {
+        "",          "10.0.0.0/33", "::/129", "a..b",        "x/8",
+        "10.0.0.0/", "a b",         ",",      "10.0.0.0/8,", "h\xc3\xa9.local"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        a = NULL;
+        cr_assert_neq(registry_probe_allow_parse(bad[i], &a, &err), 0, "\"%s\" accepted", bad[i]);
+        cr_assert_null(a);
+    }
+    /* A bad value stops the process at start, naming the variable. */
+    char *env[] = {"LOOM_REGISTRY_PROBE_ALLOW=10.0.0.0/99", NULL};
+    loom_config_t cfg;
+    char eb[512];
+    cr_assert_neq(
+        loom_config_load(&cfg, env, loom_app_config_vars, loom_app_n_config_vars, eb, sizeof(eb)),
+        0);
+    cr_assert(strstr(eb, "LOOM_REGISTRY_PROBE_ALLOW"), "%s", eb);
+}
+
+Test(registry_probe, outside_the_allow_list_nothing_is_connected, .timeout = 60)
+{
+    int up_port;
+    int up = listener(128, &up_port);
+    registry_probe_allow_t *allow = NULL;
+    loom_error_t err;
+    cr_assert_eq(registry_probe_allow_parse("127.0.0.2/32", &allow, &err), 0);
+    registry_probe_t p[2] = {{.host = "127.0.0.1", .port = up_port},
+                             {.host = "169.254.169.254", .port = 80}};
+    registry_probe_opts_t o = {.timeout_ms = 2000, .allow = allow};
+    cr_assert_eq(registry_probe_run(p, 2, &o, &err), 0, "%s", err.message);
+    cr_assert_str_eq(p[0].status, "not_probed");
+    cr_assert_str_eq(p[0].details, "not probed: 127.0.0.1: outside LOOM_REGISTRY_PROBE_ALLOW");
+    cr_assert_eq(p[0].connect_ms, -1);
+    cr_assert_str_eq(p[1].status, "not_probed");
+    cr_assert(strstr(p[1].details, "never probed"), "%s", p[1].details);
+    /* Nothing reached the listener. */
+    fcntl(up, F_SETFL, O_NONBLOCK);
+    cr_assert_lt(accept(up, NULL, NULL), 0);
+    registry_probe_allow_free(allow);
+    close(up);
+}
+
 Test(registry_probe, a_full_backlog_times_out_or_is_slow, .timeout = 60)
 {
     /* Never accepted: the SYN is dropped and retried until the timeout. */
@@ -1148,19 +1228,25 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     acceptor_start(&a, up, 0);
     int down_port = closed_port();
     int full = full_listener(&full_port, &filler);
-    char urls[3][100], ids[3][REGISTRY_INSTANCE_ID_LEN + 1];
+    char urls[4][100], ids[4][REGISTRY_INSTANCE_ID_LEN + 1];
     snprintf(urls[0], sizeof(urls[0]), "http://127.0.0.1:%d/up", up_port);
     snprintf(urls[1], sizeof(urls[1]), "http://127.0.0.1:%d/down", down_port);
     snprintf(urls[2], sizeof(urls[2]), "tcp://127.0.0.1:%d", full_port);
-    for (int i = 0; i < 3; i++) {
+    /* Outside the allow-list below: never connected to. */
+    snprintf(urls[3], sizeof(urls[3]), "http://127.0.0.2:%d/up", up_port);
+    for (int i = 0; i < 4; i++) {
         registry_instance_id(urls[i], ids[i]);
         json_decref(register_as(&s, urls[i], "alice", false, NULL));
     }
 
     char envurl[600];
     snprintf(envurl, sizeof(envurl), "LOOM_DATABASE_URL=%s", s.url);
-    char *env[] = {envurl, "LOOM_REGISTRY_PROBE_INTERVAL=1s", "LOOM_REGISTRY_PROBE_TIMEOUT=500ms",
-                   "LOOM_NODE_ID=00000000-0000-4000-8000-0000000000b1", NULL};
+    char *env[] = {envurl,
+                   "LOOM_REGISTRY_PROBE_INTERVAL=1s",
+                   "LOOM_REGISTRY_PROBE_TIMEOUT=500ms",
+                   "LOOM_REGISTRY_PROBE_ALLOW=127.0.0.1/32",
+                   "LOOM_NODE_ID=00000000-0000-4000-8000-0000000000b1",
+                   NULL};
     loom_config_t cfg;
     char eb[256];
     cr_assert_eq(
@@ -1179,6 +1265,8 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     wait_status(&s, ids[0], "healthy||true");
     wait_status(&s, ids[1], "unreachable|connection refused|false");
     wait_status(&s, ids[2], "unreachable|no connection within 500 ms|false");
+    wait_status(&s, ids[3],
+                "not_probed|not probed: 127.0.0.2: outside LOOM_REGISTRY_PROBE_ALLOW|false");
 
     /* Later runs change nothing but the heartbeat of the healthy one. */
     char sql[300];
@@ -1202,7 +1290,7 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     free(beat1);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
                                          "'registry.instance_status'"),
-                 3, "one status command per change");
+                 4, "one status command per change");
 
     /* The healthy one goes away: one more status command. */
     acceptor_stop(&a);
@@ -1211,7 +1299,7 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     loom_sleep_ms(1500);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
                                          "'registry.instance_status'"),
-                 4);
+                 5);
     cr_assert_eq(
         loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE status <> 'applied'"), 0);
     loom_periodic_stop(runner);

@@ -1,1 +1,0 @@
-ALTER TABLE registry_definitions DROP COLUMN slug;
