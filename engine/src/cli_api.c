@@ -97,6 +97,8 @@ static int cmd_api(cli_ctx_t *ctx, int argc, char **argv)
         .site = ctx->cfg.site_name,
         .node = ctx->cfg.node_id,
         .workers = ctx->cfg.database_pool_size,
+        .rate_limit = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_LIMIT"),
+        .rate_burst = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_BURST"),
     };
     loom_gateway_t *gw = NULL;
     rc = LOOM_EXIT_OK;

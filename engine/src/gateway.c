@@ -630,6 +630,42 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
     bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
     loom_error_t err;
 
+    /* The caller: the token, when a valid one came (checked against the
+     * route below). */
+    const char *auth = loom_http_req_header(req, "Authorization");
+    const char *tok = NULL;
+    if (auth && strncasecmp(auth, "Bearer ", 7) == 0) {
+        tok = auth + 7;
+        while (*tok == ' ')
+            tok++;
+    }
+    if (tok && *tok)
+        g->token = tokens_find(gw, tok, strlen(tok));
+
+    /* Rate limit: per token, else per remote address. */
+    if (gw->limiter) {
+        char key[200];
+        int retry = 1;
+        loom_rate_limiter_key(g->token ? g->token->slug : NULL, loom_http_req_remote(req), key,
+                              sizeof(key));
+        if (!loom_rate_limiter_take(gw->limiter, key, loom_mono_ns(), &retry)) {
+            char ra[16];
+            snprintf(ra, sizeof(ra), "%d", retry);
+            loom_metrics_counter_inc(gw->rate_limited,
+                                     (const char *[]){g->token ? "token" : "address"});
+            g->route_label = "_rate_limited";
+            loom_http_res_header(res, "Retry-After", ra);
+            loom_error_set(&err, LOOM_CODE_RATE_LIMITED,
+                           "over the rate limit of %d requests a second (burst %d) for %s; retry "
+                           "in %d s",
+                           gw->opts.rate_limit,
+                           gw->opts.rate_burst > 0 ? gw->opts.rate_burst : gw->opts.rate_limit,
+                           g->token ? "this token" : "this address", retry);
+            fail_status(req, res, 429, &err);
+            return;
+        }
+    }
+
     /* Operational endpoints: no token. */
     if (strcmp(path, "/healthz") == 0 || strcmp(path, "/readyz") == 0 ||
         strcmp(path, "/metrics") == 0) {
@@ -671,15 +707,6 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
     g->route_label = route->pattern;
 
     /* Authentication and scope. */
-    const char *auth = loom_http_req_header(req, "Authorization");
-    const char *tok = NULL;
-    if (auth && strncasecmp(auth, "Bearer ", 7) == 0) {
-        tok = auth + 7;
-        while (*tok == ' ')
-            tok++;
-    }
-    if (tok && *tok)
-        g->token = tokens_find(gw, tok, strlen(tok));
     if (!g->token) {
         loom_error_set(&err, LOOM_CODE_UNAUTHENTICATED, "%s",
                        !auth  ? "no API token: send Authorization: Bearer TOKEN"
@@ -798,6 +825,7 @@ static void gateway_destroy(loom_gateway_t *gw)
         token_free(gw->tokens[i]);
     free(gw->tokens);
     free(gw->workers);
+    loom_rate_limiter_free(gw->limiter);
     pthread_rwlock_destroy(&gw->tokens_mu);
     pthread_mutex_destroy(&gw->tasks_mu);
     pthread_cond_destroy(&gw->tasks_cond);
@@ -844,6 +872,13 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
                                        "HTTP requests being handled.", NULL);
     gw->connections =
         loom_metrics_gauge(gw->metrics, "loom_http_connections", "Open HTTP connections.", NULL);
+    static const char *const by_labels[] = {"by", NULL};
+    gw->rate_limited = loom_metrics_counter(
+        gw->metrics, "loom_http_rate_limited_total",
+        "Requests answered 429 by the per-caller rate limit, by what keyed the caller's bucket "
+        "(token or address).",
+        by_labels);
+    gw->limiter = loom_rate_limiter_new(opts->rate_limit, opts->rate_burst, 0);
 
     gw->n_workers = opts->workers > 0 ? opts->workers : 8;
     gw->workers = loom_xcalloc((size_t)gw->n_workers, sizeof(pthread_t));

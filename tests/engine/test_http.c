@@ -277,3 +277,45 @@ Test(utf8, valid_and_repaired)
     cr_assert_eq(loom_http_utf8_repair(s), 2);
     cr_assert_str_eq(s, "a\xc3\xa9?b?");
 }
+
+Test(rate_limit, token_buckets_refill_and_say_when)
+{
+    const int64_t s = 1000000000;
+    loom_rate_limiter_t *l = loom_rate_limiter_new(2, 3, 2);
+    int retry = 0;
+    for (int i = 0; i < 3; i++)
+        cr_assert(loom_rate_limiter_take(l, "token:a", 0, &retry), "burst %d", i);
+    cr_assert_not(loom_rate_limiter_take(l, "token:a", 0, &retry));
+    cr_assert_eq(retry, 1);
+    /* Another caller has its own bucket. */
+    for (int i = 0; i < 3; i++)
+        cr_assert(loom_rate_limiter_take(l, "token:b", 0, &retry));
+    /* Half a second at 2/s: one token back. */
+    cr_assert(loom_rate_limiter_take(l, "token:a", s / 2, &retry));
+    cr_assert_not(loom_rate_limiter_take(l, "token:a", s / 2, &retry));
+    /* The table is full (2 keys): a third caller shares the overflow bucket... */
+    for (int i = 0; i < 3; i++)
+        cr_assert(loom_rate_limiter_take(l, "addr:10.0.0.1", s / 2, &retry));
+    cr_assert_not(loom_rate_limiter_take(l, "addr:10.0.0.2", s / 2, &retry));
+    /* ...until idle buckets have refilled and are dropped. */
+    cr_assert(loom_rate_limiter_take(l, "addr:10.0.0.3", 10 * s, &retry));
+    loom_rate_limiter_free(l);
+    /* A slow rate says how long to wait. */
+    l = loom_rate_limiter_new(1, 1, 0);
+    cr_assert(loom_rate_limiter_take(l, "k", 0, &retry));
+    cr_assert_not(loom_rate_limiter_take(l, "k", s / 10, &retry));
+    cr_assert_eq(retry, 1);
+    loom_rate_limiter_free(l);
+    cr_assert_null(loom_rate_limiter_new(0, 5, 0));
+    cr_assert(loom_rate_limiter_take(NULL, "k", 0, &retry), "no limiter: no limit");
+
+    char key[64];
+    loom_rate_limiter_key("alice", "1.2.3.4:5", key, sizeof(key));
+    cr_assert_str_eq(key, "token:alice");
+    loom_rate_limiter_key(NULL, "1.2.3.4:5678", key, sizeof(key));
+    cr_assert_str_eq(key, "addr:1.2.3.4");
+    loom_rate_limiter_key(NULL, "[::1]:5678", key, sizeof(key));
+    cr_assert_str_eq(key, "addr:::1");
+    loom_rate_limiter_key(NULL, "", key, sizeof(key));
+    cr_assert_str_eq(key, "addr:");
+}

@@ -877,6 +877,55 @@ Test(gateway, ops_need_ops_call_and_their_own_scope, .timeout = 120)
     env_free(&e);
 }
 
+/* LOOM_API_RATE_LIMIT: a bucket per token, else per address; 429 with
+ * Retry-After beyond it, counted in the metrics. Counts, not timings: a
+ * slow machine may refill a token between requests, so the test sends many
+ * more than the burst and expects at least one refusal. */
+Test(gateway, rate_limits_answer_429_with_retry_after, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, false, NULL);
+    e.opts.rate_limit = 1;
+    e.opts.rate_burst = 2;
+    env_start(&e);
+    int ok = 0, limited = 0;
+    for (int i = 0; i < 20; i++) {
+        loom_test_http_res_t r;
+        loom_test_http(e.port, "POST", "/v1/test/echo", TOK_ADMIN, NULL, "{}", &r);
+        if (r.status == 200) {
+            ok++;
+        } else {
+            expect_error(&r, 429, "RATE_LIMITED");
+            const char *ra = hdr(&r, "Retry-After");
+            cr_expect(ra && atoi(ra) >= 1, "Retry-After: %s", ra ? ra : "(none)");
+            limited++;
+        }
+        loom_test_http_res_free(&r);
+    }
+    cr_expect_geq(ok, 2, "the burst passes");
+    cr_expect_geq(limited, 1);
+    /* Another token has a bucket of its own. */
+    loom_test_http_res_t r;
+    loom_test_http(e.port, "POST", "/v1/test/echo", TOK_WRITER, NULL, "{}", &r);
+    cr_expect_eq(r.status, 200, "%s", r.body);
+    loom_test_http_res_free(&r);
+    /* No token: the remote address is the caller. */
+    int addr_limited = 0;
+    for (int i = 0; i < 20; i++) {
+        loom_test_http(e.port, "GET", "/healthz", NULL, NULL, NULL, &r);
+        addr_limited += r.status == 429;
+        loom_test_http_res_free(&r);
+    }
+    cr_expect_geq(addr_limited, 1);
+    char want[128];
+    snprintf(want, sizeof(want), "loom_http_rate_limited_total{by=\"token\"} %d", limited);
+    char *text = loom_metrics_render_string(e.metrics, NULL);
+    cr_expect(strstr(text, want), "%s", text);
+    cr_expect(strstr(text, "loom_http_rate_limited_total{by=\"address\"}"), "%s", text);
+    free(text);
+    env_free(&e);
+}
+
 /* ---- odd input ------------------------------------------------------------------------ */
 
 /* Each of these was once answered wrongly (a misleading reason, a filter

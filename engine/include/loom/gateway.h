@@ -25,9 +25,11 @@
  * id, and 503 with Retry-After when Kafka cannot take it. Every handler
  * returns 0 (the value of those helpers).
  *
- * Before a handler runs, the gateway has matched the route (404, or 405 with
- * Allow), authenticated the caller (bearer token from LOOM_API_TOKENS_FILE,
- * 401) and checked the route's scope (403). It serves /healthz, /readyz and
+ * Before a handler runs, the gateway has applied the caller's rate limit
+ * (429 with Retry-After, when LOOM_API_RATE_LIMIT is set), matched the route
+ * (404, or 405 with Allow), authenticated the caller (bearer token from
+ * LOOM_API_TOKENS_FILE, 401), checked the route's scope (403) and refused
+ * path and query parameters that do not decode to UTF-8 text (400). It serves /healthz, /readyz and
  * /metrics itself, without a token, and logs one access line per request
  * with its X-Request-ID and ray id.
  */
@@ -88,6 +90,9 @@ typedef struct loom_gateway_opts {
     int64_t ready_cache_ms;       /* how long a /readyz answer is reused; 0: 1000 */
     int64_t ready_timeout_ms;     /* per check of /readyz; 0: 1000 */
     bool no_access_log;           /* skip the access log line (benchmarks) */
+    int rate_limit;               /* LOOM_API_RATE_LIMIT: requests a second per caller
+                                   * (token slug, else remote address); 0: no limit */
+    int rate_burst;               /* LOOM_API_RATE_BURST: bucket size; 0: rate_limit */
 } loom_gateway_opts_t;
 
 /*
@@ -216,6 +221,22 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
  * SHA-256(caller NUL route NUL key). out has room for 37 bytes. */
 void loom_gateway_idempotent_id(const char *caller, const char *route, const char *key,
                                 char out[37]);
+
+/* ---- rate limits (gateway_limit.c; public for tests and the fuzz target) ------------ */
+
+/* Token buckets, one per key, at most max_keys of them (0: 100000); new keys
+ * beyond share one bucket. NULL (no limit) when rate <= 0. Thread-safe. */
+typedef struct loom_rate_limiter loom_rate_limiter_t;
+loom_rate_limiter_t *loom_rate_limiter_new(int rate, int burst, size_t max_keys);
+void loom_rate_limiter_free(loom_rate_limiter_t *l);
+/* Takes a token of key's bucket at now_ns (monotonic); false when there is
+ * none, with *retry_after_s the whole seconds until there is (>= 1). A NULL
+ * limiter always allows. */
+bool loom_rate_limiter_take(loom_rate_limiter_t *l, const char *key, int64_t now_ns,
+                            int *retry_after_s);
+/* The key of a caller: "token:SLUG", else "addr:ADDRESS" from a remote
+ * "1.2.3.4:5678" or "[::1]:5678" (the port left out). */
+void loom_rate_limiter_key(const char *slug, const char *remote, char *out, size_t size);
 
 /* ---- routing (also for tests and the fuzz target) ---------------------------------- */
 
