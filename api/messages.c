@@ -12,10 +12,11 @@
  * 1000 messages (413 beyond); the gateway caps bodies at 4 MiB (413).
  */
 #include "api.h"
+#include "../ops/messages/model.h"
 
 #include <string.h>
 
-#define BATCH_MAX 1000
+#define BATCH_MAX MESSAGES_BATCH_MAX
 
 static int too_large(loom_http_req_t *req, loom_http_res_t *res, const char *what, size_t n)
 {
@@ -88,9 +89,10 @@ static json_t *ids_of(loom_http_req_t *req, loom_http_res_t *res)
     json_t *v;
     json_array_foreach(ids, i, v)
     {
-        if (!json_is_string(v) || json_string_length(v) == 0 || json_string_length(v) > 256) {
+        if (!json_is_string(v) || json_string_length(v) == 0 ||
+            json_string_length(v) > MESSAGES_ID_MAX) {
             loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
-                           "ids[%zu] must be a string of 1 to 256 bytes", i);
+                           "ids[%zu] must be a string of 1 to %d bytes", i, MESSAGES_ID_MAX);
             loom_gateway_fail(req, res, &err);
             return NULL;
         }

@@ -213,6 +213,19 @@ static int list_instances(loom_http_req_t *req, loom_http_res_t *res)
     static const char *const filters[] = {"slug", "deployment_id", "status",
                                           "host", "cursor",        NULL};
     loom_error_t err;
+    /* Unknown parameters are refused, as unknown body keys are: a typo must
+     * not silently list everything. */
+    const char *qn, *qv;
+    for (size_t i = 0; loom_http_req_query_at(req, i, &qn, &qv); i++) {
+        bool known = strcmp(qn, "limit") == 0;
+        for (const char *const *f = filters; *f && !known; f++)
+            known = strcmp(qn, *f) == 0;
+        if (!known) {
+            loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "unknown query parameter \"%.64s\"",
+                           qn);
+            return loom_gateway_fail(req, res, &err);
+        }
+    }
     /* A filter given empty is refused, not dropped: "?status=" does not
      * mean "every status". (The gateway refused values that are not UTF-8.) */
     for (const char *const *f = filters; *f; f++) {

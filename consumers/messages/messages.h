@@ -16,9 +16,10 @@
 #include "loom/periodic.h"
 #include "loom/replay.h"
 
-/* Limits of one batch (SERVICES.md). */
-#define MESSAGES_BATCH_MAX 1000
-#define MESSAGES_BODY_MAX  (4 * 1024 * 1024)
+/* Limits of one batch: MESSAGES_BATCH_MAX and MESSAGES_ID_MAX (shared with
+ * the routes and the ops); the body limit is the gateway's. */
+#include "../../ops/messages/model.h"
+#define MESSAGES_BODY_MAX (4 * 1024 * 1024)
 
 /* store.c */
 int messages_store_handler(loom_msg_t *msg, loom_error_t *err);

@@ -534,6 +534,17 @@ const char *loom_http_req_query(loom_http_req_t *req, const char *name)
     return NULL;
 }
 
+bool loom_http_req_query_at(loom_http_req_t *req, size_t i, const char **name, const char **value)
+{
+    if (!req->q_parsed)
+        parse_query(req);
+    if (i >= req->n_qparams)
+        return false;
+    *name = req->qparams[i].name;
+    *value = req->qparams[i].value;
+    return true;
+}
+
 const char *loom_http_req_query_unclean(loom_http_req_t *req)
 {
     if (!req->q_parsed)

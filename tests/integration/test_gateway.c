@@ -946,6 +946,8 @@ Test(gateway, odd_input_gets_exact_answers, .timeout = 120)
         {"GET", "/v1/registry/instances?status=", NULL, "INVALID_ARGUMENT", "status: must not",
          400},
         {"GET", "/v1/registry/instances?limit=", NULL, "INVALID_ARGUMENT", "limit: must not", 400},
+        {"GET", "/v1/registry/instances?=false", NULL, "INVALID_ARGUMENT", "unknown query", 400},
+        {"GET", "/v1/registry/instances?stauts=x", NULL, "INVALID_ARGUMENT", "\"stauts\"", 400},
         {"POST", "/v1/messages:clean", "{{{", "INVALID_JSON", "not valid JSON", 400},
         {"POST", "/v1/messages:clean", "{\"all\":true}", "INVALID_ARGUMENT", "\"all\"", 400},
         {"POST", "/v1/messages:batchPut", "{\"msgs\":[],\"extra\":1}", "INVALID_ARGUMENT",

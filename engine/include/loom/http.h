@@ -143,6 +143,8 @@ const char *loom_http_req_query_string(const loom_http_req_t *req);
 /* The first value of a query parameter, percent- and '+'-decoded; NULL when
  * absent, "" for "?name" or "?name=". Borrowed (request arena). */
 const char *loom_http_req_query(loom_http_req_t *req, const char *name);
+/* Query parameters by index (decoded), for iteration; false past the end. */
+bool loom_http_req_query_at(loom_http_req_t *req, size_t i, const char **name, const char **value);
 /* The name of the first query parameter whose name or value does not decode
  * to clean text (a %00, or bytes that are not UTF-8); NULL when all do. That
  * name may itself be unclean: repair a copy before echoing it. */
