@@ -326,10 +326,7 @@ const char *loom_gateway_request_id(const loom_http_req_t *req)
     return g ? g->request_id : NULL;
 }
 
-/* Percent-decodes a path parameter into the arena (no '+' rule in paths; a
- * bad escape is kept as it is). *clean becomes false when the result holds
- * a NUL or is not UTF-8. */
-static char *param_decode(loom_arena_t *a, const char *v, size_t len, bool *clean)
+char *loom_gateway_param_decode(loom_arena_t *a, const char *v, size_t len, bool *clean)
 {
     char *out = loom_arena_alloc(a, len + 1);
     size_t o = 0;
@@ -357,7 +354,7 @@ const char *loom_gateway_param(loom_http_req_t *req, const char *name)
     if (!g || !g->route ||
         !loom_route_param(g->route->pattern, loom_http_req_path(req), name, &v, &len))
         return NULL;
-    return param_decode(loom_http_req_arena(req), v, len, NULL);
+    return loom_gateway_param_decode(loom_http_req_arena(req), v, len, NULL);
 }
 
 /* The first parameter of the route whose value does not decode to clean
@@ -373,7 +370,7 @@ static const char *unclean_param(loom_http_req_t *req, const loom_route_t *route
         size_t len;
         bool clean = true;
         if (loom_route_param(route->pattern, path, name, &v, &len))
-            param_decode(loom_http_req_arena(req), v, len, &clean);
+            loom_gateway_param_decode(loom_http_req_arena(req), v, len, &clean);
         if (!clean)
             return name;
     }

@@ -254,6 +254,12 @@ const loom_route_t *loom_route_match(const loom_route_t *routes, size_t n, const
                                      const char *path, bool *path_known, char *allow,
                                      size_t allow_size);
 
+/* Percent-decodes a raw path parameter (v, len) into the arena, as
+ * loom_gateway_param does (no '+' rule in paths; a bad escape is kept as it
+ * is). *clean (when not NULL) becomes false when the result holds a NUL or
+ * is not UTF-8; the gateway refuses such parameters with 400. */
+char *loom_gateway_param_decode(loom_arena_t *a, const char *v, size_t len, bool *clean);
+
 /* The raw value of parameter `name` of pattern in path (no decoding), as a
  * pointer into path and a length; false when the pattern has no such
  * parameter or does not match. */
