@@ -4,7 +4,7 @@
  * events.
  *
  * Every command is checked again here with the checks the gateway ran
- * (../../ops/registry/model.h): commands also come from `loom publish`, other
+ * (../../ops/registry/model.h, field tables): commands also come from `loom publish`, other
  * services and replays, and a bad one must be rejected (4xx, never retried)
  * rather than fail in SQL and be retried forever. Ownership is decided here
  * for good: the route's early 403 is a courtesy for HTTP callers. An
@@ -12,6 +12,7 @@
  * time in the order they were published.
  */
 #include "registry.h"
+#include "loom/clock.h"
 #include "../../ops/registry/model.h"
 
 #include <stdio.h>
@@ -24,19 +25,32 @@ static char *stream_of(loom_msg_t *msg, const char *kind, const char *id)
     return loom_arena_sprintf(loom_msg_arena(msg), "registry.%s-%s", kind, id);
 }
 
-/* "caller" (required) and "admin" (optional boolean) of a command. */
-static int caller_of(const json_t *d, const char **caller, bool *admin, loom_error_t *err)
+/* The members of the commands, as field tables (model.h); "caller" and
+ * "admin" are checked by registry_caller_of. */
+static const registry_field_t definition_id_fields[] = {
+    {"id", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, REGISTRY_ID_MAX}, {NULL}};
+
+static const registry_field_t instance_id_fields[] = {
+    {"id", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, REGISTRY_INSTANCE_ID_LEN}, {NULL}};
+
+/* In a registration the id is optional: it is derived from the url. */
+static const registry_field_t given_id_field = {"id", REGISTRY_TEXT, REGISTRY_NO_SPACE,
+                                                REGISTRY_INSTANCE_ID_LEN};
+
+static int status_rule(const json_t *v, const char *path, loom_error_t *err)
 {
-    int rc = registry_string(d, "caller", "command", true, 256, true, false, caller, err);
-    if (rc != 0)
-        return rc;
-    json_t *a = json_object_get(d, "admin");
-    if (a && !json_is_boolean(a) && !json_is_null(a))
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                              "command.admin: must be true or false");
-    *admin = json_is_true(a);
-    return 0;
+    if (registry_status_valid(json_string_value(v)))
+        return 0;
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                          "%s: must be unknown, healthy, degraded, unreachable or not_probed",
+                          path);
 }
+
+static const registry_field_t status_fields[] = {
+    {"id", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, REGISTRY_INSTANCE_ID_LEN},
+    {"status", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, 32, .check = status_rule},
+    {"details", REGISTRY_TEXT, REGISTRY_EMPTY_OK, REGISTRY_DETAILS_MAX},
+    {NULL}};
 
 /* ---- definitions ---------------------------------------------------------------------- */
 
@@ -89,7 +103,7 @@ static int put_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
     if (rc == 0)
         rc = registry_definition_check(def, "definition", err);
     if (rc == 0)
-        rc = caller_of(d, &caller, &admin, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc != 0)
         return rc;
     const char *id = json_string_value(json_object_get(def, "id"));
@@ -109,14 +123,12 @@ static int put_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 static int delete_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"id", "caller", "admin", NULL};
-    const char *id, *caller = NULL;
+    const char *caller = NULL;
     bool admin = false, exists = false;
-    int rc = registry_keys(d, "command", keys, err);
+    int rc = registry_fields_check(d, "command", definition_id_fields, registry_caller_keys, err);
+    const char *id = json_string_value(json_object_get(d, "id"));
     if (rc == 0)
-        rc = registry_string(d, "id", "command", true, REGISTRY_ID_MAX, true, false, &id, err);
-    if (rc == 0)
-        rc = caller_of(d, &caller, &admin, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc == 0)
         rc = definition_writable(msg, id, caller, admin, &exists, err);
     if (rc != 0)
@@ -205,11 +217,12 @@ static int put_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
     bool admin = false;
     int rc = registry_instance_check(d, extra, &in, err);
     if (rc == 0)
-        rc = caller_of(d, &caller, &admin, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc == 0)
-        rc = registry_string(d, "id", "command", false, 64, true, false, &given_id, err);
+        rc = registry_value_check(json_object_get(d, "id"), "command.id", &given_id_field, err);
     if (rc != 0)
         return rc;
+    given_id = json_string_value(json_object_get(d, "id"));
     if (given_id && strcmp(given_id, in.id) != 0)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                               "command.id: the id of url \"%s\" is %s, not %s", in.url, in.id,
@@ -250,14 +263,12 @@ static int put_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 static int delete_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"id", "caller", "admin", NULL};
-    const char *id = NULL, *caller = NULL;
+    const char *caller = NULL;
     bool admin = false;
-    int rc = registry_keys(d, "command", keys, err);
+    int rc = registry_fields_check(d, "command", instance_id_fields, registry_caller_keys, err);
+    const char *id = json_string_value(json_object_get(d, "id"));
     if (rc == 0)
-        rc = registry_string(d, "id", "command", true, 64, true, false, &id, err);
-    if (rc == 0)
-        rc = caller_of(d, &caller, &admin, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc != 0)
         return rc;
     char *owner;
@@ -294,23 +305,16 @@ static int time_of(const json_t *d, const char *key, char out[40], loom_error_t 
 
 static int instance_status(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"id", "status", "checked_at", "details", "connect_ms", NULL};
-    const char *id, *status, *details;
+    static const char *const extra[] = {"checked_at", "connect_ms", NULL};
     char at[40];
-    int rc = registry_keys(d, "command", keys, err);
-    if (rc == 0)
-        rc = registry_string(d, "id", "command", true, 64, true, false, &id, err);
-    if (rc == 0)
-        rc = registry_string(d, "status", "command", true, 32, true, false, &status, err);
-    if (rc == 0)
-        rc = registry_string(d, "details", "command", false, 1024, false, true, &details, err);
+    int rc = registry_fields_check(d, "command", status_fields, extra, err);
     if (rc == 0)
         rc = time_of(d, "checked_at", at, err);
     if (rc != 0)
         return rc;
-    if (!registry_status_valid(status))
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                              "command.status: must be unknown, healthy, degraded or unreachable");
+    const char *id = json_string_value(json_object_get(d, "id"));
+    const char *status = json_string_value(json_object_get(d, "status"));
+    const char *details = json_string_value(json_object_get(d, "details"));
     const char *p[] = {id, status, details && *details ? details : NULL, at};
     PGresult *res = NULL;
     if ((rc = loom_db_exec(loom_msg_db(msg), &stmt_status, p, &res, err)) != 0)

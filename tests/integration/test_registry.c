@@ -285,7 +285,11 @@ Test(registry_model, definitions_are_checked_field_by_field)
          "{\"key\":\"A\",\"value\":\"2\"}]}",
          "definition.envars[1].key: is set twice"},
         {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"envars\":[{\"key\":\"A\"}]}",
-         "definition.envars[0].value: must be a string"},
+         "definition.envars[0].value: is required"},
+        {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"envars\":[{\"key\":\"A\",\"value\":1}]}",
+         "definition.envars[0].value: must be a string of at most 32768 bytes"},
+        {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"clients\":[null]}",
+         "definition.clients[0]: must not be null"},
         {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"clients\":[{\"language\":\"go\"}]}",
          "definition.clients[0].url: is required"},
         {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"api_specs\":[{\"url\":\"u\",\"metadata\":"
@@ -303,6 +307,77 @@ Test(registry_model, definitions_are_checked_field_by_field)
                   e ? e : "(accepted)", bad[i][1]);
         free(e);
     }
+}
+
+/* The field tables every check above is made of: one walker, each kind. */
+static int even_rule(const json_t *v, const char *path, loom_error_t *err)
+{
+    return json_integer_value(v) % 2 == 0
+               ? 0
+               : loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "%s: must be even", path);
+}
+
+Test(registry_model, field_tables_check_each_kind)
+{
+    static const registry_field_t port = {"p", REGISTRY_PORT, 0, 0, .check = even_rule};
+    static const registry_field_t word = {"w", REGISTRY_TEXT, REGISTRY_NO_SPACE, 4};
+    static const registry_field_t inner[] = {{"b", REGISTRY_BOOL, REGISTRY_REQUIRED}, {NULL}};
+    static const registry_field_t fields[] = {{"name", REGISTRY_TEXT, REGISTRY_REQUIRED, 5},
+                                              {"note", REGISTRY_TEXT, REGISTRY_EMPTY_OK, 5},
+                                              {"blob", REGISTRY_BYTES, 0, 3},
+                                              {"ports", REGISTRY_LIST, 0, 2, .items = &port},
+                                              {"words", REGISTRY_MAP, 0, 1, .items = &word},
+                                              {"inner", REGISTRY_OBJECT, 0, 0, inner},
+                                              {NULL}};
+    static const char *const extra[] = {"other", NULL};
+    static const char *const cases[][2] = {
+        {"{\"name\":\"a b\",\"note\":\"\",\"blob\":\"\\u0001\",\"ports\":[2,4],\"words\":{\"k\":"
+         "\"w\"},\"inner\":{\"b\":true},\"other\":1}",
+         NULL},
+        {"{\"name\":null}", "x.name: is required"},
+        {"{\"name\":\"abcdef\"}", "x.name: must be a string of 1 to 5 bytes without control "
+                                  "characters"},
+        {"{\"name\":\"a\",\"note\":\"\\n\"}",
+         "x.note: must be a string of 0 to 5 bytes without control characters"},
+        {"{\"name\":\"a\",\"blob\":\"abcd\"}", "x.blob: must be a string of at most 3 bytes"},
+        {"{\"name\":\"a\",\"ports\":[2,3]}", "x.ports[1]: must be even"},
+        {"{\"name\":\"a\",\"ports\":[2,4,6]}", "x.ports: at most 2 entries"},
+        {"{\"name\":\"a\",\"ports\":[0]}", "x.ports[0]: must be 1-65535"},
+        {"{\"name\":\"a\",\"words\":{\"k\":\"a b\"}}",
+         "x.words.k: must be a string of 1 to 4 bytes "
+         "without control characters or spaces"},
+        {"{\"name\":\"a\",\"words\":{\"k\":\"a\",\"l\":\"b\"}}", "x.words: at most 1 entries"},
+        {"{\"name\":\"a\",\"inner\":{}}", "x.inner.b: is required"},
+        {"{\"name\":\"a\",\"inner\":{\"b\":1}}", "x.inner.b: must be true or false"},
+        {"{\"name\":\"a\",\"inner\":{\"b\":true,\"c\":1}}", "x.inner.c: unknown field"},
+        {"{\"name\":\"a\",\"nope\":1}", "x.nope: unknown field"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        json_t *v = json_loads(cases[i][0], 0, NULL);
+        cr_assert_not_null(v, "%s", cases[i][0]);
+        loom_error_t err;
+        loom_error_clear(&err);
+        int rc = registry_fields_check(v, "x", fields, extra, &err);
+        json_decref(v);
+        if (!cases[i][1])
+            cr_expect_eq(rc, 0, "%s: %s", cases[i][0], err.message);
+        else
+            cr_expect(rc != 0 && strcmp(err.message, cases[i][1]) == 0, "%s: got \"%s\"",
+                      cases[i][0], rc ? err.message : "(accepted)");
+    }
+    /* Commands carry the caller. */
+    json_t *d = json_loads("{\"caller\":\"alice\",\"admin\":true}", 0, NULL);
+    const char *caller;
+    bool admin;
+    loom_error_t err;
+    cr_assert_eq(registry_caller_of(d, &caller, &admin, &err), 0, "%s", err.message);
+    cr_expect_str_eq(caller, "alice");
+    cr_expect(admin);
+    json_decref(d);
+    d = json_loads("{\"admin\":\"yes\",\"caller\":\"a\"}", 0, NULL);
+    cr_expect_neq(registry_caller_of(d, &caller, &admin, &err), 0);
+    cr_expect_str_eq(err.message, "command.admin: must be true or false");
+    json_decref(d);
 }
 
 Test(registry_model, instance_urls_keep_host_port_and_path)
