@@ -3,9 +3,10 @@
  * registry_definitions and registry_instances and records what changed as
  * events.
  *
- * Every command is checked again here with the checks the gateway ran
- * (../../ops/registry/model.h, field tables): commands also come from `loom publish`, other
- * services and replays, and a bad one must be rejected (4xx, never retried)
+ * Every command is checked again here with the field tables the gateway
+ * checked it with (../../ops/registry/model.h): commands also come from
+ * `loom publish`, other services and replays, and a bad one must be rejected
+ * (4xx, never retried)
  * rather than fail in SQL and be retried forever. Ownership is decided here
  * for good: the route's early 403 is a courtesy for HTTP callers. An
  * instance's commands share its id as Kafka key, so they are applied one at a
