@@ -14,13 +14,15 @@
  *
  * Requests are checked with the service's model (ops/registry/model.h and
  * model.c, the field tables the consumer checks its commands with too): a
- * bad field answers 400 naming it before anything is published. Instance ids come from the url, so
- * a registration's id is known here and is the command's Kafka key. Writes that need an existing
- * thing or its owner ask an op first, so HTTP callers get 404 and 403 at once; the consumer decides
- * for good when it applies the command (with ?wait, a late refusal comes back as 400
- * COMMAND_REJECTED). The caller's slug and whether it holds registry:admin travel in the command.
- * Definitions and instances alike belong to the slug that put them first; only it or a
- * registry:admin caller may change or delete them.
+ * bad field answers 400 naming it before anything is published. Instance
+ * ids come from the url, so a registration's id is known here and is the
+ * command's Kafka key. Writes that need an existing thing or its owner ask
+ * an op first, so HTTP callers get 404 and 403 at once; the consumer decides
+ * for good when it applies the command (with ?wait, a late refusal comes
+ * back as 400 COMMAND_REJECTED). The caller's slug and whether it holds
+ * registry:admin travel in the command. Definitions and instances alike
+ * belong to the slug that put them first; only it or a registry:admin
+ * caller may change or delete them.
  */
 #include "registry.h"
 #include "api.h"
