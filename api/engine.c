@@ -2,7 +2,9 @@
  * engine.c: the routes every Loom gateway has, whatever its services. Built
  * into the engine library, which registers them itself (loom_engine_service).
  *
- *   POST /v1/ops/{name}     any op, body = its request      scope ops:call
+ *   POST /v1/ops/{name}     any op, body = its request      scope ops:call and the op's
+ *                                                           (loom_op_scope: by default
+ *                                                           "<service>:read")
  *   GET  /v1/commands/{id}  a command's status and result   any valid token
  *
  * and the console's (docs/console.md), each answered by an engine op or
@@ -42,9 +44,14 @@ static int call_op(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
     loom_error_t err;
-    if (loom_gateway_body_json(req, true, &body, &err) != 0)
+    const char *name = loom_gateway_param(req, "name");
+    /* ops:call lets a caller reach the op table; each op's own scope
+     * (messages:read for messages.get, ...) decides whether it may call
+     * that op, as the service's routes would. */
+    if (loom_gateway_op_authorize(req, name, &err) != 0 ||
+        loom_gateway_body_json(req, true, &body, &err) != 0)
         return loom_gateway_fail(req, res, &err);
-    return loom_gateway_op_answer(req, res, loom_gateway_param(req, "name"), json_incref(body));
+    return loom_gateway_op_answer(req, res, name, json_incref(body));
 }
 
 static int rank(const char *status)

@@ -12,10 +12,11 @@
  * 1000 messages (413 beyond); the gateway caps bodies at 4 MiB (413).
  */
 #include "api.h"
+#include "../ops/messages/model.h"
 
 #include <string.h>
 
-#define BATCH_MAX 1000
+#define BATCH_MAX MESSAGES_BATCH_MAX
 
 static int too_large(loom_http_req_t *req, loom_http_res_t *res, const char *what, size_t n)
 {
@@ -25,11 +26,22 @@ static int too_large(loom_http_req_t *req, loom_http_res_t *res, const char *wha
     return loom_gateway_fail(req, res, &err);
 }
 
+/* The body as an object holding no key but `allowed` (one rule for every
+ * route of the gateway: unknown keys are refused, naming the first). */
+static int body_of(loom_http_req_t *req, const char *const *allowed, json_t **body,
+                   loom_error_t *err)
+{
+    if (loom_gateway_body_json(req, true, body, err) != 0)
+        return -1;
+    return loom_op_req_check_keys(*body, allowed, err);
+}
+
 static int batch_put(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
     loom_error_t err;
-    if (loom_gateway_body_json(req, true, &body, &err) != 0)
+    static const char *const keys[] = {"msgs", NULL};
+    if (body_of(req, keys, &body, &err) != 0)
         return loom_gateway_fail(req, res, &err);
     json_t *msgs = json_object_get(body, "msgs");
     if (!json_is_array(msgs)) {
@@ -61,7 +73,8 @@ static json_t *ids_of(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
     loom_error_t err;
-    if (loom_gateway_body_json(req, true, &body, &err) != 0) {
+    static const char *const keys[] = {"ids", NULL};
+    if (body_of(req, keys, &body, &err) != 0) {
         loom_gateway_fail(req, res, &err);
         return NULL;
     }
@@ -79,9 +92,10 @@ static json_t *ids_of(loom_http_req_t *req, loom_http_res_t *res)
     json_t *v;
     json_array_foreach(ids, i, v)
     {
-        if (!json_is_string(v) || json_string_length(v) == 0 || json_string_length(v) > 256) {
+        if (!json_is_string(v) || json_string_length(v) == 0 ||
+            json_string_length(v) > MESSAGES_ID_MAX) {
             loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
-                           "ids[%zu] must be a string of 1 to 256 bytes", i);
+                           "ids[%zu] must be a string of 1 to %d bytes", i, MESSAGES_ID_MAX);
             loom_gateway_fail(req, res, &err);
             return NULL;
         }
@@ -119,7 +133,13 @@ static int batch_delete(loom_http_req_t *req, loom_http_res_t *res)
 
 static int clean(loom_http_req_t *req, loom_http_res_t *res)
 {
-    /* The worker applies its LOOM_MESSAGES_RETENTION. */
+    /* The worker applies its LOOM_MESSAGES_RETENTION; the body, when there
+     * is one, is an empty object. */
+    json_t *body;
+    loom_error_t err;
+    static const char *const keys[] = {NULL};
+    if (body_of(req, keys, &body, &err) != 0)
+        return loom_gateway_fail(req, res, &err);
     loom_gateway_command_t cmd = {.type = "messages.clean", .data = json_object()};
     return loom_gateway_publish(req, res, &cmd);
 }

@@ -1,5 +1,5 @@
 /*
- * registry.c: HTTP routes of the registry service (SERVICES.md section 2).
+ * registry.c: HTTP routes of the registry service (README.md, "HTTP API").
  *
  *   PUT    /v1/registry/definitions        {"definition":{...}}  command registry.put_definition
  *   GET    /v1/registry/definitions                              op registry.definitions.list
@@ -12,15 +12,17 @@
  *   GET    /v1/registry/nodes                                    op engine.nodes.list
  *   GET    /v1/registry/nodes/self                               op registry.nodes.get
  *
- * Requests are checked with the service's model (ops/registry/model.h, the
- * same checks the consumer runs again): a bad field answers 400 naming it
- * before anything is published. Instance ids come from the url, so a
- * registration's id is known here and is the command's Kafka key. Writes
- * that need an existing thing or its owner ask an op first, so HTTP callers
- * get 404 and 403 at once; the consumer decides for good when it applies the
- * command (with ?wait, a late refusal comes back as 400 COMMAND_REJECTED).
- * The caller's slug and whether it holds registry:admin travel in the
- * command.
+ * Requests are checked with the service's model (ops/registry/model.h and
+ * model.c, the field tables the consumer checks its commands with too): a
+ * bad field answers 400 naming it before anything is published. Instance
+ * ids come from the url, so a registration's id is known here and is the
+ * command's Kafka key. Writes that need an existing thing or its owner ask
+ * an op first, so HTTP callers get 404 and 403 at once; the consumer decides
+ * for good when it applies the command (with ?wait, a late refusal comes
+ * back as 400 COMMAND_REJECTED). The caller's slug and whether it holds
+ * registry:admin travel in the command. Definitions and instances alike
+ * belong to the slug that put them first; only it or a registry:admin
+ * caller may change or delete them.
  */
 #include "registry.h"
 #include "api.h"
@@ -41,6 +43,53 @@ static bool is_admin(const loom_http_req_t *req)
 
 /* ---- definitions ---------------------------------------------------------------------- */
 
+/* Whether the caller may change the definition the op found (or did not:
+ * DEFINITION_NOT_FOUND is fine unless must_exist); answers the error itself
+ * and returns false otherwise. */
+static bool may_write_definition(loom_http_req_t *req, loom_http_res_t *res, int rc, json_t *found,
+                                 const loom_error_t *err, bool must_exist)
+{
+    bool missing = rc != 0 && err && err->code &&
+                   strcmp(err->code, code(REGISTRY_ERR_DEFINITION_NOT_FOUND)->name) == 0;
+    if (rc != 0 && (!missing || must_exist)) {
+        loom_gateway_fail(req, res, err);
+        return false;
+    }
+    if (rc != 0 || is_admin(req))
+        return true;
+    json_t *slug = json_object_get(found, "slug");
+    const char *owner = json_string_value(slug);
+    const char *caller = loom_gateway_caller(req);
+    if (owner && strcmp(owner, caller) == 0)
+        return true;
+    loom_error_t e;
+    loom_error_setc(&e, code(REGISTRY_ERR_DEFINITION_OWNED_BY_OTHER),
+                    "definition \"%s\" belongs to \"%s\", not to \"%s\"",
+                    json_string_value(json_object_get(json_object_get(found, "definition"), "id")),
+                    owner ? owner : "(no owner: admins only)", caller);
+    loom_gateway_fail(req, res, &e);
+    return false;
+}
+
+static int put_definition_checked(loom_http_req_t *req, loom_http_res_t *res, int rc,
+                                  json_t *result, const loom_error_t *err, void *arg)
+{
+    (void)arg;
+    if (!may_write_definition(req, res, rc, result, err, false))
+        return 0;
+    json_t *body; /* checked before the op was asked; it lives with the request */
+    loom_error_t e;
+    if (loom_gateway_body_json(req, true, &body, &e) != 0)
+        return loom_gateway_fail(req, res, &e);
+    json_t *def = json_object_get(body, "definition");
+    loom_gateway_command_t cmd = {.type = "registry.put_definition",
+                                  .key = json_string_value(json_object_get(def, "id")),
+                                  .data =
+                                      json_pack("{s:O, s:s, s:b}", "definition", def, "caller",
+                                                loom_gateway_caller(req), "admin", is_admin(req))};
+    return loom_gateway_publish(req, res, &cmd);
+}
+
 static int put_definition(loom_http_req_t *req, loom_http_res_t *res)
 {
     json_t *body;
@@ -56,10 +105,11 @@ static int put_definition(loom_http_req_t *req, loom_http_res_t *res)
     }
     if (registry_definition_check(def, "definition", &err) != 0)
         return loom_gateway_fail(req, res, &err);
-    loom_gateway_command_t cmd = {.type = "registry.put_definition",
-                                  .key = json_string_value(json_object_get(def, "id")),
-                                  .data = json_pack("{s:O}", "definition", def)};
-    return loom_gateway_publish(req, res, &cmd);
+    /* Who owns it decides whether the caller may replace it. */
+    return loom_gateway_op_call(
+        req, res, "registry.definitions.get",
+        json_pack("{s:O, s:b}", "id", json_object_get(def, "id"), "owner", 1),
+        put_definition_checked, NULL);
 }
 
 static int list_definitions(loom_http_req_t *req, loom_http_res_t *res)
@@ -70,15 +120,15 @@ static int list_definitions(loom_http_req_t *req, loom_http_res_t *res)
 static int delete_definition_found(loom_http_req_t *req, loom_http_res_t *res, int rc,
                                    json_t *result, const loom_error_t *err, void *arg)
 {
-    (void)result;
     (void)arg;
-    if (rc != 0)
-        return loom_gateway_fail(req, res, err); /* 404 DEFINITION_NOT_FOUND, or why not */
+    if (!may_write_definition(req, res, rc, result, err, true))
+        return 0; /* 404 DEFINITION_NOT_FOUND, 403, or why not */
     const char *id = loom_gateway_param(req, "id");
-    loom_gateway_command_t cmd = {
-        .type = "registry.delete_definition",
-        .key = id,
-        .data = json_pack("{s:s, s:s}", "id", id, "caller", loom_gateway_caller(req))};
+    loom_gateway_command_t cmd = {.type = "registry.delete_definition",
+                                  .key = id,
+                                  .data =
+                                      json_pack("{s:s, s:s, s:b}", "id", id, "caller",
+                                                loom_gateway_caller(req), "admin", is_admin(req))};
     return loom_gateway_publish(req, res, &cmd);
 }
 
@@ -91,7 +141,8 @@ static int delete_definition(loom_http_req_t *req, loom_http_res_t *res)
                         id);
         return loom_gateway_fail(req, res, &err);
     }
-    return loom_gateway_op_call(req, res, "registry.definitions.get", json_pack("{s:s}", "id", id),
+    return loom_gateway_op_call(req, res, "registry.definitions.get",
+                                json_pack("{s:s, s:b}", "id", id, "owner", 1),
                                 delete_definition_found, NULL);
 }
 
@@ -158,30 +209,49 @@ static int put_instance(loom_http_req_t *req, loom_http_res_t *res)
                                 put_instance_checked, NULL);
 }
 
-/* A query parameter, with "" taken as absent. */
-static const char *query(loom_http_req_t *req, const char *name)
-{
-    const char *v = loom_http_req_query(req, name);
-    return v && *v ? v : NULL;
-}
-
 static int list_instances(loom_http_req_t *req, loom_http_res_t *res)
 {
     static const char *const filters[] = {"slug", "deployment_id", "status",
                                           "host", "cursor",        NULL};
+    loom_error_t err;
+    /* Unknown parameters are refused, as unknown body keys are: a typo must
+     * not silently list everything. */
+    const char *qn, *qv;
+    for (size_t i = 0; loom_http_req_query_at(req, i, &qn, &qv); i++) {
+        bool known = strcmp(qn, "limit") == 0;
+        for (const char *const *f = filters; *f && !known; f++)
+            known = strcmp(qn, *f) == 0;
+        if (!known) {
+            loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "unknown query parameter \"%.64s\"",
+                           qn);
+            return loom_gateway_fail(req, res, &err);
+        }
+    }
+    /* A filter given empty is refused, not dropped: "?status=" does not
+     * mean "every status". (The gateway refused values that are not UTF-8.) */
+    for (const char *const *f = filters; *f; f++) {
+        const char *v = loom_http_req_query(req, *f);
+        if (v && !*v) {
+            loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "%s: must not be empty", *f);
+            return loom_gateway_fail(req, res, &err);
+        }
+    }
+    const char *limit = loom_http_req_query(req, "limit");
+    if (limit && !*limit) {
+        loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT, "limit: must not be empty");
+        return loom_gateway_fail(req, res, &err);
+    }
     json_t *op_req = json_object();
     for (const char *const *f = filters; *f; f++) {
-        const char *v = query(req, *f);
+        const char *v = loom_http_req_query(req, *f);
         if (v)
             json_object_set_new(op_req, *f, json_string(v));
     }
-    const char *limit = query(req, "limit");
     if (limit) {
         char *end;
         long long n = strtoll(limit, &end, 10);
         if (*end || end == limit || n < 1 || strlen(limit) > 9) {
             json_decref(op_req);
-            loom_error_t err;
             loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
                            "limit: must be an integer from 1 to %d", REGISTRY_LIST_LIMIT_MAX);
             return loom_gateway_fail(req, res, &err);

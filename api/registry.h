@@ -1,6 +1,7 @@
 /*
- * registry.h: the routes of the registry service (SERVICES.md section 2),
- * api/registry.c. api.c adds them to the route table.
+ * registry.h: the routes of the registry service (README.md, "HTTP API"),
+ * api/registry.c, ending with an empty entry; the service's descriptor
+ * (consumers/registry/service.c) names them.
  */
 #ifndef LOOM_API_REGISTRY_H
 #define LOOM_API_REGISTRY_H
@@ -10,6 +11,5 @@
 #include <stddef.h>
 
 extern const loom_route_t api_registry_routes[];
-extern const size_t api_registry_n_routes;
 
 #endif

@@ -60,12 +60,14 @@ set_target_properties(loom_ops PROPERTIES OUTPUT_NAME loom_services_ops EXPORT_N
 set_target_properties(loom_api PROPERTIES OUTPUT_NAME loom_services_api EXPORT_NAME services_api)
 set_target_properties(loom_migrations PROPERTIES OUTPUT_NAME loom_services_migrations
                                                  EXPORT_NAME services_migrations)
+set_target_properties(loom_registry_model PROPERTIES OUTPUT_NAME loom_services_registry_model
+                                                     EXPORT_NAME services_registry_model)
 set_target_properties(loom_warnings PROPERTIES EXPORT_NAME warnings)
 
 # The gateway's http_parser has no pkg-config file: an imported target the
 # package recreates (LoomConfig.cmake.in).
 install(TARGETS loom_engine loom_testkit loom_consumers loom_ops loom_api loom_migrations
-                loom_warnings
+                loom_registry_model loom_warnings
         EXPORT LoomTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT loom_dev)
 install(EXPORT LoomTargets NAMESPACE Loom:: DESTINATION ${LOOM_INSTALL_CMAKEDIR}

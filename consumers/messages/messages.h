@@ -14,9 +14,10 @@
 
 #include "loom/service.h"
 
-/* Limits of one batch (README.md, "HTTP API"). */
-#define MESSAGES_BATCH_MAX 1000
-#define MESSAGES_BODY_MAX  (4 * 1024 * 1024)
+/* Limits of one batch: MESSAGES_BATCH_MAX and MESSAGES_ID_MAX (shared with
+ * the routes and the ops); the body limit is the gateway's. */
+#include "../../ops/messages/model.h"
+#define MESSAGES_BODY_MAX (4 * 1024 * 1024)
 
 /* store.c */
 extern const loom_command_t messages_commands[];

@@ -15,6 +15,9 @@
  * shows it: a run that starts before the last run's commands were applied
  * does not publish the same change again.
  *
+ * An instance whose address is outside LOOM_REGISTRY_PROBE_ALLOW (probe.c)
+ * is not connected to: its status becomes not_probed, with the reason.
+ *
  * Reads run in READ ONLY transactions on the process's pool (loom_job_pool).
  */
 #include "registry.h"
@@ -134,6 +137,12 @@ static void memo_put(const char *id, const char *status, int64_t now)
     pthread_mutex_unlock(&memo_mu);
 }
 
+static const char *cfg_str(const loom_config_t *cfg, const char *name, const char *def)
+{
+    const loom_config_value_t *v = cfg ? loom_config_get(cfg, name) : NULL;
+    return v && v->raw ? v->raw : def;
+}
+
 static int64_t cfg_num(const loom_config_t *cfg, const char *name, int64_t def)
 {
     const loom_config_value_t *v = cfg ? loom_config_get(cfg, name) : NULL;
@@ -150,7 +159,13 @@ int registry_probe_job(loom_job_ctx_t *ctx, loom_error_t *err)
             cfg_num(cfg, "LOOM_REGISTRY_PROBE_DEGRADED_AFTER", REGISTRY_PROBE_DEGRADED_MS),
         .max_in_flight =
             (int)cfg_num(cfg, "LOOM_REGISTRY_PROBE_CONCURRENCY", REGISTRY_PROBE_MAX_IN_FLIGHT)};
-    int rc = 0;
+    /* Checked at start (loom_config_load), so a parse error here is a bug. */
+    registry_probe_allow_t *allow = NULL;
+    int rc = registry_probe_allow_parse(
+        cfg_str(cfg, "LOOM_REGISTRY_PROBE_ALLOW", REGISTRY_PROBE_ALLOW_DEFAULT), &allow, err);
+    if (rc != 0)
+        return rc;
+    po.allow = allow;
 
     page_t pg = {.rows = loom_xcalloc(PAGE, sizeof(row_t)),
                  .probes = loom_xcalloc(PAGE, sizeof(registry_probe_t))};
@@ -211,6 +226,7 @@ int registry_probe_job(loom_job_ctx_t *ctx, loom_error_t *err)
     }
     free(pg.rows);
     free(pg.probes);
+    registry_probe_allow_free(allow);
     if (rc == 0 && failed > 0)
         rc = loom_error_set(err, LOOM_CODE_BROKER_UNAVAILABLE,
                             "%zu instance statuses could not be published", failed);

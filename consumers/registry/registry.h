@@ -3,8 +3,9 @@
  *
  * Commands (topic loom.cmd.registry; Kafka key = the definition or instance id,
  * so one entity's commands are applied in the order they were published):
- *   registry.put_definition     {"definition": {...}}           -> {"id", "definition"}
- *   registry.delete_definition  {"id"}                          -> {"id", "deleted": true}
+ *   registry.put_definition     {"definition": {...}, "caller", "admin"?}
+ *                                                               -> {"id", "definition"}
+ *   registry.delete_definition  {"id", "caller", "admin"?}      -> {"id", "deleted": true}
  *   registry.put_instance       {"url", "deployment_id"?, "node_url"?, "tags"?,
  *                                "id"?, "caller", "admin"?}     -> the instance
  *   registry.delete_instance    {"id", "caller", "admin"?}      -> {"id", "deleted": true}
@@ -14,8 +15,9 @@
  *
  * "caller" is the slug of whoever asks (the gateway puts the token's) and
  * "admin" whether it holds registry:admin: the first registration of a url
- * fixes its slug, and only that slug or an admin may register it again or
- * delete it (INSTANCE_OWNED_BY_OTHER otherwise). Whoever can publish to the
+ * (the first put of a definition id) fixes its slug, and only that slug or
+ * an admin may register it again or delete it (INSTANCE_OWNED_BY_OTHER,
+ * DEFINITION_OWNED_BY_OTHER otherwise). Whoever can publish to the
  * command topics is trusted to say who the caller is, as with every Loom
  * command. Events (stream registry.definition-<id> / registry.instance-<id>):
  * registry.definition_put, registry.definition_deleted,
@@ -32,8 +34,10 @@
 
 #include "loom/service.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 /* store.c: the command table of the consumer registry.store. */
 extern const loom_command_t registry_commands[];
@@ -43,7 +47,8 @@ extern const loom_command_t registry_commands[];
 typedef struct registry_probe {
     const char *host; /* borrowed: an IP address or a name to resolve */
     int port;
-    /* Results. status is "healthy", "degraded" or "unreachable" (static
+    /* Results. status is "healthy", "degraded", "unreachable" or
+     * "not_probed" (outside the allow-list; details says why) (static
      * strings), or NULL when the probe could not run for a local reason (no
      * file descriptors left): such an instance keeps its status. */
     const char *status;
@@ -51,11 +56,41 @@ typedef struct registry_probe {
     char details[128];  /* why not healthy ("connection refused", ...); "" when healthy */
 } registry_probe_t;
 
+/*
+ * The probe allow-list (LOOM_REGISTRY_PROBE_ALLOW): a comma-separated list
+ * of CIDR blocks ("10.0.0.0/8", "fd12::/16", or one address) and host-name
+ * suffixes ("svc.cluster.local" matches that name and every name ending in
+ * ".svc.cluster.local"); "*" allows every address. It is checked on the
+ * address a probe would connect to, after name resolution: an address is
+ * allowed when it lies in one of the blocks, or when the instance's host
+ * is a name that matches one of the suffixes. 169.254.0.0/16 (link-local,
+ * where clouds serve instance metadata) and fd00:ec2::254 are refused
+ * whatever the list says, also as IPv4-mapped IPv6 addresses.
+ */
+typedef struct registry_probe_allow registry_probe_allow_t;
+
+/* The default: loopback and the private networks. */
+#define REGISTRY_PROBE_ALLOW_DEFAULT \
+    "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+/* Parses text into *out (free with registry_probe_allow_free); fails with
+ * CONFIG_INVALID naming the entry. */
+int registry_probe_allow_parse(const char *text, registry_probe_allow_t **out, loom_error_t *err);
+void registry_probe_allow_free(registry_probe_allow_t *allow);
+/* The check of the LOOM_REGISTRY_PROBE_ALLOW config variable. */
+bool registry_probe_allow_valid(const char *text, char *allowed, size_t size);
+/* NULL when host (as registered) may be probed at addr; else why not (a
+ * static string). allow NULL allows everything but the always-refused. */
+const char *registry_probe_allow_check(const registry_probe_allow_t *allow, const char *host,
+                                       const struct sockaddr *addr);
+
 typedef struct registry_probe_opts {
-    int64_t timeout_ms;  /* resolve + connect; 0: 3000. Past it: unreachable */
-    int64_t degraded_ms; /* a connection slower than this is degraded; 0: 1000 */
-    int max_in_flight;   /* probes at once (one socket each); 0: 256 */
-    int peak_in_flight;  /* out: the most probes that ran at once */
+    int64_t timeout_ms;                  /* resolve + connect; 0: 3000. Past it: unreachable */
+    int64_t degraded_ms;                 /* a connection slower than this is degraded; 0: 1000 */
+    int max_in_flight;                   /* probes at once (one socket each); 0: 256 */
+    const registry_probe_allow_t *allow; /* borrowed; NULL: allow all but the
+                                          * always-refused addresses */
+    int peak_in_flight;                  /* out: the most probes that ran at once */
 } registry_probe_opts_t;
 
 #define REGISTRY_PROBE_TIMEOUT_MS    3000
@@ -64,13 +99,14 @@ typedef struct registry_probe_opts {
 
 /*
  * Probes every entry of probes: resolves the host (IP literals at once,
- * names on libuv's thread pool), opens a TCP connection with a timer for the
- * timeout, and classifies: no connection (refused, unroutable, timed out,
- * unresolvable) -> unreachable; connected in more than degraded_ms ->
- * degraded; else healthy. Runs a libuv loop of its own on the calling thread
- * until every probe is done, with at most max_in_flight sockets open; it
- * never blocks on one probe. Returns 0, or a negative code with err when the
- * loop could not be set up. opts may be NULL.
+ * names on libuv's thread pool), checks the address against the allow-list
+ * (outside it -> not_probed, no connection attempted), opens a TCP
+ * connection with a timer for the timeout, and classifies: no connection
+ * (refused, unroutable, timed out, unresolvable) -> unreachable; connected
+ * in more than degraded_ms -> degraded; else healthy. Runs a libuv loop of its own on the calling
+ * thread until every probe is done, with at most max_in_flight sockets open; it never blocks on one
+ * probe. Returns 0, or a negative code with err when the loop could not be set up. opts may be
+ * NULL.
  */
 int registry_probe_run(registry_probe_t *probes, size_t n, registry_probe_opts_t *opts,
                        loom_error_t *err);

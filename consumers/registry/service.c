@@ -45,6 +45,10 @@ static const loom_config_var_t config_vars[] = {
      "a health probe that connects slower than this marks the instance degraded"},
     {"LOOM_REGISTRY_PROBE_CONCURRENCY", LOOM_CFG_INT, "256", NULL, 1, 10000, false,
      "health probes (sockets) open at once"},
+    {"LOOM_REGISTRY_PROBE_ALLOW", LOOM_CFG_STRING, REGISTRY_PROBE_ALLOW_DEFAULT, NULL, 0, 0, false,
+     "CIDR blocks and host-name suffixes the health probe may connect to; others are "
+     "not_probed (169.254.0.0/16 and fd00:ec2::254 never)",
+     registry_probe_allow_valid},
     {0},
 };
 

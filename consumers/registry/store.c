@@ -3,9 +3,10 @@
  * registry_definitions and registry_instances and records what changed as
  * events.
  *
- * Every command is checked again here with the checks the gateway ran
- * (../../ops/registry/model.h): commands also come from `loom publish`, other
- * services and replays, and a bad one must be rejected (4xx, never retried)
+ * Every command is checked again here with the field tables the gateway
+ * checked it with (../../ops/registry/model.h): commands also come from
+ * `loom publish`, other services and replays, and a bad one must be rejected
+ * (4xx, never retried)
  * rather than fail in SQL and be retried forever. Ownership is decided here
  * for good: the route's early 403 is a courtesy for HTTP callers. Every
  * command travels on the one topic loom.cmd.registry, keyed by the definition
@@ -13,6 +14,7 @@
  * acknowledged them (a put then a delete of one instance stay in that order).
  */
 #include "registry.h"
+#include "loom/clock.h"
 #include "../../ops/registry/model.h"
 
 #include <stdio.h>
@@ -25,43 +27,92 @@ static char *stream_of(loom_msg_t *msg, const char *kind, const char *id)
     return loom_arena_sprintf(loom_msg_arena(msg), "registry.%s-%s", kind, id);
 }
 
-/* "caller" (required) and "admin" (optional boolean) of a command. */
-static int caller_of(const json_t *d, const char **caller, bool *admin, loom_error_t *err)
+/* The members of the commands, as field tables (model.h); "caller" and
+ * "admin" are checked by registry_caller_of. */
+static const registry_field_t definition_id_fields[] = {
+    {"id", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, REGISTRY_ID_MAX}, {NULL}};
+
+static const registry_field_t instance_id_fields[] = {
+    {"id", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, REGISTRY_INSTANCE_ID_LEN}, {NULL}};
+
+/* In a registration the id is optional: it is derived from the url. */
+static const registry_field_t given_id_field = {"id", REGISTRY_TEXT, REGISTRY_NO_SPACE,
+                                                REGISTRY_INSTANCE_ID_LEN};
+
+static int status_rule(const json_t *v, const char *path, loom_error_t *err)
 {
-    int rc = registry_string(d, "caller", "command", true, 256, true, false, caller, err);
-    if (rc != 0)
-        return rc;
-    json_t *a = json_object_get(d, "admin");
-    if (a && !json_is_boolean(a) && !json_is_null(a))
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                              "command.admin: must be true or false");
-    *admin = json_is_true(a);
-    return 0;
+    if (registry_status_valid(json_string_value(v)))
+        return 0;
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                          "%s: must be unknown, healthy, degraded, unreachable or not_probed",
+                          path);
 }
+
+static const registry_field_t status_fields[] = {
+    {"id", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, REGISTRY_INSTANCE_ID_LEN},
+    {"status", REGISTRY_TEXT, REGISTRY_REQUIRED | REGISTRY_NO_SPACE, 32, .check = status_rule},
+    {"details", REGISTRY_TEXT, REGISTRY_EMPTY_OK, REGISTRY_DETAILS_MAX},
+    {NULL}};
 
 /* ---- definitions ---------------------------------------------------------------------- */
 
+/* The owner is set by the first put and kept by every later one. */
 static const loom_db_stmt_t stmt_put_definition = {
     "registry_definition_put",
-    "INSERT INTO registry_definitions (id, definition) VALUES ($1, $2::JSONB) "
+    "INSERT INTO registry_definitions (id, definition, slug) VALUES ($1, $2::JSONB, $3) "
     "ON CONFLICT (id) DO UPDATE SET definition = EXCLUDED.definition, updated_at = now()",
-    2};
+    3};
+
+static const loom_db_stmt_t stmt_definition_owner = {
+    "registry_definition_owner", "SELECT slug FROM registry_definitions WHERE id = $1 FOR UPDATE",
+    1};
 
 static const loom_db_stmt_t stmt_delete_definition = {
     "registry_definition_delete", "DELETE FROM registry_definitions WHERE id = $1 RETURNING id", 1};
 
+/*
+ * Whether caller may change definition id: yes when it does not exist yet
+ * (*exists false), when caller owns it, or when admin. A definition stored
+ * before definitions had owners (slug NULL) is the admins' only. Locks the
+ * row until the transaction ends.
+ */
+static int definition_writable(loom_msg_t *msg, const char *id, const char *caller, bool admin,
+                               bool *exists, loom_error_t *err)
+{
+    const char *p[] = {id};
+    PGresult *res = NULL;
+    int rc = loom_db_exec(loom_msg_db(msg), &stmt_definition_owner, p, &res, err);
+    if (rc != 0)
+        return rc;
+    *exists = PQntuples(res) > 0;
+    bool legacy = *exists && PQgetisnull(res, 0, 0);
+    const char *owner = *exists && !legacy ? PQgetvalue(res, 0, 0) : NULL;
+    if (*exists && !admin && (legacy || strcmp(owner, caller) != 0))
+        rc = loom_error_setc(err, &registry_error_codes[REGISTRY_ERR_DEFINITION_OWNED_BY_OTHER],
+                             "definition \"%s\" belongs to \"%s\", not to \"%s\"", id,
+                             legacy ? "(no owner: admins only)" : owner, caller);
+    PQclear(res);
+    return rc;
+}
+
 static int put_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"definition", NULL};
+    static const char *const keys[] = {"definition", "caller", "admin", NULL};
+    const char *caller = NULL;
+    bool admin = false, exists = false;
     int rc = registry_keys(d, "command", keys, err);
     json_t *def = json_object_get(d, "definition");
     if (rc == 0)
         rc = registry_definition_check(def, "definition", err);
+    if (rc == 0)
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc != 0)
         return rc;
     const char *id = json_string_value(json_object_get(def, "id"));
+    if ((rc = definition_writable(msg, id, caller, admin, &exists, err)) != 0)
+        return rc;
     char *text = json_dumps(def, JSON_COMPACT);
-    const char *p[] = {id, text};
+    const char *p[] = {id, text, caller};
     rc = loom_db_exec(loom_msg_db(msg), &stmt_put_definition, p, NULL, err);
     free(text);
     if (rc == 0)
@@ -74,11 +125,14 @@ static int put_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 static int delete_definition(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"id", "caller", "admin", NULL};
-    const char *id;
-    int rc = registry_keys(d, "command", keys, err);
+    const char *caller = NULL;
+    bool admin = false, exists = false;
+    int rc = registry_fields_check(d, "command", definition_id_fields, registry_caller_keys, err);
+    const char *id = json_string_value(json_object_get(d, "id"));
     if (rc == 0)
-        rc = registry_string(d, "id", "command", true, REGISTRY_ID_MAX, true, false, &id, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
+    if (rc == 0)
+        rc = definition_writable(msg, id, caller, admin, &exists, err);
     if (rc != 0)
         return rc;
     const char *p[] = {id};
@@ -165,11 +219,12 @@ static int put_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
     bool admin = false;
     int rc = registry_instance_check(d, extra, &in, err);
     if (rc == 0)
-        rc = caller_of(d, &caller, &admin, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc == 0)
-        rc = registry_string(d, "id", "command", false, 64, true, false, &given_id, err);
+        rc = registry_value_check(json_object_get(d, "id"), "command.id", &given_id_field, err);
     if (rc != 0)
         return rc;
+    given_id = json_string_value(json_object_get(d, "id"));
     if (given_id && strcmp(given_id, in.id) != 0)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                               "command.id: the id of url \"%s\" is %s, not %s", in.url, in.id,
@@ -210,14 +265,12 @@ static int put_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 
 static int delete_instance(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"id", "caller", "admin", NULL};
-    const char *id = NULL, *caller = NULL;
+    const char *caller = NULL;
     bool admin = false;
-    int rc = registry_keys(d, "command", keys, err);
+    int rc = registry_fields_check(d, "command", instance_id_fields, registry_caller_keys, err);
+    const char *id = json_string_value(json_object_get(d, "id"));
     if (rc == 0)
-        rc = registry_string(d, "id", "command", true, 64, true, false, &id, err);
-    if (rc == 0)
-        rc = caller_of(d, &caller, &admin, err);
+        rc = registry_caller_of(d, &caller, &admin, err);
     if (rc != 0)
         return rc;
     char *owner;
@@ -254,23 +307,16 @@ static int time_of(const json_t *d, const char *key, char out[40], loom_error_t 
 
 static int instance_status(loom_msg_t *msg, json_t *d, loom_error_t *err)
 {
-    static const char *const keys[] = {"id", "status", "checked_at", "details", "connect_ms", NULL};
-    const char *id, *status, *details;
+    static const char *const extra[] = {"checked_at", "connect_ms", NULL};
     char at[40];
-    int rc = registry_keys(d, "command", keys, err);
-    if (rc == 0)
-        rc = registry_string(d, "id", "command", true, 64, true, false, &id, err);
-    if (rc == 0)
-        rc = registry_string(d, "status", "command", true, 32, true, false, &status, err);
-    if (rc == 0)
-        rc = registry_string(d, "details", "command", false, 1024, false, true, &details, err);
+    int rc = registry_fields_check(d, "command", status_fields, extra, err);
     if (rc == 0)
         rc = time_of(d, "checked_at", at, err);
     if (rc != 0)
         return rc;
-    if (!registry_status_valid(status))
-        return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                              "command.status: must be unknown, healthy, degraded or unreachable");
+    const char *id = json_string_value(json_object_get(d, "id"));
+    const char *status = json_string_value(json_object_get(d, "status"));
+    const char *details = json_string_value(json_object_get(d, "details"));
     const char *p[] = {id, status, details && *details ? details : NULL, at};
     PGresult *res = NULL;
     if ((rc = loom_db_exec(loom_msg_db(msg), &stmt_status, p, &res, err)) != 0)

@@ -57,6 +57,8 @@ int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer
         .site = ctx->cfg.site_name,
         .node = ctx->cfg.node_id,
         .workers = ctx->cfg.database_pool_size,
+        .rate_limit = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_LIMIT"),
+        .rate_burst = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_BURST"),
     };
     int rc = loom_gateway_start(opts, gw, err);
     if (rc == 0)

@@ -68,6 +68,10 @@ const loom_config_var_t loom_config_engine_vars[] = {
      "time a client has to send a request's headers (408 and close beyond)"},
     {"LOOM_API_IDLE_TIMEOUT", LOOM_CFG_DURATION, "60s", NULL, 100, 3600 * 1000LL, false,
      "keep-alive idle time, and the longest stall of a request body or a response write"},
+    {"LOOM_API_RATE_LIMIT", LOOM_CFG_INT, "0", NULL, 0, 1000000, false,
+     "requests a second the gateway takes from one caller (token, else address); 0: no limit"},
+    {"LOOM_API_RATE_BURST", LOOM_CFG_INT, "0", NULL, 0, 10000000, false,
+     "requests one caller may send at once above its rate; 0: as many as LOOM_API_RATE_LIMIT"},
     {"LOOM_NODE_ID", LOOM_CFG_UUID, NULL, NULL, 0, 0, false,
      "this process's node id (UUID); random when unset"},
     {"LOOM_SITE_NAME", LOOM_CFG_NAME, "local", NULL, 0, 0, false,
@@ -337,6 +341,8 @@ int loom_config_check(const loom_config_var_t *var, const char *value, int64_t *
         break;
     }
     }
+    if (!allowed && var->check && !var->check(value, allowed_buf, sizeof(allowed_buf)))
+        allowed = allowed_buf;
     if (allowed) {
         char shown[512];
         loom_config_redact(var, value, shown, sizeof(shown));

@@ -639,8 +639,9 @@ int loom_ce_check_json(const json_t *obj, const char **field, loom_error_t *err)
         if (!json_is_string(v) || json_string_length(v) == 0)
             return field_error(err, field, required[i], "must be a non-empty string");
     }
-    if (json_string_length(json_object_get(obj, "id")) > 256)
-        return field_error(err, field, "id", "must be at most 256 bytes");
+    if (json_string_length(json_object_get(obj, "id")) > LOOM_CE_JSON_ID_MAX)
+        return field_error(err, field, "id",
+                           "must be at most " LOOM_STR(LOOM_CE_JSON_ID_MAX) " bytes");
     if (strcmp(json_string_value(json_object_get(obj, "specversion")), "1.0") != 0)
         return field_error(err, field, "specversion", "must be \"1.0\"");
     static const char *const optional[] = {"subject", "time", "datacontenttype", "dataschema"};

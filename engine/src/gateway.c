@@ -240,10 +240,7 @@ int loom_gateway_add_token(loom_gateway_t *gw, const char *token, const char *sl
     if (!gw || !token || !*token || !slug || !scopes)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "a token needs a slug and scopes");
     uint8_t digest[LOOM_SHA256_LEN];
-    loom_sha256_t ctx;
-    loom_sha256_init(&ctx);
-    loom_sha256_update(&ctx, token, strlen(token));
-    loom_sha256_final(&ctx, digest);
+    loom_sha256(token, strlen(token), digest);
     gw_token_t *t = token_new(digest, slug, strlen(slug), scopes, strlen(scopes));
     if (!t)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
@@ -275,19 +272,13 @@ int loom_gateway_dev_token(loom_gateway_t *gw, char *out, size_t size)
 static const gw_token_t *tokens_find(loom_gateway_t *gw, const char *token, size_t len)
 {
     uint8_t digest[LOOM_SHA256_LEN];
-    loom_sha256_t ctx;
-    loom_sha256_init(&ctx);
-    loom_sha256_update(&ctx, token, len);
-    loom_sha256_final(&ctx, digest);
+    loom_sha256(token, len, digest);
     const gw_token_t *found = NULL;
     pthread_rwlock_rdlock(&gw->tokens_mu);
-    for (size_t i = 0; i < gw->n_tokens; i++) {
-        volatile uint8_t diff = 0;
-        for (size_t k = 0; k < LOOM_SHA256_LEN; k++)
-            diff |= (uint8_t)(gw->tokens[i]->hash[k] ^ digest[k]);
-        if (diff == 0)
+    /* Every entry is compared, each in constant time, whichever matches. */
+    for (size_t i = 0; i < gw->n_tokens; i++)
+        if (loom_sha256_equal(gw->tokens[i]->hash, digest))
             found = gw->tokens[i];
-    }
     pthread_rwlock_unlock(&gw->tokens_mu);
     return found;
 }
@@ -336,16 +327,9 @@ const char *loom_gateway_request_id(const loom_http_req_t *req)
     return g ? g->request_id : NULL;
 }
 
-const char *loom_gateway_param(loom_http_req_t *req, const char *name)
+char *loom_gateway_param_decode(loom_arena_t *a, const char *v, size_t len, bool *clean)
 {
-    gw_req_t *g = gw_req(req);
-    const char *v;
-    size_t len;
-    if (!g || !g->route ||
-        !loom_route_param(g->route->pattern, loom_http_req_path(req), name, &v, &len))
-        return NULL;
-    /* Percent-decode (no '+' rule in paths). */
-    char *out = loom_arena_alloc(loom_http_req_arena(req), len + 1);
+    char *out = loom_arena_alloc(a, len + 1);
     size_t o = 0;
     for (size_t i = 0; i < len; i++) {
         if (v[i] == '%' && i + 2 < len && isxdigit((unsigned char)v[i + 1]) &&
@@ -358,7 +342,40 @@ const char *loom_gateway_param(loom_http_req_t *req, const char *name)
         }
     }
     out[o] = '\0';
+    if (clean)
+        *clean = strlen(out) == o && loom_http_utf8_valid(out, o);
     return out;
+}
+
+const char *loom_gateway_param(loom_http_req_t *req, const char *name)
+{
+    gw_req_t *g = gw_req(req);
+    const char *v;
+    size_t len;
+    if (!g || !g->route ||
+        !loom_route_param(g->route->pattern, loom_http_req_path(req), name, &v, &len))
+        return NULL;
+    return loom_gateway_param_decode(loom_http_req_arena(req), v, len, NULL);
+}
+
+/* The first parameter of the route whose value does not decode to clean
+ * text; NULL when all do. Handlers may then take every parameter as text. */
+static const char *unclean_param(loom_http_req_t *req, const loom_route_t *route, char *name,
+                                 size_t size)
+{
+    const char *path = loom_http_req_path(req);
+    for (const char *p = strchr(route->pattern, '{'); p; p = strchr(p + 1, '{')) {
+        size_t nl = strcspn(p + 1, "}");
+        snprintf(name, size, "%.*s", (int)nl, p + 1);
+        const char *v;
+        size_t len;
+        bool clean = true;
+        if (loom_route_param(route->pattern, path, name, &v, &len))
+            loom_gateway_param_decode(loom_http_req_arena(req), v, len, &clean);
+        if (!clean)
+            return name;
+    }
+    return NULL;
 }
 
 int loom_gateway_parse_json(const char *text, size_t len, bool want_object, json_t **out,
@@ -410,15 +427,20 @@ int loom_gateway_body_json(loom_http_req_t *req, bool want_object, json_t **out,
 
 int loom_gateway_reply(loom_http_req_t *req, loom_http_res_t *res, int status, json_t *body)
 {
-    (void)req;
     loom_http_res_status(res, status);
     if (body) {
         char *text = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
         json_decref(body);
-        if (text) {
-            loom_http_res_header(res, "Content-Type", "application/json");
-            loom_http_res_body_take(res, text, strlen(text));
+        if (!text) {
+            /* Never an empty answer: say what went wrong, as JSON. */
+            LOOM_ERROR("an answer could not be encoded as JSON", "status=%d", status);
+            loom_http_res_status(res, 500);
+            text = loom_xasprintf("{\"error\":{\"code\":\"INTERNAL\",\"message\":\"the "
+                                  "answer could not be encoded as JSON\",\"ray_id\":\"%s\"}}",
+                                  loom_gateway_ray_id(req) ? loom_gateway_ray_id(req) : "");
         }
+        loom_http_res_header(res, "Content-Type", "application/json");
+        loom_http_res_body_take(res, text, strlen(text));
     }
     loom_http_res_send(res);
     return 0;
@@ -433,7 +455,10 @@ int loom_gateway_fail(loom_http_req_t *req, loom_http_res_t *res, const loom_err
     }
     int status = loom_error_class_http_status(err->cls);
     const char *ray = loom_gateway_ray_id(req);
-    json_t *e = json_pack("{s:s, s:s}", "code", err->code, "message", err->message);
+    char msg[sizeof(err->message)];
+    snprintf(msg, sizeof(msg), "%s", err->message);
+    loom_http_utf8_repair(msg); /* messages echo client bytes, and may be cut in a character */
+    json_t *e = json_pack("{s:s, s:s}", "code", err->code, "message", msg);
     if (e && ray)
         json_object_set_new(e, "ray_id", json_string(ray));
     if (err->retriable && (status == 503 || status == 429))
@@ -447,7 +472,10 @@ int loom_gateway_fail(loom_http_req_t *req, loom_http_res_t *res, const loom_err
 static void fail_status(loom_http_req_t *req, loom_http_res_t *res, int status,
                         const loom_error_t *err)
 {
-    json_t *e = json_pack("{s:s, s:s, s:s}", "code", err->code, "message", err->message, "ray_id",
+    char msg[sizeof(err->message)];
+    snprintf(msg, sizeof(msg), "%s", err->message);
+    loom_http_utf8_repair(msg);
+    json_t *e = json_pack("{s:s, s:s, s:s}", "code", err->code, "message", msg, "ray_id",
                           loom_gateway_ray_id(req));
     loom_gateway_reply(req, res, status, json_pack("{s:o}", "error", e));
 }
@@ -600,6 +628,42 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
     bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
     loom_error_t err;
 
+    /* The caller: the token, when a valid one came (checked against the
+     * route below). */
+    const char *auth = loom_http_req_header(req, "Authorization");
+    const char *tok = NULL;
+    if (auth && strncasecmp(auth, "Bearer ", 7) == 0) {
+        tok = auth + 7;
+        while (*tok == ' ')
+            tok++;
+    }
+    if (tok && *tok)
+        g->token = tokens_find(gw, tok, strlen(tok));
+
+    /* Rate limit: per token, else per remote address. */
+    if (gw->limiter) {
+        char key[200];
+        int retry = 1;
+        loom_rate_limiter_key(g->token ? g->token->slug : NULL, loom_http_req_remote(req), key,
+                              sizeof(key));
+        if (!loom_rate_limiter_take(gw->limiter, key, loom_mono_ns(), &retry)) {
+            char ra[16];
+            snprintf(ra, sizeof(ra), "%d", retry);
+            loom_metrics_counter_inc(gw->rate_limited,
+                                     (const char *[]){g->token ? "token" : "address"});
+            g->route_label = "_rate_limited";
+            loom_http_res_header(res, "Retry-After", ra);
+            loom_error_set(&err, LOOM_CODE_RATE_LIMITED,
+                           "over the rate limit of %d requests a second (burst %d) for %s; retry "
+                           "in %d s",
+                           gw->opts.rate_limit,
+                           gw->opts.rate_burst > 0 ? gw->opts.rate_burst : gw->opts.rate_limit,
+                           g->token ? "this token" : "this address", retry);
+            fail_status(req, res, 429, &err);
+            return;
+        }
+    }
+
     /* Operational endpoints: no token. */
     if (strcmp(path, "/healthz") == 0 || strcmp(path, "/readyz") == 0 ||
         strcmp(path, "/metrics") == 0) {
@@ -648,15 +712,6 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
     g->route_label = route->pattern;
 
     /* Authentication and scope. */
-    const char *auth = loom_http_req_header(req, "Authorization");
-    const char *tok = NULL;
-    if (auth && strncasecmp(auth, "Bearer ", 7) == 0) {
-        tok = auth + 7;
-        while (*tok == ' ')
-            tok++;
-    }
-    if (tok && *tok)
-        g->token = tokens_find(gw, tok, strlen(tok));
     if (!g->token) {
         loom_error_set(&err, LOOM_CODE_UNAUTHENTICATED, "%s",
                        !auth  ? "no API token: send Authorization: Bearer TOKEN"
@@ -673,6 +728,23 @@ static void gateway_handle(loom_http_req_t *req, loom_http_res_t *res, void *opa
         loom_error_set(&err, LOOM_CODE_PERMISSION_DENIED,
                        "%s %s needs the scope \"%s\", which the token of \"%s\" does not hold",
                        route->method, route->pattern, route->scope, g->token->slug);
+        loom_gateway_fail(req, res, &err);
+        return;
+    }
+
+    /* Parameters are text: a value that decodes to a NUL or to bytes that
+     * are not UTF-8 is refused here, naming it, for every route. */
+    char pname[64];
+    const char *bad = unclean_param(req, route, pname, sizeof(pname));
+    const char *badq = bad ? NULL : loom_http_req_query_unclean(req);
+    if (bad || badq) {
+        char name[64];
+        snprintf(name, sizeof(name), "%s", bad ? bad : badq);
+        loom_http_utf8_repair(name);
+        loom_error_set(&err, LOOM_CODE_INVALID_ARGUMENT,
+                       "%s parameter \"%s\" is not valid UTF-8 text (percent-decoded, it holds "
+                       "a NUL or bytes that are not UTF-8)",
+                       bad ? "path" : "query", name);
         loom_gateway_fail(req, res, &err);
         return;
     }
@@ -758,6 +830,7 @@ static void gateway_destroy(loom_gateway_t *gw)
         token_free(gw->tokens[i]);
     free(gw->tokens);
     free(gw->workers);
+    loom_rate_limiter_free(gw->limiter);
     pthread_rwlock_destroy(&gw->tokens_mu);
     pthread_mutex_destroy(&gw->tasks_mu);
     pthread_cond_destroy(&gw->tasks_cond);
@@ -804,6 +877,13 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
                                        "HTTP requests being handled.", NULL);
     gw->connections =
         loom_metrics_gauge(gw->metrics, "loom_http_connections", "Open HTTP connections.", NULL);
+    static const char *const by_labels[] = {"by", NULL};
+    gw->rate_limited = loom_metrics_counter(
+        gw->metrics, "loom_http_rate_limited_total",
+        "Requests answered 429 by the per-caller rate limit, by what keyed the caller's bucket "
+        "(token or address).",
+        by_labels);
+    gw->limiter = loom_rate_limiter_new(opts->rate_limit, opts->rate_burst, 0);
 
     gw->n_workers = opts->workers > 0 ? opts->workers : 8;
     gw->workers = loom_xcalloc((size_t)gw->n_workers, sizeof(pthread_t));

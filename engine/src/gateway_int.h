@@ -35,7 +35,8 @@ struct loom_gateway {
     loom_http_server_t *http;
     loom_metrics_t *metrics; /* opts.metrics or own_metrics */
     loom_metrics_t *own_metrics;
-    loom_metrics_family_t *requests, *duration, *in_flight, *connections;
+    loom_metrics_family_t *requests, *duration, *in_flight, *connections, *rate_limited;
+    loom_rate_limiter_t *limiter; /* NULL: no rate limit */
 
     pthread_rwlock_t tokens_mu;
     gw_token_t **tokens;

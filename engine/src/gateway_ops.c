@@ -98,6 +98,25 @@ int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char 
     return 0;
 }
 
+int loom_gateway_op_authorize(loom_http_req_t *req, const char *name, loom_error_t *err)
+{
+    gw_req_t *g = gw_req(req);
+    const loom_op_t *op = g && g->gw->opts.ops && name && loom_op_name_valid(name)
+                              ? loom_op_find(g->gw->opts.ops->table, name)
+                              : NULL;
+    if (!op)
+        return loom_error_set(err, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
+                              name ? name : "");
+    char scope[LOOM_OP_SCOPE_MAX + 16];
+    loom_op_scope(op, scope, sizeof(scope));
+    if (!loom_gateway_has_scope(req, scope))
+        return loom_error_set(err, LOOM_CODE_PERMISSION_DENIED,
+                              "op %s needs the scope \"%s\", which the token of \"%s\" does not "
+                              "hold",
+                              op->name, scope, loom_gateway_caller(req));
+    return 0;
+}
+
 int loom_gateway_op_answer(loom_http_req_t *req, loom_http_res_t *res, const char *name,
                            json_t *op_req)
 {

@@ -74,6 +74,7 @@ typedef struct res_hdr {
 
 typedef struct qparam {
     const char *name, *value;
+    bool clean; /* decodes to UTF-8 without NUL */
 } qparam_t;
 
 struct loom_http_res {
@@ -412,7 +413,7 @@ static int hexval(char c)
 
 /* Percent-decodes s[0..n) into the arena; '+' becomes ' ' when plus. A bad
  * escape is kept as it is. */
-static char *url_decode(loom_arena_t *a, const char *s, size_t n, bool plus)
+static char *url_decode(loom_arena_t *a, const char *s, size_t n, bool plus, bool *clean)
 {
     char *out = loom_arena_alloc(a, n + 1);
     size_t o = 0;
@@ -427,7 +428,75 @@ static char *url_decode(loom_arena_t *a, const char *s, size_t n, bool plus)
         }
     }
     out[o] = '\0';
+    /* Clean: no NUL decoded (it would cut the value short) and UTF-8. */
+    if (clean && (strlen(out) != o || !loom_http_utf8_valid(out, o)))
+        *clean = false;
     return out;
+}
+
+/* Length of the well-formed UTF-8 sequence at s[0..n) (1-4), or 0 when the
+ * bytes there are not one (stray continuation, overlong form, surrogate,
+ * above U+10FFFF, cut short). */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned c = s[0];
+    size_t len;
+    unsigned min, cp;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf) {
+        len = 2;
+        min = 0x80;
+        cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+        len = 3;
+        min = 0x800;
+        cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        len = 4;
+        min = 0x10000;
+        cp = c & 0x07;
+    } else {
+        return 0;
+    }
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+        return 0;
+    return len;
+}
+
+bool loom_http_utf8_valid(const char *s, size_t len)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < len;) {
+        size_t k = utf8_seq(u + i, len - i);
+        if (k == 0)
+            return false;
+        i += k;
+    }
+    return true;
+}
+
+size_t loom_http_utf8_repair(char *s)
+{
+    unsigned char *u = (unsigned char *)s;
+    size_t len = strlen(s), fixed = 0;
+    for (size_t i = 0; i < len;) {
+        size_t k = utf8_seq(u + i, len - i);
+        if (k == 0) {
+            u[i++] = '?';
+            fixed++;
+        } else {
+            i += k;
+        }
+    }
+    return fixed;
 }
 
 static void parse_query(loom_http_req_t *req)
@@ -444,8 +513,10 @@ static void parse_query(loom_http_req_t *req)
             const char *eq = memchr(q, '=', len);
             size_t nl = eq ? (size_t)(eq - q) : len;
             qparam_t *p = &req->qparams[req->n_qparams++];
-            p->name = url_decode(&req->arena, q, nl, true);
-            p->value = eq ? url_decode(&req->arena, eq + 1, len - nl - 1, true) : "";
+            bool clean = true;
+            p->name = url_decode(&req->arena, q, nl, true, &clean);
+            p->value = eq ? url_decode(&req->arena, eq + 1, len - nl - 1, true, &clean) : "";
+            p->clean = clean;
         }
         q += len;
         if (*q == '&')
@@ -460,6 +531,27 @@ const char *loom_http_req_query(loom_http_req_t *req, const char *name)
     for (size_t i = 0; i < req->n_qparams; i++)
         if (strcmp(req->qparams[i].name, name) == 0)
             return req->qparams[i].value;
+    return NULL;
+}
+
+bool loom_http_req_query_at(loom_http_req_t *req, size_t i, const char **name, const char **value)
+{
+    if (!req->q_parsed)
+        parse_query(req);
+    if (i >= req->n_qparams)
+        return false;
+    *name = req->qparams[i].name;
+    *value = req->qparams[i].value;
+    return true;
+}
+
+const char *loom_http_req_query_unclean(loom_http_req_t *req)
+{
+    if (!req->q_parsed)
+        parse_query(req);
+    for (size_t i = 0; i < req->n_qparams; i++)
+        if (!req->qparams[i].clean)
+            return req->qparams[i].name;
     return NULL;
 }
 
@@ -933,6 +1025,7 @@ static void conn_fail(conn_t *c, int status, loom_code_t code, const char *fmt, 
     c->keep_alive = false;
     conn_read_stop(c);
     conn_timer_stop(c);
+    loom_http_utf8_repair(msg); /* it may echo client bytes */
     char ray[LOOM_UUID_STRLEN + 1];
     loom_uuid_v7_string(ray);
     json_t *body = json_pack("{s:{s:s, s:s, s:s}}", "error", "code", loom_error_codes[code].name,
@@ -1080,6 +1173,10 @@ static int cb_headers_complete(http_parser *p)
                   c->host->limits.max_body);
         return -1;
     }
+    if (p->http_minor == 1 && !loom_http_req_header(req, "Host")) {
+        conn_fail(c, 400, LOOM_CODE_MALFORMED_REQUEST, "an HTTP/1.1 request needs a Host header");
+        return -1;
+    }
     const char *expect = loom_http_req_header(req, "Expect");
     if (expect) {
         if (strcasecmp(expect, "100-continue") != 0) {
@@ -1116,6 +1213,20 @@ static int cb_body(http_parser *p, const char *at, size_t len)
     return 0;
 }
 
+/* A chunk's size is known before its data: refuse one over the limit at once
+ * (a size of 7fffffffffffffff would otherwise be read until max_body). */
+static int cb_chunk_header(http_parser *p)
+{
+    conn_t *c = p->data;
+    loom_http_req_t *req = c->req;
+    if (p->content_length > c->host->limits.max_body - req->body.len) {
+        conn_fail(c, 413, LOOM_CODE_PAYLOAD_TOO_LARGE, "the request body is over %zu bytes",
+                  c->host->limits.max_body);
+        return -1;
+    }
+    return 0;
+}
+
 static int cb_message_complete(http_parser *p)
 {
     conn_t *c = p->data;
@@ -1134,6 +1245,7 @@ static void init_parser_settings(void)
     parser_settings.on_header_value = cb_header_value;
     parser_settings.on_headers_complete = cb_headers_complete;
     parser_settings.on_body = cb_body;
+    parser_settings.on_chunk_header = cb_chunk_header;
     parser_settings.on_message_complete = cb_message_complete;
 }
 
@@ -1151,6 +1263,17 @@ static void conn_dispatch(conn_t *c)
     loom_http_req_unref(req);
 }
 
+/* True when data starts with a method-like token and a space ("QUERY /"):
+ * a method http_parser does not know, which is 501, not garbage (400). */
+static bool method_token(const char *data, size_t len)
+{
+    size_t i = 0;
+    while (i < len && i < 32 &&
+           ((data[i] >= 'A' && data[i] <= 'Z') || data[i] == '-' || data[i] == '_'))
+        i++;
+    return i > 0 && i < len && data[i] == ' ';
+}
+
 /* Parses data; returns the bytes consumed. May dispatch a request or fail. */
 static size_t conn_parse(conn_t *c, const char *data, size_t len)
 {
@@ -1165,6 +1288,9 @@ static size_t conn_parse(conn_t *c, const char *data, size_t len)
     if (e != HPE_OK) {
         if (e == HPE_HEADER_OVERFLOW)
             too_many_headers(c);
+        else if (e == HPE_INVALID_METHOD && method_token(data, len))
+            conn_fail(c, 501, LOOM_CODE_METHOD_NOT_ALLOWED,
+                      "the request method is not one this server implements");
         else
             conn_fail(c, 400, LOOM_CODE_MALFORMED_REQUEST, "malformed HTTP request: %s",
                       http_errno_description(e));

@@ -174,6 +174,15 @@ int64_t loom_op_ctx_remaining_ms(const loom_op_ctx_t *ctx)
 
 /* ---- request helpers ------------------------------------------------------------------ */
 
+const char *loom_op_scope(const loom_op_t *op, char *buf, size_t size)
+{
+    if (op->scope)
+        snprintf(buf, size, "%s", op->scope);
+    else
+        snprintf(buf, size, "%.*s:read", (int)strcspn(op->name, "."), op->name);
+    return buf;
+}
+
 int loom_op_req_check_keys(const json_t *req, const char *const *allowed, loom_error_t *err)
 {
     const char *key;

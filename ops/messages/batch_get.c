@@ -1,16 +1,17 @@
 /*
  * messages.batch_get: stored messages by id, in request order; ids that are
- * not stored are left out (no error). At most 1000 ids.
+ * not stored are left out (no error). At most MESSAGES_BATCH_MAX (1000) ids.
  *
  *   request  {"ids": ["...", ...]}
  *   result   {"msgs": [CloudEvent, ...]}
  */
 #include "../ops.h"
+#include "model.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#define BATCH_GET_MAX 1000
+#define BATCH_GET_MAX MESSAGES_BATCH_MAX
 
 static const loom_db_stmt_t select_many = {
     "loom_op_messages_batch_get", "SELECT id, event FROM messages WHERE id = ANY($1::text[])", 1};
@@ -38,10 +39,11 @@ static int batch_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_
     loom_db_array_t lit = {0};
     for (size_t i = 0; i < n; i++) {
         json_t *v = json_array_get(ids, i);
-        if (!json_is_string(v) || json_string_length(v) == 0 || json_string_length(v) > 256) {
+        if (!json_is_string(v) || json_string_length(v) == 0 ||
+            json_string_length(v) > MESSAGES_ID_MAX) {
             loom_db_array_free(&lit);
             return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                                  "ids[%zu] must be a string of 1 to 256 bytes", i);
+                                  "ids[%zu] must be a string of 1 to %d bytes", i, MESSAGES_ID_MAX);
         }
         loom_db_array_add(&lit, json_string_value(v));
     }

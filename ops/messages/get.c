@@ -6,6 +6,7 @@
  *   errors   MESSAGE_NOT_FOUND
  */
 #include "../ops.h"
+#include "model.h"
 
 static const loom_db_stmt_t select_one = {"loom_op_messages_get",
                                           "SELECT event FROM messages WHERE id = $1", 1};
@@ -18,7 +19,7 @@ static int messages_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, js
     const char *id = NULL;
     int rc = loom_op_req_check_keys(req, keys, err);
     if (rc == 0)
-        rc = loom_op_req_string(req, "id", true, 256, &id, err);
+        rc = loom_op_req_string(req, "id", true, MESSAGES_ID_MAX, &id, err);
     if (rc != 0)
         return rc;
     const char *params[] = {id};

@@ -11,6 +11,8 @@
 #include "../ops.h"
 #include "access.h"
 
+#include <string.h>
+
 static const loom_db_stmt_t select_one = {
     "loom_op_registry_instances_get",
     "SELECT " REGISTRY_INSTANCE_COLUMNS " FROM registry_instances WHERE id = $1", 1};

@@ -10,6 +10,7 @@
 #include "loom/uuid.h"
 
 #include <criterion/criterion.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,8 +178,9 @@ Test(session, pipelined_requests_byte_by_byte_answer_in_order)
     out_t *o = loom_xcalloc(1, sizeof(*o));
     loom_http_session_t *s = loom_http_session_new(NULL, echo, on_done, o, write_out, o);
     const char *in = "GET /a?q=x+y%21 HTTP/1.1\r\nHost: h\r\n\r\n"
-                     "POST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
-                     "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+                     "POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+                     "POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n"
+                     "0\r\n\r\n";
     for (size_t i = 0; in[i]; i++)
         cr_assert(loom_http_session_feed(s, in + i, 1));
     cr_assert_eq(o->requests, 3);
@@ -202,7 +204,14 @@ Test(session, limits_and_garbage_close_the_session)
         {"GET / HTTP/1.1\r\nX: ", "431"},
         {"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", "413"},
         {"\x01\x02\x03", "400"},
-        {"GET / HTTP/1.1\r\nExpect: nothing\r\n\r\n", "417"},
+        {"GET / HTTP/1.1\r\nHost: h\r\nExpect: nothing\r\n\r\n", "417"},
+        /* A method http_parser does not know: not implemented, not "bad". */
+        {"QUERY / HTTP/1.1\r\nHost: h\r\n\r\n", "501"},
+        /* HTTP/1.1 requires Host (RFC 9112 section 3.2). */
+        {"GET / HTTP/1.1\r\n\r\n", "400"},
+        /* A chunk larger than max_body is refused when its size arrives. */
+        {"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n7fffffffffffffff\r\n",
+         "413"},
         /* Request smuggling: both a length and chunked coding. */
         {"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "400"},
         {"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "400"},
@@ -227,4 +236,86 @@ Test(session, limits_and_garbage_close_the_session)
         loom_http_session_free(s);
         free(o);
     }
+}
+
+Test(session, refusals_echoing_invalid_utf8_are_still_json)
+{
+    /* \xff is never UTF-8; \xc3 alone is a character cut short. */
+    static const char *const cases[] = {
+        "GET / HTTP/1.1\r\nHost: h\r\nExpect: \xff\xc3\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue-\xc3\r\n\r\n",
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        out_t *o = loom_xcalloc(1, sizeof(*o));
+        loom_http_session_t *s = loom_http_session_new(NULL, echo, on_done, o, write_out, o);
+        loom_http_session_feed(s, cases[i], strlen(cases[i]));
+        cr_assert_eq(strncmp(o->buf, "HTTP/1.1 417 ", 13), 0, "%s", o->buf);
+        cr_assert(strstr(o->buf, "Content-Type: application/json\r\n"), "%s", o->buf);
+        const char *body = strstr(o->buf, "\r\n\r\n");
+        cr_assert(body);
+        json_error_t jerr;
+        json_t *doc = json_loads(body + 4, 0, &jerr);
+        cr_assert(doc, "case %zu: not JSON: %s", i, jerr.text);
+        cr_assert(strstr(
+            json_string_value(json_object_get(json_object_get(doc, "error"), "message")), "?"));
+        json_decref(doc);
+        loom_http_session_free(s);
+        free(o);
+    }
+}
+
+Test(utf8, valid_and_repaired)
+{
+    cr_assert(loom_http_utf8_valid("h\xc3\xa9llo \xf0\x9f\x98\x80", 11));
+    cr_assert_not(loom_http_utf8_valid("\xff", 1));
+    cr_assert_not(loom_http_utf8_valid("\xc3", 1));             /* cut short */
+    cr_assert_not(loom_http_utf8_valid("\xc0\xaf", 2));         /* overlong '/' */
+    cr_assert_not(loom_http_utf8_valid("\xed\xa0\x80", 3));     /* a surrogate */
+    cr_assert_not(loom_http_utf8_valid("\xf4\x90\x80\x80", 4)); /* above U+10FFFF */
+    char s[] = "a\xc3\xa9\xff"
+               "b\xc3";
+    cr_assert_eq(loom_http_utf8_repair(s), 2);
+    cr_assert_str_eq(s, "a\xc3\xa9?b?");
+}
+
+Test(rate_limit, token_buckets_refill_and_say_when)
+{
+    const int64_t s = 1000000000;
+    loom_rate_limiter_t *l = loom_rate_limiter_new(2, 3, 2);
+    int retry = 0;
+    for (int i = 0; i < 3; i++)
+        cr_assert(loom_rate_limiter_take(l, "token:a", 0, &retry), "burst %d", i);
+    cr_assert_not(loom_rate_limiter_take(l, "token:a", 0, &retry));
+    cr_assert_eq(retry, 1);
+    /* Another caller has its own bucket. */
+    for (int i = 0; i < 3; i++)
+        cr_assert(loom_rate_limiter_take(l, "token:b", 0, &retry));
+    /* Half a second at 2/s: one token back. */
+    cr_assert(loom_rate_limiter_take(l, "token:a", s / 2, &retry));
+    cr_assert_not(loom_rate_limiter_take(l, "token:a", s / 2, &retry));
+    /* The table is full (2 keys): a third caller shares the overflow bucket... */
+    for (int i = 0; i < 3; i++)
+        cr_assert(loom_rate_limiter_take(l, "addr:10.0.0.1", s / 2, &retry));
+    cr_assert_not(loom_rate_limiter_take(l, "addr:10.0.0.2", s / 2, &retry));
+    /* ...until idle buckets have refilled and are dropped. */
+    cr_assert(loom_rate_limiter_take(l, "addr:10.0.0.3", 10 * s, &retry));
+    loom_rate_limiter_free(l);
+    /* A slow rate says how long to wait. */
+    l = loom_rate_limiter_new(1, 1, 0);
+    cr_assert(loom_rate_limiter_take(l, "k", 0, &retry));
+    cr_assert_not(loom_rate_limiter_take(l, "k", s / 10, &retry));
+    cr_assert_eq(retry, 1);
+    loom_rate_limiter_free(l);
+    cr_assert_null(loom_rate_limiter_new(0, 5, 0));
+    cr_assert(loom_rate_limiter_take(NULL, "k", 0, &retry), "no limiter: no limit");
+
+    char key[64];
+    loom_rate_limiter_key("alice", "1.2.3.4:5", key, sizeof(key));
+    cr_assert_str_eq(key, "token:alice");
+    loom_rate_limiter_key(NULL, "1.2.3.4:5678", key, sizeof(key));
+    cr_assert_str_eq(key, "addr:1.2.3.4");
+    loom_rate_limiter_key(NULL, "[::1]:5678", key, sizeof(key));
+    cr_assert_str_eq(key, "addr:::1");
+    loom_rate_limiter_key(NULL, "", key, sizeof(key));
+    cr_assert_str_eq(key, "addr:");
 }

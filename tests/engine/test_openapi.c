@@ -1,5 +1,5 @@
 /*
- * docs/openapi.json and the gateway's routes (loom_app_routes(), plus the
+ * docs/openapi.json and the gateway's routes (loom_test_full_app()'s, plus the
  * gateway's own GET /healthz, /readyz and /metrics) must describe the same
  * endpoints: a route cannot be added without its operation, nor an
  * operation outlive its route. Each operation names the route's scope in
@@ -8,6 +8,9 @@
  */
 #include "api.h"
 #include "services.h"
+#include "loom/gateway.h"
+#include "../../ops/messages/model.h"
+#include "../../ops/registry/model.h"
 
 #include <criterion/criterion.h>
 #include <ctype.h>
@@ -139,7 +142,7 @@ Test(openapi, every_documented_operation_is_a_route)
             for (char *c = up; *c; c++)
                 *c = (char)toupper((unsigned char)*c);
             cr_expect(is_route(routes, n, up, path) || is_route(builtins, N_BUILTINS, up, path),
-                      "%s documents %s %s, which is not a route of loom_app_routes() nor a "
+                      "%s documents %s %s, which is not a route of the app nor a "
                       "built-in endpoint",
                       LOOM_TEST_OPENAPI, up, path);
             const char *id = json_string_value(json_object_get(op, "operationId"));
@@ -267,6 +270,75 @@ Test(openapi, every_path_parameter_is_declared)
                         on_item || has_path_param(doc, json_object_get(op, "parameters"), name),
                         "%s %s: path parameter {%s} is not declared", http_methods[m], path, name);
             }
+        }
+    }
+    json_decref(doc);
+}
+
+/* The value at a "/"-separated path of object keys (array indexes not
+ * needed here). */
+static json_t *at(json_t *doc, const char *path)
+{
+    char buf[512];
+    snprintf(buf, sizeof(buf), "%s", path);
+    json_t *v = doc;
+    for (char *save = NULL, *k = strtok_r(buf, "/", &save); k && v; k = strtok_r(NULL, "/", &save))
+        v = json_object_get(v, k);
+    return v;
+}
+
+static long long num_at(json_t *doc, const char *path)
+{
+    json_t *v = at(doc, path);
+    cr_assert(json_is_integer(v), "%s is not an integer in the document", path);
+    return json_integer_value(v);
+}
+
+/* The limits the server enforces are the document's, from the same constants. */
+Test(openapi, limits_are_the_servers)
+{
+    json_t *doc = load_doc();
+    cr_expect_eq(num_at(doc, "components/schemas/Msgs/properties/msgs/maxItems"),
+                 MESSAGES_BATCH_MAX);
+    cr_expect_eq(num_at(doc, "components/schemas/Ids/properties/ids/maxItems"), MESSAGES_BATCH_MAX);
+    cr_expect_eq(num_at(doc, "components/schemas/Ids/properties/ids/items/maxLength"),
+                 MESSAGES_ID_MAX);
+    cr_expect_eq(num_at(doc, "components/schemas/CloudEvent/properties/id/maxLength"),
+                 MESSAGES_ID_MAX);
+    cr_expect_eq(num_at(doc, "components/parameters/MessageIdPath/schema/maxLength"),
+                 MESSAGES_ID_MAX);
+    cr_expect_eq(num_at(doc, "components/parameters/IdempotencyKey/schema/maxLength"),
+                 LOOM_GATEWAY_IDEMPOTENCY_KEY_MAX);
+    cr_expect_eq(num_at(doc, "components/schemas/Definition/properties/id/maxLength"),
+                 REGISTRY_ID_MAX);
+    /* Empty optional CloudEvent attributes are refused. */
+    cr_expect_eq(num_at(doc, "components/schemas/CloudEvent/properties/subject/minLength"), 1);
+    cr_expect_eq(num_at(doc, "components/schemas/CloudEvent/properties/datacontenttype/minLength"),
+                 1);
+    /* Exactly one of image and repository. */
+    cr_expect(json_is_array(at(doc, "components/schemas/Definition/oneOf")));
+    /* The statuses an instance may have. */
+    json_t *st = at(doc, "components/schemas/Instance/properties/status/enum");
+    size_t n = 0;
+    for (const char *const *s = registry_statuses; *s; s++, n++) {
+        bool found = false;
+        for (size_t i = 0; i < json_array_size(st); i++)
+            found = found || strcmp(json_string_value(json_array_get(st, i)), *s) == 0;
+        cr_expect(found, "status %s is not in the document", *s);
+    }
+    cr_expect_eq(json_array_size(st), n);
+    /* Every operation may be rate limited. */
+    const char *path;
+    json_t *item;
+    json_object_foreach(json_object_get(doc, "paths"), path, item)
+    {
+        const char *m;
+        json_t *op;
+        json_object_foreach(item, m, op)
+        {
+            if (strcmp(m, "parameters") != 0)
+                cr_expect_not_null(json_object_get(json_object_get(op, "responses"), "429"),
+                                   "%s %s documents no 429", m, path);
         }
     }
     json_decref(doc);

@@ -186,3 +186,18 @@ Test(sha256, known_vectors)
     cr_assert_eq(d[1], 0xc7);
     cr_assert_eq(d[31], 0xd0); /* cdc76e5c...2c3e046d0 for a million 'a' */
 }
+
+Test(sha256, libcrypto_one_shot_and_constant_time_equal)
+{
+    uint8_t a[LOOM_SHA256_LEN], b[LOOM_SHA256_LEN], c[LOOM_SHA256_LEN];
+    unsigned n = 0;
+    loom_sha256("token", 5, a);
+    cr_assert_eq(EVP_Digest("token", 5, b, &n, EVP_sha256(), NULL), 1);
+    cr_assert_eq(n, LOOM_SHA256_LEN);
+    cr_assert(loom_sha256_equal(a, b));
+    loom_sha256("tokem", 5, c);
+    cr_assert_not(loom_sha256_equal(a, c));
+    c[0] = a[0];
+    memcpy(c, a, LOOM_SHA256_LEN - 1); /* equal but for the last byte */
+    cr_assert_not(loom_sha256_equal(a, c));
+}

@@ -31,6 +31,8 @@
 #define TOK_ADMIN  "tok-admin-0123456789"
 #define TOK_READER "tok-reader-0123456789"
 #define TOK_WRITER "tok-writer-0123456789"
+#define TOK_OPS    "tok-ops-0123456789"
+#define TOK_OPS_RD "tok-ops-read-0123456789"
 
 /* ---- the test service: ops and routes ------------------------------------------------ */
 
@@ -160,7 +162,9 @@ static void write_tokens(gw_env_t *e)
     snprintf(e->tokens_path, sizeof(e->tokens_path), "/tmp/loom-gw-tokens-%d", (int)getpid());
     loom_test_token_t t[] = {{TOK_ADMIN, "admin *"},
                              {TOK_READER, "reader test:read   # a comment"},
-                             {TOK_WRITER, "writer test:write,test:read"}};
+                             {TOK_WRITER, "writer test:write,test:read"},
+                             {TOK_OPS, "opsonly ops:call"},
+                             {TOK_OPS_RD, "opsreader ops:call,test:read,messages:read"}};
     loom_test_tokens_file(e->tokens_path, t, sizeof(t) / sizeof(t[0]));
 }
 
@@ -829,6 +833,169 @@ Test(gateway, post_v1_ops_calls_any_op_with_ops_call_scope, .timeout = 120)
     loom_test_http(e.port, "GET", "/v1/commands/no-such-command", TOK_READER, NULL, NULL, &r);
     expect_error(&r, 404, "COMMAND_NOT_FOUND");
     loom_test_http_res_free(&r);
+    env_free(&e);
+}
+
+/* ops:call reaches the op table, but each op also needs its own scope (by
+ * default its service's read scope): ops:call alone reads nothing. */
+Test(gateway, ops_need_ops_call_and_their_own_scope, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, true, NULL);
+    env_start(&e);
+    loom_test_sql(e.url, "INSERT INTO test_ledger (message_id, account, amount) "
+                         "VALUES ('m1', 'acct-1', 5)");
+    static const struct {
+        const char *token, *op, *body, *code;
+        int status;
+    } cases[] = {
+        {TOK_OPS, "messages.get", "{\"id\":\"x\"}", "PERMISSION_DENIED", 403},
+        {TOK_OPS, "test.ledger.balance", "{\"account\":\"acct-1\"}", "PERMISSION_DENIED", 403},
+        {TOK_OPS, "registry.definitions.list", "{}", "PERMISSION_DENIED", 403},
+        {TOK_OPS, "test.ledger.nope", "{}", "OP_NOT_FOUND", 404},
+        {TOK_OPS_RD, "messages.get", "{\"id\":\"x\"}", "MESSAGE_NOT_FOUND", 404},
+        {TOK_OPS_RD, "test.ledger.balance", "{\"account\":\"acct-1\"}", "", 200},
+        {TOK_OPS_RD, "registry.definitions.list", "{}", "PERMISSION_DENIED", 403},
+        {TOK_READER, "test.ledger.balance", "{\"account\":\"acct-1\"}", "PERMISSION_DENIED", 403},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char path[128];
+        snprintf(path, sizeof(path), "/v1/ops/%s", cases[i].op);
+        loom_test_http_res_t r;
+        loom_test_http(e.port, "POST", path, cases[i].token, NULL, cases[i].body, &r);
+        cr_expect_eq(r.status, cases[i].status, "case %zu: %d %s", i, r.status, r.body);
+        cr_expect_str_eq(loom_test_http_error_code(&r), cases[i].code, "case %zu: %s", i, r.body);
+        loom_test_http_res_free(&r);
+    }
+    /* The scope an op needs: its own, else its service's read scope. */
+    char buf[64];
+    static const loom_op_t own = {.name = "svc.thing.get", .scope = "svc:secret"};
+    static const loom_op_t dflt = {.name = "svc.thing.get"};
+    cr_expect_str_eq(loom_op_scope(&own, buf, sizeof(buf)), "svc:secret");
+    cr_expect_str_eq(loom_op_scope(&dflt, buf, sizeof(buf)), "svc:read");
+    env_free(&e);
+}
+
+/* LOOM_API_RATE_LIMIT: a bucket per token, else per address; 429 with
+ * Retry-After beyond it, counted in the metrics. Counts, not timings: a
+ * slow machine may refill a token between requests, so the test sends many
+ * more than the burst and expects at least one refusal. */
+Test(gateway, rate_limits_answer_429_with_retry_after, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, false, NULL);
+    e.opts.rate_limit = 1;
+    e.opts.rate_burst = 2;
+    env_start(&e);
+    int ok = 0, limited = 0;
+    for (int i = 0; i < 20; i++) {
+        loom_test_http_res_t r;
+        loom_test_http(e.port, "POST", "/v1/test/echo", TOK_ADMIN, NULL, "{}", &r);
+        if (r.status == 200) {
+            ok++;
+        } else {
+            expect_error(&r, 429, "RATE_LIMITED");
+            const char *ra = hdr(&r, "Retry-After");
+            cr_expect(ra && atoi(ra) >= 1, "Retry-After: %s", ra ? ra : "(none)");
+            limited++;
+        }
+        loom_test_http_res_free(&r);
+    }
+    cr_expect_geq(ok, 2, "the burst passes");
+    cr_expect_geq(limited, 1);
+    /* Another token has a bucket of its own. */
+    loom_test_http_res_t r;
+    loom_test_http(e.port, "POST", "/v1/test/echo", TOK_WRITER, NULL, "{}", &r);
+    cr_expect_eq(r.status, 200, "%s", r.body);
+    loom_test_http_res_free(&r);
+    /* No token: the remote address is the caller. */
+    int addr_limited = 0;
+    for (int i = 0; i < 20; i++) {
+        loom_test_http(e.port, "GET", "/healthz", NULL, NULL, NULL, &r);
+        addr_limited += r.status == 429;
+        loom_test_http_res_free(&r);
+    }
+    cr_expect_geq(addr_limited, 1);
+    char want[128];
+    snprintf(want, sizeof(want), "loom_http_rate_limited_total{by=\"token\"} %d", limited);
+    char *text = loom_metrics_render_string(e.metrics, NULL);
+    cr_expect(strstr(text, want), "%s", text);
+    cr_expect(strstr(text, "loom_http_rate_limited_total{by=\"address\"}"), "%s", text);
+    free(text);
+    env_free(&e);
+}
+
+/* ---- odd input ------------------------------------------------------------------------ */
+
+/* Each of these was once answered wrongly (a misleading reason, a filter
+ * silently dropped, a bad body accepted, a value cut at a %00). */
+Test(gateway, odd_input_gets_exact_answers, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, true, NULL);
+    env_start(&e);
+    static const struct {
+        const char *method, *path, *body, *code, *says;
+        int status;
+    } cases[] = {
+        {"GET", "/v1/messages/%ff", NULL, "INVALID_ARGUMENT", "path parameter \"id\"", 400},
+        {"POST", "/v1/ops/%ff%fe", "{}", "INVALID_ARGUMENT", "path parameter \"name\"", 400},
+        {"GET", "/v1/registry/instances?slug=%ff", NULL, "INVALID_ARGUMENT", "\"slug\"", 400},
+        {"GET", "/v1/registry/instances?cursor=%ff", NULL, "INVALID_ARGUMENT", "\"cursor\"", 400},
+        {"GET", "/v1/registry/instances?status=", NULL, "INVALID_ARGUMENT", "status: must not",
+         400},
+        {"GET", "/v1/registry/instances?limit=", NULL, "INVALID_ARGUMENT", "limit: must not", 400},
+        {"GET", "/v1/registry/instances?=false", NULL, "INVALID_ARGUMENT", "unknown query", 400},
+        {"GET", "/v1/registry/instances?stauts=x", NULL, "INVALID_ARGUMENT", "\"stauts\"", 400},
+        {"POST", "/v1/messages:clean", "{{{", "INVALID_JSON", "not valid JSON", 400},
+        {"POST", "/v1/messages:clean", "{\"all\":true}", "INVALID_ARGUMENT", "\"all\"", 400},
+        {"POST", "/v1/messages:batchPut", "{\"msgs\":[],\"extra\":1}", "INVALID_ARGUMENT",
+         "unknown field \"extra\"", 400},
+        {"POST", "/v1/messages:batchGet", "{\"ids\":[],\"extra\":1}", "INVALID_ARGUMENT",
+         "unknown field \"extra\"", 400},
+        {"POST", "/v1/messages:clean?wait=5s%00x", NULL, "INVALID_ARGUMENT", "\"wait\"", 400},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        loom_test_http_res_t r;
+        loom_test_http(e.port, cases[i].method, cases[i].path, TOK_ADMIN, NULL, cases[i].body, &r);
+        expect_error(&r, cases[i].status, cases[i].code);
+        const char *msg =
+            json_string_value(json_object_get(json_object_get(r.json, "error"), "message"));
+        cr_expect(msg && strstr(msg, cases[i].says), "case %zu (%s %s): %s", i, cases[i].method,
+                  cases[i].path, r.body);
+        loom_test_http_res_free(&r);
+    }
+    env_free(&e);
+}
+
+/* Error messages echo client bytes; whatever those are, the answer is JSON. */
+Test(gateway, error_bodies_are_json_when_echoing_invalid_utf8, .timeout = 120)
+{
+    gw_env_t e;
+    env_init(&e, true, NULL);
+    env_start(&e);
+    static const struct {
+        const char *method, *path;
+        int status;
+    } cases[] = {
+        {"POST", "/v1/messages:clean?wait=%C3", 400}, /* a character cut short */
+        {"POST", "/v1/messages:clean?%ff=1", 400},    /* the name itself */
+        {"GET", "/nowhere/\xff\xc3", 404},            /* raw bytes in the path */
+        {"PUT", "/v1/messages/\xff", 405},
+        {"GET", "/v1/test/accounts/%C3%28", 400},
+        {"POST", "/v1/ops/test.ledger.balance", 400}, /* the body: see below */
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        loom_test_http_res_t r;
+        loom_test_http(e.port, cases[i].method, cases[i].path, TOK_ADMIN, NULL,
+                       i == 5 ? "{\"account\":\"\xc3\"}" : NULL, &r);
+        cr_expect_eq(r.status, cases[i].status, "case %zu: %d %s", i, r.status, r.body);
+        cr_expect(r.body_len > 0, "case %zu: empty body", i);
+        cr_expect_not_null(r.json, "case %zu: not JSON: %s", i, r.body);
+        const char *ct = hdr(&r, "Content-Type");
+        cr_expect(ct && strstr(ct, "application/json"), "case %zu", i);
+        loom_test_http_res_free(&r);
+    }
     env_free(&e);
 }
 

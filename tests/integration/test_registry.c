@@ -26,6 +26,7 @@
 
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
+#include <uv.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -285,7 +286,11 @@ Test(registry_model, definitions_are_checked_field_by_field)
          "{\"key\":\"A\",\"value\":\"2\"}]}",
          "definition.envars[1].key: is set twice"},
         {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"envars\":[{\"key\":\"A\"}]}",
-         "definition.envars[0].value: must be a string"},
+         "definition.envars[0].value: is required"},
+        {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"envars\":[{\"key\":\"A\",\"value\":1}]}",
+         "definition.envars[0].value: must be a string of at most 32768 bytes"},
+        {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"clients\":[null]}",
+         "definition.clients[0]: must not be null"},
         {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"clients\":[{\"language\":\"go\"}]}",
          "definition.clients[0].url: is required"},
         {"{\"id\":\"a\",\"image\":{\"name\":\"x\"},\"api_specs\":[{\"url\":\"u\",\"metadata\":"
@@ -303,6 +308,77 @@ Test(registry_model, definitions_are_checked_field_by_field)
                   e ? e : "(accepted)", bad[i][1]);
         free(e);
     }
+}
+
+/* The field tables every check above is made of: one walker, each kind. */
+static int even_rule(const json_t *v, const char *path, loom_error_t *err)
+{
+    return json_integer_value(v) % 2 == 0
+               ? 0
+               : loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "%s: must be even", path);
+}
+
+Test(registry_model, field_tables_check_each_kind)
+{
+    static const registry_field_t port = {"p", REGISTRY_PORT, 0, 0, .check = even_rule};
+    static const registry_field_t word = {"w", REGISTRY_TEXT, REGISTRY_NO_SPACE, 4};
+    static const registry_field_t inner[] = {{"b", REGISTRY_BOOL, REGISTRY_REQUIRED}, {NULL}};
+    static const registry_field_t fields[] = {{"name", REGISTRY_TEXT, REGISTRY_REQUIRED, 5},
+                                              {"note", REGISTRY_TEXT, REGISTRY_EMPTY_OK, 5},
+                                              {"blob", REGISTRY_BYTES, 0, 3},
+                                              {"ports", REGISTRY_LIST, 0, 2, .items = &port},
+                                              {"words", REGISTRY_MAP, 0, 1, .items = &word},
+                                              {"inner", REGISTRY_OBJECT, 0, 0, inner},
+                                              {NULL}};
+    static const char *const extra[] = {"other", NULL};
+    static const char *const cases[][2] = {
+        {"{\"name\":\"a b\",\"note\":\"\",\"blob\":\"\\u0001\",\"ports\":[2,4],\"words\":{\"k\":"
+         "\"w\"},\"inner\":{\"b\":true},\"other\":1}",
+         NULL},
+        {"{\"name\":null}", "x.name: is required"},
+        {"{\"name\":\"abcdef\"}", "x.name: must be a string of 1 to 5 bytes without control "
+                                  "characters"},
+        {"{\"name\":\"a\",\"note\":\"\\n\"}",
+         "x.note: must be a string of 0 to 5 bytes without control characters"},
+        {"{\"name\":\"a\",\"blob\":\"abcd\"}", "x.blob: must be a string of at most 3 bytes"},
+        {"{\"name\":\"a\",\"ports\":[2,3]}", "x.ports[1]: must be even"},
+        {"{\"name\":\"a\",\"ports\":[2,4,6]}", "x.ports: at most 2 entries"},
+        {"{\"name\":\"a\",\"ports\":[0]}", "x.ports[0]: must be 1-65535"},
+        {"{\"name\":\"a\",\"words\":{\"k\":\"a b\"}}",
+         "x.words.k: must be a string of 1 to 4 bytes "
+         "without control characters or spaces"},
+        {"{\"name\":\"a\",\"words\":{\"k\":\"a\",\"l\":\"b\"}}", "x.words: at most 1 entries"},
+        {"{\"name\":\"a\",\"inner\":{}}", "x.inner.b: is required"},
+        {"{\"name\":\"a\",\"inner\":{\"b\":1}}", "x.inner.b: must be true or false"},
+        {"{\"name\":\"a\",\"inner\":{\"b\":true,\"c\":1}}", "x.inner.c: unknown field"},
+        {"{\"name\":\"a\",\"nope\":1}", "x.nope: unknown field"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        json_t *v = json_loads(cases[i][0], 0, NULL);
+        cr_assert_not_null(v, "%s", cases[i][0]);
+        loom_error_t err;
+        loom_error_clear(&err);
+        int rc = registry_fields_check(v, "x", fields, extra, &err);
+        json_decref(v);
+        if (!cases[i][1])
+            cr_expect_eq(rc, 0, "%s: %s", cases[i][0], err.message);
+        else
+            cr_expect(rc != 0 && strcmp(err.message, cases[i][1]) == 0, "%s: got \"%s\"",
+                      cases[i][0], rc ? err.message : "(accepted)");
+    }
+    /* Commands carry the caller. */
+    json_t *d = json_loads("{\"caller\":\"alice\",\"admin\":true}", 0, NULL);
+    const char *caller;
+    bool admin;
+    loom_error_t err;
+    cr_assert_eq(registry_caller_of(d, &caller, &admin, &err), 0, "%s", err.message);
+    cr_expect_str_eq(caller, "alice");
+    cr_expect(admin);
+    json_decref(d);
+    d = json_loads("{\"admin\":\"yes\",\"caller\":\"a\"}", 0, NULL);
+    cr_expect_neq(registry_caller_of(d, &caller, &admin, &err), 0);
+    cr_expect_str_eq(err.message, "command.admin: must be true or false");
+    json_decref(d);
 }
 
 Test(registry_model, instance_urls_keep_host_port_and_path)
@@ -381,14 +457,14 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     const char *a =
         "{\"definition\":{\"id\":\"test-a\",\"image\":{\"name\":\"hashicorp/http-echo\","
         "\"internal_ports\":[8080]},\"ports\":[{\"internal\":8080,\"host\":8887}],"
-        "\"envars\":[{\"key\":\"MODE\",\"value\":\"echo\"}]}}";
+        "\"envars\":[{\"key\":\"MODE\",\"value\":\"echo\"}]},\"caller\":\"alice\"}";
     json_t *r = applied(&s, "registry.put_definition", "test-a", a);
     cr_assert_str_eq(json_string_value(json_object_get(r, "id")), "test-a");
     json_decref(r);
     r = applied(&s, "registry.put_definition", "test-b",
                 "{\"definition\":{\"id\":\"test-b\",\"repository\":{\"url\":"
                 "\"https://github.com/1backend/1backend.git\",\"container_file\":"
-                "\"server/docker/Dockerfile\",\"internal_ports\":[9998]}}}");
+                "\"server/docker/Dockerfile\",\"internal_ports\":[9998]}},\"caller\":\"alice\"}");
     json_decref(r);
 
     got = op(&s, "registry.definitions.list", "{}");
@@ -404,7 +480,7 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     /* A put replaces the whole definition: what it leaves out is gone. */
     json_decref(applied(&s, "registry.put_definition", "test-a",
                         "{\"definition\":{\"id\":\"test-a\",\"repository\":{\"url\":"
-                        "\"https://example.com/a.git\"}}}"));
+                        "\"https://example.com/a.git\"}},\"caller\":\"alice\"}"));
     got = op(&s, "registry.definitions.get", "{\"id\":\"test-a\"}");
     expect_text(got, JSON_COMPACT | JSON_SORT_KEYS,
                 "{\"id\":\"test-a\",\"repository\":{\"url\":\"https://example.com/a.git\"}}");
@@ -414,17 +490,38 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     /* An invalid definition is rejected by the consumer too, naming the field. */
     char *why = rejected(&s, "registry.put_definition", "bad",
                          "{\"definition\":{\"id\":\"bad\",\"image\":{\"name\":\"x\","
-                         "\"internal_ports\":[0]}}}");
+                         "\"internal_ports\":[0]}},\"caller\":\"alice\"}");
     cr_assert_str_eq(why, "definition.image.internal_ports[0]: must be 1-65535");
     free(why);
     cr_assert_eq(
         loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_definitions WHERE id = 'bad'"), 0);
 
     /* Delete: gone from the list; deleting what does not exist is rejected. */
-    r = applied(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
+    /* Only the owner (or an admin) may replace or delete a definition. */
+    why = rejected(&s, "registry.put_definition", "test-b",
+                   "{\"definition\":{\"id\":\"test-b\",\"image\":{\"name\":\"x\"}},"
+                   "\"caller\":\"mallory\"}");
+    cr_assert_str_eq(why, "definition \"test-b\" belongs to \"alice\", not to \"mallory\"");
+    free(why);
+    why = rejected(&s, "registry.delete_definition", "test-b",
+                   "{\"id\":\"test-b\",\"caller\":\"mallory\"}");
+    cr_assert_str_eq(why, "definition \"test-b\" belongs to \"alice\", not to \"mallory\"");
+    free(why);
+    why = rejected(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
+    cr_assert_str_eq(why, "command.caller: is required");
+    free(why);
+    json_decref(applied(&s, "registry.put_definition", "test-a",
+                        "{\"definition\":{\"id\":\"test-a\",\"repository\":{\"url\":"
+                        "\"https://example.com/a.git\"}},\"caller\":\"root\",\"admin\":true}"));
+    cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM registry_definitions WHERE id = "
+                                         "'test-a' AND slug = 'alice'"),
+                 1, "an admin's put keeps the owner");
+    r = applied(&s, "registry.delete_definition", "test-b",
+                "{\"id\":\"test-b\",\"caller\":\"alice\"}");
     cr_assert(json_is_true(json_object_get(r, "deleted")));
     json_decref(r);
-    why = rejected(&s, "registry.delete_definition", "test-b", "{\"id\":\"test-b\"}");
+    why = rejected(&s, "registry.delete_definition", "test-b",
+                   "{\"id\":\"test-b\",\"caller\":\"alice\"}");
     cr_assert_str_eq(why, "no definition \"test-b\"");
     free(why);
     expect_error(op(&s, "registry.definitions.get", "{\"id\":\"test-b\"}"), "DEFINITION_NOT_FOUND",
@@ -434,7 +531,7 @@ Test(registry, definitions_are_created_replaced_listed_and_deleted, .timeout = 2
     json_decref(got);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_events WHERE type LIKE "
                                          "'registry.definition_%'"),
-                 4);
+                 5);
     json_decref(put_a);
     svc_stop(&s);
 }
@@ -955,6 +1052,85 @@ Test(registry_probe, a_listener_is_healthy_and_a_closed_port_unreachable, .timeo
     close(up);
 }
 
+/* LOOM_REGISTRY_PROBE_ALLOW: blocks and suffixes, checked on the address
+ * after resolution; metadata and link-local addresses never. */
+Test(registry_probe, the_allow_list_is_checked_after_resolution)
+{
+    registry_probe_allow_t *a = NULL;
+    loom_error_t err;
+    cr_assert_eq(registry_probe_allow_parse(" 127.0.0.1/32, ::1 ,.svc.local,localhost", &a, &err),
+                 0, "%s", err.message);
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+#define V4(ip) (uv_ip4_addr(ip, 80, &v4), (const struct sockaddr *)&v4)
+#define V6(ip) (uv_ip6_addr(ip, 80, &v6), (const struct sockaddr *)&v6)
+    cr_assert_null(registry_probe_allow_check(a, "127.0.0.1", V4("127.0.0.1")));
+    cr_assert_null(registry_probe_allow_check(a, "::1", V6("::1")));
+    cr_assert_str_eq(registry_probe_allow_check(a, "127.0.0.2", V4("127.0.0.2")),
+                     "outside LOOM_REGISTRY_PROBE_ALLOW");
+    /* A name matching a suffix may be probed wherever it resolves... */
+    cr_assert_null(registry_probe_allow_check(a, "api.svc.local", V4("127.0.0.3")));
+    cr_assert_null(registry_probe_allow_check(a, "localhost", V4("127.0.0.4")));
+    cr_assert_not_null(registry_probe_allow_check(a, "evilsvc.local", V4("127.0.0.3")));
+    cr_assert_not_null(registry_probe_allow_check(a, "notlocalhost", V4("127.0.0.3")));
+    /* ...but never to the metadata service or link-local addresses. */
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V4("169.254.169.254")));
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V6("fd00:ec2::254")));
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V6("::ffff:169.254.1.1")));
+    cr_assert_not_null(registry_probe_allow_check(a, "api.svc.local", V6("fe80::1")));
+    registry_probe_allow_free(a);
+    cr_assert_eq(registry_probe_allow_parse("*", &a, &err), 0);
+    cr_assert_null(registry_probe_allow_check(a, "10.1.2.3", V4("10.1.2.3")));
+    cr_assert_not_null(registry_probe_allow_check(a, "169.254.169.254", V4("169.254.169.254")));
+    registry_probe_allow_free(a);
+    cr_assert_eq(registry_probe_allow_parse(REGISTRY_PROBE_ALLOW_DEFAULT, &a, &err), 0);
+    cr_assert_null(registry_probe_allow_check(a, "172.31.0.1", V4("172.31.0.1")));
+    cr_assert_not_null(registry_probe_allow_check(a, "172.32.0.1", V4("172.32.0.1")));
+    cr_assert_not_null(registry_probe_allow_check(a, "8.8.8.8", V4("8.8.8.8")));
+    registry_probe_allow_free(a);
+#undef V4
+#undef V6
+    static const char *const bad[] = {
+        "",          "10.0.0.0/33", "::/129", "a..b",        "x/8",
+        "10.0.0.0/", "a b",         ",",      "10.0.0.0/8,", "h\xc3\xa9.local"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        a = NULL;
+        cr_assert_neq(registry_probe_allow_parse(bad[i], &a, &err), 0, "\"%s\" accepted", bad[i]);
+        cr_assert_null(a);
+    }
+    /* A bad value stops the process at start, naming the variable. */
+    char *env[] = {"LOOM_REGISTRY_PROBE_ALLOW=10.0.0.0/99", NULL};
+    loom_config_t cfg;
+    char eb[512];
+    cr_assert_neq(loom_config_load(&cfg, env, loom_test_full_app()->config_vars,
+                                   loom_test_full_app()->n_config_vars, eb, sizeof(eb)),
+                  0);
+    cr_assert(strstr(eb, "LOOM_REGISTRY_PROBE_ALLOW"), "%s", eb);
+}
+
+Test(registry_probe, outside_the_allow_list_nothing_is_connected, .timeout = 60)
+{
+    int up_port;
+    int up = listener(128, &up_port);
+    registry_probe_allow_t *allow = NULL;
+    loom_error_t err;
+    cr_assert_eq(registry_probe_allow_parse("127.0.0.2/32", &allow, &err), 0);
+    registry_probe_t p[2] = {{.host = "127.0.0.1", .port = up_port},
+                             {.host = "169.254.169.254", .port = 80}};
+    registry_probe_opts_t o = {.timeout_ms = 2000, .allow = allow};
+    cr_assert_eq(registry_probe_run(p, 2, &o, &err), 0, "%s", err.message);
+    cr_assert_str_eq(p[0].status, "not_probed");
+    cr_assert_str_eq(p[0].details, "not probed: 127.0.0.1: outside LOOM_REGISTRY_PROBE_ALLOW");
+    cr_assert_eq(p[0].connect_ms, -1);
+    cr_assert_str_eq(p[1].status, "not_probed");
+    cr_assert(strstr(p[1].details, "never probed"), "%s", p[1].details);
+    /* Nothing reached the listener. */
+    fcntl(up, F_SETFL, O_NONBLOCK);
+    cr_assert_lt(accept(up, NULL, NULL), 0);
+    registry_probe_allow_free(allow);
+    close(up);
+}
+
 Test(registry_probe, a_full_backlog_times_out_or_is_slow, .timeout = 60)
 {
     /* Never accepted: the SYN is dropped and retried until the timeout. */
@@ -1130,19 +1306,25 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     acceptor_start(&a, up, 0);
     int down_port = closed_port();
     int full = full_listener(&full_port, &filler);
-    char urls[3][100], ids[3][REGISTRY_INSTANCE_ID_LEN + 1];
+    char urls[4][100], ids[4][REGISTRY_INSTANCE_ID_LEN + 1];
     snprintf(urls[0], sizeof(urls[0]), "http://127.0.0.1:%d/up", up_port);
     snprintf(urls[1], sizeof(urls[1]), "http://127.0.0.1:%d/down", down_port);
     snprintf(urls[2], sizeof(urls[2]), "tcp://127.0.0.1:%d", full_port);
-    for (int i = 0; i < 3; i++) {
+    /* Outside the allow-list below: never connected to. */
+    snprintf(urls[3], sizeof(urls[3]), "http://127.0.0.2:%d/up", up_port);
+    for (int i = 0; i < 4; i++) {
         registry_instance_id(urls[i], ids[i]);
         json_decref(register_as(&s, urls[i], "alice", false, NULL));
     }
 
     char envurl[600];
     snprintf(envurl, sizeof(envurl), "LOOM_DATABASE_URL=%s", s.url);
-    char *env[] = {envurl, "LOOM_REGISTRY_PROBE_INTERVAL=1s", "LOOM_REGISTRY_PROBE_TIMEOUT=500ms",
-                   "LOOM_NODE_ID=00000000-0000-4000-8000-0000000000b1", NULL};
+    char *env[] = {envurl,
+                   "LOOM_REGISTRY_PROBE_INTERVAL=1s",
+                   "LOOM_REGISTRY_PROBE_TIMEOUT=500ms",
+                   "LOOM_REGISTRY_PROBE_ALLOW=127.0.0.1/32",
+                   "LOOM_NODE_ID=00000000-0000-4000-8000-0000000000b1",
+                   NULL};
     loom_config_t cfg;
     char eb[256];
     cr_assert_eq(loom_config_load(&cfg, env, loom_test_full_app()->config_vars,
@@ -1161,6 +1343,8 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     wait_status(&s, ids[0], "healthy||true");
     wait_status(&s, ids[1], "unreachable|connection refused|false");
     wait_status(&s, ids[2], "unreachable|no connection within 500 ms|false");
+    wait_status(&s, ids[3],
+                "not_probed|not probed: 127.0.0.2: outside LOOM_REGISTRY_PROBE_ALLOW|false");
 
     /* Later runs change nothing but the heartbeat of the healthy one. */
     char sql[300];
@@ -1184,7 +1368,7 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     free(beat1);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
                                          "'registry.instance_status'"),
-                 3, "one status command per change");
+                 4, "one status command per change");
 
     /* The healthy one goes away: one more status command. */
     acceptor_stop(&a);
@@ -1193,7 +1377,7 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
     loom_sleep_ms(1500);
     cr_assert_eq(loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE type = "
                                          "'registry.instance_status'"),
-                 4);
+                 5);
     cr_assert_eq(
         loom_test_sql_ll(s.url, "SELECT count(*) FROM loom_commands WHERE status <> 'applied'"), 0);
     loom_periodic_stop(runner);

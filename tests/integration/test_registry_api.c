@@ -237,8 +237,15 @@ Test(registry_api, definitions, .timeout = 240)
     }
     cr_assert_eq(n, 1);
 
-    /* Replace with ?wait: the applied result. */
-    json_t *res = write_wait(&e, "PUT", "/v1/registry/definitions", TOK_BOB,
+    /* Alice put it, so it is hers: Bob may neither replace nor delete it. */
+    expect_error(&e, "PUT", "/v1/registry/definitions", TOK_BOB,
+                 "{\"definition\":{\"id\":\"test-a\",\"image\":{\"name\":\"evil\"}}}", 403,
+                 "DEFINITION_OWNED_BY_OTHER", "alice");
+    expect_error(&e, "DELETE", "/v1/registry/definitions/test-a", TOK_BOB, NULL, 403,
+                 "DEFINITION_OWNED_BY_OTHER", "alice");
+
+    /* Replace with ?wait (by an admin): the applied result. */
+    json_t *res = write_wait(&e, "PUT", "/v1/registry/definitions", TOK_ADMIN,
                              "{\"definition\":{\"id\":\"test-a\",\"repository\":{\"url\":"
                              "\"https://github.com/1backend/1backend.git\",\"container_file\":"
                              "\"server/docker/Dockerfile\"}}}");

@@ -38,6 +38,9 @@ typedef struct loom_config_var {
     int64_t min, max;          /* LOOM_CFG_INT, LOOM_CFG_DURATION (ms) */
     bool secret;               /* printed as "[redacted]" */
     const char *help;          /* one line for --help, `loom config` and docs */
+    /* Optional check beyond the type's: false with what is allowed written
+     * to allowed ("a comma-separated list of ..."). */
+    bool (*check)(const char *value, char *allowed, size_t size);
 } loom_config_var_t;
 
 /* One loaded value. */

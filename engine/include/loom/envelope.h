@@ -30,8 +30,11 @@
  * consumer, and alone) in loom_commands, and a btree index row holds at most
  * 2704 bytes, so an id stays well below that. Other attributes: 4096. */
 #define LOOM_CE_ID_MAX 1024
-#define LOOM_STR_(x)   #x
-#define LOOM_STR(x)    LOOM_STR_(x)
+/* Longest id loom_ce_check_json() accepts for an event a service stores
+ * (the messages service's ids). */
+#define LOOM_CE_JSON_ID_MAX 256
+#define LOOM_STR_(x)        #x
+#define LOOM_STR(x)         LOOM_STR_(x)
 
 typedef struct loom_ce_ext {
     const char *name;  /* [a-z0-9]{1,20} */

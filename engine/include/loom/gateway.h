@@ -3,7 +3,7 @@
  * services reach Loom. It calls ops and publishes commands, nothing else.
  *
  * Services describe their endpoints as a route table in api/ (one file per
- * service, collected in loom_app_routes[]):
+ * service, named by its descriptor, loom/service.h):
  *
  *   static int get_message(loom_http_req_t *req, loom_http_res_t *res)
  *   {
@@ -25,9 +25,11 @@
  * id, and 503 with Retry-After when Kafka cannot take it. Every handler
  * returns 0 (the value of those helpers).
  *
- * Before a handler runs, the gateway has matched the route (404, or 405 with
- * Allow), authenticated the caller (bearer token from LOOM_API_TOKENS_FILE,
- * 401) and checked the route's scope (403). It serves /healthz, /readyz and
+ * Before a handler runs, the gateway has applied the caller's rate limit
+ * (429 with Retry-After, when LOOM_API_RATE_LIMIT is set), matched the route
+ * (404, or 405 with Allow), authenticated the caller (bearer token from
+ * LOOM_API_TOKENS_FILE, 401), checked the route's scope (403) and refused
+ * path and query parameters that do not decode to UTF-8 text (400). It serves /healthz, /readyz and
  * /metrics itself, without a token, and logs one access line per request
  * with its X-Request-ID and ray id.
  */
@@ -79,7 +81,7 @@ typedef struct loom_gateway_opts {
     int threads;               /* event loops; 0: one per core */
     loom_http_limits_t limits; /* zero fields: defaults (http.h) */
     const loom_route_t *routes;
-    size_t n_routes;              /* the service routes (loom_app_routes), borrowed */
+    size_t n_routes;              /* the routes of every service (loom_app_t), borrowed */
     const loom_op_runtime_t *ops; /* borrowed; NULL: op calls answer 503 */
     loom_producer_t *producer;    /* borrowed; NULL: writes answer 503. Its message
                                    * timeout bounds how long a write waits for the
@@ -92,6 +94,9 @@ typedef struct loom_gateway_opts {
     int64_t ready_cache_ms;       /* how long a /readyz answer is reused; 0: 1000 */
     int64_t ready_timeout_ms;     /* per check of /readyz; 0: 1000 */
     bool no_access_log;           /* skip the access log line (benchmarks) */
+    int rate_limit;               /* LOOM_API_RATE_LIMIT: requests a second per caller
+                                   * (token slug, else remote address); 0: no limit */
+    int rate_burst;               /* LOOM_API_RATE_BURST: bucket size; 0: rate_limit */
 } loom_gateway_opts_t;
 
 /*
@@ -176,6 +181,13 @@ int loom_gateway_fail(loom_http_req_t *req, loom_http_res_t *res, const loom_err
 int loom_gateway_op_answer(loom_http_req_t *req, loom_http_res_t *res, const char *name,
                            json_t *op_req);
 
+/*
+ * Whether the caller may call op `name` directly (POST /v1/ops/{name}): the
+ * op exists (else OP_NOT_FOUND) and the caller's token holds the op's scope
+ * (loom_op_scope; else PERMISSION_DENIED naming it). 0 when it may.
+ */
+int loom_gateway_op_authorize(loom_http_req_t *req, const char *name, loom_error_t *err);
+
 /* What loom_gateway_op_call hands back, on the request's loop thread: rc 0
  * with result (borrowed; take a reference to keep it) or rc < 0 with err.
  * The callback must answer (reply/fail/another helper) and return 0. */
@@ -227,6 +239,22 @@ int loom_gateway_partition_key(loom_http_req_t *req, const char **key, loom_erro
 void loom_gateway_idempotent_id(const char *caller, const char *route, const char *key,
                                 char out[37]);
 
+/* ---- rate limits (gateway_limit.c; public for tests and the fuzz target) ------------ */
+
+/* Token buckets, one per key, at most max_keys of them (0: 100000); new keys
+ * beyond share one bucket. NULL (no limit) when rate <= 0. Thread-safe. */
+typedef struct loom_rate_limiter loom_rate_limiter_t;
+loom_rate_limiter_t *loom_rate_limiter_new(int rate, int burst, size_t max_keys);
+void loom_rate_limiter_free(loom_rate_limiter_t *l);
+/* Takes a token of key's bucket at now_ns (monotonic); false when there is
+ * none, with *retry_after_s the whole seconds until there is (>= 1). A NULL
+ * limiter always allows. */
+bool loom_rate_limiter_take(loom_rate_limiter_t *l, const char *key, int64_t now_ns,
+                            int *retry_after_s);
+/* The key of a caller: "token:SLUG", else "addr:ADDRESS" from a remote
+ * "1.2.3.4:5678" or "[::1]:5678" (the port left out). */
+void loom_rate_limiter_key(const char *slug, const char *remote, char *out, size_t size);
+
 /* ---- routing (also for tests and the fuzz target) ---------------------------------- */
 
 /* Checks a route table: methods, patterns, handlers, duplicates. */
@@ -242,6 +270,12 @@ int loom_route_table_check(const loom_route_t *routes, size_t n, loom_error_t *e
 const loom_route_t *loom_route_match(const loom_route_t *routes, size_t n, const char *method,
                                      const char *path, bool *path_known, char *allow,
                                      size_t allow_size);
+
+/* Percent-decodes a raw path parameter (v, len) into the arena, as
+ * loom_gateway_param does (no '+' rule in paths; a bad escape is kept as it
+ * is). *clean (when not NULL) becomes false when the result holds a NUL or
+ * is not UTF-8; the gateway refuses such parameters with 400. */
+char *loom_gateway_param_decode(loom_arena_t *a, const char *v, size_t len, bool *clean);
 
 /* The raw value of parameter `name` of pattern in path (no decoding), as a
  * pointer into path and a length; false when the pattern has no such

@@ -143,6 +143,12 @@ const char *loom_http_req_query_string(const loom_http_req_t *req);
 /* The first value of a query parameter, percent- and '+'-decoded; NULL when
  * absent, "" for "?name" or "?name=". Borrowed (request arena). */
 const char *loom_http_req_query(loom_http_req_t *req, const char *name);
+/* Query parameters by index (decoded), for iteration; false past the end. */
+bool loom_http_req_query_at(loom_http_req_t *req, size_t i, const char **name, const char **value);
+/* The name of the first query parameter whose name or value does not decode
+ * to clean text (a %00, or bytes that are not UTF-8); NULL when all do. That
+ * name may itself be unclean: repair a copy before echoing it. */
+const char *loom_http_req_query_unclean(loom_http_req_t *req);
 /* The first header of that name (case-insensitive); NULL when absent. */
 const char *loom_http_req_header(const loom_http_req_t *req, const char *name);
 /* Headers by index, for iteration; false past the end. */
@@ -206,6 +212,16 @@ bool loom_http_res_sent(const loom_http_res_t *res);
 size_t loom_http_res_body_len(const loom_http_res_t *res);
 /* The reason phrase of a status ("Not Found"). */
 const char *loom_http_status_text(int status);
+
+/* ---- UTF-8 (what JSON answers may carry) ------------------------------------------- */
+
+/* True when s[0..len) is well-formed UTF-8 (no overlong forms, surrogates
+ * or code points above U+10FFFF). */
+bool loom_http_utf8_valid(const char *s, size_t len);
+/* Replaces, in place, every byte of s that is not part of a well-formed
+ * UTF-8 sequence with '?', so that text echoing client bytes can always be
+ * sent as JSON. Returns how many bytes it replaced. */
+size_t loom_http_utf8_repair(char *s);
 
 /* ---- sessions: the same connection logic without sockets (fuzzing, tests) ---------- */
 

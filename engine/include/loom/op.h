@@ -66,7 +66,17 @@ struct loom_op {
     int64_t timeout_ms;      /* 0: LOOM_OP_DEFAULT_TIMEOUT_MS */
     const char *description; /* one line for `loom op --list` */
     unsigned flags;          /* LOOM_OP_* */
+    const char *scope;       /* scope a caller of POST /v1/ops/{name} needs besides
+                              * ops:call; NULL: its service's read scope,
+                              * "<service>:read" (loom_op_scope) */
 };
+
+/* Longest scope. */
+#define LOOM_OP_SCOPE_MAX 128
+
+/* The scope op needs (its own, or "<service>:read" from the first part of
+ * its name), written to buf; returns buf. */
+const char *loom_op_scope(const loom_op_t *op, char *buf, size_t size);
 
 /* ---- the table -------------------------------------------------------------------- */
 

@@ -1,0 +1,156 @@
+/*
+ * gateway_limit.c: per-caller rate limits of the gateway (LOOM_API_RATE_LIMIT,
+ * LOOM_API_RATE_BURST): one token bucket per caller, keyed by the token's
+ * slug, or by the remote address (without the port) for requests that bring
+ * no valid token.
+ *
+ * A bucket holds up to burst tokens and gains `rate` a second; a request
+ * takes one, and with none left it is answered 429 with Retry-After (the
+ * whole seconds until a token is back). The table is bounded: when it holds
+ * max_keys callers, buckets that have refilled completely (their callers
+ * idle long enough to be as good as new) are dropped; if none has, new
+ * callers share one overflow bucket, so a flood of new addresses cannot grow
+ * memory or escape the limit.
+ */
+#include "loom/gateway.h"
+#include "loom/mem.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BUCKETS 4096
+
+typedef struct entry {
+    struct entry *next;
+    double tokens;
+    int64_t at_ns;
+    char key[];
+} entry_t;
+
+struct loom_rate_limiter {
+    pthread_mutex_t mu;
+    double rate, burst;
+    size_t n, max_keys;
+    entry_t *table[BUCKETS];
+    entry_t overflow;
+};
+
+loom_rate_limiter_t *loom_rate_limiter_new(int rate, int burst, size_t max_keys)
+{
+    if (rate <= 0)
+        return NULL;
+    loom_rate_limiter_t *l = loom_xcalloc(1, sizeof(*l));
+    pthread_mutex_init(&l->mu, NULL);
+    l->rate = rate;
+    l->burst = burst > 0 ? burst : rate;
+    l->max_keys = max_keys ? max_keys : 100000;
+    l->overflow.tokens = l->burst;
+    return l;
+}
+
+void loom_rate_limiter_free(loom_rate_limiter_t *l)
+{
+    if (!l)
+        return;
+    for (size_t i = 0; i < BUCKETS; i++)
+        for (entry_t *e = l->table[i], *next; e; e = next) {
+            next = e->next;
+            free(e);
+        }
+    pthread_mutex_destroy(&l->mu);
+    free(l);
+}
+
+static void refill(const loom_rate_limiter_t *l, entry_t *e, int64_t now_ns)
+{
+    if (now_ns > e->at_ns) {
+        e->tokens += (double)(now_ns - e->at_ns) * l->rate / 1e9;
+        if (e->tokens > l->burst)
+            e->tokens = l->burst;
+    }
+    e->at_ns = now_ns > e->at_ns ? now_ns : e->at_ns;
+}
+
+/* Drops the buckets that are full again; mu held. */
+static void sweep(loom_rate_limiter_t *l, int64_t now_ns)
+{
+    for (size_t i = 0; i < BUCKETS; i++) {
+        entry_t **pp = &l->table[i];
+        while (*pp) {
+            refill(l, *pp, now_ns);
+            if ((*pp)->tokens >= l->burst) {
+                entry_t *gone = *pp;
+                *pp = gone->next;
+                free(gone);
+                l->n--;
+            } else {
+                pp = &(*pp)->next;
+            }
+        }
+    }
+}
+
+bool loom_rate_limiter_take(loom_rate_limiter_t *l, const char *key, int64_t now_ns,
+                            int *retry_after_s)
+{
+    if (!l)
+        return true;
+    uint32_t h = 2166136261u;
+    for (const char *c = key; *c; c++)
+        h = (h ^ (unsigned char)*c) * 16777619u;
+    pthread_mutex_lock(&l->mu);
+    entry_t **pp = &l->table[h % BUCKETS];
+    while (*pp && strcmp((*pp)->key, key) != 0)
+        pp = &(*pp)->next;
+    entry_t *e = *pp;
+    if (!e) {
+        if (l->n >= l->max_keys)
+            sweep(l, now_ns);
+        if (l->n >= l->max_keys) {
+            e = &l->overflow;
+        } else {
+            size_t kl = strlen(key);
+            e = loom_xcalloc(1, sizeof(*e) + kl + 1);
+            memcpy(e->key, key, kl + 1);
+            e->tokens = l->burst;
+            e->at_ns = now_ns;
+            e->next = l->table[h % BUCKETS];
+            l->table[h % BUCKETS] = e;
+            l->n++;
+        }
+    }
+    refill(l, e, now_ns);
+    bool ok = e->tokens >= 1.0;
+    if (ok) {
+        e->tokens -= 1.0;
+    } else if (retry_after_s) {
+        double wait = (1.0 - e->tokens) / l->rate;
+        int s = (int)wait;
+        *retry_after_s = s < wait ? s + 1 : s;
+        if (*retry_after_s < 1)
+            *retry_after_s = 1;
+    }
+    pthread_mutex_unlock(&l->mu);
+    return ok;
+}
+
+void loom_rate_limiter_key(const char *slug, const char *remote, char *out, size_t size)
+{
+    if (slug) {
+        snprintf(out, size, "token:%s", slug);
+        return;
+    }
+    /* "1.2.3.4:5678" or "[::1]:5678": the address without the port. */
+    const char *r = remote ? remote : "";
+    size_t len = strlen(r);
+    const char *colon = strrchr(r, ':');
+    if (r[0] == '[') {
+        const char *close = strchr(r, ']');
+        r++;
+        len = close ? (size_t)(close - r) : strlen(r);
+    } else if (colon) {
+        len = (size_t)(colon - r);
+    }
+    snprintf(out, size, "addr:%.*s", (int)len, r);
+}
