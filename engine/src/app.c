@@ -32,6 +32,16 @@ static void append(void *dst_ptr, size_t *count, const void *src, size_t n, size
     *count += n;
 }
 
+/* Appends the entries of table src, which ends with an entry whose `field`
+ * is NULL (an empty field: the entry itself), to dst holding n. */
+#define APPEND_TABLE(dst, n, src, field)                   \
+    do {                                                   \
+        size_t len_ = 0;                                   \
+        while ((src) && (src)[len_] field)                 \
+            len_++;                                        \
+        append(&(dst), &(n), (src), len_, sizeof(*(dst))); \
+    } while (0)
+
 static int by_version(const void *a, const void *b)
 {
     const loom_migration_t *x = a, *y = b;
@@ -79,31 +89,14 @@ int loom_app_build(loom_app_t *app, loom_error_t *err)
         if (s->migrations)
             append(&b->migrations, &n_mig, s->migrations->items, s->migrations->count,
                    sizeof(*b->migrations));
-        size_t k = 0;
-        for (k = 0; s->config_vars && s->config_vars[k].name; k++)
-            ;
-        append(&b->config_vars, &n_cfg, s->config_vars, k, sizeof(*b->config_vars));
-        for (k = 0; s->ops && s->ops[k]; k++)
-            ;
-        append(&b->ops, &n_ops, s->ops, k, sizeof(*b->ops));
-        for (k = 0; s->consumers && s->consumers[k].name; k++)
-            ;
-        append(&b->consumers, &n_cons, s->consumers, k, sizeof(*b->consumers));
-        for (k = 0; s->jobs && s->jobs[k].name; k++)
-            ;
-        append(&b->jobs, &n_jobs, s->jobs, k, sizeof(*b->jobs));
-        for (k = 0; s->projections && s->projections[k].name; k++)
-            ;
-        append(&b->projections, &n_proj, s->projections, k, sizeof(*b->projections));
-        for (k = 0; s->routes && s->routes[k].method; k++)
-            ;
-        append(&b->routes, &n_routes, s->routes, k, sizeof(*b->routes));
-        for (k = 0; s->tasks && s->tasks[k].name; k++)
-            ;
-        append(&b->tasks, &n_tasks, s->tasks, k, sizeof(*b->tasks));
-        for (k = 0; s->oneshots && s->oneshots[k].name; k++)
-            ;
-        append(&b->oneshots, &n_oneshots, s->oneshots, k, sizeof(*b->oneshots));
+        APPEND_TABLE(b->config_vars, n_cfg, s->config_vars, .name);
+        APPEND_TABLE(b->ops, n_ops, s->ops, );
+        APPEND_TABLE(b->consumers, n_cons, s->consumers, .name);
+        APPEND_TABLE(b->jobs, n_jobs, s->jobs, .name);
+        APPEND_TABLE(b->projections, n_proj, s->projections, .name);
+        APPEND_TABLE(b->routes, n_routes, s->routes, .method);
+        APPEND_TABLE(b->tasks, n_tasks, s->tasks, .name);
+        APPEND_TABLE(b->oneshots, n_oneshots, s->oneshots, .name);
         if (s->errors)
             append(&b->catalogues, &n_cat, s->errors, 1, sizeof(*b->catalogues));
     }

@@ -166,3 +166,14 @@ int64_t loom_backoff_ms(int attempt, int64_t base_ms, int64_t cap_ms)
     loom_random_bytes(&r, sizeof(r));
     return floor_ms + (int64_t)(r % (uint64_t)(ceiling - floor_ms + 1));
 }
+
+void loom_timespec_in(int64_t ms, struct timespec *ts)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}

@@ -1008,13 +1008,7 @@ static job_t *apply_pool_collect(apply_pool_t *ap, int64_t wait_ms)
     pthread_mutex_lock(&ap->mu);
     if (!ap->finished && ap->in_flight > 0 && wait_ms > 0) {
         struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += wait_ms / 1000;
-        ts.tv_nsec += (wait_ms % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        loom_timespec_in(wait_ms, &ts);
         pthread_cond_timedwait(&ap->done, &ap->mu, &ts);
     }
     job_t *list = ap->finished;

@@ -76,13 +76,7 @@ static void wait_ms(loom_tasks_t *t, int64_t ms, bool (*stop)(void *), void *arg
             left = 100;
         if (t) {
             struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += left / 1000;
-            ts.tv_nsec += (left % 1000) * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            loom_timespec_in(left, &ts);
             pthread_mutex_lock(&t->mu);
             if (!stop(arg))
                 pthread_cond_timedwait(&t->cv, &t->mu, &ts);

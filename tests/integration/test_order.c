@@ -168,7 +168,7 @@ Test(order, a_definition_put_then_deleted_at_once_stays_deleted, .timeout = 300)
         snprintf(id, sizeof(id), "order-def-%d", i);
         snprintf(data, sizeof(data),
                  "{\"definition\":{\"id\":\"%s\",\"image\":{\"name\":\"example/echo\","
-                 "\"internal_ports\":[8080]}}}",
+                 "\"internal_ports\":[8080]}},\"caller\":\"alice\"}",
                  id);
         send_command(&e, "registry.put_definition", id, data);
         snprintf(data, sizeof(data), "{\"id\":\"%s\",\"caller\":\"alice\"}", id);

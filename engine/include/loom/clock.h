@@ -17,6 +17,9 @@ int64_t loom_now_us(void);
 int64_t loom_mono_ns(void);
 /* Monotonic milliseconds. */
 int64_t loom_mono_ms(void);
+/* The CLOCK_REALTIME time ms from now, for pthread_cond_timedwait(). */
+struct timespec;
+void loom_timespec_in(int64_t ms, struct timespec *ts);
 
 /* Parses a duration such as "1h30m", "250ms", "10s", "0"; units ns us ms s m h d.
  * Returns 0 and the duration in milliseconds, or LOOM_EINVAL (also on overflow
