@@ -596,9 +596,12 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
     }
     /* Another writer took a version we counted on: run the batch again. */
     if (rc != 0 && loom_error_is(err, LOOM_CODE_ALREADY_EXISTS) &&
-        strstr(err->message, "loom_events_pkey"))
+        strcmp(err->constraint, "loom_events_pkey") == 0) {
+        char why[LOOM_ERROR_MESSAGE_MAX];
+        snprintf(why, sizeof(why), "%s", err->message);
         rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
-                            "event stream written concurrently: %s", err->message);
+                            "event stream written concurrently: %s", why);
+    }
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         loom_db_array_free(all[i]);
     return rc;

@@ -122,25 +122,34 @@ int loom_db_error(PGconn *pg, const PGresult *res, loom_error_t *err)
         text += 8;
 
     loom_code_t code = loom_db_sqlstate_code(state);
+    int rc;
     if (code == LOOM_CODE_DB_UNAVAILABLE || (pg && PQstatus(pg) == CONNECTION_BAD) ||
         (!state && !res)) {
-        int rc =
-            loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost: %s", text);
-        (void)rc;
-        return LOOM_EDBCONN;
+        loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost: %s", text);
+        rc = LOOM_EDBCONN;
+    } else {
+        switch (code) {
+        case LOOM_CODE_DEADLINE_EXCEEDED:
+            rc = loom_error_set(err, code, "statement canceled: %s", text);
+            break;
+        case LOOM_CODE_READ_ONLY_VIOLATION:
+        case LOOM_CODE_ALREADY_EXISTS:
+            rc = loom_error_set(err, code, "%s", text);
+            break;
+        case LOOM_CODE_DB_ERROR:
+            loom_error_set(err, code, "%s (SQLSTATE %s)", text, state ? state : "none");
+            rc = LOOM_EDB;
+            break;
+        default:
+            rc = loom_error_set(err, code, "%s (SQLSTATE %s)", text, state);
+        }
     }
-    switch (code) {
-    case LOOM_CODE_DEADLINE_EXCEEDED:
-        return loom_error_set(err, code, "statement canceled: %s", text);
-    case LOOM_CODE_READ_ONLY_VIOLATION:
-    case LOOM_CODE_ALREADY_EXISTS:
-        return loom_error_set(err, code, "%s", text);
-    case LOOM_CODE_DB_ERROR:
-        loom_error_set(err, code, "%s (SQLSTATE %s)", text, state ? state : "none");
-        return LOOM_EDB;
-    default:
-        return loom_error_set(err, code, "%s (SQLSTATE %s)", text, state);
+    if (err) {
+        const char *c = res ? PQresultErrorField(res, PG_DIAG_CONSTRAINT_NAME) : NULL;
+        snprintf(err->sqlstate, sizeof(err->sqlstate), "%s", state ? state : "");
+        snprintf(err->constraint, sizeof(err->constraint), "%s", c ? c : "");
     }
+    return rc;
 }
 
 bool loom_db_error_is_transient(const loom_error_t *err)

@@ -80,6 +80,8 @@ void loom_error_clear(loom_error_t *err)
     err->code = NULL;
     err->retriable = false;
     err->message[0] = '\0';
+    err->sqlstate[0] = '\0';
+    err->constraint[0] = '\0';
 }
 
 int loom_error_class_errno(loom_error_class_t cls)
@@ -117,6 +119,8 @@ static int error_vset(loom_error_t *err, const loom_error_code_t *code, const ch
         err->code = code->name;
         err->retriable = code->retriable;
         vsnprintf(err->message, sizeof(err->message), fmt, ap);
+        err->sqlstate[0] = '\0';
+        err->constraint[0] = '\0';
     }
     return loom_error_class_errno(code->cls);
 }

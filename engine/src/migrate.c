@@ -57,8 +57,8 @@ static int bootstrap(loom_db_t *db, loom_error_t *err)
         if (rc == 0)
             return 0;
         if (!loom_db_error_is_transient(err) && err && err->code &&
-            !loom_error_is(err, LOOM_CODE_ALREADY_EXISTS) && !strstr(err->message, "42P07") &&
-            !strstr(err->message, "42710"))
+            !loom_error_is(err, LOOM_CODE_ALREADY_EXISTS) && strcmp(err->sqlstate, "42P07") != 0 &&
+            strcmp(err->sqlstate, "42710") != 0)
             return rc;
         PGresult *r = PQexec(loom_db_pg(db), "ROLLBACK");
         PQclear(r);

@@ -46,6 +46,10 @@ static void check(loom_db_pool_t *pool, const sql_case_t *c)
     cr_assert_neq(rc, 0, "%s: no error", c->sql);
     cr_assert_str_eq(err.code, c->code, "%s: %s", c->sql, err.message);
     cr_assert_eq(loom_db_error_is_transient(&err), c->transient, "%s: %s", c->sql, err.message);
+    /* The state itself travels with the error, for callers that must tell
+     * refusals apart without reading the message. */
+    if (strcmp(c->code, "DB_UNAVAILABLE") != 0)
+        cr_assert_str_eq(err.sqlstate, c->state, "%s: %s", c->sql, err.message);
     /* Transient ones are run again by the transaction runner, the others not. */
     int calls = 0;
     void *arg[] = {(void *)c->sql, &calls};
@@ -199,4 +203,26 @@ Test(sqlstate, the_table_by_prefix)
     cr_assert_eq(loom_db_sqlstate_code("55P03"), LOOM_CODE_DB_BUSY);
     cr_assert_eq(loom_db_sqlstate_code("55000"), LOOM_CODE_DB_ERROR);
     cr_assert_eq(loom_db_sqlstate_code(NULL), LOOM_CODE_DB_ERROR);
+}
+
+Test(sqlstate, the_constraint_a_refusal_names_travels_with_the_error)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_db_t *db;
+    loom_error_t err;
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    cr_assert_neq(loom_db_exec_script(db, "INSERT INTO t VALUES ('a', -1)", &err), 0);
+    cr_expect_str_eq(err.sqlstate, "23514");
+    cr_expect_str_eq(err.constraint, "t_n_check");
+    cr_assert_eq(loom_db_exec_script(db, "INSERT INTO t VALUES ('b', 1)", &err), 0, "%s",
+                 err.message);
+    cr_assert_neq(loom_db_exec_script(db, "INSERT INTO t VALUES ('b', 2)", &err), 0);
+    cr_expect_str_eq(err.code, "ALREADY_EXISTS");
+    cr_expect_str_eq(err.sqlstate, "23505");
+    cr_expect_str_eq(err.constraint, "t_pkey");
+    loom_error_set(&err, LOOM_CODE_INTERNAL, "not from the database");
+    cr_expect_str_eq(err.sqlstate, "");
+    cr_expect_str_eq(err.constraint, "");
+    loom_db_release(db);
+    loom_db_pool_free(pool);
 }

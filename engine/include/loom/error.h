@@ -164,6 +164,11 @@ typedef struct loom_error {
     const char *code; /* static string from a catalogue; NULL when no error */
     bool retriable;
     char message[LOOM_ERROR_MESSAGE_MAX];
+    /* From the database, when it refused a statement: the SQLSTATE and the
+     * constraint it names ("" when none), for callers that must tell one
+     * refusal from another without reading the message. */
+    char sqlstate[6];
+    char constraint[64];
 } loom_error_t;
 
 /* Clears err (err may be NULL). */
