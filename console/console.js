@@ -301,7 +301,7 @@ pages.commands = {
   form(q) {
     const input = (name, label, type) =>
       el("label", {}, label, el("input", {name, type: type || "text", value: q.get(name) || ""}));
-    const sel = el("select", {name: "status"}, ["", "applied", "rejected", "retrying", "parked"]
+    const sel = el("select", {name: "status"}, ["", "applied", "rejected", "retrying", "parked", "expired", "conflict"]
       .map((s) => el("option", {value: s, selected: q.get("status") === s}, s || "any")));
     return el("form", {class: "filters", id: "filters", onsubmit: (ev) => {
       ev.preventDefault();

@@ -123,8 +123,12 @@ static json_t *cursor_decode(const char *hex)
 
 static bool valid_status(const char *s)
 {
-    return !s || strcmp(s, "applied") == 0 || strcmp(s, "rejected") == 0 ||
-           strcmp(s, "retrying") == 0 || strcmp(s, "parked") == 0;
+    static const char *const statuses[] = {"applied", "rejected", "retrying",
+                                           "parked",  "expired",  "conflict"};
+    for (size_t i = 0; s && i < sizeof(statuses) / sizeof(statuses[0]); i++)
+        if (strcmp(s, statuses[i]) == 0)
+            return true;
+    return !s;
 }
 
 static int commands_list(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
@@ -156,7 +160,8 @@ static int commands_list(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, j
         return rc;
     if (!valid_status(status))
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
-                              "field \"status\" must be applied, rejected, retrying or parked");
+                              "field \"status\" must be applied, rejected, retrying, parked, "
+                              "expired or conflict");
     json_int_t limit = 50;
     json_t *jl = json_object_get(req, "limit");
     if (jl && !json_is_null(jl)) {
