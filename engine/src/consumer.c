@@ -505,7 +505,10 @@ typedef struct apply_arg {
     loom_error_t herr; /* its error */
     bool handler_failed;
     bool in_handler; /* the failure came from a handler (transient ones too):
-                      * a command's own trouble, not an outage */
+                      * a command's own trouble, not an outage; `failed` then
+                      * says whose */
+    int stop;        /* set with in_handler: the transaction runner does not
+                      * run the batch again (the command's key backs off) */
 } apply_arg_t;
 
 static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
@@ -638,6 +641,7 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
     reset_attempt(b);
     a->handler_failed = false;
     a->in_handler = false;
+    a->stop = 0;
 
     /* Dedup: which of these were handled already? */
     loom_db_array_t ids = {0};
@@ -689,6 +693,8 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
             if (!herr.code)
                 loom_error_set(&herr, LOOM_CODE_INTERNAL, "handler failed: %s", loom_strerror(rc));
             a->in_handler = true;
+            a->failed = i;
+            a->stop = 1;
             /* Database trouble inside the handler is the engine's to retry. */
             if (!loom_db_error_is_transient(&herr)) {
                 a->failed = i;
@@ -1365,14 +1371,12 @@ static void apply_job(job_t *job, batch_t *b)
 {
     worker_consumer_t *wc = job->rt->wc;
     loom_worker_t *w = wc->w;
-    size_t live = 0, last = 0;
+    size_t live = 0;
     for (size_t i = 0; i < b->n; i++) {
         b->msgs[i].attempt = job->attempt[i];
         job->out[i] = OUT_RETURN;
-        if (!expired(job, b, i)) {
+        if (!expired(job, b, i))
             live++;
-            last = i;
-        }
     }
     if (live == 0)
         return;
@@ -1381,23 +1385,39 @@ static void apply_job(job_t *job, batch_t *b)
              (long long)w->opts.lock_timeout_ms);
     apply_arg_t a = {.b = b, .from = 0, .to = b->n};
     loom_error_t err;
-    loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock};
-    int rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
-    if (rc == 0) {
-        applied_ok(job, b, 0, b->n);
-        return;
-    }
-    if (!a.in_handler && is_outage(&err)) {
-        job->hold_partition = true;
-        snprintf(job->why, sizeof(job->why), "%s", err.message);
-        return;
-    }
-    if (live == 1) {
+    int rc = 0;
+    /* A command whose handler fails is known: it leaves the batch (failed or
+     * rejected, and its key's later commands with it when it failed) and the
+     * rest runs again as a batch, a few times; what cannot be pinned on one
+     * command is isolated one command at a time below. */
+    for (int round = 0; round < 8; round++) {
+        loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock, .stop = &a.stop};
+        rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
+        if (rc == 0) {
+            applied_ok(job, b, 0, b->n);
+            return;
+        }
+        if (!a.in_handler && is_outage(&err)) {
+            job->hold_partition = true;
+            snprintf(job->why, sizeof(job->why), "%s", err.message);
+            return;
+        }
+        if (!a.in_handler)
+            break;
+        size_t i = a.failed;
         if (a.handler_failed && is_permanent(&a.herr))
-            rejected(job, b, last, &a.herr);
+            rejected(job, b, i, &a.herr);
         else
-            failed(job, b, last, a.handler_failed ? &a.herr : &err);
-        return;
+            failed(job, b, i, a.handler_failed ? &a.herr : &err);
+        b->msgs[i].skip = true;
+        live--;
+        for (size_t j = i + 1; job->out[i] == OUT_RETRY && j < b->n; j++)
+            if (!b->msgs[j].skip && same_key(b->msgs[j].rkm, b->msgs[i].rkm)) {
+                b->msgs[j].skip = true; /* OUT_RETURN: it waits behind its key */
+                live--;
+            }
+        if (live == 0)
+            return;
     }
     /* Isolate: one message at a time. */
     char *text = loom_text_escape(err.message, strlen(err.message), 500);
@@ -1415,7 +1435,7 @@ static void apply_job(job_t *job, batch_t *b)
         if (behind)
             continue;
         apply_arg_t one = {.b = b, .from = i, .to = i + 1};
-        loom_tx_opts_t o1 = {.max_attempts = 2, .begin_extra = lock};
+        loom_tx_opts_t o1 = {.max_attempts = 2, .begin_extra = lock, .stop = &one.stop};
         rc = loom_tx_run(w->opts.pool, &o1, apply_body, &one, &err);
         if (rc == 0) {
             applied_ok(job, b, i, i + 1);
