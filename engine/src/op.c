@@ -8,7 +8,9 @@
  * also retries serialization failures and lost connections while the
  * deadline allows), sets statement_timeout to the time left, runs the
  * handler, and maps what came back: 25006 and 57014 become errors that name
- * the op, a result produced after the deadline is discarded.
+ * the op, a result produced after the deadline is discarded. An op that
+ * declares LOOM_OP_ONE_STATEMENT runs its statement without BEGIN and COMMIT
+ * on a read-only session (loom_tx_opts_t.single_statement).
  */
 #include "loom/op.h"
 #include "loom/clock.h"
@@ -225,11 +227,17 @@ int loom_op_req_string(const json_t *req, const char *key, bool required, size_t
 
 /* ---- calling ---------------------------------------------------------------------------- */
 
+/* How far past the deadline a single statement may run when the op keeps
+ * its own timeout on the session (see tx_body). */
+#define LOOM_OP_TIMEOUT_SLACK_MS 10
+
 typedef struct call {
     loom_op_ctx_t *ctx;
     const json_t *req;
     json_t *res;
     int attempts;
+    int64_t start_ms; /* loom_mono_ms() at the call */
+    bool callers;     /* the deadline is the caller's, earlier than the op's */
 } call_t;
 
 static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
@@ -241,19 +249,28 @@ static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
     int64_t left = c->ctx->op_deadline_mono_ms - loom_mono_ms();
     if (left <= 0)
         return loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
-    /* The first attempt's statement_timeout came with its BEGIN (one round
-     * trip saved); a retry has less time left, so it sets it again. */
-    if (++c->attempts > 1) {
-        char sql[64];
-        snprintf(sql, sizeof(sql), "SET LOCAL statement_timeout = %lld", (long long)left);
-        int rc = loom_db_exec_script(db, sql, err);
-        if (rc != 0)
-            return rc;
-    }
+    /* statement_timeout is the time left, sent with the first statement.
+     * A single statement sets it on the session, so one that comes with the
+     * op's own timeout barely started asks for that timeout itself: the
+     * session keeps the value and the next call sends no SET. The statement
+     * may then run up to a few ms past the deadline, and its result is
+     * discarded as late like any other. */
+    int64_t timeout = c->ctx->op_deadline_mono_ms - c->start_ms;
+    if (!c->callers && c->attempts == 0 && timeout - left <= LOOM_OP_TIMEOUT_SLACK_MS)
+        left = timeout;
+    c->attempts++;
+    int rc = loom_db_statement_timeout(db, left, err);
+    if (rc != 0)
+        return rc;
     loom_error_clear(err);
-    int rc;
     rc = c->ctx->op->fn(c->ctx, db, c->req, &c->res, err);
-    if (rc == 0 && !loom_db_in_tx(db)) {
+    if (rc != 0 && loom_db_single(db) && loom_error_is(err, LOOM_CODE_INTERNAL)) {
+        char reason[LOOM_ERROR_MESSAGE_MAX];
+        snprintf(reason, sizeof(reason), "%s", err->message);
+        loom_error_set(err, LOOM_CODE_INTERNAL, "op \"%s\" declares one statement: %s",
+                       c->ctx->op->name, reason);
+    }
+    if (rc == 0 && !loom_db_single(db) && !loom_db_in_tx(db)) {
         /* The op ended the engine's transaction (COMMIT/ROLLBACK of its own):
          * whatever it ran after that was outside the READ ONLY guard. */
         return loom_error_set(err, LOOM_CODE_INTERNAL,
@@ -265,12 +282,14 @@ static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
 }
 
 static void record(const loom_op_ctx_t *ctx, const char *op_label, const char *result,
-                   int64_t start_ns)
+                   int64_t start_ns, int64_t end_ns)
 {
     const loom_op_runtime_t *rt = ctx->rt;
     if (!rt->calls && !rt->duration)
         return;
-    double seconds = (double)(loom_mono_ns() - start_ns) / 1e9;
+    if (!end_ns)
+        end_ns = loom_mono_ns();
+    double seconds = (double)(end_ns - start_ns) / 1e9;
     const char *calls_values[] = {op_label, result};
     const char *duration_values[] = {op_label};
     loom_metrics_counter_inc(rt->calls, calls_values);
@@ -298,7 +317,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
         int rc = loom_error_set(&e, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
                                 name);
         /* Unknown names share one series: callers must not grow the label set. */
-        record(ctx, "_unknown", e.code, start_ns);
+        record(ctx, "_unknown", e.code, start_ns, 0);
         if (err)
             *err = e;
         return rc;
@@ -306,7 +325,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     if (req && !json_is_object(req)) {
         int rc = loom_error_set(&e, LOOM_CODE_INVALID_JSON,
                                 "op \"%s\" takes a JSON object as its request", op->name);
-        record(ctx, op->name, e.code, start_ns);
+        record(ctx, op->name, e.code, start_ns, 0);
         if (err)
             *err = e;
         return rc;
@@ -324,7 +343,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     json_t *empty = NULL;
     if (!req)
         req = empty = json_object();
-    call_t c = {.ctx = ctx, .req = req, .res = NULL};
+    call_t c = {.ctx = ctx, .req = req, .res = NULL, .start_ms = now, .callers = callers};
     int rc;
     if (deadline <= now) {
         rc = loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
@@ -334,18 +353,15 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
         rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" needs a database and none is set",
                             op->name);
     } else {
-        /* An integer we format ourselves: nothing to inject. SET LOCAL ends
-         * with the transaction, so the pooled connection keeps its setting. */
-        char set_timeout[64];
-        snprintf(set_timeout, sizeof(set_timeout), "SET LOCAL statement_timeout = %lld",
-                 (long long)(deadline - loom_mono_ms() > 0 ? deadline - loom_mono_ms() : 1));
-        loom_tx_opts_t opts = {
-            .read_only = true, .deadline_mono_ms = deadline, .begin_extra = set_timeout};
+        loom_tx_opts_t opts = {.read_only = true,
+                               .deadline_mono_ms = deadline,
+                               .single_statement = (op->flags & LOOM_OP_ONE_STATEMENT) != 0};
         rc = loom_tx_run(ctx->rt->pool, &opts, tx_body, &c, &e);
     }
     json_decref(empty);
 
-    int64_t end = loom_mono_ms();
+    int64_t end_ns = loom_mono_ns();
+    int64_t end = end_ns / 1000000;
     if (rc == 0 && !c.res)
         rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" returned no result", op->name);
     if (rc == 0 && end > deadline)
@@ -371,10 +387,14 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
             LOOM_ERROR("op failed", "op=%s ray_id=%s code=%s error=%s", op->name, ctx->ray_id,
                        e.code, e.message);
     }
-    record(ctx, op->name, rc == 0 ? "ok" : e.code, start_ns);
+    record(ctx, op->name, rc == 0 ? "ok" : e.code, start_ns, end_ns);
     ctx->op = NULL;
     *res = c.res;
+    if (rc == 0) {
+        loom_error_clear(err); /* not a copy of e: that is 600 bytes per call */
+        return 0;
+    }
     if (err)
         *err = e;
-    return rc != 0 ? (rc < 0 ? rc : LOOM_EIO) : 0;
+    return rc < 0 ? rc : LOOM_EIO;
 }

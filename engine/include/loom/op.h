@@ -57,6 +57,12 @@ typedef int (*loom_op_fn)(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, 
 /* loom_op_t.flags */
 enum {
     LOOM_OP_NO_DB = 1u << 0, /* runs without a transaction; db is NULL */
+    /* Runs exactly one statement. On a read-only session (the read pool)
+     * that statement goes alone, in one round trip: no BEGIN READ ONLY, no
+     * COMMIT, and statement_timeout set on the session only when it changes.
+     * A second statement fails with INTERNAL naming the op. Elsewhere the op
+     * runs in its READ ONLY transaction as usual. */
+    LOOM_OP_ONE_STATEMENT = 1u << 1,
 };
 
 /* One op. Define them `const` with static storage, one per file. */
