@@ -6,7 +6,7 @@
  *
  * Without a database it measures the dispatcher alone, with an op that
  * declares LOOM_OP_NO_DB (so no transaction): a direct call, the name lookup
- * (binary search in a table of 64 ops), lookup + call through the op's
+ * (a hash probe in a table of 64 ops), lookup + call through the op's
  * function pointer, and the whole loom_op_call() (lookup, request check,
  * deadline, result check, error mapping) without and with metrics. With a
  * DATABASE_URL it also compares "SELECT 1" as an op (its own READ ONLY

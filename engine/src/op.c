@@ -1,13 +1,12 @@
 /*
  * op.c: the op table and the dispatcher.
  *
- * The table keeps borrowed pointers to loom_op_t, sorted by name, so a lookup
- * is a binary search over at most a few hundred names (about 8 string
- * comparisons). A call looks the op up, checks the request is an object,
- * works out its deadline, opens a READ ONLY transaction (loom_tx_run, which
- * also retries serialization failures and lost connections while the
- * deadline allows), sets statement_timeout to the time left, runs the
- * handler, and maps what came back: 25006 and 57014 become errors that name
+ * The table keeps borrowed pointers to loom_op_t, sorted by name for
+ * listings, and a hash index over them, so a lookup is a hash of the name's
+ * ends and, most of the time, one string comparison. A call looks the op up, checks the request is
+ * an object, works out its deadline, opens a READ ONLY transaction (loom_tx_run, which also retries
+ * serialization failures and lost connections while the deadline allows), sets statement_timeout to
+ * the time left, runs the handler, and maps what came back: 25006 and 57014 become errors that name
  * the op, a result produced after the deadline is discarded. An op that
  * declares LOOM_OP_ONE_STATEMENT runs its statement without BEGIN and COMMIT
  * on a read-only session (loom_tx_opts_t.single_statement).
@@ -22,9 +21,42 @@
 #include <string.h>
 
 struct loom_op_table {
-    const loom_op_t **ops; /* sorted by name */
+    const loom_op_t **ops; /* sorted by name, for listings */
     size_t n, cap;
+    const loom_op_t **index; /* open addressing by name_hash(); at most half full */
+    size_t index_cap;        /* a power of two; 0: no index yet */
 };
+
+/* A cheap hash of a name: its length and its first and last 8 bytes, which
+ * tell "svc01.things.get" from "svc02.things.get" and "x.list" from
+ * "x.get". A collision only costs one more comparison. */
+static uint64_t name_hash(const char *name, size_t len)
+{
+    uint64_t head = 0, tail = 0;
+    memcpy(&head, name, len < 8 ? len : 8);
+    if (len > 8)
+        memcpy(&tail, name + len - 8, 8);
+    uint64_t h = (head * 0x9e3779b97f4a7c15ULL) ^ (tail * 0xc2b2ae3d27d4eb4fULL) ^ len;
+    return h ^ (h >> 29);
+}
+
+static void index_rebuild(loom_op_table_t *table)
+{
+    size_t cap = 16;
+    while (cap < table->n * 2)
+        cap *= 2;
+    const loom_op_t **index = loom_xcalloc(cap, sizeof(*index));
+    for (size_t i = 0; i < table->n; i++) {
+        const char *name = table->ops[i]->name;
+        size_t k = (size_t)name_hash(name, strlen(name)) & (cap - 1);
+        while (index[k])
+            k = (k + 1) & (cap - 1);
+        index[k] = table->ops[i];
+    }
+    free(table->index);
+    table->index = index;
+    table->index_cap = cap;
+}
 
 /* ---- the table ------------------------------------------------------------------- */
 
@@ -38,6 +70,7 @@ void loom_op_table_free(loom_op_table_t *table)
     if (!table)
         return;
     free(table->ops);
+    free(table->index);
     free(table);
 }
 
@@ -99,25 +132,20 @@ int loom_op_table_add(loom_op_table_t *table, const loom_op_t *const *ops, size_
     for (size_t i = 0; i < n; i++)
         table->ops[table->n++] = ops[i];
     qsort(table->ops, table->n, sizeof(*table->ops), op_cmp);
+    index_rebuild(table);
     loom_error_clear(err);
     return 0;
 }
 
 const loom_op_t *loom_op_find(const loom_op_table_t *table, const char *name)
 {
-    if (!table || !name)
+    if (!table || !name || !table->index_cap)
         return NULL;
-    size_t lo = 0, hi = table->n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int c = strcmp(name, table->ops[mid]->name);
-        if (c == 0)
-            return table->ops[mid];
-        if (c < 0)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
+    size_t len = strlen(name);
+    size_t mask = table->index_cap - 1;
+    for (size_t k = (size_t)name_hash(name, len) & mask; table->index[k]; k = (k + 1) & mask)
+        if (strcmp(table->index[k]->name, name) == 0)
+            return table->index[k];
     return NULL;
 }
 

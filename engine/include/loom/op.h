@@ -100,7 +100,7 @@ void loom_op_table_free(loom_op_table_t *table);
 int loom_op_table_add(loom_op_table_t *table, const loom_op_t *const *ops, size_t n,
                       loom_error_t *err);
 
-/* Finds an op by name by binary search; NULL when unknown. */
+/* Finds an op by name (a hash lookup); NULL when unknown. */
 const loom_op_t *loom_op_find(const loom_op_table_t *table, const char *name);
 
 /* Ops in name order, for listings: index 0 .. count-1. */
