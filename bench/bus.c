@@ -5,7 +5,10 @@
  *
  *   bench_bus BROKERS [MESSAGES] [PAYLOAD_BYTES]
  *
- * Prints one line per figure and the ratio Loom / raw.
+ * Prints one line per figure and the ratio Loom / raw; then the CPU time the
+ * process spent per message (all its threads, librdkafka's included), which
+ * on a shared, busy machine says more about the envelope's cost than a rate
+ * that moves with the other processes' load.
  */
 #include "loom/bus.h"
 #include "loom/clock.h"
@@ -15,8 +18,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 static atomic_long acked, failed;
+static double last_cpu_s; /* CPU seconds of the last rate measured */
+
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
+           ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) / 1e6;
+}
 
 static void on_delivery(void *opaque, const loom_error_t *err, int32_t p, int64_t o)
 {
@@ -60,6 +73,7 @@ static double raw_rate(const char *brokers, const char *topic, long n, const cha
     atomic_store(&acked, 0);
     atomic_store(&failed, 0);
     size_t plen = strlen(payload);
+    double c0 = cpu_s();
     int64_t t0 = loom_mono_ns();
     for (long i = 0; i < n; i++) {
         char key[40];
@@ -77,6 +91,7 @@ static double raw_rate(const char *brokers, const char *topic, long n, const cha
     }
     rd_kafka_flush(rk, 120000);
     double secs = (double)(loom_mono_ns() - t0) / 1e9;
+    last_cpu_s = cpu_s() - c0;
     rd_kafka_destroy(rk);
     if (atomic_load(&acked) != n)
         fprintf(stderr, "bench_bus: raw: %ld of %ld acknowledged\n", atomic_load(&acked), n);
@@ -96,6 +111,7 @@ static double loom_rate(const char *brokers, const char *topic, long n, const ch
     atomic_store(&failed, 0);
     loom_arena_t a;
     loom_arena_init(&a, 0);
+    double c0 = cpu_s();
     int64_t t0 = loom_mono_ns();
     for (long i = 0; i < n; i++) {
         loom_ce_t ce;
@@ -109,6 +125,7 @@ static double loom_rate(const char *brokers, const char *topic, long n, const ch
     }
     loom_producer_flush(p, 120000);
     double secs = (double)(loom_mono_ns() - t0) / 1e9;
+    last_cpu_s = cpu_s() - c0;
     loom_producer_free(p);
     loom_arena_release(&a);
     if (atomic_load(&acked) != n)
@@ -139,10 +156,15 @@ int main(int argc, char **argv)
     raw_rate(brokers, t1, n / 20 + 1, payload);
     loom_rate(brokers, t2, n / 20 + 1, payload);
     double raw = raw_rate(brokers, t1, n, payload);
+    double raw_cpu = last_cpu_s;
     double lm = loom_rate(brokers, t2, n, payload);
+    double lm_cpu = last_cpu_s;
     printf("publish_raw_msgs_per_s %.0f\n", raw);
     printf("publish_loom_msgs_per_s %.0f\n", lm);
     printf("publish_ratio %.2f\n", lm / raw);
+    printf("publish_raw_cpu_us_per_msg %.2f\n", raw_cpu * 1e6 / (double)n);
+    printf("publish_loom_cpu_us_per_msg %.2f\n", lm_cpu * 1e6 / (double)n);
+    printf("publish_cpu_ratio %.2f\n", lm_cpu > 0 ? raw_cpu / lm_cpu : 0);
     free(payload);
     return 0;
 }

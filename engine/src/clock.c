@@ -126,10 +126,36 @@ void loom_rfc3339_format(int64_t unix_us, char *buf, size_t size)
         frac += 1000000;
         secs -= 1;
     }
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
+    /* Every envelope carries the time: each thread keeps the text of the
+     * last second it formatted ("YYYY-MM-DDTHH:MM:SS.", 20 bytes) and writes
+     * only the microseconds by hand while the second lasts. */
+    static __thread time_t cached_secs = -1;
+    static __thread char cached[32];
+    static __thread int cached_len;
+    if (secs != cached_secs) {
+        struct tm tm;
+        gmtime_r(&secs, &tm);
+        int n =
+            snprintf(cached, sizeof(cached), "%04d-%02d-%02dT%02d:%02d:%02d.", tm.tm_year + 1900,
+                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        cached_len = n > 0 && n < (int)sizeof(cached) ? n : 0;
+        cached_secs = cached_len ? secs : -1;
+    }
+    if (!cached_len || size < (size_t)cached_len + 8) {
+        struct tm tm;
+        gmtime_r(&secs, &tm);
+        snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
+        return;
+    }
+    memcpy(buf, cached, (size_t)cached_len);
+    char *p = buf + cached_len;
+    for (int i = 5; i >= 0; i--) {
+        p[i] = (char)('0' + frac % 10);
+        frac /= 10;
+    }
+    p[6] = 'Z';
+    p[7] = '\0';
 }
 
 void loom_rfc3339_format_seconds(int64_t unix_s, char *buf, size_t size)

@@ -42,6 +42,13 @@ struct loom_db {
      * when the connection is next acquired: the op's caller does not wait
      * for it. */
     bool commit_in_flight;
+    /* A single-statement attempt (loom_tx_opts_t.single_statement) on a
+     * read-only session: no BEGIN, no COMMIT; one statement, which is its own
+     * snapshot. begin_extra then holds a session-level SET of
+     * statement_timeout, sent with that statement when the value changes. */
+    bool single;
+    bool single_used;           /* its statement was run */
+    int64_t session_timeout_ms; /* statement_timeout this session has; -1: not known */
 };
 
 struct loom_db_pool {
@@ -187,6 +194,7 @@ static int db_connect(loom_db_t *db, loom_error_t *err)
         return LOOM_EDBCONN;
     }
     PQsetNoticeProcessor(db->pg, notice_to_log, NULL);
+    db->session_timeout_ms = -1;
     if (!pool->opts.read_only) {
         /* A prepared statement's generic plan is made once per connection,
          * from the table's size at that moment: made on a new, empty table
@@ -238,6 +246,7 @@ static void db_disconnect(loom_db_t *db)
     db->pg = NULL;
     db->n_prepared = 0;
     db->commit_in_flight = false;
+    db->session_timeout_ms = -1;
 }
 
 /* Reads the answer of a COMMIT sent without waiting. */
@@ -405,6 +414,35 @@ PGconn *loom_db_pg(loom_db_t *db)
     return db->pg;
 }
 
+bool loom_db_single(const loom_db_t *db)
+{
+    return db->single;
+}
+
+int loom_db_statement_timeout(loom_db_t *db, int64_t ms, loom_error_t *err)
+{
+    if (ms < 1)
+        ms = 1;
+    if (db->single) {
+        /* Session-level, sent with the statement; nothing when it is set. */
+        if (ms == db->session_timeout_ms) {
+            db->begin_extra[0] = '\0';
+        } else {
+            snprintf(db->begin_extra, sizeof(db->begin_extra), "SET statement_timeout = %lld",
+                     (long long)ms);
+            db->session_timeout_ms = ms; /* forgotten again if the attempt fails */
+        }
+        return 0;
+    }
+    char sql[64];
+    snprintf(sql, sizeof(sql), "SET LOCAL statement_timeout = %lld", (long long)ms);
+    if (db->begin[0]) { /* goes with the BEGIN */
+        snprintf(db->begin_extra, sizeof(db->begin_extra), "%s", sql);
+        return 0;
+    }
+    return loom_db_exec_script(db, sql, err);
+}
+
 bool loom_db_in_tx(loom_db_t *db)
 {
     return db->begin[0] || (db->pg && PQtransactionStatus(db->pg) == PQTRANS_INTRANS);
@@ -490,10 +528,10 @@ static int pipeline(loom_db_t *db, const loom_db_stmt_t *stmt, const char *sql, 
     if (sent && db->begin[0]) {
         sent = PQsendQueryParams(pg, db->begin, 0, NULL, NULL, NULL, NULL, 0);
         ex[n++] = (expect_t){0};
-        if (sent && db->begin_extra[0]) {
-            sent = PQsendQueryParams(pg, db->begin_extra, 0, NULL, NULL, NULL, NULL, 0);
-            ex[n++] = (expect_t){0};
-        }
+    }
+    if (sent && db->begin_extra[0]) {
+        sent = PQsendQueryParams(pg, db->begin_extra, 0, NULL, NULL, NULL, NULL, 0);
+        ex[n++] = (expect_t){0};
     }
     for (size_t i = 0; sent && i < db->n_deferred; i++)
         sent = send_stmt(db, db->deferred[i].stmt, (const char *const *)db->deferred[i].params, ex,
@@ -568,7 +606,22 @@ synced:
 
 static bool has_pending(const loom_db_t *db)
 {
-    return db->begin[0] || db->n_deferred > 0;
+    return db->begin[0] || db->begin_extra[0] || db->n_deferred > 0;
+}
+
+/* A single-statement attempt runs one statement; the second is refused
+ * (it would see another snapshot than the first). */
+static int single_take(loom_db_t *db, loom_error_t *err)
+{
+    if (!db->single)
+        return 0;
+    if (db->single_used)
+        return loom_error_set(err, LOOM_CODE_INTERNAL,
+                              "a second statement in a body declared single-statement (it "
+                              "would not see the first one's snapshot): declare it a "
+                              "transaction");
+    db->single_used = true;
+    return 0;
 }
 
 static int flush_pending(loom_db_t *db, loom_error_t *err)
@@ -581,6 +634,9 @@ int loom_db_exec(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *p
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    int taken = single_take(db, err);
+    if (taken != 0)
+        return taken;
     if (has_pending(db))
         return pipeline(db, stmt, NULL, 0, params, res, err);
     if (!is_prepared(db, stmt)) {
@@ -599,6 +655,9 @@ int loom_db_exec_deferred(loom_db_t *db, const loom_db_stmt_t *stmt, const char 
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    int taken = single_take(db, err);
+    if (taken != 0)
+        return taken;
     if (db->n_deferred == db->cap_deferred) {
         db->cap_deferred = db->cap_deferred ? db->cap_deferred * 2 : 8;
         db->deferred = loom_xrealloc(db->deferred, db->cap_deferred * sizeof(*db->deferred));
@@ -616,6 +675,9 @@ int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    int taken = single_take(db, err);
+    if (taken != 0)
+        return taken;
     if (has_pending(db))
         return pipeline(db, NULL, sql, nparams, params, res, err);
     PGresult *r = PQexecParams(db->pg, sql, nparams, NULL, params, NULL, NULL, 0);
@@ -626,6 +688,9 @@ int loom_db_exec_script(loom_db_t *db, const char *sql, loom_error_t *err)
 {
     if (!db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    int taken = single_take(db, err);
+    if (taken != 0)
+        return taken;
     int rc = flush_pending(db, err);
     if (rc != 0)
         return rc;
@@ -709,9 +774,43 @@ void loom_db_array_free(loom_db_array_t *a)
 
 /* ---- transactions ------------------------------------------------------------ */
 
+/* Whether this session refuses writes by itself: a read-only pool, and the
+ * server still says so (PostgreSQL 14+ reports the setting with every
+ * change, so a SET by a body is seen here at no cost). */
+static bool session_read_only(loom_db_t *db)
+{
+    if (!db->pool->opts.read_only)
+        return false;
+    const char *v = PQparameterStatus(db->pg, "default_transaction_read_only");
+    return !v || strcmp(v, "on") == 0;
+}
+
+/* One statement without a transaction: see loom_tx_opts_t.single_statement. */
+static int single_attempt(loom_db_t *db, loom_tx_fn fn, void *arg, loom_error_t *err)
+{
+    db->single = true;
+    db->single_used = false;
+    db->begin[0] = '\0';
+    db->begin_extra[0] = '\0';
+    int rc = fn(db, arg, err);
+    if (has_pending(db)) {
+        /* A SET that never went (the body ran nothing, or failed first). */
+        pending_clear(db);
+        db->session_timeout_ms = -1;
+    }
+    if (rc != 0)
+        db->session_timeout_ms = -1; /* a SET sent with a failed statement was undone */
+    db->single = false;
+    if (rc == 0 && !db->pg)
+        return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
+    return rc;
+}
+
 static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, void *arg,
                       loom_error_t *err)
 {
+    if (o->single_statement && o->read_only && !o->isolation && session_read_only(db))
+        return single_attempt(db, fn, arg, err);
     /* BEGIN goes out with the body's first statement. */
     snprintf(db->begin, sizeof(db->begin), "BEGIN%s%s%s", o->isolation ? " ISOLATION LEVEL " : "",
              o->isolation ? o->isolation : "", o->read_only ? " READ ONLY" : "");

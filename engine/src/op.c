@@ -1,14 +1,15 @@
 /*
  * op.c: the op table and the dispatcher.
  *
- * The table keeps borrowed pointers to loom_op_t, sorted by name, so a lookup
- * is a binary search over at most a few hundred names (about 8 string
- * comparisons). A call looks the op up, checks the request is an object,
- * works out its deadline, opens a READ ONLY transaction (loom_tx_run, which
- * also retries serialization failures and lost connections while the
- * deadline allows), sets statement_timeout to the time left, runs the
- * handler, and maps what came back: 25006 and 57014 become errors that name
- * the op, a result produced after the deadline is discarded.
+ * The table keeps borrowed pointers to loom_op_t, sorted by name for
+ * listings, and a hash index over them, so a lookup is a hash of the name's
+ * ends and, most of the time, one string comparison. A call looks the op up, checks the request is
+ * an object, works out its deadline, opens a READ ONLY transaction (loom_tx_run, which also retries
+ * serialization failures and lost connections while the deadline allows), sets statement_timeout to
+ * the time left, runs the handler, and maps what came back: 25006 and 57014 become errors that name
+ * the op, a result produced after the deadline is discarded. An op that
+ * declares LOOM_OP_ONE_STATEMENT runs its statement without BEGIN and COMMIT
+ * on a read-only session (loom_tx_opts_t.single_statement).
  */
 #include "loom/op.h"
 #include "loom/clock.h"
@@ -20,9 +21,42 @@
 #include <string.h>
 
 struct loom_op_table {
-    const loom_op_t **ops; /* sorted by name */
+    const loom_op_t **ops; /* sorted by name, for listings */
     size_t n, cap;
+    const loom_op_t **index; /* open addressing by name_hash(); at most half full */
+    size_t index_cap;        /* a power of two; 0: no index yet */
 };
+
+/* A cheap hash of a name: its length and its first and last 8 bytes, which
+ * tell "svc01.things.get" from "svc02.things.get" and "x.list" from
+ * "x.get". A collision only costs one more comparison. */
+static uint64_t name_hash(const char *name, size_t len)
+{
+    uint64_t head = 0, tail = 0;
+    memcpy(&head, name, len < 8 ? len : 8);
+    if (len > 8)
+        memcpy(&tail, name + len - 8, 8);
+    uint64_t h = (head * 0x9e3779b97f4a7c15ULL) ^ (tail * 0xc2b2ae3d27d4eb4fULL) ^ len;
+    return h ^ (h >> 29);
+}
+
+static void index_rebuild(loom_op_table_t *table)
+{
+    size_t cap = 16;
+    while (cap < table->n * 2)
+        cap *= 2;
+    const loom_op_t **index = loom_xcalloc(cap, sizeof(*index));
+    for (size_t i = 0; i < table->n; i++) {
+        const char *name = table->ops[i]->name;
+        size_t k = (size_t)name_hash(name, strlen(name)) & (cap - 1);
+        while (index[k])
+            k = (k + 1) & (cap - 1);
+        index[k] = table->ops[i];
+    }
+    free(table->index);
+    table->index = index;
+    table->index_cap = cap;
+}
 
 /* ---- the table ------------------------------------------------------------------- */
 
@@ -36,6 +70,7 @@ void loom_op_table_free(loom_op_table_t *table)
     if (!table)
         return;
     free(table->ops);
+    free(table->index);
     free(table);
 }
 
@@ -97,25 +132,20 @@ int loom_op_table_add(loom_op_table_t *table, const loom_op_t *const *ops, size_
     for (size_t i = 0; i < n; i++)
         table->ops[table->n++] = ops[i];
     qsort(table->ops, table->n, sizeof(*table->ops), op_cmp);
+    index_rebuild(table);
     loom_error_clear(err);
     return 0;
 }
 
 const loom_op_t *loom_op_find(const loom_op_table_t *table, const char *name)
 {
-    if (!table || !name)
+    if (!table || !name || !table->index_cap)
         return NULL;
-    size_t lo = 0, hi = table->n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int c = strcmp(name, table->ops[mid]->name);
-        if (c == 0)
-            return table->ops[mid];
-        if (c < 0)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
+    size_t len = strlen(name);
+    size_t mask = table->index_cap - 1;
+    for (size_t k = (size_t)name_hash(name, len) & mask; table->index[k]; k = (k + 1) & mask)
+        if (strcmp(table->index[k]->name, name) == 0)
+            return table->index[k];
     return NULL;
 }
 
@@ -225,11 +255,17 @@ int loom_op_req_string(const json_t *req, const char *key, bool required, size_t
 
 /* ---- calling ---------------------------------------------------------------------------- */
 
+/* How far past the deadline a single statement may run when the op keeps
+ * its own timeout on the session (see tx_body). */
+#define LOOM_OP_TIMEOUT_SLACK_MS 10
+
 typedef struct call {
     loom_op_ctx_t *ctx;
     const json_t *req;
     json_t *res;
     int attempts;
+    int64_t start_ms; /* loom_mono_ms() at the call */
+    bool callers;     /* the deadline is the caller's, earlier than the op's */
 } call_t;
 
 static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
@@ -241,19 +277,28 @@ static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
     int64_t left = c->ctx->op_deadline_mono_ms - loom_mono_ms();
     if (left <= 0)
         return loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
-    /* The first attempt's statement_timeout came with its BEGIN (one round
-     * trip saved); a retry has less time left, so it sets it again. */
-    if (++c->attempts > 1) {
-        char sql[64];
-        snprintf(sql, sizeof(sql), "SET LOCAL statement_timeout = %lld", (long long)left);
-        int rc = loom_db_exec_script(db, sql, err);
-        if (rc != 0)
-            return rc;
-    }
+    /* statement_timeout is the time left, sent with the first statement.
+     * A single statement sets it on the session, so one that comes with the
+     * op's own timeout barely started asks for that timeout itself: the
+     * session keeps the value and the next call sends no SET. The statement
+     * may then run up to a few ms past the deadline, and its result is
+     * discarded as late like any other. */
+    int64_t timeout = c->ctx->op_deadline_mono_ms - c->start_ms;
+    if (!c->callers && c->attempts == 0 && timeout - left <= LOOM_OP_TIMEOUT_SLACK_MS)
+        left = timeout;
+    c->attempts++;
+    int rc = loom_db_statement_timeout(db, left, err);
+    if (rc != 0)
+        return rc;
     loom_error_clear(err);
-    int rc;
     rc = c->ctx->op->fn(c->ctx, db, c->req, &c->res, err);
-    if (rc == 0 && !loom_db_in_tx(db)) {
+    if (rc != 0 && loom_db_single(db) && loom_error_is(err, LOOM_CODE_INTERNAL)) {
+        char reason[LOOM_ERROR_MESSAGE_MAX];
+        snprintf(reason, sizeof(reason), "%s", err->message);
+        loom_error_set(err, LOOM_CODE_INTERNAL, "op \"%s\" declares one statement: %s",
+                       c->ctx->op->name, reason);
+    }
+    if (rc == 0 && !loom_db_single(db) && !loom_db_in_tx(db)) {
         /* The op ended the engine's transaction (COMMIT/ROLLBACK of its own):
          * whatever it ran after that was outside the READ ONLY guard. */
         return loom_error_set(err, LOOM_CODE_INTERNAL,
@@ -265,12 +310,14 @@ static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
 }
 
 static void record(const loom_op_ctx_t *ctx, const char *op_label, const char *result,
-                   int64_t start_ns)
+                   int64_t start_ns, int64_t end_ns)
 {
     const loom_op_runtime_t *rt = ctx->rt;
     if (!rt->calls && !rt->duration)
         return;
-    double seconds = (double)(loom_mono_ns() - start_ns) / 1e9;
+    if (!end_ns)
+        end_ns = loom_mono_ns();
+    double seconds = (double)(end_ns - start_ns) / 1e9;
     const char *calls_values[] = {op_label, result};
     const char *duration_values[] = {op_label};
     loom_metrics_counter_inc(rt->calls, calls_values);
@@ -298,7 +345,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
         int rc = loom_error_set(&e, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
                                 name);
         /* Unknown names share one series: callers must not grow the label set. */
-        record(ctx, "_unknown", e.code, start_ns);
+        record(ctx, "_unknown", e.code, start_ns, 0);
         if (err)
             *err = e;
         return rc;
@@ -306,7 +353,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     if (req && !json_is_object(req)) {
         int rc = loom_error_set(&e, LOOM_CODE_INVALID_JSON,
                                 "op \"%s\" takes a JSON object as its request", op->name);
-        record(ctx, op->name, e.code, start_ns);
+        record(ctx, op->name, e.code, start_ns, 0);
         if (err)
             *err = e;
         return rc;
@@ -324,7 +371,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     json_t *empty = NULL;
     if (!req)
         req = empty = json_object();
-    call_t c = {.ctx = ctx, .req = req, .res = NULL};
+    call_t c = {.ctx = ctx, .req = req, .res = NULL, .start_ms = now, .callers = callers};
     int rc;
     if (deadline <= now) {
         rc = loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
@@ -334,18 +381,15 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
         rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" needs a database and none is set",
                             op->name);
     } else {
-        /* An integer we format ourselves: nothing to inject. SET LOCAL ends
-         * with the transaction, so the pooled connection keeps its setting. */
-        char set_timeout[64];
-        snprintf(set_timeout, sizeof(set_timeout), "SET LOCAL statement_timeout = %lld",
-                 (long long)(deadline - loom_mono_ms() > 0 ? deadline - loom_mono_ms() : 1));
-        loom_tx_opts_t opts = {
-            .read_only = true, .deadline_mono_ms = deadline, .begin_extra = set_timeout};
+        loom_tx_opts_t opts = {.read_only = true,
+                               .deadline_mono_ms = deadline,
+                               .single_statement = (op->flags & LOOM_OP_ONE_STATEMENT) != 0};
         rc = loom_tx_run(ctx->rt->pool, &opts, tx_body, &c, &e);
     }
     json_decref(empty);
 
-    int64_t end = loom_mono_ms();
+    int64_t end_ns = loom_mono_ns();
+    int64_t end = end_ns / 1000000;
     if (rc == 0 && !c.res)
         rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" returned no result", op->name);
     if (rc == 0 && end > deadline)
@@ -371,10 +415,14 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
             LOOM_ERROR("op failed", "op=%s ray_id=%s code=%s error=%s", op->name, ctx->ray_id,
                        e.code, e.message);
     }
-    record(ctx, op->name, rc == 0 ? "ok" : e.code, start_ns);
+    record(ctx, op->name, rc == 0 ? "ok" : e.code, start_ns, end_ns);
     ctx->op = NULL;
     *res = c.res;
+    if (rc == 0) {
+        loom_error_clear(err); /* not a copy of e: that is 600 bytes per call */
+        return 0;
+    }
     if (err)
         *err = e;
-    return rc != 0 ? (rc < 0 ? rc : LOOM_EIO) : 0;
+    return rc < 0 ? rc : LOOM_EIO;
 }

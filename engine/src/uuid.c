@@ -1,6 +1,6 @@
 /*
  * uuid.c: UUIDv7 generation (RFC 9562, method 1: a 12-bit counter in rand_a
- * keeps ids strictly increasing within a millisecond in this process).
+ * keeps ids strictly increasing within a millisecond in each thread).
  */
 #include "loom/uuid.h"
 #include "loom/clock.h"
@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -27,30 +28,78 @@ void loom_random_bytes(void *buf, size_t len)
     }
 }
 
-static pthread_mutex_t v7_mu = PTHREAD_MUTEX_INITIALIZER;
-static uint64_t v7_last_ms;
-static uint16_t v7_counter;
+/*
+ * Each thread keeps its own state, so making an id takes no lock and, most
+ * of the time, no system call:
+ *   - the last millisecond and counter: ids strictly increase within the
+ *     thread (ids of different threads in the same millisecond differ in
+ *     their random bits, and their counters start at random values);
+ *   - a buffer of bytes from getrandom (cryptographic, like one getrandom per
+ *     id was), refilled when used up: ids stay unpredictable to a client
+ *     that sees some of them.
+ * A forked child must not repeat its parent's bytes: fork bumps a generation
+ * and a thread whose state is of an older generation starts afresh.
+ */
+#define V7_POOL 640 /* 64 ids per getrandom */
+
+typedef struct v7_state {
+    unsigned generation;
+    uint64_t last_ms;
+    uint16_t counter;
+    size_t used; /* bytes of pool consumed */
+    uint8_t pool[V7_POOL];
+} v7_state_t;
+
+static _Atomic unsigned v7_generation = 1;
+static pthread_once_t v7_once = PTHREAD_ONCE_INIT;
+static __thread v7_state_t v7;
+
+static void v7_after_fork(void)
+{
+    atomic_fetch_add(&v7_generation, 1);
+}
+
+static void v7_register_fork(void)
+{
+    pthread_atfork(NULL, NULL, v7_after_fork);
+}
+
+static const uint8_t *v7_random(size_t n)
+{
+    if (v7.used + n > V7_POOL) {
+        loom_random_bytes(v7.pool, V7_POOL);
+        v7.used = 0;
+    }
+    const uint8_t *p = v7.pool + v7.used;
+    v7.used += n;
+    return p;
+}
 
 void loom_uuid_v7(loom_uuid_t *out)
 {
-    uint8_t rnd[10];
-    loom_random_bytes(rnd, sizeof(rnd));
+    unsigned gen = atomic_load_explicit(&v7_generation, memory_order_relaxed);
+    if (v7.generation != gen) {
+        pthread_once(&v7_once, v7_register_fork);
+        gen = atomic_load_explicit(&v7_generation, memory_order_relaxed);
+        v7.generation = gen;
+        v7.last_ms = 0;
+        v7.used = V7_POOL; /* refill before the first use */
+    }
+    const uint8_t *rnd = v7_random(10);
 
-    pthread_mutex_lock(&v7_mu);
     uint64_t ms = (uint64_t)loom_now_ms();
-    if (ms > v7_last_ms) {
-        v7_last_ms = ms;
-        v7_counter = (uint16_t)(((rnd[0] << 8) | rnd[1]) & 0x01ff); /* leave room to count */
+    if (ms > v7.last_ms) {
+        v7.last_ms = ms;
+        v7.counter = (uint16_t)(((rnd[0] << 8) | rnd[1]) & 0x01ff); /* leave room to count */
     } else {
         /* Same millisecond or clock stepped back: count on from the last id. */
-        ms = v7_last_ms;
-        if (++v7_counter > 0x0fff) {
-            v7_last_ms = ++ms; /* counter exhausted: borrow the next millisecond */
-            v7_counter = 0;
+        ms = v7.last_ms;
+        if (++v7.counter > 0x0fff) {
+            v7.last_ms = ++ms; /* counter exhausted: borrow the next millisecond */
+            v7.counter = 0;
         }
     }
-    uint16_t counter = v7_counter;
-    pthread_mutex_unlock(&v7_mu);
+    uint16_t counter = v7.counter;
 
     out->b[0] = (uint8_t)(ms >> 40);
     out->b[1] = (uint8_t)(ms >> 32);

@@ -92,4 +92,5 @@ const loom_op_t loom_op_messages_batch_get = {
     .fn = batch_get,
     .timeout_ms = 10000,
     .description = "stored messages by id, in request order, missing ids left out (max 1000)",
+    .flags = LOOM_OP_ONE_STATEMENT, /* one SELECT: no transaction needed */
 };

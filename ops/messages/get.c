@@ -45,4 +45,5 @@ const loom_op_t loom_op_messages_get = {
     .fn = messages_get,
     .timeout_ms = 5000,
     .description = "one stored message by id, as it was put",
+    .flags = LOOM_OP_ONE_STATEMENT, /* one SELECT: no transaction needed */
 };

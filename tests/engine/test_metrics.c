@@ -2,7 +2,8 @@
  * Metrics registry: counters, gauges and histograms with labels; the text it
  * renders is checked line by line against the exposition format (a strict
  * parser of our own and Python's prometheus_client) and must count exactly
- * what was recorded, also under concurrent updates.
+ * what was recorded, also under concurrent updates, when threads exit and
+ * when there are more threads than per-thread cells.
  */
 #include "loom/error.h"
 #include "loom/metrics.h"
@@ -210,6 +211,58 @@ Test(metrics, concurrent_updates_lose_nothing)
     }
     cr_assert_eq(total, THREADS * PER_THREAD);
     cr_assert_eq(observed, THREADS * PER_THREAD);
+    loom_metrics_free(reg);
+}
+
+/* Counts are kept per thread and summed when rendered: a thread that exits
+ * gives its cell to the next one, and past the number of cells the rest
+ * share one. 150 threads, up to 100 alive at once, in three waves. */
+static pthread_barrier_t wave_end;
+
+static void *count_some(void *arg)
+{
+    loom_metrics_family_t **fams = arg;
+    for (int i = 0; i < 1000; i++) {
+        loom_metrics_counter_add(fams[0], (const char *[]){"x"}, 0.5);
+        loom_metrics_histogram_observe(fams[1], (const char *[]){"x"}, (i % 3) * 0.5);
+    }
+    /* Every thread of the wave holds its cell until all have counted. */
+    pthread_barrier_wait(&wave_end);
+    return NULL;
+}
+
+Test(metrics, counts_survive_thread_exits_and_more_threads_than_cells)
+{
+    loom_metrics_t *reg = loom_metrics_new();
+    const char *l[] = {"op", NULL};
+    const double b[] = {0.25, 0.75};
+    loom_metrics_family_t *fams[2] = {
+        loom_metrics_counter(reg, "loom_test_waves_total", "W.", l),
+        loom_metrics_histogram(reg, "loom_test_waves_seconds", "W.", l, b, 2)};
+    const int waves[] = {100, 20, 30};
+    int total = 0;
+    for (int w = 0; w < 3; w++) {
+        pthread_t t[100];
+        pthread_barrier_init(&wave_end, NULL, (unsigned)waves[w]);
+        for (int i = 0; i < waves[w]; i++)
+            cr_assert_eq(pthread_create(&t[i], NULL, count_some, fams), 0);
+        for (int i = 0; i < waves[w]; i++)
+            pthread_join(t[i], NULL);
+        pthread_barrier_destroy(&wave_end);
+        total += waves[w];
+        cr_assert_eq(loom_metrics_value(fams[0], (const char *[]){"x"}), total * 500.0);
+        cr_assert_eq(loom_metrics_value(fams[1], (const char *[]){"x"}), total * 1000.0);
+    }
+    char *text = loom_metrics_render_string(reg, NULL);
+    prom_doc_t doc = parse_or_fail(text);
+    /* 1000 observations per thread: 334 of 0, 333 of 0.5, 333 of 1. */
+    cr_assert_eq(sample(&doc, "loom_test_waves_seconds_bucket{op=\"x\",le=\"0.25\"}"), 150 * 334);
+    cr_assert_eq(sample(&doc, "loom_test_waves_seconds_bucket{op=\"x\",le=\"0.75\"}"), 150 * 667);
+    cr_assert_eq(sample(&doc, "loom_test_waves_seconds_bucket{op=\"x\",le=\"+Inf\"}"), 150 * 1000);
+    cr_assert_eq(sample(&doc, "loom_test_waves_seconds_sum{op=\"x\"}"), 150 * 499.5);
+    cr_assert_eq(sample(&doc, "loom_test_waves_total{op=\"x\"}"), 150 * 500);
+    prom_free(&doc);
+    free(text);
     loom_metrics_free(reg);
 }
 

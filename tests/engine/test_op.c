@@ -112,6 +112,17 @@ static void teardown(void)
 
 TestSuite(op, .init = setup, .fini = teardown);
 
+static int many_fn(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
+                   loom_error_t *err)
+{
+    (void)ctx;
+    (void)db;
+    (void)req;
+    (void)err;
+    *res = json_object();
+    return 0;
+}
+
 Test(op, lookup_by_name_and_listing_in_name_order)
 {
     cr_assert_eq(loom_op_find(table, "test.echo"), &op_echo);
@@ -124,6 +135,33 @@ Test(op, lookup_by_name_and_listing_in_name_order)
         cr_assert_lt(strcmp(loom_op_table_at(table, i - 1)->name, loom_op_table_at(table, i)->name),
                      0);
     cr_assert_null(loom_op_table_at(table, N_OPS));
+}
+
+/* The index is rebuilt with each batch of ops; names that share their first
+ * and last bytes (what the index hashes) are still told apart. */
+Test(op, lookup_finds_every_op_of_a_large_table_added_in_batches)
+{
+    enum { N = 300 };
+    static char names[N][48];
+    static loom_op_t many[N];
+    const loom_op_t *ptrs[N];
+    for (int i = 0; i < N; i++) {
+        snprintf(names[i], sizeof(names[i]), "svc%d.things_%03d_middle.get", i % 3, i);
+        many[i] = (loom_op_t){.name = names[i], .fn = many_fn, .description = "many"};
+        ptrs[i] = &many[i];
+    }
+    loom_op_table_t *t = loom_op_table_new();
+    loom_error_t err;
+    for (int i = 0; i < N; i += 100)
+        cr_assert_eq(loom_op_table_add(t, ptrs + i, 100, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_op_table_count(t), N);
+    for (int i = 0; i < N; i++)
+        cr_assert_eq(loom_op_find(t, names[i]), &many[i], "%s", names[i]);
+    cr_assert_null(loom_op_find(t, "svc0.things_000_middle.ge"));
+    cr_assert_null(loom_op_find(t, "svc0.things_000_middlex.get"));
+    cr_assert_null(loom_op_find(t, "svc9.things_000_middle.get"));
+    cr_assert_eq(loom_op_table_add(t, ptrs + 7, 1, &err), LOOM_EINVAL, "a duplicate was added");
+    loom_op_table_free(t);
 }
 
 Test(op, registration_rejects_bad_names_duplicates_and_missing_handlers)

@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 Test(uuid, v7_has_version_variant_and_current_time)
 {
@@ -25,7 +27,7 @@ Test(uuid, v7_has_version_variant_and_current_time)
     cr_assert_leq((int64_t)loom_uuid_v7_ms(&u), after + 1);
 }
 
-Test(uuid, v7_strictly_increases_within_a_process)
+Test(uuid, v7_strictly_increases_within_a_thread)
 {
     char prev[37], cur[37];
     loom_uuid_v7_string(prev);
@@ -34,6 +36,42 @@ Test(uuid, v7_strictly_increases_within_a_process)
         cr_assert_gt(strcmp(cur, prev), 0, "%s after %s", cur, prev);
         memcpy(prev, cur, sizeof(cur));
     }
+}
+
+/* The child of a fork must not repeat the ids its parent makes next (each
+ * thread keeps a buffer of random bytes, which fork copies). */
+Test(uuid, v7_differs_between_parent_and_forked_child)
+{
+    char first[37];
+    loom_uuid_v7_string(first); /* fills this thread's buffer before the fork */
+    int fds[2];
+    cr_assert_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        char ids[50][37];
+        for (int i = 0; i < 50; i++)
+            loom_uuid_v7_string(ids[i]);
+        ssize_t n = write(fds[1], ids, sizeof(ids));
+        _exit(n == (ssize_t)sizeof(ids) ? 0 : 1);
+    }
+    char mine[50][37], theirs[50][37];
+    for (int i = 0; i < 50; i++)
+        loom_uuid_v7_string(mine[i]);
+    size_t got = 0;
+    while (got < sizeof(theirs)) {
+        ssize_t n = read(fds[0], (char *)theirs + got, sizeof(theirs) - got);
+        cr_assert_gt(n, 0, "the child wrote no ids");
+        got += (size_t)n;
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    close(fds[0]);
+    close(fds[1]);
+    for (int i = 0; i < 50; i++)
+        for (int j = 0; j < 50; j++)
+            cr_assert_neq(memcmp(mine[i] + 19, theirs[j] + 19, 17), 0,
+                          "parent and child share random bits: %s and %s", mine[i], theirs[j]);
 }
 
 static void *make_ids(void *arg)
@@ -148,6 +186,19 @@ Test(clock, rfc3339)
     cr_assert_str_eq(buf, "2023-11-14T22:13:20.123456Z");
     loom_rfc3339_format_seconds(1700000000LL, buf, sizeof(buf));
     cr_assert_str_eq(buf, "2023-11-14T22:13:20Z");
+    /* The second's text is cached per thread: same second, next second,
+     * back again, before 1970 and a buffer too small for the fast path. */
+    loom_rfc3339_format(1700000000000007LL, buf, sizeof(buf));
+    cr_assert_str_eq(buf, "2023-11-14T22:13:20.000007Z");
+    loom_rfc3339_format(1700000001999999LL, buf, sizeof(buf));
+    cr_assert_str_eq(buf, "2023-11-14T22:13:21.999999Z");
+    loom_rfc3339_format(1700000000123456LL, buf, sizeof(buf));
+    cr_assert_str_eq(buf, "2023-11-14T22:13:20.123456Z");
+    loom_rfc3339_format(-1LL, buf, sizeof(buf));
+    cr_assert_str_eq(buf, "1969-12-31T23:59:59.999999Z");
+    char small[12];
+    loom_rfc3339_format(1700000000123456LL, small, sizeof(small));
+    cr_assert_str_eq(small, "2023-11-14T");
 }
 
 Test(clock, backoff_grows_with_jitter_and_stays_capped)

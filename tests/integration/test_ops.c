@@ -94,14 +94,70 @@ static int op_pid(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t *
     return 0;
 }
 
+/* The settings the statement ran with, and its backend. */
+static const loom_db_stmt_t alone_stmt = {
+    "test_op_alone",
+    "SELECT 'alone', current_setting('statement_timeout'), "
+    "current_setting('transaction_read_only'), pg_backend_pid()",
+    0};
+
+static int op_alone(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
+                    loom_error_t *err)
+{
+    (void)ctx;
+    (void)req;
+    PGresult *r;
+    int rc = loom_db_exec(db, &alone_stmt, NULL, &r, err);
+    if (rc != 0)
+        return rc;
+    *res = json_pack("{s:s,s:s,s:i}", "timeout", PQgetvalue(r, 0, 1), "read_only",
+                     PQgetvalue(r, 0, 2), "pid", atoi(PQgetvalue(r, 0, 3)));
+    PQclear(r);
+    return 0;
+}
+
+static int op_two(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
+                  loom_error_t *err)
+{
+    (void)ctx;
+    (void)req;
+    int rc = loom_db_exec(db, &pid_stmt, NULL, NULL, err);
+    if (rc == 0)
+        rc = loom_db_exec(db, &pid_stmt, NULL, NULL, err);
+    if (rc == 0)
+        *res = json_object();
+    return rc;
+}
+
+/* Turns the session's read-only default off, as its one statement. */
+static int op_unguard(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
+                      loom_error_t *err)
+{
+    (void)ctx;
+    (void)req;
+    int rc = loom_db_query(db, "SET default_transaction_read_only = off", 0, NULL, NULL, err);
+    if (rc == 0)
+        *res = json_object();
+    return rc;
+}
+
+#define ONE LOOM_OP_ONE_STATEMENT
+static const loom_op_t t_alone = {"test.alone", op_alone, 0, "one statement", ONE};
+static const loom_op_t t_two = {"test.two", op_two, 0, "two statements, declares one", ONE};
+static const loom_op_t t_write_one = {"test.write_one", op_write, 0, "writes, one statement", ONE};
+static const loom_op_t t_unguard = {"test.unguard", op_unguard, 0, "SET read-only off", ONE};
+static const loom_op_t t_sleep_one = {"test.sleep_one", op_sleep, 300, "pg_sleep, 300 ms", ONE};
+static const loom_op_t t_sleep_one_long = {"test.sleep_one_long", op_sleep, 10000, "pg_sleep", ONE};
+
 static const loom_op_t t_write = {"test.write", op_write, 0, "tries to write", 0};
 static const loom_op_t t_escape = {"test.escape", op_escape, 0, "commits, then writes", 0};
 static const loom_op_t t_commit = {"test.commit", op_commit, 0, "ends its transaction", 0};
 static const loom_op_t t_sleep = {"test.sleep", op_sleep, 300, "pg_sleep, 300 ms timeout", 0};
 static const loom_op_t t_sleep_long = {"test.sleep_long", op_sleep, 10000, "pg_sleep", 0};
 static const loom_op_t t_pid = {"test.pid", op_pid, 0, "the backend pid", 0};
-static const loom_op_t *const test_ops[] = {&t_write, &t_escape,     &t_commit,
-                                            &t_sleep, &t_sleep_long, &t_pid};
+static const loom_op_t *const test_ops[] = {
+    &t_write, &t_escape, &t_commit,    &t_sleep,   &t_sleep_long, &t_pid,
+    &t_alone, &t_two,    &t_write_one, &t_unguard, &t_sleep_one,  &t_sleep_one_long};
 
 /* ---- fixture ------------------------------------------------------------------ */
 
@@ -384,6 +440,165 @@ Test(ops, the_callers_deadline_wins_when_it_is_earlier)
     json_decref(req);
     assert_no_sleep_running();
     cr_assert_eq(pid_of(&rt), pid);
+    loom_db_pool_free(pool);
+}
+
+/* ---- ops that declare one statement ------------------------------------------------------- */
+
+static json_t *alone(loom_op_runtime_t *rt)
+{
+    return call_ok(rt, "test.alone", NULL);
+}
+
+/* The last statement the server ran for a backend, once it is idle (an
+ * unawaited read-only COMMIT may still be on its way). */
+static char *last_statement(json_t *alone_res)
+{
+    int pid = (int)json_integer_value(json_object_get(alone_res, "pid"));
+    char sql[256];
+    snprintf(sql, sizeof(sql),
+             "SELECT coalesce((SELECT state || ': ' || query FROM pg_stat_activity WHERE pid = "
+             "%d), 'gone')",
+             pid);
+    char *last = NULL;
+    for (int i = 0; i < 200; i++) {
+        free(last);
+        last = loom_test_sql_value(url, sql);
+        if (strncmp(last, "idle: ", 6) == 0)
+            break;
+        loom_sleep_ms(50);
+    }
+    return last;
+}
+
+/* A statement alone: the backend's last statement is the op's, and it is
+ * idle, not in a transaction (no BEGIN before it, no COMMIT after). */
+static bool ran_alone(json_t *alone_res)
+{
+    char *last = last_statement(alone_res);
+    bool ok = strcmp(last, "idle: SELECT 'alone', current_setting('statement_timeout'), "
+                           "current_setting('transaction_read_only'), pg_backend_pid()") == 0;
+    if (!ok)
+        cr_log_info("last statement: %s", last);
+    free(last);
+    return ok;
+}
+
+Test(ops, a_one_statement_op_runs_alone_on_a_read_only_session)
+{
+    loom_db_pool_t *pool = read_only_pool(1);
+    loom_op_runtime_t rt;
+    loom_op_runtime_init(&rt, table, pool, metrics);
+    /* The first call sets the op's timeout on the session, with the
+     * statement; the next ones send the statement alone. */
+    json_t *first = alone(&rt);
+    cr_assert_str_eq(json_string_value(json_object_get(first, "timeout")), "5s");
+    cr_assert_str_eq(json_string_value(json_object_get(first, "read_only")), "on");
+    cr_assert(ran_alone(first));
+    for (int i = 0; i < 3; i++) {
+        json_t *next = alone(&rt);
+        cr_assert(ran_alone(next), "not alone: a transaction around it");
+        cr_assert_str_eq(json_string_value(json_object_get(next, "timeout")), "5s");
+        cr_assert_str_eq(json_string_value(json_object_get(next, "read_only")), "on");
+        cr_assert(json_equal(json_object_get(next, "pid"), json_object_get(first, "pid")));
+        json_decref(next);
+    }
+    json_decref(first);
+    loom_db_pool_free(pool);
+
+    /* On a read/write pool the same op runs in its READ ONLY transaction,
+     * and the session keeps no statement_timeout. */
+    pool = loom_test_pool(url, 1);
+    loom_op_runtime_init(&rt, table, pool, metrics);
+    for (int i = 0; i < 2; i++) {
+        json_t *tx = alone(&rt);
+        char *last = last_statement(tx);
+        cr_assert_str_eq(last, "idle: COMMIT");
+        free(last);
+        cr_assert_str_eq(json_string_value(json_object_get(tx, "read_only")), "on");
+        json_decref(tx);
+    }
+    loom_db_t *db;
+    loom_error_t err;
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0);
+    PGresult *r;
+    cr_assert_eq(loom_db_query(db, "SHOW statement_timeout", 0, NULL, &r, &err), 0);
+    cr_assert_str_eq(PQgetvalue(r, 0, 0), "0");
+    PQclear(r);
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+}
+
+Test(ops, a_one_statement_op_that_runs_two_is_refused_naming_it)
+{
+    loom_db_pool_t *pool = read_only_pool(1);
+    loom_op_runtime_t rt;
+    loom_op_runtime_init(&rt, table, pool, metrics);
+    loom_error_t err;
+    call_fail(&rt, "test.two", NULL, &err);
+    cr_assert_str_eq(err.code, "INTERNAL");
+    cr_assert(strstr(err.message, "op \"test.two\" declares one statement"), "%s", err.message);
+    cr_assert(strstr(err.message, "second statement"), "%s", err.message);
+    /* The connection is fine afterwards. */
+    json_decref(alone(&rt));
+    loom_db_pool_free(pool);
+}
+
+Test(ops, a_one_statement_op_cannot_write_even_after_unsetting_read_only)
+{
+    loom_db_pool_t *pool = read_only_pool(1);
+    loom_op_runtime_t rt;
+    loom_op_runtime_init(&rt, table, pool, metrics);
+    loom_error_t err;
+    call_fail(&rt, "test.write_one", NULL, &err);
+    cr_assert_str_eq(err.code, "READ_ONLY_VIOLATION");
+    cr_assert(strstr(err.message, "op \"test.write_one\" tried to write"), "%s", err.message);
+    /* An op turns the session's default off: the next ones see it (the
+     * server reports the change) and run in BEGIN READ ONLY again. */
+    json_decref(call_ok(&rt, "test.unguard", NULL));
+    call_fail(&rt, "test.write_one", NULL, &err);
+    cr_assert_str_eq(err.code, "READ_ONLY_VIOLATION");
+    json_t *tx = alone(&rt);
+    char *last = last_statement(tx);
+    cr_assert_str_eq(last, "idle: COMMIT");
+    free(last);
+    json_decref(tx);
+    assert_nothing_written();
+    loom_db_pool_free(pool);
+}
+
+Test(ops, a_one_statement_op_keeps_its_timeout_and_the_callers_deadline)
+{
+    loom_db_pool_t *pool = read_only_pool(1);
+    loom_op_runtime_t rt;
+    loom_op_runtime_init(&rt, table, pool, metrics);
+    int pid = pid_of(&rt);
+    loom_error_t err;
+    /* The op's own timeout (300 ms), set on the session with the statement:
+     * the server cancels it. */
+    call_fail(&rt, "test.sleep_one", "{\"seconds\":10}", &err);
+    cr_assert_str_eq(err.code, "DEADLINE_EXCEEDED");
+    cr_assert(strstr(err.message, "op \"test.sleep_one\" did not finish within its timeout of "
+                                  "300 ms"),
+              "%s", err.message);
+    cr_assert(strstr(err.message, "statement timeout"), "%s", err.message);
+    assert_no_sleep_running();
+    /* A 10 s op leaves 10 s on the session; a caller's deadline of 200 ms
+     * must still cancel its statement on the server. */
+    json_decref(call_ok(&rt, "test.sleep_one_long", "{\"seconds\":0}"));
+    loom_op_ctx_t ctx = {.rt = &rt, .deadline_mono_ms = loom_mono_ms() + 200};
+    json_t *req = json_pack("{s:i}", "seconds", 10);
+    json_t *res = NULL;
+    cr_assert_eq(loom_op_call(&ctx, "test.sleep_one_long", req, &res, &err), LOOM_ETIMEDOUT);
+    cr_assert(strstr(err.message, "the caller's deadline"), "%s", err.message);
+    cr_assert(strstr(err.message, "statement timeout"), "%s", err.message);
+    json_decref(req);
+    assert_no_sleep_running();
+    /* Same connection, and the next call runs with the op's timeout again. */
+    cr_assert_eq(pid_of(&rt), pid, "the connection was replaced");
+    json_t *a = alone(&rt);
+    cr_assert_str_eq(json_string_value(json_object_get(a, "timeout")), "5s");
+    json_decref(a);
     loom_db_pool_free(pool);
 }
 

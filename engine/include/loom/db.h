@@ -110,7 +110,14 @@ typedef struct loom_tx_opts {
     int64_t deadline_mono_ms; /* loom_mono_ms() value to give up at; 0: none */
     const volatile int *stop; /* when set and non-zero, stop retrying */
     const char *begin_extra;  /* one statement sent with BEGIN ("SET LOCAL ..."); NULL */
-    int attempts;             /* out: attempts made */
+    /* The body runs one statement and only reads: on a session that is
+     * read-only by itself (a read_only pool, and the server still reports
+     * default_transaction_read_only on), that statement runs alone, without
+     * BEGIN and COMMIT (one statement is its own snapshot), in one round
+     * trip. A second statement then fails (INTERNAL) rather than see another
+     * snapshot. Elsewhere the body runs in BEGIN READ ONLY ... COMMIT. */
+    bool single_statement;
+    int attempts; /* out: attempts made */
 } loom_tx_opts_t;
 
 /*
@@ -126,6 +133,17 @@ typedef struct loom_tx_opts {
  */
 int loom_tx_run(loom_db_pool_t *pool, loom_tx_opts_t *opts, loom_tx_fn fn, void *arg,
                 loom_error_t *err);
+
+/* True inside a single-statement attempt (loom_tx_opts_t.single_statement). */
+bool loom_db_single(const loom_db_t *db);
+
+/*
+ * Sets statement_timeout (milliseconds, at least 1) for what the body runs
+ * next. In a transaction: SET LOCAL, sent with the BEGIN when that is still
+ * to go. In a single-statement attempt: the session's setting, sent with the
+ * statement, and only when the session does not have that value already.
+ */
+int loom_db_statement_timeout(loom_db_t *db, int64_t ms, loom_error_t *err);
 
 /*
  * A text[] literal ('{"a","b",NULL}') built value by value, for multi-row

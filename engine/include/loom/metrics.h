@@ -15,9 +15,11 @@
  * families in the same one. Registering a family that exists with the same
  * type and labels returns the existing one, so modules need not coordinate.
  *
- * Thread-safety: everything is thread-safe. Each family has its own mutex, so
- * an update costs one uncontended lock and a small hash lookup; rendering locks
- * one family at a time.
+ * Thread-safety: everything is thread-safe. Counters and histograms are kept
+ * per thread and summed when rendered, so updating a series that exists takes
+ * no lock: a hash of the label values, a lookup and an addition into the
+ * thread's own cell. Creating a series and setting a gauge lock the family;
+ * rendering locks one family at a time.
  */
 #ifndef LOOM_METRICS_H
 #define LOOM_METRICS_H

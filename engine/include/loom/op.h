@@ -57,6 +57,12 @@ typedef int (*loom_op_fn)(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, 
 /* loom_op_t.flags */
 enum {
     LOOM_OP_NO_DB = 1u << 0, /* runs without a transaction; db is NULL */
+    /* Runs exactly one statement. On a read-only session (the read pool)
+     * that statement goes alone, in one round trip: no BEGIN READ ONLY, no
+     * COMMIT, and statement_timeout set on the session only when it changes.
+     * A second statement fails with INTERNAL naming the op. Elsewhere the op
+     * runs in its READ ONLY transaction as usual. */
+    LOOM_OP_ONE_STATEMENT = 1u << 1,
 };
 
 /* One op. Define them `const` with static storage, one per file. */
@@ -94,7 +100,7 @@ void loom_op_table_free(loom_op_table_t *table);
 int loom_op_table_add(loom_op_table_t *table, const loom_op_t *const *ops, size_t n,
                       loom_error_t *err);
 
-/* Finds an op by name by binary search; NULL when unknown. */
+/* Finds an op by name (a hash lookup); NULL when unknown. */
 const loom_op_t *loom_op_find(const loom_op_table_t *table, const char *name);
 
 /* Ops in name order, for listings: index 0 .. count-1. */

@@ -1,7 +1,8 @@
 /*
  * UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits, so ids sort
- * by creation time and index well. Within one process ids are strictly
- * increasing: the 12-bit rand_a field counts within a millisecond.
+ * by creation time and index well. Within one thread ids are strictly
+ * increasing: the 12-bit rand_a field counts within a millisecond. Ids of
+ * different threads and processes differ in 62 random bits (from getrandom).
  */
 #ifndef LOOM_UUID_H
 #define LOOM_UUID_H
@@ -16,7 +17,7 @@ typedef struct loom_uuid {
     uint8_t b[16];
 } loom_uuid_t;
 
-/* Thread-safe. */
+/* Thread-safe, lock-free; safe across fork. */
 void loom_uuid_v7(loom_uuid_t *out);
 /* Random (version 4) UUID. */
 void loom_uuid_v4(loom_uuid_t *out);
