@@ -123,6 +123,20 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaqu
         if (rkm->err) {
             loom_kafka_error(rkm->err, "deliver message", &err);
             rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
+        } else if (rkm->offset < 0 ||
+                   rd_kafka_message_status(rkm) != RD_KAFKA_MSG_STATUS_PERSISTED) {
+            /* With acks=all the broker names the offset it stored the
+             * message at. A success without one (seen once in a chaos run,
+             * the record then missing from the partition) is not trusted:
+             * the caller retries, and the consumers' dedup by id absorbs a
+             * copy that did land. */
+            LOOM_WARN("Kafka confirmed a message without an offset; treating it as not delivered",
+                      "topic=%s partition=%d status=%d", rd_kafka_topic_name(rkm->rkt),
+                      (int)rkm->partition, (int)rd_kafka_message_status(rkm));
+            loom_error_set(&err, LOOM_CODE_BROKER_UNAVAILABLE,
+                           "Kafka did not confirm where it stored the message");
+            err.retriable = true;
+            rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
         } else {
             rec->cb(rec->opaque, NULL, rkm->partition, rkm->offset);
         }
