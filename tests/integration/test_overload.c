@@ -250,6 +250,8 @@ Test(overload, waiters_cost_bounded_queries_the_excess_is_refused_and_the_rest_c
     double ticks1 = metric(&e, "loom_http_wait_ticks_total");
     int64_t elapsed = loom_mono_ms() - t0;
     double ticks = ticks1 - ticks0, queries = queries1 - queries0;
+    cr_log_info("%d waiting for %lld ms: %.0f poller ticks, %.0f queries, %lld transactions",
+                N_WAITERS, (long long)elapsed, ticks, queries, x1 - x0);
     cr_assert_gt(ticks, 0, "the poller did not run");
     /* One tick every TICK_MS at most... */
     cr_expect_leq(ticks, (double)elapsed / TICK_MS + 2, "%.0f ticks in %lld ms", ticks,
