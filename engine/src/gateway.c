@@ -833,6 +833,7 @@ static void gateway_destroy(loom_gateway_t *gw)
         token_free(gw->tokens[i]);
     free(gw->tokens);
     free(gw->workers);
+    free(gw->poller.waiting); /* empty once the poller stopped */
     loom_rate_limiter_free(gw->limiter);
     pthread_rwlock_destroy(&gw->tokens_mu);
     pthread_mutex_destroy(&gw->tasks_mu);
