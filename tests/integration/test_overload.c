@@ -360,3 +360,74 @@ Test(overload, op_calls_past_the_queue_bound_get_503_and_the_rest_complete, .tim
     cr_expect_eq(metric(&e, "loom_http_shed_total{bound=\"queue\"}"), refused);
     env_free(&e);
 }
+
+Test(overload, clients_that_leave_while_waiting_free_their_place, .timeout = 300)
+{
+    env_t e;
+    env_init(&e, true);
+    e.opts.max_waiters = 50;
+    env_start(&e);
+
+    /* 50 ?wait requests (the bound), nobody applies them; their clients go
+     * away. */
+    enum { N = 50 };
+    loom_test_http_conn_t *c[N];
+    for (int i = 0; i < N; i++) {
+        c[i] = loom_test_http_open(e.port);
+        char body[128];
+        snprintf(body, sizeof(body), "{\"account\":\"gone-%d\",\"amount\":1}", i);
+        char *req = request("POST", "/v1/test/credits?wait=30s", body);
+        loom_test_http_sends(c[i], req);
+        free(req);
+    }
+    int64_t end = loom_mono_ms() + 60000;
+    while (metric(&e, "loom_http_waiters") < N && loom_mono_ms() < end)
+        loom_sleep_ms(50);
+    cr_assert_eq(metric(&e, "loom_http_waiters"), N);
+    for (int i = 0; i < N; i++)
+        loom_test_http_close(c[i]);
+    end = loom_mono_ms() + 60000;
+    double held;
+    while ((held = metric(&e, "loom_http_waiters")) > 0 && loom_mono_ms() < end)
+        loom_sleep_ms(50);
+    cr_assert_eq(held, 0, "%.0f places still held after the clients left", held);
+
+    /* Their places are free again: a new ?wait is taken (and runs out). */
+    loom_test_http_res_t r;
+    loom_test_http(e.port, "POST", "/v1/test/credits?wait=300ms", TOK, NULL,
+                   "{\"account\":\"back\",\"amount\":1}", &r);
+    cr_expect_eq(r.status, 202, "%s", r.body);
+    cr_expect_str_eq(json_string_value(json_object_get(r.json, "status")), "pending", "%s", r.body);
+    loom_test_http_res_free(&r);
+    cr_expect_eq(metric(&e, "loom_http_shed_total{bound=\"waiters\"}"), 0);
+    env_free(&e);
+}
+
+Test(overload, a_gateway_stopped_with_requests_waiting_answers_or_drops_them, .timeout = 300)
+{
+    env_t e;
+    env_init(&e, true);
+    env_start(&e);
+    enum { N = 20 };
+    loom_test_http_conn_t *c[N];
+    for (int i = 0; i < N; i++) {
+        c[i] = loom_test_http_open(e.port);
+        char body[128];
+        snprintf(body, sizeof(body), "{\"account\":\"stop-%d\",\"amount\":1}", i);
+        char *req = request("POST", "/v1/test/credits?wait=30s", body);
+        loom_test_http_sends(c[i], req);
+        free(req);
+    }
+    int64_t end = loom_mono_ms() + 60000;
+    while (metric(&e, "loom_http_waiters") < N && loom_mono_ms() < end)
+        loom_sleep_ms(50);
+    cr_assert_eq(metric(&e, "loom_http_waiters"), N);
+    /* A stop with a short deadline closes the waiting requests' connections;
+     * nothing is left behind (the sanitizer build checks for leaks). */
+    loom_gateway_stop(e.gw, 200);
+    for (int i = 0; i < N; i++) {
+        cr_expect(loom_test_http_closed(c[i], 10000), "request %d still open", i);
+        loom_test_http_close(c[i]);
+    }
+    env_free(&e);
+}
