@@ -11,6 +11,7 @@
  * published as an engine command:
  *
  *   GET  /v1/nodes                      engine.nodes.list          nodes:read
+ *   GET  /v1/consumers                  engine.consumers.list      nodes:read
  *   GET  /v1/commands?status=&consumer=&type=&key=&ray_id=&from=&to=&limit=&cursor=
  *                                       engine.commands.list       commands:read
  *   GET  /v1/commands:counts            engine.commands.counts     commands:read
@@ -154,6 +155,11 @@ static int list_nodes(loom_http_req_t *req, loom_http_res_t *res)
     return loom_gateway_op_answer(req, res, "engine.nodes.list", NULL);
 }
 
+static int list_consumers(loom_http_req_t *req, loom_http_res_t *res)
+{
+    return loom_gateway_op_answer(req, res, "engine.consumers.list", NULL);
+}
+
 static int command_story(loom_http_req_t *req, loom_http_res_t *res)
 {
     return loom_gateway_op_answer(req, res, "engine.commands.story",
@@ -223,6 +229,7 @@ const loom_route_t loom_engine_routes[] = {
     {"POST", "/v1/ops/{name}", call_op, "ops:call"},
     {"GET", "/v1/commands/{id}", get_command, NULL},
     {"GET", "/v1/nodes", list_nodes, "nodes:read"},
+    {"GET", "/v1/consumers", list_consumers, "nodes:read"},
     {"GET", "/v1/commands", list_commands, "commands:read"},
     {"GET", "/v1/commands:counts", command_counts, "commands:read"},
     {"GET", "/v1/commands/{id}/story", command_story, "commands:read"},

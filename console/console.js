@@ -126,65 +126,21 @@ const pages = {};
 let current = null; /* {name, arg, refresh} */
 let timer = null;
 
-/* Metrics samples for the overview's rates and chart: [{t, applied, ...}]. */
+/* Samples of the consumers' summed applied rate for the overview's chart:
+ * [{t, applied}] (commands applied per second, from GET /v1/consumers). */
 const samples = [];
 
-function parseMetrics(textBody) {
-  const out = [];
-  for (const line of textBody.split("\n")) {
-    if (!line || line[0] === "#") continue;
-    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)/);
-    if (!m) continue;
-    const labels = {};
-    if (m[3]) {
-      for (const p of m[3].matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g))
-        labels[p[1]] = p[2].replace(/\\(.)/g, "$1");
-    }
-    out.push({name: m[1], labels, value: Number(m[4])});
-  }
-  return out;
-}
-
-async function sampleMetrics() {
-  const res = await fetch("/metrics", {cache: "no-store"});
-  const rows = parseMetrics(await res.text());
-  const s = {t: Date.now(), byConsumer: {}, lag: [], retrying: {}, applied: 0};
-  for (const r of rows) {
-    const c = r.labels.consumer;
-    if (r.name === "loom_consumer_messages_total" && c) {
-      const o = (s.byConsumer[c] = s.byConsumer[c] || {applied: 0, rejected: 0, retried: 0, skipped: 0});
-      o[r.labels.outcome] = (o[r.labels.outcome] || 0) + r.value;
-      if (r.labels.outcome === "applied") s.applied += r.value;
-    } else if (r.name === "loom_consumer_lag" && c) {
-      s.lag.push({consumer: c, topic: r.labels.topic, partition: r.labels.partition, lag: r.value});
-      s.byConsumer[c] = s.byConsumer[c] || {applied: 0, rejected: 0, retried: 0, skipped: 0};
-    } else if (r.name === "loom_consumer_retrying_partitions" && c) {
-      s.retrying[c] = r.value;
-    }
-  }
-  samples.push(s);
+function sampleConsumers(list) {
+  const applied = list.consumers.reduce((a, c) => a + ((c.per_s && c.per_s.applied) || 0), 0);
+  samples.push({t: Date.now(), applied});
   while (samples.length > 61) samples.shift();
-  return s;
-}
-
-function rate(consumer, outcome) {
-  if (samples.length < 2) return null;
-  const a = samples[samples.length - 2], b = samples[samples.length - 1];
-  const va = (a.byConsumer[consumer] || {})[outcome] || 0;
-  const vb = (b.byConsumer[consumer] || {})[outcome] || 0;
-  const dt = (b.t - a.t) / 1000;
-  return dt > 0 ? Math.max(0, (vb - va) / dt) : null;
 }
 
 function drawChart(canvas) {
   const ctx = canvas.getContext("2d");
   const w = canvas.width, h = canvas.height;
   ctx.clearRect(0, 0, w, h);
-  const pts = [];
-  for (let i = 1; i < samples.length; i++) {
-    const dt = (samples[i].t - samples[i - 1].t) / 1000;
-    pts.push(dt > 0 ? Math.max(0, (samples[i].applied - samples[i - 1].applied) / dt) : 0);
-  }
+  const pts = samples.map((x) => x.applied);
   const max = Math.max(1, ...pts);
   ctx.strokeStyle = "#e3e6ea";
   ctx.beginPath();
@@ -206,31 +162,25 @@ function drawChart(canvas) {
   ctx.fillText(`commands applied per second (max ${max.toFixed(1)}, last ${pts.length ? pts[pts.length - 1].toFixed(1) : "0"})`, 6, 12);
 }
 
-/* A consumer's partitions in this process: how many, their total lag, and
- * those that lag, by topic[partition]. */
-function partitions(lags) {
-  if (!lags.length) return "none in this process";
-  const total = lags.reduce((a, l) => a + l.lag, 0);
-  const behind = lags.filter((l) => l.lag > 0).map((l) => `${l.topic}[${l.partition}]: ${l.lag}`);
-  return `${lags.length} partitions, lag ${total}` + (behind.length ? ` (${behind.join(", ")})` : "");
+/* Who owns a partition: the node's id (short) and role. */
+function owner(p) {
+  return el("span", {class: "mono", title: p.node + (p.node_url ? " " + p.node_url : "")},
+    String(p.node).slice(0, 8) + " (" + p.node_role + ")");
 }
 
 pages.overview = {
   title: "Overview",
   async render(root) {
-    const [nodes, counts] = await Promise.all([api("GET", "/v1/nodes"), api("GET", "/v1/commands:counts")]);
-    let m = null;
-    try {
-      m = await sampleMetrics();
-    } catch (e) {
-      m = null;
-    }
+    const [nodes, counts, cons] = await Promise.all([
+      api("GET", "/v1/nodes"), api("GET", "/v1/commands:counts"), api("GET", "/v1/consumers")]);
+    sampleConsumers(cons);
     const n = (k) => (counts[k] === undefined ? "?" : counts[k] + (counts.capped ? "+" : ""));
     const card = (label, k, href) =>
       el("a", {class: "card", href, id: "count-" + k}, el("div", {class: "n"}, n(k)), el("div", {}, label));
     const canvas = el("canvas", {id: "applied-chart", width: 640, height: 140});
-    const consumers = m ? Object.keys(m.byConsumer).sort() : [];
-    const fmt = (v) => (v === null ? "…" : v.toFixed(1));
+    const rate = (c, k) => (c.per_s && typeof c.per_s[k] === "number" ? c.per_s[k].toFixed(1) : "…");
+    const parts = [];
+    for (const c of cons.consumers) for (const p of c.partitions) parts.push([c, p]);
     fill(root, 
       el("h1", {}, "Overview"),
       el("div", {class: "cards"},
@@ -247,17 +197,26 @@ pages.overview = {
             el("td", {}, (x.heartbeat_age_ms / 1000).toFixed(1) + " s"),
             el("td", {class: x.stale ? "stale" : ""}, x.stale ? "STALE" : "alive")))),
       el("h2", {}, "Consumers"),
-      m
-        ? table(["consumer", "applied/s", "rejected/s", "retried/s", "partitions (lag)", "retrying partitions"],
-            consumers.map((c) =>
-              el("tr", {},
-                el("td", {class: "mono"}, c), el("td", {}, fmt(rate(c, "applied"))),
-                el("td", {}, fmt(rate(c, "rejected"))), el("td", {}, fmt(rate(c, "retried"))),
-                el("td", {}, partitions(m.lag.filter((l) => l.consumer === c))),
-                el("td", {}, text(m.retrying[c] || 0)))))
-        : el("p", {class: "note"}, "This gateway's /metrics could not be read."),
+      cons.consumers.length
+        ? table(["consumer", "nodes", "applied/s", "rejected/s", "retried/s", "partitions", "lag", "retrying partitions"],
+            cons.consumers.map((c) =>
+              el("tr", {class: "consumer-row", "data-consumer": c.name},
+                el("td", {class: "mono"}, c.name), el("td", {}, text(c.nodes.length)),
+                el("td", {}, rate(c, "applied")), el("td", {}, rate(c, "rejected")),
+                el("td", {}, rate(c, "retried")), el("td", {}, text(c.partitions.length)),
+                el("td", {}, text(c.lag)), el("td", {}, text(c.retrying_partitions)))))
+        : el("p", {class: "note"}, "No live worker runs a consumer."),
+      el("h2", {}, "Partitions"),
+      parts.length
+        ? table(["consumer", "partition", "owner node", "lag", "state"],
+            parts.map(([c, p]) =>
+              el("tr", {class: "partition-row"},
+                el("td", {class: "mono"}, c.name), el("td", {class: "mono"}, p.topic + "[" + p.partition + "]"),
+                el("td", {}, owner(p)), el("td", {}, p.lag === null ? "…" : text(p.lag)),
+                el("td", {class: p.retrying ? "stale" : ""}, p.retrying ? "retrying" : "flowing"))))
+        : el("p", {class: "note"}, "No partition is assigned."),
       el("p", {class: "note"},
-        "Rates and lag come from this process's /metrics: the consumers running in it (all of them under loom dev). The partitions' owner is the process answering."));
+        "Each worker reports its consumers with its heartbeat (every 5 s): rates are over its last interval, lag as measured every 5 s."));
     drawChart(canvas);
   },
 };
@@ -375,6 +334,19 @@ pages.command = {
 };
 
 /* The story: one tree per root, children by causation id. */
+/* The HTTP request that published the story's first command, as the
+ * gateway recorded it (method, path, token name, time), or nothing. */
+function httpRequest(data) {
+  const c = data.commands.find((x) => x.request && typeof x.request === "object");
+  if (!c) return null;
+  const r = c.request;
+  const str = (v) => (typeof v === "string" ? v : "");
+  return el("span", {class: "http-request"},
+    el("strong", {class: "mono"}, str(r.method) + " " + str(r.path)),
+    r.principal ? [" by ", el("span", {class: "mono"}, str(r.principal))] : null,
+    el("span", {class: "note"}, " " + when(str(r.at)) + (r.route ? " (route " + str(r.route) + ")" : "")));
+}
+
 function storyTree(data, focus) {
   const byParent = new Map();
   const ids = new Set(data.commands.map((c) => c.id));
@@ -418,8 +390,9 @@ function storyTree(data, focus) {
   const rays = [...new Set(data.commands.map((c) => c.ray_id).filter(Boolean))];
   return el("ul", {class: "tree root"},
     el("li", {},
-      el("div", {class: "node"}, el("span", {class: "kind"}, "request"),
-        rays.length ? ["ray ", rays.map((r) => el("a", {href: "#/story?ray=" + encodeURIComponent(r), class: "mono"}, r))]
+      el("div", {class: "node", id: "story-request"}, el("span", {class: "kind"}, "request"),
+        httpRequest(data),
+        rays.length ? [" ray ", rays.map((r) => el("a", {href: "#/story?ray=" + encodeURIComponent(r), class: "mono"}, r))]
           : "no ray id (published outside the gateway)"),
       el("ul", {class: "tree"}, roots.map(node))));
 }

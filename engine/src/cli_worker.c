@@ -44,6 +44,11 @@ int cli_need_brokers(cli_ctx_t *ctx, const char *cmd)
     return LOOM_EXIT_CONFIG;
 }
 
+static json_t *worker_report(void *worker)
+{
+    return loom_worker_report(worker);
+}
+
 int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
                            loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
                            const char *role, const char *url, cli_worker_parts_t *parts)
@@ -69,6 +74,7 @@ int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
         cli_worker_parts_stop(parts);
         return cli_fail(cmd, "%s", err.message);
     }
+    loom_node_set_report(parts->node, worker_report, parts->worker);
     loom_periodic_opts_t popts = {.jobs = ctx->app->jobs,
                                   .n_jobs = ctx->app->n_jobs,
                                   .pool = pool,
@@ -93,6 +99,7 @@ void cli_worker_parts_stop(cli_worker_parts_t *parts)
 {
     loom_tasks_stop(parts->tasks);
     loom_periodic_stop(parts->periodic);
+    loom_node_set_report(parts->node, NULL, NULL);
     if (parts->worker) {
         loom_worker_stats_t st;
         loom_worker_stop(parts->worker);

@@ -448,6 +448,37 @@ static const char *msg_traceparent(const loom_msg_t *m)
     return t;
 }
 
+/* The HTTP request that published the command (the gateway's extension
+ * loomrequest, docs/console.md) as compact JSON for loom_commands.request, or
+ * NULL. It comes from Kafka like the rest: anything but a small JSON object
+ * of strings is left out, never failing the command (nor its batch: jsonb
+ * takes every string jansson accepts). */
+static char *msg_request(const loom_msg_t *m)
+{
+    if (!m->decoded)
+        return NULL;
+    for (size_t i = 0; i < m->ce.n_ext; i++) {
+        if (strcmp(m->ce.ext[i].name, LOOM_CE_EXT_REQUEST) != 0)
+            continue;
+        const char *v = m->ce.ext[i].value;
+        size_t len = v ? strlen(v) : 0;
+        if (len == 0 || len > LOOM_CE_REQUEST_MAX)
+            return NULL;
+        json_t *o = json_loadb(v, len, JSON_REJECT_DUPLICATES, NULL);
+        bool ok = json_is_object(o) && json_object_size(o) <= 8;
+        const char *k;
+        json_t *f;
+        json_object_foreach(o, k, f)
+        {
+            ok = ok && json_is_string(f);
+        }
+        char *text = ok ? json_dumps(o, JSON_COMPACT) : NULL;
+        json_decref(o);
+        return text;
+    }
+    return NULL;
+}
+
 static const loom_db_stmt_t stmt_dedup = {
     "loom_commands_dedup",
     "SELECT message_id, digest, type, source, status FROM loom_commands WHERE consumer = $1 "
@@ -457,11 +488,12 @@ static const loom_db_stmt_t stmt_dedup = {
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id) "
+    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id, "
+    "request) "
     "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp, "
-    "u.c FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::text[], "
-    "$10::text[], $11::text[], $12::text[], $13::text[], $14::text[]) "
-    "AS u(m, t, s, o, a, r, ray, src, dg, tp, c) "
+    "u.c, u.rq::jsonb FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], "
+    "$9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[]) "
+    "AS u(m, t, s, o, a, r, ray, src, dg, tp, c, rq) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
@@ -469,7 +501,7 @@ static const loom_db_stmt_t stmt_commands_applied = {
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
     "traceparent = EXCLUDED.traceparent, updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    14};
+    15};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -515,9 +547,9 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
-                    rays = {0}, srcs = {0}, digests = {0}, tps = {0}, causes = {0};
-    loom_db_array_t *all[] = {&ids,  &types, &streams, &offs, &atts,  &results,
-                              &rays, &srcs,  &digests, &tps,  &causes};
+                    rays = {0}, srcs = {0}, digests = {0}, tps = {0}, causes = {0}, reqs = {0};
+    loom_db_array_t *all[] = {&ids,  &types, &streams, &offs, &atts,   &results,
+                              &rays, &srcs,  &digests, &tps,  &causes, &reqs};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         loom_db_array_reset(all[i]);
     size_t expected = 0;
@@ -539,6 +571,9 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
         loom_db_array_add(&digests, m->digest);
         loom_db_array_add(&tps, msg_traceparent(m));
         loom_db_array_add(&causes, m->ce.causationid);
+        char *rq = msg_request(m);
+        loom_db_array_add(&reqs, rq);
+        free(rq);
     }
     int rc = 0;
     /* Everything but the loom_commands INSERT is deferred: they all go to
@@ -586,7 +621,8 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&srcs),
                            loom_db_array_str(&digests),
                            loom_db_array_str(&tps),
-                           loom_db_array_str(&causes)};
+                           loom_db_array_str(&causes),
+                           loom_db_array_str(&reqs)};
         PGresult *res = NULL;
         rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
         if (rc == 0 && (size_t)PQntuples(res) != expected)
@@ -723,15 +759,15 @@ static const loom_db_stmt_t stmt_record = {
     "loom_commands_record",
     "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
     "kafka_offset, status, attempts, last_error, ray_id, headers, payload, source, digest, "
-    "msg_key, conflict_of, causation_id) "
+    "msg_key, conflict_of, causation_id, request) "
     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $10, $11::jsonb, $12::bytea, $13, $14, "
-    "$15::bytea, $16, $17) "
+    "$15::bytea, $16, $17, $18::jsonb) "
     "ON CONFLICT (consumer, message_id) DO UPDATE SET status = EXCLUDED.status, "
     "attempts = loom_commands.attempts + 1, last_error = EXCLUDED.last_error, "
     "headers = EXCLUDED.headers, payload = EXCLUDED.payload, msg_key = EXCLUDED.msg_key, "
     "source = EXCLUDED.source, digest = EXCLUDED.digest, updated_at = now() "
     "WHERE loom_commands.status = 'retrying'",
-    17};
+    18};
 
 /* The headers as a JSON object for loom_commands.headers (and `loom commands
  * replay`): a value that is UTF-8 text without NUL as a string, any other as
@@ -799,6 +835,7 @@ static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
     char *bytea = bytea_hex(m->rkm->payload ? m->rkm->payload : "", m->rkm->len);
     char *key = m->rkm->key ? bytea_hex(m->rkm->key, m->rkm->key_len) : NULL;
     char *error = loom_text_escape(r->error, strlen(r->error), 4000);
+    char *request = r->safe ? NULL : msg_request(m);
     const char *p[] = {r->b->wc->def->name,
                        id,
                        !r->safe && m->ce.type ? m->ce.type : "unknown",
@@ -815,8 +852,10 @@ static int record_body(loom_db_t *db, void *arg, loom_error_t *err)
                        m->digest,
                        key,
                        conflict && !r->safe ? msg_id(m) : NULL,
-                       !r->safe && m->decoded ? m->ce.causationid : NULL};
+                       !r->safe && m->decoded ? m->ce.causationid : NULL,
+                       request};
     int rc = loom_db_exec(db, &stmt_record, p, NULL, err);
+    free(request);
     free(hdrs);
     free(bytea);
     free(key);
@@ -868,6 +907,12 @@ static int record(batch_t *b, loom_msg_t *m, const char *status, const char *err
 
 static void count(worker_consumer_t *wc, const char *topic, const char *outcome, long long n)
 {
+    static const char *const reported[OUT_N] = {
+        [OUT_APPLIED] = "applied", [OUT_REJECTED] = "rejected", [OUT_RETRIED] = "retried",
+        [OUT_SKIPPED] = "skipped", [OUT_PARKED] = "parked",     [OUT_EXPIRED] = "expired"};
+    for (int i = 0; i < OUT_N && n > 0; i++)
+        if (strcmp(reported[i], outcome) == 0)
+            atomic_fetch_add_explicit(&wc->outcomes[i], n, memory_order_relaxed);
     if (n <= 0 || !wc->w->m_messages)
         return;
     const char *labels[] = {wc->def->name, topic, outcome};
@@ -1769,6 +1814,16 @@ static void stall_repair(consumer_rt_t *rt, part_state_t *ps, int64_t pos)
     }
 }
 
+/* Publishes the partitions this consumer owns for the node's report (takes
+ * parts; NULL: it owns none). */
+static void report_parts(worker_consumer_t *wc, json_t *parts)
+{
+    pthread_mutex_lock(&wc->report_mu);
+    json_decref(wc->parts);
+    wc->parts = parts;
+    pthread_mutex_unlock(&wc->report_mu);
+}
+
 static void check_stalls(consumer_rt_t *rt)
 {
     loom_worker_t *w = rt->wc->w;
@@ -1799,6 +1854,7 @@ static void check_stalls(consumer_rt_t *rt)
         }
     rd_kafka_topic_partition_list_destroy(unknown);
     int stalled = 0, next_cursor = rt->stall_cursor;
+    json_t *report = json_array();
     for (int k = 0; k < assigned->cnt; k++) {
         int i = (rt->stall_cursor + k) % assigned->cnt;
         rd_kafka_topic_partition_t *tp = &assigned->elems[i];
@@ -1816,6 +1872,11 @@ static void check_stalls(consumer_rt_t *rt)
                 : rd_kafka_get_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi);
         if (ask)
             next_cursor = i + 1;
+        int64_t when = 0;
+        bool retrying = kq_held(&ps->q, now, &when) > 0 || (ps->held && ps->held_until > now);
+        json_t *entry = json_pack("{s:s, s:i, s:n, s:b}", "topic", tp->topic, "partition",
+                                  (int)tp->partition, "lag", "retrying", retrying);
+        json_array_append_new(report, entry);
         if (e != RD_KAFKA_RESP_ERR_NO_ERROR || hi < 0)
             continue;
         int64_t pos = tp->offset >= 0 ? tp->offset : ps->committed;
@@ -1826,6 +1887,7 @@ static void check_stalls(consumer_rt_t *rt)
         int64_t fetch_lag = hi > pos ? hi - pos : 0;
         int64_t from = ps->commit_offset >= 0 && ps->commit_offset < pos ? ps->commit_offset : pos;
         int64_t lag = hi > from ? hi - from : 0;
+        json_object_set_new(entry, "lag", json_integer(lag));
         if (w->m_lag) {
             char part[16];
             snprintf(part, sizeof(part), "%d", (int)tp->partition);
@@ -1853,6 +1915,7 @@ static void check_stalls(consumer_rt_t *rt)
     loom_metrics_gauge_set(w->m_retrying, labels, retrying);
     rt->stall_cursor = assigned->cnt > 0 ? next_cursor % assigned->cnt : 0;
     rd_kafka_topic_partition_list_destroy(assigned);
+    report_parts(rt->wc, report);
 }
 
 /* ---- the loop ------------------------------------------------------------------------ */
@@ -1866,6 +1929,13 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
         for (int i = 0; i < parts->cnt; i++)
             part_remove(rt, parts->elems[i].topic, parts->elems[i].partition);
         rd_kafka_assign(rk, parts);
+        json_t *owned = json_array();
+        for (int i = 0; i < parts->cnt; i++)
+            json_array_append_new(owned,
+                                  json_pack("{s:s, s:i, s:n, s:b}", "topic", parts->elems[i].topic,
+                                            "partition", (int)parts->elems[i].partition, "lag",
+                                            "retrying", 0));
+        report_parts(rt->wc, owned);
         LOOM_INFO("partitions assigned", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
     } else {
         /* The batches in flight finish first; what was fetched and not
@@ -1883,6 +1953,7 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
                 loom_metrics_gauge_set(rt->wc->w->m_lag, labels, 0);
         }
         rd_kafka_assign(rk, NULL);
+        report_parts(rt->wc, json_array());
         LOOM_INFO("partitions revoked", "consumer=%s count=%d", rt->wc->def->name, parts->cnt);
     }
 }
@@ -2132,6 +2203,7 @@ void *loom__consumer_run(void *arg)
     }
     free(rt.parts);
     rd_kafka_destroy_flags(rt.rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    report_parts(wc, NULL);
     LOOM_INFO("consumer stopped", "consumer=%s", wc->def->name);
     return NULL;
 }

@@ -267,6 +267,28 @@ static void waiter_row(pub_t *p, const char *status, const char *last_error, con
     }
 }
 
+/* The HTTP request, for the command's story (LOOM_CE_EXT_REQUEST): method,
+ * path, route, the token's name and the time, as JSON in the request's arena. */
+static const char *request_json(loom_http_req_t *req, const gw_req_t *g, loom_arena_t *arena)
+{
+    const char *path = loom_http_req_path(req);
+    char *safe = loom_text_escape(path, strlen(path), 300);
+    char at[40], route[600];
+    loom_rfc3339_format(loom_now_us(), at, sizeof(at));
+    snprintf(route, sizeof(route), "%s %s", g->route ? g->route->method : "",
+             g->route ? g->route->pattern : "");
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:s?, s:s}", "method", loom_http_req_method(req), "path", safe,
+                  "route", route, "principal", g->token ? g->token->slug : NULL, "at", at);
+    free(safe);
+    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    const char *out =
+        text && strlen(text) <= LOOM_CE_REQUEST_MAX ? loom_arena_strdup(arena, text) : NULL;
+    free(text);
+    return out;
+}
+
 static int by_id(const void *a, const void *b)
 {
     return strcmp((*(pub_t *const *)a)->id, (*(pub_t *const *)b)->id);
@@ -603,6 +625,8 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     ce.traceparent = g->traceparent;
     ce.deadline = deadline;
     ce.datacontenttype = "application/json";
+    ce.ext[0] = (loom_ce_ext_t){LOOM_CE_EXT_REQUEST, request_json(req, g, arena)};
+    ce.n_ext = ce.ext[0].value ? 1 : 0;
     char *text = data ? json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
     json_decref(data);
     ce.data = text ? text : "{}";

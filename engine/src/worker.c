@@ -2,6 +2,7 @@
  * worker.c: starts and stops the consumer threads and the outbox relay.
  */
 #include "worker_int.h"
+#include "loom/clock.h"
 #include "loom/log.h"
 #include "loom/mem.h"
 
@@ -69,6 +70,7 @@ int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_
         worker_consumer_t *c = &w->consumers[i];
         c->w = w;
         c->def = &opts->consumers[i];
+        pthread_mutex_init(&c->report_mu, NULL);
         if (pthread_create(&c->thread, NULL, loom__consumer_run, c) != 0) {
             loom_worker_stop(w);
             loom_worker_free(w);
@@ -111,8 +113,43 @@ void loom_worker_free(loom_worker_t *w)
     if (!w)
         return;
     loom_worker_stop(w);
+    for (size_t i = 0; i < w->n_consumers; i++) {
+        json_decref(w->consumers[i].parts);
+        pthread_mutex_destroy(&w->consumers[i].report_mu);
+    }
     free(w->consumers);
     free(w);
+}
+
+json_t *loom_worker_report(loom_worker_t *w)
+{
+    static const char *const names[OUT_N] = {
+        [OUT_APPLIED] = "applied", [OUT_REJECTED] = "rejected", [OUT_RETRIED] = "retried",
+        [OUT_SKIPPED] = "skipped", [OUT_PARKED] = "parked",     [OUT_EXPIRED] = "expired"};
+    int64_t now = loom_now_us();
+    double secs = w->reported_us > 0 ? (double)(now - w->reported_us) / 1e6 : 0;
+    json_t *list = json_array();
+    for (size_t i = 0; i < w->n_consumers; i++) {
+        worker_consumer_t *c = &w->consumers[i];
+        json_t *counts = json_object(), *rates = json_object();
+        for (int k = 0; k < OUT_N; k++) {
+            long long n = atomic_load_explicit(&c->outcomes[k], memory_order_relaxed);
+            json_object_set_new(counts, names[k], json_integer(n));
+            /* Per second since the last report: a rate needs two of them. */
+            if (secs > 0.5)
+                json_object_set_new(rates, names[k],
+                                    json_real((double)(n - c->reported[k]) / secs));
+            c->reported[k] = n;
+        }
+        pthread_mutex_lock(&c->report_mu);
+        json_t *parts = c->parts ? json_deep_copy(c->parts) : json_array();
+        pthread_mutex_unlock(&c->report_mu);
+        json_array_append_new(list,
+                              json_pack("{s:s, s:o, s:o, s:o}", "name", c->def->name, "counts",
+                                        counts, "per_s", rates, "partitions", parts));
+    }
+    w->reported_us = now;
+    return json_pack("{s:o}", "consumers", list);
 }
 
 void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out)

@@ -10,7 +10,8 @@
  *   request  {"id": "..."} or {"ray_id": "..."}
  *   result   {"id", "ray_id", "truncated": false,
  *             "commands": [{"id", "type", "causation_id", "ray_id",
- *               "stream_id", "depth", "received_at",
+ *               "stream_id", "depth", "received_at", "request": {"method",
+ *               "path", "route", "principal", "at"} or null (not from HTTP),
  *               "consumers": [{"consumer", "status", "attempts",
  *                 "last_error", "result", "updated_at"}],
  *               "events": [{"stream_id", "version", "type", "event_id",
@@ -61,6 +62,7 @@ static const loom_db_stmt_t select_tree = {
     "ids AS (SELECT id, min(depth) AS depth FROM t GROUP BY id LIMIT 1001) "
     "SELECT c.message_id, c.consumer, c.type, c.status, c.attempts, c.last_error, "
     "c.result::TEXT AS result, c.stream_id, c.ray_id, c.causation_id, ids.depth, "
+    "c.request::TEXT AS request, "
     "(extract(epoch FROM c.received_at) * 1000000)::BIGINT AS received_us, "
     "(extract(epoch FROM c.updated_at) * 1000000)::BIGINT AS updated_us "
     "FROM ids JOIN loom_commands c ON c.message_id = ids.id "
@@ -171,11 +173,14 @@ static int story(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **
             json_object_set_new(c, "stream_id", row_string(r, i, "stream_id"));
             json_object_set_new(c, "depth", row_integer(r, i, "depth"));
             json_object_set_new(c, "received_at", row_time(r, i, "received_us"));
+            json_object_set_new(c, "request", json_null());
             json_object_set_new(c, "consumers", json_array());
             json_object_set_new(c, "events", json_array());
             json_object_set(by_id, mid, c);
             json_array_append_new(list, c);
         }
+        if (json_is_null(json_object_get(c, "request")) && row_text(r, i, "request"))
+            json_object_set_new(c, "request", row_json(r, i, "request"));
         json_t *row = json_object();
         json_object_set_new(row, "consumer", row_string(r, i, "consumer"));
         json_object_set_new(row, "status", row_string(r, i, "status"));

@@ -266,9 +266,11 @@ def main():
         click(driver, "sign in", By.ID, "login-button")
 
         # Overview: this node, the counts, the chart after a few refreshes.
-        rows = wait_for(driver, "a node", lambda d: d.find_elements(By.CSS_SELECTOR, "tr.node-row"))
-        if "dev" not in rows[0].text or "alive" not in rows[0].text:
-            fail("the node row: %s" % rows[0].text)
+        # (texts read inside wait_for: the overview re-renders every 3 s)
+        rows = wait_for(driver, "a node", lambda d: [
+            r.text for r in d.find_elements(By.CSS_SELECTOR, "tr.node-row")])
+        if "dev" not in rows[0] or "alive" not in rows[0]:
+            fail("the node row: %s" % rows[0])
         wait_for(driver, "the stuck count", lambda d: d.find_element(By.ID, "count-retrying").text.startswith("1"))
         wait_for(driver, "the rejected count", lambda d: d.find_element(By.ID, "count-rejected").text.startswith("2"))
         wait_for(driver, "the consumers' rates", lambda d: "demo.orders" in d.find_element(By.ID, "page").text)
@@ -277,6 +279,29 @@ def main():
             api.call("POST", "/v1/demo/orders", {"order": "load-%d" % i})
             time.sleep(0.15)
         time.sleep(4)  # more samples for the rates and the chart
+        # The consumers as every node reports them with its heartbeat: the
+        # applied count covers the load, and each partition names its owner.
+        node_id = api.call("GET", "/v1/nodes")[1]["nodes"][0]["id"]
+        deadline = time.time() + WAIT
+        while True:
+            st, cons = api.call("GET", "/v1/consumers")
+            orders = [c for c in cons.get("consumers", []) if c["name"] == "demo.orders"]
+            if (st == 200 and orders and orders[0]["counts"].get("applied", 0) >= 31
+                    and orders[0]["partitions"]
+                    and all(p["node"] == node_id for p in orders[0]["partitions"])
+                    and orders[0]["retrying_partitions"] == 1):
+                break
+            if time.time() > deadline:
+                fail("GET /v1/consumers: %s %s" % (st, cons))
+            time.sleep(0.5)
+        parts = wait_for(driver, "the partitions and their owner", lambda d: [
+            r.text for r in d.find_elements(By.CSS_SELECTOR, "tr.partition-row") if "demo.orders" in r.text])
+        if not all(node_id[:8] in r and "(dev)" in r for r in parts):
+            fail("a partition without its owner node: %s" % parts)
+        wait_for(driver, "a retrying partition", lambda d: any(
+            "retrying" in r.text for r in d.find_elements(By.CSS_SELECTOR, "tr.partition-row")))
+        wait_for(driver, "the consumer's row", lambda d: d.find_element(
+            By.CSS_SELECTOR, "tr.consumer-row[data-consumer='demo.orders']"))
         shot(driver, "overview")
         if wait_for(driver, "the count", lambda d: d.find_element(By.ID, "count-retrying").text).split()[0] != "1":
             fail("the overview's stuck count")
@@ -339,6 +364,9 @@ def main():
                      "order-ok-1 v2", "FOLLOW-UP COMMAND", "REQUEST", "ray " + ok_ray):
             if want not in text:
                 fail("the story lacks %r:\n%s" % (want, text))
+        request = wait_for(driver, "the request", lambda d: d.find_element(By.ID, "story-request").text)
+        if "POST /v1/demo/orders" not in request or " by " not in request:
+            fail("the story's request lacks its method, path and token: %r" % request)
         child = wait_for(driver, "the follow-up", lambda d: [(c.get_attribute("data-id"), c.text) for c in d.find_elements(
             By.XPATH, "//div[contains(@class, 'story-node') and @data-id='%s']"
             "/following-sibling::ul//div[contains(@class, 'story-node')]" % ok["command_id"])])

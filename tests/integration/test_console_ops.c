@@ -271,3 +271,65 @@ Test(console_ops, counts_what_needs_a_person)
     cr_expect(json_is_false(json_object_get(c, "capped")));
     json_decref(c);
 }
+
+/* Two live workers share a consumer's partitions; a partition both report
+ * (a hand-over between heartbeats) stays with the newer report; a stale node
+ * and a malformed report are left out. */
+Test(console_ops, consumers_list_sums_live_nodes_with_each_partitions_owner)
+{
+    loom_test_sql(
+        url,
+        "INSERT INTO loom_nodes (id, role, url, site, version, started_at, last_heartbeat, "
+        "consumers) VALUES "
+        "('00000000-0000-7000-8000-00000000000a', 'worker', NULL, 's', 'v', now(), now(), "
+        " '{\"consumers\":[{\"name\":\"orders.store\",\"counts\":{\"applied\":10,\"rejected\":1},"
+        "   \"per_s\":{\"applied\":2.5},\"partitions\":[{\"topic\":\"loom.cmd.orders\","
+        "   \"partition\":0,\"lag\":3,\"retrying\":true},{\"topic\":\"loom.cmd.orders\","
+        "   \"partition\":1,\"lag\":null,\"retrying\":false}]}]}'), "
+        "('00000000-0000-7000-8000-00000000000b', 'worker', 'http://b', 's', 'v', now(), "
+        " now() - interval '2 seconds', "
+        " '{\"consumers\":[{\"name\":\"orders.store\",\"counts\":{\"applied\":5,\"rejected\":0},"
+        "   \"per_s\":{\"applied\":1.5},\"partitions\":[{\"topic\":\"loom.cmd.orders\","
+        "   \"partition\":1,\"lag\":7,\"retrying\":false},{\"topic\":\"loom.cmd.orders\","
+        "   \"partition\":2,\"lag\":4,\"retrying\":false}]},"
+        "   {\"name\":\"messages.store\",\"counts\":{},\"per_s\":{},\"partitions\":[]}]}'), "
+        "('00000000-0000-7000-8000-00000000000c', 'worker', NULL, 's', 'v', now(), "
+        " now() - interval '1 minute', "
+        " '{\"consumers\":[{\"name\":\"gone.store\",\"counts\":{\"applied\":99},"
+        "   \"partitions\":[{\"topic\":\"t\",\"partition\":0,\"lag\":1}]}]}'), "
+        "('00000000-0000-7000-8000-00000000000d', 'worker', NULL, 's', 'v', now(), now(), "
+        " '{\"consumers\":[{\"name\":7},{\"counts\":\"x\"},{\"name\":\"orders.store\","
+        "   \"counts\":[1],\"partitions\":[{\"topic\":1},{\"partition\":\"x\"}]}]}'), "
+        "('00000000-0000-7000-8000-00000000000e', 'api', NULL, 's', 'v', now(), now(), NULL)");
+    json_t *res = call_ok("engine.consumers.list", NULL);
+    json_t *list = json_object_get(res, "consumers");
+    cr_assert_eq(json_array_size(list), 2, "%s", json_dumps(res, 0));
+    json_t *orders = json_array_get(list, 0);
+    cr_assert_str_eq(json_string_value(json_object_get(orders, "name")), "orders.store");
+    /* a, then d (malformed parts skipped, but the node runs it), then b */
+    cr_expect_eq(json_array_size(json_object_get(orders, "nodes")), 3);
+    json_t *counts = json_object_get(orders, "counts");
+    cr_expect_eq(json_integer_value(json_object_get(counts, "applied")), 15);
+    cr_expect_eq(json_integer_value(json_object_get(counts, "rejected")), 1);
+    cr_expect(json_real_value(json_object_get(json_object_get(orders, "per_s"), "applied")) == 4.0);
+    json_t *parts = json_object_get(orders, "partitions");
+    cr_assert_eq(json_array_size(parts), 3, "%s", json_dumps(parts, 0));
+    const char *owner[] = {"00000000-0000-7000-8000-00000000000a",
+                           "00000000-0000-7000-8000-00000000000a",
+                           "00000000-0000-7000-8000-00000000000b"};
+    for (size_t i = 0; i < 3; i++) {
+        json_t *p = json_array_get(parts, i);
+        cr_expect_eq(json_integer_value(json_object_get(p, "partition")), (json_int_t)i);
+        cr_expect_str_eq(json_string_value(json_object_get(p, "node")), owner[i]);
+    }
+    cr_expect(json_is_null(json_object_get(json_array_get(parts, 1), "lag")));
+    cr_expect(json_is_true(json_object_get(json_array_get(parts, 0), "retrying")));
+    cr_expect_str_eq(json_string_value(json_object_get(json_array_get(parts, 2), "node_url")),
+                     "http://b");
+    cr_expect_eq(json_integer_value(json_object_get(orders, "lag")), 7);
+    cr_expect_eq(json_integer_value(json_object_get(orders, "retrying_partitions")), 1);
+    cr_expect_str_eq(json_string_value(json_object_get(json_array_get(list, 1), "name")),
+                     "messages.store");
+    json_decref(res);
+    expect_invalid("engine.consumers.list", "{\"x\":1}", "x");
+}

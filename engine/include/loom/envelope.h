@@ -36,6 +36,12 @@
 #define LOOM_STR_(x)        #x
 #define LOOM_STR(x)         LOOM_STR_(x)
 
+/* The extension the gateway adds to a command it publishes: the HTTP request
+ * as a JSON object {"method", "path", "route", "principal", "at"}, kept in
+ * loom_commands.request for the console's story (at most this many bytes). */
+#define LOOM_CE_EXT_REQUEST "loomrequest"
+#define LOOM_CE_REQUEST_MAX 1024
+
 typedef struct loom_ce_ext {
     const char *name;  /* [a-z0-9]{1,20} */
     const char *value; /* as text */

@@ -17,6 +17,7 @@
 #include "loom/metrics.h"
 
 #include <stddef.h>
+#include <jansson.h>
 #include <stdint.h>
 
 typedef struct loom_worker loom_worker_t;
@@ -74,5 +75,17 @@ typedef struct loom_worker_stats {
 } loom_worker_stats_t;
 
 void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out);
+
+/*
+ * What this worker's consumers are doing, for its node's heartbeat (the
+ * console's overview reads it from loom_nodes.consumers):
+ *   {"consumers": [{"name", "counts": {"applied", "rejected", "retried",
+ *     "skipped", "parked", "expired"}, "per_s": {the same per second since
+ *     the previous report; empty in the first}, "partitions": [{"topic",
+ *     "partition", "lag" (null until measured), "retrying"}]}]}
+ * Lag and partitions are as the last stall check saw them (every 5 s).
+ * One thread at a time calls it (the rates are since its previous call).
+ */
+json_t *loom_worker_report(loom_worker_t *w);
 
 #endif
