@@ -267,28 +267,6 @@ static void waiter_row(pub_t *p, const char *status, const char *last_error, con
     }
 }
 
-/* The HTTP request, for the command's story (LOOM_CE_EXT_REQUEST): method,
- * path, route, the token's name and the time, as JSON in the request's arena. */
-static const char *request_json(loom_http_req_t *req, const gw_req_t *g, loom_arena_t *arena)
-{
-    const char *path = loom_http_req_path(req);
-    char *safe = loom_text_escape(path, strlen(path), 300);
-    char at[40], route[600];
-    loom_rfc3339_format(loom_now_us(), at, sizeof(at));
-    snprintf(route, sizeof(route), "%s %s", g->route ? g->route->method : "",
-             g->route ? g->route->pattern : "");
-    json_t *o =
-        json_pack("{s:s, s:s, s:s, s:s?, s:s}", "method", loom_http_req_method(req), "path", safe,
-                  "route", route, "principal", g->token ? g->token->slug : NULL, "at", at);
-    free(safe);
-    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    const char *out =
-        text && strlen(text) <= LOOM_CE_REQUEST_MAX ? loom_arena_strdup(arena, text) : NULL;
-    free(text);
-    return out;
-}
-
 static int by_id(const void *a, const void *b)
 {
     return strcmp((*(pub_t *const *)a)->id, (*(pub_t *const *)b)->id);
@@ -541,6 +519,28 @@ static void on_delivery(void *opaque, const loom_error_t *err, int32_t partition
         p->err.retriable = true;
     }
     loom_http_req_post(p->req, delivered, p);
+}
+
+/* The HTTP request, for the command's story (LOOM_CE_EXT_REQUEST): method,
+ * path, route, the token's name and the time, as JSON in the request's arena. */
+static const char *request_json(loom_http_req_t *req, const gw_req_t *g, loom_arena_t *arena)
+{
+    const char *path = loom_http_req_path(req);
+    char *safe = loom_text_escape(path, strlen(path), 300);
+    char at[40], route[600];
+    loom_rfc3339_format(loom_now_us(), at, sizeof(at));
+    snprintf(route, sizeof(route), "%s %s", g->route ? g->route->method : "",
+             g->route ? g->route->pattern : "");
+    json_t *o =
+        json_pack("{s:s, s:s, s:s, s:s?, s:s}", "method", loom_http_req_method(req), "path", safe,
+                  "route", route, "principal", g->token ? g->token->slug : NULL, "at", at);
+    free(safe);
+    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    const char *out =
+        text && strlen(text) <= LOOM_CE_REQUEST_MAX ? loom_arena_strdup(arena, text) : NULL;
+    free(text);
+    return out;
 }
 
 static bool valid_key(const char *k)
