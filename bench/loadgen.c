@@ -23,6 +23,8 @@
  *
  *   offered_rps sent done ok errors timeouts achieved_rps
  *   p50_ms p90_ms p99_ms p999_ms max_ms   (over every answered request)
+ *   ok_p50_ms ok_p99_ms                   (over the 2xx answers)
+ *   shed_p99_ms                           (over the 503 answers: refusals)
  *   status_NNN=count ...  [rss_max_kib]
  *
  * Exits 0 when every request was answered, 1 otherwise, 2 on bad usage.
@@ -164,6 +166,8 @@ static conn_t *conns;
 static int n_open;
 static int64_t *lat; /* ns, per answered request */
 static int64_t n_lat, n_errors;
+static int64_t *lat_ok, *lat_shed; /* the same, of 2xx and of 503 answers */
+static int64_t n_ok, n_shed;
 static int64_t status_count[600];
 static int64_t t0;
 
@@ -304,7 +308,12 @@ static void on_readable(conn_t *c)
     }
     if (c->state == C_BUSY) {
         int64_t due = t0 + (int64_t)((double)c->idx * 1e9 / o.rate);
-        lat[n_lat++] = now_ns() - due;
+        int64_t l = now_ns() - due;
+        lat[n_lat++] = l;
+        if (status >= 200 && status < 300)
+            lat_ok[n_ok++] = l;
+        else if (status == 503)
+            lat_shed[n_shed++] = l;
         status_count[status >= 100 && status < 600 ? status : 0]++;
     }
     memmove(c->in, c->in + used, c->in_len - used);
@@ -321,12 +330,18 @@ static int cmp64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The p-quantile of sorted a[0..n), in ms. */
+static double pct_of(const int64_t *a, int64_t n, double p)
+{
+    if (n == 0)
+        return 0;
+    int64_t i = (int64_t)(p * (double)(n - 1) + 0.5);
+    return (double)a[i] / 1e6;
+}
+
 static double pct(double p)
 {
-    if (n_lat == 0)
-        return 0;
-    int64_t i = (int64_t)(p * (double)(n_lat - 1) + 0.5);
-    return (double)lat[i] / 1e6;
+    return pct_of(lat, n_lat, p);
 }
 
 static long rss_kib(int pid)
@@ -351,6 +366,8 @@ static int run(void)
         total = 1;
     conns = calloc((size_t)o.max_conns, sizeof(*conns));
     lat = malloc((size_t)total * sizeof(*lat));
+    lat_ok = malloc((size_t)total * sizeof(*lat_ok));
+    lat_shed = malloc((size_t)total * sizeof(*lat_shed));
     for (int i = 0; i < o.max_conns; i++)
         conns[i].in = malloc(BUF_CAP);
     ep = epoll_create1(EPOLL_CLOEXEC);
@@ -460,12 +477,16 @@ static int run(void)
     for (int s = 200; s < 300; s++)
         ok += status_count[s];
     qsort(lat, (size_t)n_lat, sizeof(*lat), cmp64);
+    qsort(lat_ok, (size_t)n_ok, sizeof(*lat_ok), cmp64);
+    qsort(lat_shed, (size_t)n_shed, sizeof(*lat_shed), cmp64);
     double span = (double)((t_end < end_sched ? end_sched : t_end) - t0) / 1e9;
     printf("offered_rps=%.0f sent=%lld done=%lld ok=%lld errors=%lld timeouts=%lld "
            "achieved_rps=%.0f p50_ms=%.2f p90_ms=%.2f p99_ms=%.2f p999_ms=%.2f max_ms=%.2f",
            o.rate, (long long)next, (long long)n_lat, (long long)ok, (long long)n_errors,
            (long long)timeouts, (double)n_lat / span, pct(0.50), pct(0.90), pct(0.99), pct(0.999),
            n_lat ? (double)lat[n_lat - 1] / 1e6 : 0.0);
+    printf(" ok_p50_ms=%.2f ok_p99_ms=%.2f shed_p99_ms=%.2f", pct_of(lat_ok, n_ok, 0.50),
+           pct_of(lat_ok, n_ok, 0.99), pct_of(lat_shed, n_shed, 0.99));
     for (int s = 0; s < 600; s++)
         if (status_count[s])
             printf(" status_%d=%lld", s, (long long)status_count[s]);
@@ -474,6 +495,8 @@ static int run(void)
     printf("\n");
     fflush(stdout);
     free(lat);
+    free(lat_ok);
+    free(lat_shed);
     free(conns);
     return timeouts == 0 && n_errors == 0 ? 0 : 1;
 }

@@ -16,12 +16,23 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct acked {
+    char *topic;
+    int32_t partition;
+    int64_t offset;
+} acked_t;
+
 struct loom_producer {
     rd_kafka_t *rk;
     pthread_t thread;
     atomic_int stop;
     atomic_int in_flight;
     int64_t flush_timeout_ms;
+    /* The highest offset acknowledged per partition (acked_mu): a second
+     * acknowledgement at or below it is not trusted (dr_msg_cb). */
+    pthread_mutex_t acked_mu;
+    acked_t *acked;
+    size_t n_acked, cap_acked, last_acked; /* last_acked: where the last report was */
 };
 
 typedef struct delivery_rec {
@@ -113,6 +124,40 @@ bool loom_kafka_user_set(const loom_config_t *cfg, const char *key)
     return false;
 }
 
+/* True when a successful delivery report names an offset above every
+ * offset this producer was acknowledged at in that partition (and records
+ * it). A topic deleted and made again starts at 0: the first report then
+ * fails once and the partition's record starts over. */
+static bool ack_trusted(loom_producer_t *p, const rd_kafka_message_t *rkm)
+{
+    if (rkm->offset < 0 || rd_kafka_message_status(rkm) != RD_KAFKA_MSG_STATUS_PERSISTED)
+        return false;
+    const char *topic = rd_kafka_topic_name(rkm->rkt);
+    bool ok = true;
+    pthread_mutex_lock(&p->acked_mu);
+    acked_t *a = NULL;
+    /* Reports come in runs of one partition: try the last one first. */
+    for (size_t k = 0; k < p->n_acked && !a; k++) {
+        size_t i = (p->last_acked + k) % p->n_acked;
+        if (p->acked[i].partition == rkm->partition && strcmp(p->acked[i].topic, topic) == 0) {
+            a = &p->acked[i];
+            p->last_acked = i;
+        }
+    }
+    if (!a) {
+        if (p->n_acked == p->cap_acked) {
+            p->cap_acked = p->cap_acked ? 2 * p->cap_acked : 16;
+            p->acked = loom_xrealloc(p->acked, p->cap_acked * sizeof(*p->acked));
+        }
+        a = &p->acked[p->n_acked++];
+        *a = (acked_t){.topic = loom_xstrdup(topic), .partition = rkm->partition, .offset = -1};
+    }
+    ok = rkm->offset > a->offset;
+    a->offset = rkm->offset;
+    pthread_mutex_unlock(&p->acked_mu);
+    return ok;
+}
+
 static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
 {
     (void)rk;
@@ -123,18 +168,23 @@ static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaqu
         if (rkm->err) {
             loom_kafka_error(rkm->err, "deliver message", &err);
             rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
-        } else if (rkm->offset < 0 ||
-                   rd_kafka_message_status(rkm) != RD_KAFKA_MSG_STATUS_PERSISTED) {
+        } else if (!ack_trusted(p, rkm)) {
             /* With acks=all the broker names the offset it stored the
-             * message at. A success without one (seen once in a chaos run,
-             * the record then missing from the partition) is not trusted:
-             * the caller retries, and the consumers' dedup by id absorbs a
-             * copy that did land. */
-            LOOM_WARN("Kafka confirmed a message without an offset; treating it as not delivered",
-                      "topic=%s partition=%d status=%d", rd_kafka_topic_name(rkm->rkt),
-                      (int)rkm->partition, (int)rd_kafka_message_status(rkm));
+             * message at, and one producer's messages to a partition get
+             * increasing offsets. A success without an offset, or at an
+             * offset already acknowledged, is a message the broker took for
+             * a duplicate of another (an idempotence sequence mix-up of
+             * older librdkafka releases; seen in a chaos run: two writes
+             * acknowledged, one record in the partition). The caller
+             * retries; the consumers' dedup by id absorbs a copy that did
+             * land. */
+            LOOM_WARN("Kafka acknowledged a message at no new offset; treating it as not "
+                      "delivered",
+                      "topic=%s partition=%d offset=%lld status=%d", rd_kafka_topic_name(rkm->rkt),
+                      (int)rkm->partition, (long long)rkm->offset,
+                      (int)rd_kafka_message_status(rkm));
             loom_error_set(&err, LOOM_CODE_BROKER_UNAVAILABLE,
-                           "Kafka did not confirm where it stored the message");
+                           "Kafka did not confirm a new offset for the message; send it again");
             err.retriable = true;
             rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
         } else {
@@ -163,6 +213,7 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
         return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not configure Kafka: %s",
                               errbuf);
     loom_producer_t *p = loom_xcalloc(1, sizeof(*p));
+    pthread_mutex_init(&p->acked_mu, NULL);
     p->flush_timeout_ms = opts->flush_timeout_ms > 0 ? opts->flush_timeout_ms : 30000;
     snprintf(num, sizeof(num), "%d",
              opts->queue_max_messages > 0 ? opts->queue_max_messages : 100000);
@@ -231,6 +282,10 @@ void loom_producer_free(loom_producer_t *p)
     atomic_store(&p->stop, 1);
     pthread_join(p->thread, NULL);
     rd_kafka_destroy(p->rk);
+    for (size_t i = 0; i < p->n_acked; i++)
+        free(p->acked[i].topic);
+    free(p->acked);
+    pthread_mutex_destroy(&p->acked_mu);
     free(p);
 }
 

@@ -59,6 +59,8 @@ int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer
         .workers = ctx->cfg.database_pool_size,
         .rate_limit = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_LIMIT"),
         .rate_burst = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_BURST"),
+        .max_waiters = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_WAITERS"),
+        .max_queue = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_QUEUE"),
     };
     int rc = loom_gateway_start(opts, gw, err);
     if (rc == 0)

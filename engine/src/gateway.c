@@ -506,6 +506,7 @@ static void serve_metrics(loom_gateway_t *gw, loom_http_req_t *req, loom_http_re
     (void)req;
     loom_metrics_gauge_set(gw->connections, NULL,
                            gw->http ? loom_http_server_connections(gw->http) : 0);
+    loom_metrics_gauge_set(gw->waiters_gauge, NULL, atomic_load(&gw->waiters));
     size_t len = 0;
     char *text = loom_metrics_render_string(gw->metrics, &len);
     loom_http_res_status(res, 200);
@@ -799,6 +800,7 @@ static void *worker_main(void *arg)
             gw->tasks = t->next;
             if (!gw->tasks)
                 gw->tasks_tail = NULL;
+            atomic_fetch_sub(&gw->queued, 1);
         }
         pthread_mutex_unlock(&gw->tasks_mu);
         if (!t)
@@ -818,6 +820,7 @@ void gw_task_submit(loom_gateway_t *gw, gw_task_t *t)
     else
         gw->tasks = t;
     gw->tasks_tail = t;
+    atomic_fetch_add(&gw->queued, 1);
     pthread_cond_signal(&gw->tasks_cond);
     pthread_mutex_unlock(&gw->tasks_mu);
 }
@@ -830,6 +833,7 @@ static void gateway_destroy(loom_gateway_t *gw)
         token_free(gw->tokens[i]);
     free(gw->tokens);
     free(gw->workers);
+    free(gw->poller.waiting); /* empty once the poller stopped */
     loom_rate_limiter_free(gw->limiter);
     pthread_rwlock_destroy(&gw->tokens_mu);
     pthread_mutex_destroy(&gw->tasks_mu);
@@ -884,6 +888,7 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
         "(token or address).",
         by_labels);
     gw->limiter = loom_rate_limiter_new(opts->rate_limit, opts->rate_burst, 0);
+    gw_limits_init(gw);
 
     gw->n_workers = opts->workers > 0 ? opts->workers : 8;
     gw->workers = loom_xcalloc((size_t)gw->n_workers, sizeof(pthread_t));
@@ -897,6 +902,16 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
             return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start a gateway worker");
         }
 
+    rc = gw_poller_start(gw);
+    if (rc != 0) {
+        atomic_store(&gw->stopping, true);
+        pthread_cond_broadcast(&gw->tasks_cond);
+        for (int i = 0; i < gw->n_workers; i++)
+            pthread_join(gw->workers[i], NULL);
+        gateway_destroy(gw);
+        return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start the ?wait poller");
+    }
+
     loom_http_opts_t hopts = {.listen = opts->listen,
                               .threads = opts->threads,
                               .limits = opts->limits,
@@ -905,6 +920,7 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
                               .opaque = gw};
     rc = loom_http_server_start(&hopts, &gw->http, err);
     if (rc != 0) {
+        gw_poller_stop(gw);
         atomic_store(&gw->stopping, true);
         pthread_cond_broadcast(&gw->tasks_cond);
         for (int i = 0; i < gw->n_workers; i++)
@@ -951,6 +967,7 @@ void loom_gateway_stop(loom_gateway_t *gw, int64_t timeout_ms)
     for (int i = 0; i < gw->n_workers; i++)
         pthread_join(gw->workers[i], NULL);
     gw->n_workers = 0;
+    gw_poller_stop(gw); /* after the loops: waits still running were answered */
     if (gw->opts.producer) {
         int64_t left = end - loom_mono_ms();
         if (loom_producer_flush(gw->opts.producer, left > 0 ? left : 0) != 0)

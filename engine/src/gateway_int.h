@@ -30,6 +30,19 @@ struct gw_task {
     loom_http_post_fn done;
 };
 
+/* The shared poller of ?wait (gateway_write.c): one thread per gateway that,
+ * every tick while requests wait, reads the status of all their commands in
+ * a bounded number of queries. */
+typedef struct pub pub_t;
+typedef struct gw_poller {
+    pthread_mutex_t mu;
+    pthread_cond_t cond; /* on CLOCK_MONOTONIC: a waiter came, or stop */
+    pthread_t thread;
+    bool running, stop;
+    pub_t **waiting; /* the waiters, in no order; each knows its slot */
+    size_t n, cap, cursor;
+} gw_poller_t;
+
 struct loom_gateway {
     loom_gateway_opts_t opts;
     loom_http_server_t *http;
@@ -53,6 +66,13 @@ struct loom_gateway {
     int64_t ready_at;         /* loom_mono_ms() of the cached answer; 0: none */
     bool ready_ok;
     char ready_db[200], ready_kafka[200];
+
+    /* Overload bounds (gateway_limit.c): what is held now, what is allowed. */
+    atomic_int waiters; /* ?wait requests from publish to answer */
+    atomic_int queued;  /* tasks queued for the workers, not yet taken */
+    int max_waiters, max_queue;
+    loom_metrics_family_t *shed, *waiters_gauge, *wait_ticks, *wait_queries;
+    gw_poller_t poller;
 
     bool stopped;
 };
@@ -95,5 +115,26 @@ struct gw_op_task {
 void gw_op_start(loom_http_req_t *req, gw_op_task_t *t);
 /* Frees t's JSON and t. */
 void gw_op_task_free(gw_op_task_t *t);
+
+/* ---- overload (gateway_limit.c) ---- */
+
+/* Sets the bounds from the options and registers the metrics. */
+void gw_limits_init(loom_gateway_t *gw);
+/* Takes a place among the ?wait requests; false (nothing taken) when all
+ * max_waiters are held. gw_waiter_release gives it back. */
+bool gw_waiter_admit(loom_gateway_t *gw);
+void gw_waiter_release(loom_gateway_t *gw);
+/* True when the workers' queue holds max_queue tasks already. */
+bool gw_queue_full(loom_gateway_t *gw);
+/* Answers 503 OVERLOADED with Retry-After, naming the bound (`what`: "waiters"
+ * or "queue"), and counts it in loom_http_shed_total. Returns 0. */
+int gw_shed(loom_http_req_t *req, loom_http_res_t *res, const char *what);
+
+/* ---- the ?wait poller (gateway_write.c) ---- */
+
+/* Starts the poller thread (when the gateway has an op pool). */
+int gw_poller_start(loom_gateway_t *gw);
+/* Stops it after the loops stopped; waiters left are cancelled. */
+void gw_poller_stop(loom_gateway_t *gw);
 
 #endif

@@ -11,8 +11,17 @@
  * idle long enough to be as good as new) are dropped; if none has, new
  * callers share one overflow bucket, so a flood of new addresses cannot grow
  * memory or escape the limit.
+ *
+ * It also holds the gateway's overload bounds, which protect the process
+ * rather than share it between callers: at most max_waiters ?wait requests
+ * at once (LOOM_API_MAX_WAITERS) and at most max_queue op calls queued for
+ * the worker threads (LOOM_API_MAX_QUEUE). Past a bound a request is refused
+ * at once with 503 OVERLOADED and Retry-After, before anything is published
+ * or queued: a queue that only grows turns every answer late, while a quick
+ * refusal lets the client back off and keeps the requests that were taken
+ * fast.
  */
-#include "loom/gateway.h"
+#include "gateway_int.h"
 #include "loom/mem.h"
 
 #include <pthread.h>
@@ -153,4 +162,65 @@ void loom_rate_limiter_key(const char *slug, const char *remote, char *out, size
         len = (size_t)(colon - r);
     }
     snprintf(out, size, "addr:%.*s", (int)len, r);
+}
+
+/* ---- overload bounds ---------------------------------------------------------------- */
+
+void gw_limits_init(loom_gateway_t *gw)
+{
+    gw->max_waiters = gw->opts.max_waiters > 0 ? gw->opts.max_waiters : LOOM_GATEWAY_MAX_WAITERS;
+    gw->max_queue = gw->opts.max_queue > 0 ? gw->opts.max_queue : LOOM_GATEWAY_MAX_QUEUE;
+    atomic_init(&gw->waiters, 0);
+    atomic_init(&gw->queued, 0);
+    static const char *const what_labels[] = {"bound", NULL};
+    gw->shed = loom_metrics_counter(
+        gw->metrics, "loom_http_shed_total",
+        "Requests refused with 503 OVERLOADED because the gateway held its maximum, by bound "
+        "(waiters: LOOM_API_MAX_WAITERS; queue: LOOM_API_MAX_QUEUE).",
+        what_labels);
+    gw->waiters_gauge = loom_metrics_gauge(gw->metrics, "loom_http_waiters",
+                                           "?wait requests held by the gateway.", NULL);
+    gw->wait_ticks =
+        loom_metrics_counter(gw->metrics, "loom_http_wait_ticks_total",
+                             "Rounds of the ?wait poller that had requests waiting.", NULL);
+    gw->wait_queries = loom_metrics_counter(
+        gw->metrics, "loom_http_wait_queries_total",
+        "Database queries of the ?wait poller (each reads the status of many commands).", NULL);
+}
+
+bool gw_waiter_admit(loom_gateway_t *gw)
+{
+    int n = atomic_fetch_add(&gw->waiters, 1);
+    if (n >= gw->max_waiters) {
+        atomic_fetch_sub(&gw->waiters, 1);
+        return false;
+    }
+    return true;
+}
+
+void gw_waiter_release(loom_gateway_t *gw)
+{
+    atomic_fetch_sub(&gw->waiters, 1);
+}
+
+bool gw_queue_full(loom_gateway_t *gw)
+{
+    return atomic_load(&gw->queued) >= gw->max_queue;
+}
+
+int gw_shed(loom_http_req_t *req, loom_http_res_t *res, const char *what)
+{
+    gw_req_t *g = gw_req(req);
+    loom_gateway_t *gw = g->gw;
+    bool waiters = strcmp(what, "waiters") == 0;
+    loom_metrics_counter_inc(gw->shed, (const char *[]){what});
+    loom_error_t err;
+    loom_error_set(&err, LOOM_CODE_OVERLOADED,
+                   waiters ? "the gateway holds its maximum of %d ?wait requests "
+                             "(LOOM_API_MAX_WAITERS); nothing was published, retry later"
+                           : "the gateway holds its maximum of %d queued calls "
+                             "(LOOM_API_MAX_QUEUE); retry later",
+                   waiters ? gw->max_waiters : gw->max_queue);
+    err.retriable = true; /* loom_gateway_fail adds Retry-After */
+    return loom_gateway_fail(req, res, &err);
 }

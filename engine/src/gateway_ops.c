@@ -87,6 +87,10 @@ int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char 
                        name ? name : "");
         return loom_gateway_fail(req, res, &err);
     }
+    if (gw_queue_full(g->gw)) {
+        json_decref(op_req);
+        return gw_shed(req, res, "queue");
+    }
     gw_op_task_t *t = loom_xcalloc(1, sizeof(*t));
     t->gw = g->gw;
     snprintf(t->name, sizeof(t->name), "%s", name);

@@ -6,14 +6,25 @@
  *
  *   PUBLISHING  loom_producer_send() queued it; the delivery report arrives
  *               on the producer's thread and is posted back to the loop
- *   POLLING     (?wait) the op engine.commands.get runs on a worker thread
- *   TIMER       (?wait) waiting before the next poll: 2 ms, doubling to 25 ms
- *   CLOSING     the timer handle is closing; the next poll starts after it
+ *   WAITING     (?wait) the request is in the gateway's poller (below) until
+ *               its command reached a final status or the wait ran out; the
+ *               poller then posts the outcome back to the loop
  *
- * Only the TIMER state holds a libuv handle, and a client that goes away in
- * that state has it closed by the detach hook, so a shutdown never leaves a
- * handle behind. In the other states the pending completion notices that
- * the request is detached and only cleans up.
+ * The poller: one thread per gateway. Every WAIT_TICK_MS while requests
+ * wait, it reads the status of the waiting commands in at most
+ * WAIT_QUERIES_PER_TICK queries of at most WAIT_IDS_PER_QUERY ids each
+ * (message_id = ANY($1), on the loom_commands_by_message index), taking the
+ * waiters in turn when there are more. So waiting costs the database a
+ * bounded number of queries a second whatever the number of waiters, instead
+ * of a query per waiter that grows with the load. The number of waiters is
+ * bounded too (LOOM_API_MAX_WAITERS, gateway_limit.c): past it a ?wait
+ * request is refused with 503 before anything is published.
+ *
+ * Ownership: a waiter in the poller's list belongs to the poller; whoever
+ * takes it out of the list (the poller to answer it, or the detach hook of a
+ * client that went away) frees it or posts it. While the poller reads a
+ * waiter's rows (inflight) the detach hook only marks it gone. No libuv
+ * handle is held while waiting, so a shutdown leaves none behind.
  *
  * Idempotency-Key: the command id is derived from (caller, route, key), so a
  * retry publishes the same id and the consumers' dedup rows apply it once;
@@ -22,33 +33,48 @@
  */
 #include "gateway_int.h"
 #include "loom/clock.h"
+#include "loom/db.h"
 #include "loom/envelope.h"
 #include "loom/log.h"
 #include "loom/mem.h"
 #include "loom/uuid.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
-#define POLL_FIRST_MS 2
-#define POLL_MAX_MS   25
+#define WAIT_TICK_MS          5
+#define WAIT_IDS_PER_QUERY    500
+#define WAIT_QUERIES_PER_TICK 4
+#define WAIT_BATCH            (WAIT_IDS_PER_QUERY * WAIT_QUERIES_PER_TICK)
 
-typedef enum { P_PUBLISHING, P_POLLING, P_TIMER, P_CLOSING } pstate_t;
+typedef enum { P_PUBLISHING, P_WAITING } pstate_t;
 
-typedef struct pub {
+/* What the poller found. */
+typedef enum { W_NONE, W_APPLIED, W_REJECTED, W_PARKED, W_EXPIRED, W_RAN_OUT } woutcome_t;
+
+struct pub {
     loom_gateway_t *gw;
     loom_http_req_t *req;
     char id[LOOM_UUID_STRLEN + 1];
     int64_t wait_ms, deadline_ms;
-    int delay_ms;
     pstate_t state;
-    uv_timer_t timer;
     bool failed;
+    bool admitted; /* holds a place among the waiters */
     loom_error_t err;
-    char status[16]; /* last status seen while waiting */
-    size_t bytes;    /* of the command's data, for a too-large answer */
+    size_t bytes; /* of the command's data, for a too-large answer */
     char topic[300];
-} pub_t;
+    /* Under poller.mu: */
+    ssize_t slot;  /* index in poller.waiting; -1: not there */
+    bool inflight; /* the poller reads its rows now */
+    bool gone;     /* the client went away while inflight */
+    /* Written by the poller while inflight or out of the list: */
+    woutcome_t outcome;
+    int n_rows, n_applied;
+    char *text;      /* the first applied row's result, or the reason of a rejection */
+    char status[16]; /* last status seen while waiting */
+};
 
 /* Kafka refused the record for its size (the topic's max.message.bytes, or
  * the producer's message.max.bytes): 413 naming the limit, not retriable. */
@@ -61,8 +87,6 @@ static void too_large(loom_error_t *err, const char *topic, size_t bytes)
                    bytes, topic);
     err->retriable = false;
 }
-
-static void poll_start(pub_t *p);
 
 void loom_gateway_idempotent_id(const char *caller, const char *route, const char *key,
                                 char out[37])
@@ -128,6 +152,9 @@ static void pub_free(pub_t *p)
 {
     loom_http_req_t *req = p->req;
     loom_http_req_on_detach(req, NULL, NULL);
+    if (p->admitted)
+        gw_waiter_release(p->gw);
+    free(p->text);
     free(p);
     loom_http_req_unref(req);
 }
@@ -144,31 +171,354 @@ static void reply_accepted(pub_t *p, const char *status)
     loom_gateway_reply(p->req, res, 202, body);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+/* ---- the poller --------------------------------------------------------------------- */
+
+static const loom_db_stmt_t wait_status_stmt = {
+    "loom_gateway_wait_status",
+    "SELECT message_id, status, last_error, result::TEXT AS result FROM loom_commands "
+    "WHERE message_id = ANY($1::TEXT[]) ORDER BY message_id, consumer",
+    1};
+
+/* poller.mu held. */
+static void waiting_remove(gw_poller_t *pl, pub_t *p)
 {
-    pub_t *p = h->data;
-    if (loom_http_req_detached(p->req))
+    size_t i = (size_t)p->slot;
+    pl->waiting[i] = pl->waiting[--pl->n];
+    pl->waiting[i]->slot = (ssize_t)i;
+    p->slot = -1;
+}
+
+/* On the loop: the poller's outcome. */
+static void wait_done(loom_http_req_t *req, void *arg, bool cancelled)
+{
+    pub_t *p = arg;
+    if (cancelled || loom_http_req_detached(req)) {
         pub_free(p);
-    else
-        poll_start(p);
+        return;
+    }
+    loom_error_t err;
+    switch (p->outcome) {
+    case W_APPLIED: {
+        json_t *res = p->text ? json_loads(p->text, JSON_DECODE_ANY, NULL) : NULL;
+        json_t *body = json_pack("{s:s, s:s, s:o}", "command_id", p->id, "status", "applied",
+                                 "result", res ? res : json_null());
+        loom_gateway_reply(req, loom_http_req_res(req), 200, body);
+        break;
+    }
+    case W_REJECTED:
+        loom_error_set(&err, LOOM_CODE_COMMAND_REJECTED, "command %s was rejected: %s", p->id,
+                       p->text ? p->text : "no reason recorded");
+        loom_gateway_fail(req, loom_http_req_res(req), &err);
+        break;
+    case W_PARKED:
+        reply_accepted(p, "parked");
+        break;
+    case W_EXPIRED:
+        loom_error_set(&err, LOOM_CODE_COMMAND_EXPIRED,
+                       "command %s was not applied: its deadline had passed when a worker took it",
+                       p->id);
+        loom_gateway_fail(req, loom_http_req_res(req), &err);
+        break;
+    default:
+        reply_accepted(p, p->status[0] ? p->status : "pending");
+        break;
+    }
+    pub_free(p);
 }
 
-static void on_timer(uv_timer_t *t)
-{
-    pub_t *p = t->data;
-    p->state = P_CLOSING;
-    uv_close((uv_handle_t *)&p->timer, on_timer_closed);
-}
-
+/* On the loop: the client went away. */
 static void on_detach(loom_http_req_t *req, void *arg)
 {
     (void)req;
     pub_t *p = arg;
-    if (p->state == P_TIMER) {
-        uv_timer_stop(&p->timer);
-        p->state = P_CLOSING;
-        uv_close((uv_handle_t *)&p->timer, on_timer_closed);
+    if (p->state != P_WAITING)
+        return; /* the delivery report frees it */
+    gw_poller_t *pl = &p->gw->poller;
+    pthread_mutex_lock(&pl->mu);
+    bool mine = p->slot >= 0 && !p->inflight;
+    if (mine)
+        waiting_remove(pl, p);
+    else if (p->slot >= 0)
+        p->gone = true;
+    pthread_mutex_unlock(&pl->mu);
+    if (mine)
+        pub_free(p);
+}
+
+/* Adds one row of the waiter's command to what the poller found; rows come
+ * by consumer, as engine.commands.get lists them. */
+static void waiter_row(pub_t *p, const char *status, const char *last_error, const char *result)
+{
+    if (p->outcome != W_NONE)
+        return;
+    snprintf(p->status, sizeof(p->status), "%s", status);
+    p->n_rows++;
+    if (strcmp(status, "rejected") == 0) {
+        p->outcome = W_REJECTED;
+        free(p->text);
+        p->text = last_error ? loom_xstrdup(last_error) : NULL;
+    } else if (strcmp(status, "parked") == 0) {
+        p->outcome = W_PARKED;
+    } else if (strcmp(status, "expired") == 0) {
+        p->outcome = W_EXPIRED;
+    } else if (strcmp(status, "applied") == 0 && p->n_applied++ == 0) {
+        free(p->text);
+        p->text = result ? loom_xstrdup(result) : NULL;
     }
+}
+
+static int by_id(const void *a, const void *b)
+{
+    return strcmp((*(pub_t *const *)a)->id, (*(pub_t *const *)b)->id);
+}
+
+/* One query for batch[0..n) (sorted by id); fills their outcomes. */
+static void poll_chunk(loom_gateway_t *gw, loom_db_t *db, pub_t **batch, size_t n)
+{
+    char *arr = loom_xmalloc(n * (LOOM_UUID_STRLEN + 1) + 3);
+    size_t o = 0;
+    arr[o++] = '{';
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && strcmp(batch[i]->id, batch[i - 1]->id) == 0)
+            continue;
+        if (o > 1)
+            arr[o++] = ',';
+        size_t l = strlen(batch[i]->id);
+        memcpy(arr + o, batch[i]->id, l);
+        o += l;
+    }
+    arr[o++] = '}';
+    arr[o] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        batch[i]->n_rows = batch[i]->n_applied = 0;
+        free(batch[i]->text);
+        batch[i]->text = NULL;
+    }
+    const char *params[] = {arr};
+    PGresult *r = NULL;
+    loom_error_t err;
+    loom_metrics_counter_inc(gw->wait_queries, NULL);
+    int rc = loom_db_exec(db, &wait_status_stmt, params, &r, &err);
+    free(arr);
+    if (rc != 0) {
+        LOOM_WARN("?wait poll failed; the waits go on", "error=%s", err.message);
+        return;
+    }
+    for (int row = 0; row < PQntuples(r); row++) {
+        const char *id = PQgetvalue(r, row, 0);
+        const char *st = PQgetisnull(r, row, 1) ? NULL : PQgetvalue(r, row, 1);
+        if (!st)
+            continue;
+        const char *why = PQgetisnull(r, row, 2) ? NULL : PQgetvalue(r, row, 2);
+        const char *res = PQgetisnull(r, row, 3) ? NULL : PQgetvalue(r, row, 3);
+        /* The first waiter of that id, then the ones after it. */
+        size_t lo = 0, hi = n;
+        while (lo < hi) {
+            size_t mid = (lo + hi) / 2;
+            if (strcmp(batch[mid]->id, id) < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        for (size_t i = lo; i < n && strcmp(batch[i]->id, id) == 0; i++)
+            waiter_row(batch[i], st, why, res);
+    }
+    PQclear(r);
+    for (size_t i = 0; i < n; i++)
+        if (batch[i]->outcome == W_NONE && batch[i]->n_rows > 0 &&
+            batch[i]->n_applied == batch[i]->n_rows)
+            batch[i]->outcome = W_APPLIED;
+}
+
+static void abs_ms(struct timespec *ts, int64_t mono_ms)
+{
+    ts->tv_sec = (time_t)(mono_ms / 1000);
+    ts->tv_nsec = (long)(mono_ms % 1000) * 1000000L;
+}
+
+static void *poller_main(void *arg)
+{
+    loom_gateway_t *gw = arg;
+    gw_poller_t *pl = &gw->poller;
+    pub_t **batch = loom_xcalloc(WAIT_BATCH, sizeof(*batch));
+    size_t cap_post = 64;
+    pub_t **post = loom_xcalloc(cap_post, sizeof(*post));
+    pthread_mutex_lock(&pl->mu);
+    while (!pl->stop) {
+        if (pl->n == 0) {
+            pthread_cond_wait(&pl->cond, &pl->mu);
+            continue;
+        }
+        int64_t tick = loom_mono_ms();
+        /* Take up to WAIT_BATCH waiters, in turn from the cursor. */
+        size_t nb = 0;
+        if (pl->cursor >= pl->n)
+            pl->cursor = 0;
+        for (size_t k = 0; k < pl->n && nb < WAIT_BATCH; k++) {
+            pub_t *p = pl->waiting[(pl->cursor + k) % pl->n];
+            p->inflight = true;
+            batch[nb++] = p;
+        }
+        pl->cursor = (pl->cursor + nb) % pl->n;
+        pthread_mutex_unlock(&pl->mu);
+
+        loom_metrics_counter_inc(gw->wait_ticks, NULL);
+        qsort(batch, nb, sizeof(*batch), by_id);
+        loom_db_t *db = NULL;
+        loom_error_t err;
+        if (loom_db_acquire(gw->opts.ops->pool, &db, &err) == 0) {
+            for (size_t i = 0; i < nb; i += WAIT_IDS_PER_QUERY) {
+                size_t m = nb - i < WAIT_IDS_PER_QUERY ? nb - i : WAIT_IDS_PER_QUERY;
+                poll_chunk(gw, db, batch + i, m);
+            }
+            loom_db_release(db);
+        } else {
+            LOOM_WARN("?wait poll has no database connection; the waits go on", "error=%s",
+                      err.message);
+        }
+
+        /* Out of the list: the decided, the gone, and those whose wait ran
+         * out; then posted to their loops, outside the lock. */
+        size_t np = 0;
+        int64_t now = loom_mono_ms();
+        pthread_mutex_lock(&pl->mu);
+        for (size_t i = 0; i < nb; i++) {
+            pub_t *p = batch[i];
+            p->inflight = false;
+            if (p->gone || p->outcome != W_NONE) {
+                waiting_remove(pl, p);
+                if (np == cap_post)
+                    post = loom_xrealloc(post, (cap_post *= 2) * sizeof(*post));
+                post[np++] = p;
+            }
+        }
+        for (size_t i = 0; i < pl->n;) {
+            pub_t *p = pl->waiting[i];
+            if (p->deadline_ms > now) {
+                i++;
+                continue;
+            }
+            p->outcome = W_RAN_OUT;
+            waiting_remove(pl, p);
+            if (np == cap_post)
+                post = loom_xrealloc(post, (cap_post *= 2) * sizeof(*post));
+            post[np++] = p;
+        }
+        pthread_mutex_unlock(&pl->mu);
+        for (size_t i = 0; i < np; i++)
+            loom_http_req_post(post[i]->req, wait_done, post[i]);
+
+        /* The next tick. */
+        pthread_mutex_lock(&pl->mu);
+        struct timespec ts;
+        abs_ms(&ts, tick + WAIT_TICK_MS);
+        while (!pl->stop && loom_mono_ms() < tick + WAIT_TICK_MS)
+            if (pthread_cond_timedwait(&pl->cond, &pl->mu, &ts) == ETIMEDOUT)
+                break;
+    }
+    pthread_mutex_unlock(&pl->mu);
+    free(batch);
+    free(post);
+    return NULL;
+}
+
+int gw_poller_start(loom_gateway_t *gw)
+{
+    gw_poller_t *pl = &gw->poller;
+    pthread_mutex_init(&pl->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&pl->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    if (!gw->opts.ops || !gw->opts.ops->pool)
+        return 0; /* no database: ?wait answers 202 at once */
+    if (pthread_create(&pl->thread, NULL, poller_main, gw) != 0)
+        return -1;
+    pl->running = true;
+    return 0;
+}
+
+void gw_poller_stop(loom_gateway_t *gw)
+{
+    gw_poller_t *pl = &gw->poller;
+    if (pl->running) {
+        pthread_mutex_lock(&pl->mu);
+        pl->stop = true;
+        pthread_cond_broadcast(&pl->cond);
+        pthread_mutex_unlock(&pl->mu);
+        pthread_join(pl->thread, NULL);
+        pl->running = false;
+    }
+    /* Waiters left have a stopped loop: posting cancels and frees them. */
+    pthread_mutex_lock(&pl->mu);
+    while (pl->n > 0) {
+        pub_t *p = pl->waiting[pl->n - 1];
+        waiting_remove(pl, p);
+        pthread_mutex_unlock(&pl->mu);
+        loom_http_req_post(p->req, wait_done, p);
+        pthread_mutex_lock(&pl->mu);
+    }
+    pthread_mutex_unlock(&pl->mu);
+}
+
+/* On the loop: the request joins the poller. */
+static void wait_start(pub_t *p)
+{
+    gw_poller_t *pl = &p->gw->poller;
+    p->deadline_ms = loom_mono_ms() + p->wait_ms;
+    p->state = P_WAITING;
+    pthread_mutex_lock(&pl->mu);
+    if (pl->n == pl->cap) {
+        pl->cap = pl->cap ? pl->cap * 2 : 256;
+        pl->waiting = loom_xrealloc(pl->waiting, pl->cap * sizeof(*pl->waiting));
+    }
+    p->slot = (ssize_t)pl->n;
+    pl->waiting[pl->n++] = p;
+    if (pl->n == 1)
+        pthread_cond_signal(&pl->cond);
+    pthread_mutex_unlock(&pl->mu);
+}
+
+/* On the loop: the broker's answer. */
+static void delivered(loom_http_req_t *req, void *arg, bool cancelled)
+{
+    pub_t *p = arg;
+    if (cancelled || loom_http_req_detached(req)) {
+        pub_free(p);
+        return;
+    }
+    if (p->failed) {
+        loom_gateway_fail(req, loom_http_req_res(req), &p->err);
+        pub_free(p);
+        return;
+    }
+    if (p->wait_ms <= 0 || !p->gw->poller.running || !loom_http_req_loop(req)) {
+        reply_accepted(p, NULL);
+        pub_free(p);
+        return;
+    }
+    wait_start(p);
+}
+
+/* On the producer's thread. */
+static void on_delivery(void *opaque, const loom_error_t *err, int32_t partition, int64_t offset)
+{
+    (void)partition;
+    (void)offset;
+    pub_t *p = opaque;
+    if (err && err->cls == LOOM_ERR_TOO_LARGE) {
+        p->failed = true;
+        too_large(&p->err, p->topic, p->bytes);
+    } else if (err) {
+        p->failed = true;
+        p->err = *err;
+        /* Whatever librdkafka said, the client may retry later. */
+        if (p->err.cls != LOOM_ERR_UNAVAILABLE)
+            loom_error_set(&p->err, LOOM_CODE_BROKER_UNAVAILABLE, "%s", err->message);
+        p->err.retriable = true;
+    }
+    loom_http_req_post(p->req, delivered, p);
 }
 
 /* The HTTP request, for the command's story (LOOM_CE_EXT_REQUEST): method,
@@ -191,138 +541,6 @@ static const char *request_json(loom_http_req_t *req, const gw_req_t *g, loom_ar
         text && strlen(text) <= LOOM_CE_REQUEST_MAX ? loom_arena_strdup(arena, text) : NULL;
     free(text);
     return out;
-}
-
-/* Reads the rows of engine.commands.get: true when the wait is over (and
- * answered). */
-static bool poll_decide(pub_t *p, json_t *result)
-{
-    json_t *rows = json_object_get(result, "commands");
-    size_t n = json_array_size(rows);
-    if (n == 0)
-        return false;
-    size_t applied = 0;
-    json_t *first_applied = NULL;
-    for (size_t i = 0; i < n; i++) {
-        json_t *row = json_array_get(rows, i);
-        const char *st = json_string_value(json_object_get(row, "status"));
-        if (!st)
-            continue;
-        snprintf(p->status, sizeof(p->status), "%s", st);
-        if (strcmp(st, "rejected") == 0) {
-            loom_error_t err;
-            const char *why = json_string_value(json_object_get(row, "last_error"));
-            loom_error_set(&err, LOOM_CODE_COMMAND_REJECTED, "command %s was rejected: %s", p->id,
-                           why ? why : "no reason recorded");
-            loom_gateway_fail(p->req, loom_http_req_res(p->req), &err);
-            return true;
-        }
-        if (strcmp(st, "parked") == 0) {
-            reply_accepted(p, "parked");
-            return true;
-        }
-        if (strcmp(st, "expired") == 0) {
-            loom_error_t err;
-            loom_error_set(&err, LOOM_CODE_COMMAND_EXPIRED,
-                           "command %s was not applied: its deadline had passed when a worker "
-                           "took it",
-                           p->id);
-            loom_gateway_fail(p->req, loom_http_req_res(p->req), &err);
-            return true;
-        }
-        if (strcmp(st, "applied") == 0 && applied++ == 0)
-            first_applied = row;
-    }
-    if (applied < n)
-        return false;
-    json_t *res = json_object_get(first_applied, "result");
-    json_t *body = json_pack("{s:s, s:s, s:O}", "command_id", p->id, "status", "applied", "result",
-                             res ? res : json_null());
-    loom_gateway_reply(p->req, loom_http_req_res(p->req), 200, body);
-    return true;
-}
-
-static void poll_fin(loom_http_req_t *req, gw_op_task_t *t, bool cancelled)
-{
-    (void)req;
-    pub_t *p = t->arg;
-    if (cancelled) {
-        gw_op_task_free(t);
-        pub_free(p);
-        return;
-    }
-    bool done = t->rc == 0 && poll_decide(p, t->result);
-    gw_op_task_free(t);
-    if (done) {
-        pub_free(p);
-        return;
-    }
-    int64_t now = loom_mono_ms();
-    if (now + p->delay_ms >= p->deadline_ms) {
-        reply_accepted(p, p->status[0] ? p->status : "pending");
-        pub_free(p);
-        return;
-    }
-    p->state = P_TIMER;
-    uv_timer_init(loom_http_req_loop(p->req), &p->timer);
-    p->timer.data = p;
-    uv_timer_start(&p->timer, on_timer, (uint64_t)p->delay_ms, 0);
-    p->delay_ms = p->delay_ms * 2 > POLL_MAX_MS ? POLL_MAX_MS : p->delay_ms * 2;
-}
-
-static void poll_start(pub_t *p)
-{
-    p->state = P_POLLING;
-    gw_op_task_t *t = loom_xcalloc(1, sizeof(*t));
-    t->gw = p->gw;
-    snprintf(t->name, sizeof(t->name), "engine.commands.get");
-    t->op_req = json_pack("{s:s}", "id", p->id);
-    t->fin = poll_fin;
-    t->arg = p;
-    gw_op_start(p->req, t);
-}
-
-/* On the loop: the broker's answer. */
-static void delivered(loom_http_req_t *req, void *arg, bool cancelled)
-{
-    pub_t *p = arg;
-    if (cancelled || loom_http_req_detached(req)) {
-        pub_free(p);
-        return;
-    }
-    if (p->failed) {
-        loom_gateway_fail(req, loom_http_req_res(req), &p->err);
-        pub_free(p);
-        return;
-    }
-    if (p->wait_ms <= 0 || !p->gw->opts.ops || !loom_http_req_loop(req)) {
-        reply_accepted(p, NULL);
-        pub_free(p);
-        return;
-    }
-    p->deadline_ms = loom_mono_ms() + p->wait_ms;
-    p->delay_ms = POLL_FIRST_MS;
-    poll_start(p);
-}
-
-/* On the producer's thread. */
-static void on_delivery(void *opaque, const loom_error_t *err, int32_t partition, int64_t offset)
-{
-    (void)partition;
-    (void)offset;
-    pub_t *p = opaque;
-    if (err && err->cls == LOOM_ERR_TOO_LARGE) {
-        p->failed = true;
-        too_large(&p->err, p->topic, p->bytes);
-    } else if (err) {
-        p->failed = true;
-        p->err = *err;
-        /* Whatever librdkafka said, the client may retry later. */
-        if (p->err.cls != LOOM_ERR_UNAVAILABLE)
-            loom_error_set(&p->err, LOOM_CODE_BROKER_UNAVAILABLE, "%s", err->message);
-        p->err.retriable = true;
-    }
-    loom_http_req_post(p->req, delivered, p);
 }
 
 static bool valid_key(const char *k)
@@ -373,6 +591,7 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     p->gw = g->gw;
     p->req = req;
     p->wait_ms = wait_ms;
+    p->slot = -1;
     const char *key = loom_http_req_header(req, "Idempotency-Key");
     if (key) {
         if (!valid_key(key)) {
@@ -421,6 +640,16 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     p->bytes = ce.data_len;
     snprintf(p->topic, sizeof(p->topic), "%s", topic);
 
+    /* A ?wait request takes a place among the waiters before anything is
+     * published; with none left it is refused at once. */
+    if (wait_ms > 0 && g->gw->poller.running) {
+        if (!gw_waiter_admit(g->gw)) {
+            free(text);
+            free(p);
+            return gw_shed(req, res, "waiters");
+        }
+        p->admitted = true;
+    }
     loom_http_req_ref(req);
     loom_http_req_on_detach(req, on_detach, p);
     g->async = true;

@@ -144,7 +144,9 @@ typedef struct loom_error_code {
     X(HEADERS_TOO_LARGE, TOO_LARGE, false,                                                        \
       "The request headers are over the size or count limit; sent as HTTP 431.")                  \
     X(TOO_MANY_CONNECTIONS, UNAVAILABLE, true,                                                    \
-      "The gateway holds its maximum of open connections; retry later.")
+      "The gateway holds its maximum of open connections; retry later.")                          \
+    X(OVERLOADED, UNAVAILABLE, true,                                                              \
+      "The gateway holds its maximum of waiting requests or queued calls; retry later.")
 
 typedef enum {
 #define LOOM__CODE_ENUM(name, cls, retriable, summary) LOOM_CODE_##name,

@@ -76,6 +76,10 @@ typedef struct loom_route {
 /* Longest ?wait. */
 #define LOOM_GATEWAY_WAIT_MAX_MS 30000
 
+/* Defaults of the overload bounds (opts.max_waiters, opts.max_queue). */
+#define LOOM_GATEWAY_MAX_WAITERS 128
+#define LOOM_GATEWAY_MAX_QUEUE   1024
+
 typedef struct loom_gateway_opts {
     const char *listen;        /* LOOM_API_LISTEN: "host:port[,host:port]"; port 0 picks one */
     int threads;               /* event loops; 0: one per core */
@@ -97,6 +101,10 @@ typedef struct loom_gateway_opts {
     int rate_limit;               /* LOOM_API_RATE_LIMIT: requests a second per caller
                                    * (token slug, else remote address); 0: no limit */
     int rate_burst;               /* LOOM_API_RATE_BURST: bucket size; 0: rate_limit */
+    int max_waiters;              /* LOOM_API_MAX_WAITERS: ?wait requests held at once;
+                                   * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_WAITERS */
+    int max_queue;                /* LOOM_API_MAX_QUEUE: op calls queued for the workers;
+                                   * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_QUEUE */
 } loom_gateway_opts_t;
 
 /*
