@@ -479,11 +479,8 @@ static char *msg_request(const loom_msg_t *m)
     return NULL;
 }
 
-static const loom_db_stmt_t stmt_dedup = {
-    "loom_commands_dedup",
-    "SELECT message_id, digest, type, source, status FROM loom_commands WHERE consumer = $1 "
-    "AND message_id = ANY($2::text[]) AND status IN ('applied', 'rejected', 'parked', 'expired')",
-    2};
+/* One index probe per id by construction (worker_int.h says how). */
+static const loom_db_stmt_t stmt_dedup = {"loom_commands_dedup", LOOM_SQL_COMMANDS_DEDUP, 2};
 
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",

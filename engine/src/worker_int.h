@@ -44,6 +44,27 @@ struct loom_worker {
     bool stopped;
 };
 
+/*
+ * The dedup lookup of a batch: which of these message ids ($2) has the
+ * consumer ($1) finished already? One primary-key probe per id, written so
+ * that no plan can do anything else. The ids are unnested and each is looked
+ * up by a LATERAL subquery whose LIMIT 1 (the key is unique, so it changes
+ * no result) keeps PostgreSQL from flattening it into a join: the only plan
+ * left is a nested loop over the ids, and for the inner side an equality
+ * probe on (consumer, message_id) costs one row whatever the statistics say,
+ * so it wins over any scan of a table larger than a few pages (an empty,
+ * never-analyzed table counts as ten). The plain form,
+ * `message_id = ANY($2)`, depends on statistics: on a table not yet
+ * analyzed it scanned every row of the consumer. Exported so that
+ * tests/integration/test_dedup_plan.c can EXPLAIN the very text used.
+ */
+#define LOOM_SQL_COMMANDS_DEDUP                                           \
+    "SELECT c.message_id, c.digest, c.type, c.source, c.status "          \
+    "FROM unnest($2::text[]) AS u(id) CROSS JOIN LATERAL ("               \
+    "SELECT message_id, digest, type, source, status FROM loom_commands " \
+    "WHERE consumer = $1 AND message_id = u.id "                          \
+    "AND status IN ('applied', 'rejected', 'parked', 'expired') LIMIT 1) AS c"
+
 /* Thread bodies. */
 void *loom__consumer_run(void *arg);
 void *loom__outbox_relay_run(void *arg);
