@@ -299,7 +299,7 @@ struct stream {
     pthread_t thread;
     ref_t *refs;
     _Atomic unsigned char *state; /* 0 not sent, 1 queued, 2 acked, 3 failed */
-    atomic_int sent, acked, failed;
+    atomic_int sent, acked, failed, resent;
     atomic_bool done, stop;
     pthread_mutex_t mu;
     int64_t acked_max[MAX_PARTS]; /* highest acknowledged offset per partition */
@@ -327,36 +327,66 @@ static void on_delivery(void *opaque, const loom_error_t *err, int32_t partition
     atomic_fetch_add(&s->acked, 1);
 }
 
+/* Sends command i (state queued), trying again while the local queue is
+ * full or the producer refuses it, until it is taken or the stream stops. */
+static void send_one(stream_t *s, int i, bool ignore_stop)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    loom_ce_init(&ce, &a, "chaos", "producer", "test.credit");
+    char id[64], acct[32];
+    snprintf(id, sizeof(id), "%s-%d", s->prefix, i);
+    snprintf(acct, sizeof(acct), "acct-%d", i % s->keys);
+    ce.id = id;
+    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld}", acct, amount_of(i));
+    ce.data = data;
+    ce.data_len = strlen(data);
+    loom_error_t err;
+    atomic_store(&s->state[i], 1);
+    /* A full local queue (the broker is away) or a refusal: try again. */
+    while (loom_producer_send(s->p, s->topic, acct, strlen(acct), &ce, on_delivery, &s->refs[i],
+                              &err) != 0 &&
+           (ignore_stop || !atomic_load(&s->stop)))
+        loom_sleep_ms(20);
+    loom_arena_release(&a);
+}
+
+/* How long the stream keeps sending again what failed, after its last
+ * command: what a client does with a write that was not acknowledged. */
+#define RESEND_FOR_MS 120000
+
 static void *stream_main(void *arg)
 {
     stream_t *s = arg;
     int64_t t0 = loom_mono_ms();
+    int sent = 0;
     for (int i = 0; i < s->n && !atomic_load(&s->stop); i++) {
         int64_t due = t0 + (int64_t)i * 1000 / s->rate;
         int64_t now = loom_mono_ms();
         if (due > now)
             loom_sleep_ms(due - now);
-        loom_arena_t a;
-        loom_arena_init(&a, 0);
-        loom_ce_t ce;
-        loom_ce_init(&ce, &a, "chaos", "producer", "test.credit");
-        char id[64], acct[32];
-        snprintf(id, sizeof(id), "%s-%d", s->prefix, i);
-        snprintf(acct, sizeof(acct), "acct-%d", i % s->keys);
-        ce.id = id;
-        char *data =
-            loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld}", acct, amount_of(i));
-        ce.data = data;
-        ce.data_len = strlen(data);
-        loom_error_t err;
-        atomic_store(&s->state[i], 1);
-        /* A full local queue (the broker is away) or a refusal: try again. */
-        while (loom_producer_send(s->p, s->topic, acct, strlen(acct), &ce, on_delivery, &s->refs[i],
-                                  &err) != 0 &&
-               !atomic_load(&s->stop))
-            loom_sleep_ms(20);
+        send_one(s, i, false);
         atomic_fetch_add(&s->sent, 1);
-        loom_arena_release(&a);
+        sent = i + 1;
+    }
+    /* Commands whose delivery failed (the broker away, or an acknowledgement
+     * the producer does not trust) are sent again, with the same id, until
+     * each is acknowledged; the consumers' dedup absorbs a copy that had
+     * landed. */
+    int64_t until = loom_mono_ms() + RESEND_FOR_MS;
+    for (bool open = true; open && loom_mono_ms() < until;) {
+        open = false;
+        for (int i = 0; i < sent; i++) {
+            int st = atomic_load(&s->state[i]);
+            if (st == 3) {
+                atomic_fetch_add(&s->resent, 1);
+                send_one(s, i, true);
+            }
+            open = open || st != 2;
+        }
+        if (open)
+            loom_sleep_ms(50);
     }
     atomic_store(&s->done, true);
     return NULL;
@@ -811,6 +841,7 @@ Test(chaos, postgres_restart, .timeout = 7200, .fini = cleanup)
     result_from_tally(&r, &s, &t);
     extra_add(&r, "down_ms_total=%lld", total_down);
     extra_add(&r, "caught_up_ms_max=%lld", max_caught_up);
+    extra_add(&r, "resent=%d", atomic_load(&s.resent));
     report(&r);
     assert_exactly_once(&r, &t, dir);
     cr_assert_eq(t.acked, r.commands, "only %lld of %lld commands were acknowledged", t.acked,
@@ -993,7 +1024,7 @@ Test(chaos, kafka_restart, .timeout = 7200, .fini = cleanup)
     tally_when_settled(l.url, &s, &t, 300000);
     result_t r = {.scenario = "kafka_restart", .faults = done_outages, .recovery_ms = max_recovery};
     result_from_tally(&r, &s, &t);
-    extra_add(&r, "send_failed=%d", atomic_load(&s.failed));
+    extra_add(&r, "send_failed=%d,resent=%d", atomic_load(&s.failed), atomic_load(&s.resent));
     extra_add(&r, "down_ms_total=%lld", total_down);
     extra_add(&r, "broker_ready_ms_max=%lld", max_ready);
     extra_add(&r, "caught_up_ms_max=%lld", max_caught_up);
@@ -1565,7 +1596,7 @@ static void cluster_scenario(cluster_fault_t kind)
     extra_add(&r, "victims=%s", victims);
     extra_add(&r, "mean_recovery_ms=%lld", done ? sum_recovery / done : 0);
     extra_add(&r, "node_back_ms_max=%lld", max_back);
-    extra_add(&r, "send_failed=%d", atomic_load(&s.failed));
+    extra_add(&r, "send_failed=%d,resent=%d", atomic_load(&s.failed), atomic_load(&s.resent));
     extra_add(&r, "cluster_start_ms=%lld", start_ms);
     report(&r);
     assert_exactly_once(&r, &t, dir);
