@@ -16,6 +16,9 @@
 #include "loom/log.h"
 #include "loom/node.h"
 #include "loom/periodic.h"
+#include "loom/retention.h"
+#include "loom/consumer.h"
+#include "loom/mem.h"
 #include "loom/worker.h"
 
 #include <jansson.h>
@@ -44,11 +47,61 @@ int cli_need_brokers(cli_ctx_t *ctx, const char *cmd)
     return LOOM_EXIT_CONFIG;
 }
 
+/* LOOM_COMMANDS_RETENTION, when set, must cover what every topic the
+ * consumers read may still hold (loom/retention.h): refused otherwise. */
+static int check_retention(cli_ctx_t *ctx, const char *cmd, loom_producer_t *producer)
+{
+    int64_t keep = loom_retention_ms(&ctx->cfg);
+    if (keep <= 0)
+        return 0;
+    if (!producer) {
+        cli_fail(cmd, "LOOM_COMMANDS_RETENTION is set but there is no Kafka client to read the "
+                      "topics' retention with");
+        return LOOM_EXIT_CONFIG;
+    }
+    enum { per_consumer = 64 };
+    char(*mine)[LOOM_TOPIC_MAX] = loom_xcalloc(per_consumer, sizeof(*mine));
+    size_t cap = per_consumer * (ctx->app->n_consumers + 1), n = 0;
+    char **topics = loom_xcalloc(cap, sizeof(*topics));
+    for (size_t i = 0; i < ctx->app->n_consumers; i++) {
+        size_t k = loom_consumer_topics(&ctx->app->consumers[i], mine, per_consumer);
+        for (size_t j = 0; j < k && j < per_consumer; j++) {
+            bool seen = false;
+            for (size_t m = 0; m < n && !seen; m++)
+                seen = strcmp(topics[m], mine[j]) == 0;
+            if (!seen)
+                topics[n++] = loom_xstrdup(mine[j]);
+        }
+    }
+    loom_error_t err;
+    int rc = loom_retention_check_topics(loom_producer_handle(producer),
+                                         (const char *const *)topics, n, keep, 15000, &err);
+    for (size_t i = 0; i < n; i++)
+        free(topics[i]);
+    free(topics);
+    free(mine);
+    if (rc != 0) {
+        cli_fail(cmd, "%s", err.message);
+        return LOOM_EXIT_CONFIG;
+    }
+    char text[32];
+    loom_duration_format(keep, text, sizeof(text));
+    LOOM_INFO("deleting old rows of loom_commands", "retention=%s topics_checked=%zu", text, n);
+    return 0;
+}
+
 int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
                            loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
                            const char *role, const char *url, cli_worker_parts_t *parts)
 {
     memset(parts, 0, sizeof(*parts));
+    int crc = check_retention(ctx, cmd, producer);
+    if (crc != 0)
+        return crc;
+    if (metrics)
+        loom_retention_job_metric(loom_metrics_counter(
+            metrics, "loom_commands_deleted_total",
+            "Rows of loom_commands deleted by LOOM_COMMANDS_RETENTION.", NULL));
     loom_error_t err;
     loom_node_opts_t nopts = {.pool = pool,
                               .id = ctx->cfg.node_id,
