@@ -43,6 +43,11 @@ static const loom_db_stmt_t stmt_delete_batch = {
     "ORDER BY received_at DESC, message_id DESC, consumer DESC LIMIT 1) last ON true",
     5};
 
+const char *loom_retention_sql(void)
+{
+    return stmt_delete_batch.sql;
+}
+
 int64_t loom_retention_ms(const loom_config_t *cfg)
 {
     const loom_config_value_t *v = cfg ? loom_config_get(cfg, "LOOM_COMMANDS_RETENTION") : NULL;

@@ -52,6 +52,9 @@ typedef struct loom_retention_stats {
 int loom_retention_run(loom_db_pool_t *pool, const loom_retention_opts_t *opts,
                        loom_retention_stats_t *stats, loom_error_t *err);
 
+/* The text of the batch's statement (for a test to EXPLAIN it). */
+const char *loom_retention_sql(void);
+
 /* Checks that retention_ms covers what each topic may still hold: its
  * retention.ms plus its segment.ms (a segment is deleted only once its newest
  * message is older than retention.ms, and a segment spans up to segment.ms),
