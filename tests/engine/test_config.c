@@ -27,6 +27,7 @@ static const case_t cases[] = {
     {"LOOM_WORKER_MAX_PENDING", "5000", "99", "from 100 to 1000000"},
     {"LOOM_WORKER_LOCK_TIMEOUT", "2s", "forever", "duration"},
     {"LOOM_WORKER_PARK_AFTER", "10m", "1ms", "from 1s"},
+    {"LOOM_COMMANDS_RETENTION", "30d", "30m", "from 1h"},
     {"LOOM_WORKER_LISTEN", "0.0.0.0:9091", "9091", "host:port"},
     {"LOOM_KAFKA_BROKERS", "127.0.0.1:9092,kafka-2:9093", "kafka:", "host:port"},
     {"LOOM_KAFKA_PARTITIONS", "24", "twelve", "from 1 to 10000"},
