@@ -944,8 +944,9 @@ typedef struct consumer_rt {
     size_t batch_size;
     int key_concurrency;
     size_t max_pending;
-    size_t rr;   /* where the next round of scheduling starts */
-    bool rejoin; /* a stall repair asks to leave and rejoin the group */
+    int64_t max_pending_bytes; /* of all its partitions together */
+    size_t rr;                 /* where the next round of scheduling starts */
+    bool rejoin;               /* a stall repair asks to leave and rejoin the group */
 } consumer_rt_t;
 
 static void job_run(job_t *job);
@@ -1043,8 +1044,21 @@ static void apply_pool_stop(apply_pool_t *ap)
     pthread_cond_destroy(&ap->done);
 }
 
+/* Bytes of the messages this consumer thread holds between fetch and commit.
+ * A consumer's messages are pushed and destroyed on its own thread only (the
+ * rebalance callback runs inside its poll), so a thread-local counts them. */
+static _Thread_local int64_t held_bytes;
+
+/* What a fetched message costs while held: its key and value, and
+ * librdkafka's records of it (about 1 KiB more a message, by heap profile). */
+static int64_t msg_cost(const rd_kafka_message_t *m)
+{
+    return (int64_t)m->len + (int64_t)m->key_len + 1024;
+}
+
 static void msg_destroy(void *m)
 {
+    held_bytes -= msg_cost(m);
     rd_kafka_message_destroy(m);
 }
 
@@ -1663,7 +1677,11 @@ static void schedule(consumer_rt_t *rt)
 }
 
 /* Moves each partition's commit offset to its lowest unfinished command,
- * and pauses or resumes fetching around max_pending. */
+ * and pauses or resumes fetching around max_pending (commands of a
+ * partition) and max_pending_bytes (bytes held by the whole consumer, so
+ * memory stays bounded whatever the backlog and the message size). A
+ * partition that holds nothing may always fetch: commands held for good (a
+ * stuck key) never stop the others. */
 static void release(consumer_rt_t *rt)
 {
     for (size_t i = 0; i < rt->n_parts; i++) {
@@ -1671,9 +1689,12 @@ static void release(consumer_rt_t *rt)
         int64_t next = kq_release(&ps->q, msg_destroy);
         if (next >= 0)
             ps->commit_offset = next;
-        if (!ps->fetch_paused && kq_count(&ps->q) >= rt->max_pending)
+        size_t n = kq_count(&ps->q);
+        bool full = n >= rt->max_pending || (n > 0 && held_bytes >= rt->max_pending_bytes);
+        bool room = n <= rt->max_pending / 2 && (n == 0 || held_bytes <= rt->max_pending_bytes / 2);
+        if (!ps->fetch_paused && full)
             part_fetch(rt, ps, false);
-        else if (ps->fetch_paused && kq_count(&ps->q) <= rt->max_pending / 2)
+        else if (ps->fetch_paused && room)
             part_fetch(rt, ps, true);
     }
 }
@@ -2054,6 +2075,8 @@ void *loom__consumer_run(void *arg)
     rt.batch_size = (size_t)(wc->def->batch_size > 0 ? wc->def->batch_size : 100);
     rt.key_concurrency = w->opts.key_concurrency;
     rt.max_pending = (size_t)w->opts.max_pending;
+    rt.max_pending_bytes = w->max_pending_bytes;
+    held_bytes = 0;
     rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
     apply_pool_start(&rt.pool, wc->def->name, w->opts.apply_threads, q);
     size_t fetch_max = 4000;
@@ -2097,6 +2120,7 @@ void *loom__consumer_run(void *arg)
                 rd_kafka_message_destroy(rkm); /* fetched again after a seek */
                 continue;
             }
+            held_bytes += msg_cost(rkm);
             kq_push(&ps->q, rkm, rkm->offset, rkm->key, rkm->key ? rkm->key_len : 0);
         }
         collect(&rt, 0);
