@@ -22,6 +22,7 @@
 #include "loom/worker.h"
 
 #include <jansson.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,6 +183,9 @@ typedef struct worker_status {
     int64_t check_began; /* mono ms; 0 when no check is running */
     bool db_ok, kafka_ok;
     char db[200], kafka[200];
+    loom_worker_t *worker; /* set while the worker runs: trimmed when idle */
+    long long last_done;   /* commands and outbox messages handled at the last check */
+    bool trimmed;          /* nothing was handled since the last trim */
 } worker_status_t;
 
 static void status_check_db(worker_status_t *st, bool *ok, char *msg, size_t size)
@@ -220,6 +224,28 @@ static void status_check_kafka(worker_status_t *st, bool *ok, char *msg, size_t 
     snprintf(msg, size, "%s", *ok ? "ok" : rd_kafka_err2str(e));
 }
 
+/* Gives the allocator's free memory back to the system once the worker is
+ * idle (nothing handled for a whole check interval) after it handled
+ * something: what a backlog needed is not kept resident afterwards. Called
+ * with st->mu held. */
+static void status_trim_when_idle(worker_status_t *st)
+{
+    if (!st->worker)
+        return;
+    loom_worker_stats_t s;
+    loom_worker_stats(st->worker, &s);
+    long long done = s.applied + s.skipped + s.rejected + s.relayed + s.retries + s.expired;
+    if (done != st->last_done) {
+        st->last_done = done;
+        st->trimmed = false;
+        return;
+    }
+    if (!st->trimmed) {
+        malloc_trim(0);
+        st->trimmed = true;
+    }
+}
+
 static void *status_thread(void *arg)
 {
     worker_status_t *st = arg;
@@ -247,6 +273,7 @@ static void *status_thread(void *arg)
         const char *d[] = {"database"}, *k[] = {"kafka"};
         loom_metrics_gauge_set(st->m_ready, d, db_ok);
         loom_metrics_gauge_set(st->m_ready, k, kafka_ok);
+        status_trim_when_idle(st);
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += STATUS_CHECK_EVERY_MS / 1000;
@@ -400,6 +427,20 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
         return rc;
     sigset_t sigs;
     cli_block_signals(&sigs);
+    /* Bound the allocator before any thread starts: glibc gives each
+     * thread that meets a locked arena a new one (up to 8 a core), and
+     * memory freed in one arena is not reused by another, so under a
+     * backlog the consumer, apply and librdkafka threads would each keep a
+     * peak of their own. Two arenas keep contention low with the few
+     * threads that allocate often. A fixed mmap threshold keeps large
+     * buffers (fetch responses, batches) in mappings of their own, given
+     * back when freed, instead of letting glibc raise the threshold and
+     * fragment the heap with them. MALLOC_ARENA_MAX in the environment
+     * wins. */
+    if (!getenv("MALLOC_ARENA_MAX"))
+        mallopt(M_ARENA_MAX, 2);
+    if (!getenv("MALLOC_MMAP_THRESHOLD_"))
+        mallopt(M_MMAP_THRESHOLD, 256 * 1024);
 
     loom_db_pool_t *pool = NULL;
     rc = cli_open_db(ctx, "worker", (int)ctx->app->n_consumers * ctx->cfg.worker_apply_threads + 4,
@@ -427,10 +468,16 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
         rc = cli_worker_parts_start(ctx, "worker", ctx->cfg.kafka_brokers, pool, producer, metrics,
                                     "worker", url, &parts);
     if (rc == 0) {
+        pthread_mutex_lock(&st.mu);
+        st.worker = parts.worker;
+        pthread_mutex_unlock(&st.mu);
         int sig = 0;
         sigwait(&sigs, &sig);
         LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
         status_draining(&st);
+        pthread_mutex_lock(&st.mu);
+        st.worker = NULL;
+        pthread_mutex_unlock(&st.mu);
         cli_worker_parts_stop(&parts);
     }
     status_stop(&st);

@@ -1921,6 +1921,14 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         return NULL;
     }
     snprintf(group, sizeof(group), "%s%s", w->opts.group_prefix, wc->def->name);
+    /* librdkafka wants fetch.max.bytes >= message.max.bytes. */
+    long long fetch = 4 << 20;
+    for (size_t i = 0; w->opts.cfg && i < w->opts.cfg->n_kafka_props; i++)
+        if (strcmp(w->opts.cfg->kafka_props[i].key, "message.max.bytes") == 0 &&
+            atoll(w->opts.cfg->kafka_props[i].value) > fetch)
+            fetch = atoll(w->opts.cfg->kafka_props[i].value);
+    char fetch_max[32];
+    snprintf(fetch_max, sizeof(fetch_max), "%lld", fetch);
     const char *kv[][2] = {
         {"group.id", group},
         {"enable.auto.commit", "false"},
@@ -1931,10 +1939,13 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         {"max.poll.interval.ms", "300000"},
         {"fetch.wait.max.ms", "50"},
         /* Prefetch bounds: librdkafka's defaults (100,000 messages per
-         * partition, 64 MiB) would let a lagging worker hold far more
-         * memory than a few batches need. */
+         * partition, 64 MiB queued, 50 MiB a fetch) would let a lagging
+         * worker hold far more memory than a few batches need. 4 MiB is
+         * a few thousand commands, well ahead of what the apply threads
+         * take; what the worker holds itself is LOOM_WORKER_MAX_PENDING_BYTES. */
         {"queued.min.messages", "10000"},
-        {"queued.max.messages.kbytes", "16384"},
+        {"queued.max.messages.kbytes", "4096"},
+        {"fetch.max.bytes", fetch_max},
         /* A topic created just before the subscription (loom dev, a fresh
          * deployment) may not be in the first metadata answer: look again
          * within seconds rather than librdkafka's five minutes. */
