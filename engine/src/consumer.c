@@ -1922,7 +1922,7 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
     }
     snprintf(group, sizeof(group), "%s%s", w->opts.group_prefix, wc->def->name);
     /* librdkafka wants fetch.max.bytes >= message.max.bytes. */
-    long long fetch = 4 << 20;
+    long long fetch = 1 << 20;
     for (size_t i = 0; w->opts.cfg && i < w->opts.cfg->n_kafka_props; i++)
         if (strcmp(w->opts.cfg->kafka_props[i].key, "message.max.bytes") == 0 &&
             atoll(w->opts.cfg->kafka_props[i].value) > fetch)
@@ -1940,12 +1940,15 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         {"fetch.wait.max.ms", "50"},
         /* Prefetch bounds: librdkafka's defaults (100,000 messages per
          * partition, 64 MiB queued, 50 MiB a fetch) would let a lagging
-         * worker hold far more memory than a few batches need. 4 MiB is
-         * a few thousand commands, well ahead of what the apply threads
-         * take; what the worker holds itself is LOOM_WORKER_MAX_PENDING_BYTES. */
+         * worker hold far more memory than a few batches need. 1 MiB on the
+         * wire is a few thousand small commands (each costs about five
+         * times its size once fetched), well ahead of what the apply
+         * threads take; what the worker holds itself is
+         * LOOM_WORKER_MAX_PENDING_BYTES. */
         {"queued.min.messages", "10000"},
-        {"queued.max.messages.kbytes", "4096"},
+        {"queued.max.messages.kbytes", "1024"},
         {"fetch.max.bytes", fetch_max},
+        {"max.partition.fetch.bytes", "262144"},
         /* A topic created just before the subscription (loom dev, a fresh
          * deployment) may not be in the first metadata answer: look again
          * within seconds rather than librdkafka's five minutes. */
@@ -2109,7 +2112,12 @@ void *loom__consumer_run(void *arg)
         rd_kafka_message_t *first = rd_kafka_consumer_poll(rt.rk, timeout);
         if (first) {
             msgs[n++] = first;
-            ssize_t more = rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
+            /* Over max_pending_bytes the partitions are paused: take what
+             * librdkafka fetched already one message a round rather than
+             * all at once, so what is held stays near the bound. */
+            ssize_t more = held_bytes >= rt.max_pending_bytes
+                               ? 0
+                               : rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
             if (more > 0)
                 n += more;
         }

@@ -25,7 +25,7 @@ static const case_t cases[] = {
     {"LOOM_WORKER_APPLY_THREADS", "2", "65", "from 1 to 64"},
     {"LOOM_WORKER_KEY_CONCURRENCY", "64", "0", "from 1 to 100000"},
     {"LOOM_WORKER_MAX_PENDING", "5000", "99", "from 100 to 1000000"},
-    {"LOOM_WORKER_MAX_PENDING_BYTES", "8388608", "1000", "from 1048576"},
+    {"LOOM_WORKER_MAX_PENDING_BYTES", "4194304", "1000", "from 1048576"},
     {"LOOM_WORKER_LOCK_TIMEOUT", "2s", "forever", "duration"},
     {"LOOM_WORKER_PARK_AFTER", "10m", "1ms", "from 1s"},
     {"LOOM_COMMANDS_RETENTION", "30d", "30m", "from 1h"},
