@@ -1601,10 +1601,20 @@ static void job_land(consumer_rt_t *rt, job_t *job)
     for (size_t i = 0; i < job->n; i++) {
         int64_t off = job->msgs[i]->offset;
         switch (job->out[i]) {
-        case OUT_DONE:
+        case OUT_DONE: {
+            /* A finished command's message is not needed any more: only
+             * its offset stays, until the commands before it finish too,
+             * so a stuck command holds memory for its own key's commands
+             * only. */
+            kq_item_t *it = kq_find(&ps->q, off);
             kq_done(&ps->q, off);
+            if (it && it->msg) {
+                msg_destroy(it->msg);
+                it->msg = NULL;
+            }
             progress = true;
             break;
+        }
         case OUT_RETRY:
             kq_retry(&ps->q, off, now, now + job->retry_ms[i]);
             break;
@@ -1678,7 +1688,8 @@ static void schedule(consumer_rt_t *rt)
 
 /* Moves each partition's commit offset to its lowest unfinished command,
  * and pauses or resumes fetching around max_pending (commands of a
- * partition) and max_pending_bytes (bytes held by the whole consumer, so
+ * partition, finished or not) and max_pending_bytes (bytes of unfinished
+ * commands held by the whole consumer, so
  * memory stays bounded whatever the backlog and the message size). A
  * partition that holds nothing may always fetch: commands held for good (a
  * stuck key) never stop the others. */
@@ -1691,7 +1702,9 @@ static void release(consumer_rt_t *rt)
             ps->commit_offset = next;
         size_t n = kq_count(&ps->q);
         bool full = n >= rt->max_pending || (n > 0 && held_bytes >= rt->max_pending_bytes);
-        bool room = n <= rt->max_pending / 2 && (n == 0 || held_bytes <= rt->max_pending_bytes / 2);
+        /* The count counts finished commands behind an unfinished one
+         * too (a stuck key): resume as soon as it is under the bound. */
+        bool room = n < rt->max_pending && (n == 0 || held_bytes <= rt->max_pending_bytes / 2);
         if (!ps->fetch_paused && full)
             part_fetch(rt, ps, false);
         else if (ps->fetch_paused && room)
