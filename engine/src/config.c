@@ -35,7 +35,7 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_WORKER_MAX_PENDING", LOOM_CFG_INT, "10000", NULL, 100, 1000000, false,
      "commands of one partition held between fetch and commit; past it the partition pauses"},
     {"LOOM_WORKER_MAX_PENDING_BYTES", LOOM_CFG_INT, "8388608", NULL, 1 << 20, 1LL << 40, false,
-     "bytes of commands one consumer holds between fetch and commit, over all its partitions; "
+     "bytes of commands one consumer holds fetched and not yet finished, over all its partitions; "
      "past it a partition that holds any pauses (bounds the worker's memory under a backlog)"},
     {"LOOM_WORKER_LOCK_TIMEOUT", LOOM_CFG_DURATION, "5s", NULL, 10, 3600 * 1000LL, false,
      "a command waiting longer on a database lock fails and is retried; only its key waits"},
