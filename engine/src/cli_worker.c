@@ -16,9 +16,13 @@
 #include "loom/log.h"
 #include "loom/node.h"
 #include "loom/periodic.h"
+#include "loom/retention.h"
+#include "loom/consumer.h"
+#include "loom/mem.h"
 #include "loom/worker.h"
 
 #include <jansson.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,11 +53,61 @@ static json_t *worker_report(void *worker)
     return loom_worker_report(worker);
 }
 
+/* LOOM_COMMANDS_RETENTION, when set, must cover what every topic the
+ * consumers read may still hold (loom/retention.h): refused otherwise. */
+static int check_retention(cli_ctx_t *ctx, const char *cmd, loom_producer_t *producer)
+{
+    int64_t keep = loom_retention_ms(&ctx->cfg);
+    if (keep <= 0)
+        return 0;
+    if (!producer) {
+        cli_fail(cmd, "LOOM_COMMANDS_RETENTION is set but there is no Kafka client to read the "
+                      "topics' retention with");
+        return LOOM_EXIT_CONFIG;
+    }
+    enum { per_consumer = 64 };
+    char(*mine)[LOOM_TOPIC_MAX] = loom_xcalloc(per_consumer, sizeof(*mine));
+    size_t cap = per_consumer * (ctx->app->n_consumers + 1), n = 0;
+    char **topics = loom_xcalloc(cap, sizeof(*topics));
+    for (size_t i = 0; i < ctx->app->n_consumers; i++) {
+        size_t k = loom_consumer_topics(&ctx->app->consumers[i], mine, per_consumer);
+        for (size_t j = 0; j < k && j < per_consumer; j++) {
+            bool seen = false;
+            for (size_t m = 0; m < n && !seen; m++)
+                seen = strcmp(topics[m], mine[j]) == 0;
+            if (!seen)
+                topics[n++] = loom_xstrdup(mine[j]);
+        }
+    }
+    loom_error_t err;
+    int rc = loom_retention_check_topics(loom_producer_handle(producer),
+                                         (const char *const *)topics, n, keep, 15000, &err);
+    for (size_t i = 0; i < n; i++)
+        free(topics[i]);
+    free(topics);
+    free(mine);
+    if (rc != 0) {
+        cli_fail(cmd, "%s", err.message);
+        return LOOM_EXIT_CONFIG;
+    }
+    char text[32];
+    loom_duration_format(keep, text, sizeof(text));
+    LOOM_INFO("deleting old rows of loom_commands", "retention=%s topics_checked=%zu", text, n);
+    return 0;
+}
+
 int cli_worker_parts_start(cli_ctx_t *ctx, const char *cmd, const char *brokers,
                            loom_db_pool_t *pool, loom_producer_t *producer, loom_metrics_t *metrics,
                            const char *role, const char *url, cli_worker_parts_t *parts)
 {
     memset(parts, 0, sizeof(*parts));
+    int crc = check_retention(ctx, cmd, producer);
+    if (crc != 0)
+        return crc;
+    if (metrics)
+        loom_retention_job_metric(loom_metrics_counter(
+            metrics, "loom_commands_deleted_total",
+            "Rows of loom_commands deleted by LOOM_COMMANDS_RETENTION.", NULL));
     loom_error_t err;
     loom_node_opts_t nopts = {.pool = pool,
                               .id = ctx->cfg.node_id,
@@ -136,6 +190,9 @@ typedef struct worker_status {
     int64_t check_began; /* mono ms; 0 when no check is running */
     bool db_ok, kafka_ok;
     char db[200], kafka[200];
+    loom_worker_t *worker; /* set while the worker runs: trimmed when idle */
+    long long last_done;   /* commands and outbox messages handled at the last check */
+    bool trimmed;          /* nothing was handled since the last trim */
 } worker_status_t;
 
 static void status_check_db(worker_status_t *st, bool *ok, char *msg, size_t size)
@@ -174,6 +231,28 @@ static void status_check_kafka(worker_status_t *st, bool *ok, char *msg, size_t 
     snprintf(msg, size, "%s", *ok ? "ok" : rd_kafka_err2str(e));
 }
 
+/* Gives the allocator's free memory back to the system once the worker is
+ * idle (nothing handled for a whole check interval) after it handled
+ * something: what a backlog needed is not kept resident afterwards. Called
+ * with st->mu held. */
+static void status_trim_when_idle(worker_status_t *st)
+{
+    if (!st->worker)
+        return;
+    loom_worker_stats_t s;
+    loom_worker_stats(st->worker, &s);
+    long long done = s.applied + s.skipped + s.rejected + s.relayed + s.retries + s.expired;
+    if (done != st->last_done) {
+        st->last_done = done;
+        st->trimmed = false;
+        return;
+    }
+    if (!st->trimmed) {
+        malloc_trim(0);
+        st->trimmed = true;
+    }
+}
+
 static void *status_thread(void *arg)
 {
     worker_status_t *st = arg;
@@ -201,6 +280,7 @@ static void *status_thread(void *arg)
         const char *d[] = {"database"}, *k[] = {"kafka"};
         loom_metrics_gauge_set(st->m_ready, d, db_ok);
         loom_metrics_gauge_set(st->m_ready, k, kafka_ok);
+        status_trim_when_idle(st);
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += STATUS_CHECK_EVERY_MS / 1000;
@@ -354,6 +434,20 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
         return rc;
     sigset_t sigs;
     cli_block_signals(&sigs);
+    /* Bound the allocator before any thread starts: glibc gives each
+     * thread that meets a locked arena a new one (up to 8 a core), and
+     * memory freed in one arena is not reused by another, so under a
+     * backlog the consumer, apply and librdkafka threads would each keep a
+     * peak of their own. Two arenas keep contention low with the few
+     * threads that allocate often. A fixed mmap threshold keeps large
+     * buffers (fetch responses, batches) in mappings of their own, given
+     * back when freed, instead of letting glibc raise the threshold and
+     * fragment the heap with them. MALLOC_ARENA_MAX in the environment
+     * wins. */
+    if (!getenv("MALLOC_ARENA_MAX"))
+        mallopt(M_ARENA_MAX, 2);
+    if (!getenv("MALLOC_MMAP_THRESHOLD_"))
+        mallopt(M_MMAP_THRESHOLD, 256 * 1024);
 
     loom_db_pool_t *pool = NULL;
     rc = cli_open_db(ctx, "worker", (int)ctx->app->n_consumers * ctx->cfg.worker_apply_threads + 4,
@@ -381,10 +475,16 @@ static int cmd_worker(cli_ctx_t *ctx, int argc, char **argv)
         rc = cli_worker_parts_start(ctx, "worker", ctx->cfg.kafka_brokers, pool, producer, metrics,
                                     "worker", url, &parts);
     if (rc == 0) {
+        pthread_mutex_lock(&st.mu);
+        st.worker = parts.worker;
+        pthread_mutex_unlock(&st.mu);
         int sig = 0;
         sigwait(&sigs, &sig);
         LOOM_INFO("shutting down", "signal=%s", strsignal(sig));
         status_draining(&st);
+        pthread_mutex_lock(&st.mu);
+        st.worker = NULL;
+        pthread_mutex_unlock(&st.mu);
         cli_worker_parts_stop(&parts);
     }
     status_stop(&st);

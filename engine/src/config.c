@@ -34,10 +34,18 @@ const loom_config_var_t loom_config_engine_vars[] = {
      "keys of one partition a consumer applies at once; one key's commands stay in order"},
     {"LOOM_WORKER_MAX_PENDING", LOOM_CFG_INT, "10000", NULL, 100, 1000000, false,
      "commands of one partition held between fetch and commit; past it the partition pauses"},
+    {"LOOM_WORKER_MAX_PENDING_BYTES", LOOM_CFG_INT, "8388608", NULL, 1 << 20, 1LL << 40, false,
+     "bytes of commands one consumer holds fetched and not yet finished, over all its partitions; "
+     "past it a partition that holds any pauses (bounds the worker's memory under a backlog)"},
     {"LOOM_WORKER_LOCK_TIMEOUT", LOOM_CFG_DURATION, "5s", NULL, 10, 3600 * 1000LL, false,
      "a command waiting longer on a database lock fails and is retried; only its key waits"},
     {"LOOM_WORKER_PARK_AFTER", LOOM_CFG_DURATION, NULL, NULL, 1000, 3650LL * 86400 * 1000, false,
      "park a command that keeps failing for this long (unset: never; replay brings it back)"},
+    {"LOOM_COMMANDS_RETENTION", LOOM_CFG_DURATION, NULL, NULL, 3600 * 1000LL,
+     36500LL * 86400 * 1000, false,
+     "delete rows of applied and expired commands from loom_commands once they are this old "
+     "(unset: keep every row); `loom worker` refuses a value shorter than its command topics "
+     "keep messages (retention.ms + segment.ms)"},
     {"LOOM_WORKER_APPLY_THREADS", LOOM_CFG_INT, "4", NULL, 1, 64, false,
      "partitions each consumer applies at once, each in its own transaction and connection"},
     {"LOOM_WORKER_LISTEN", LOOM_CFG_LISTEN, "127.0.0.1:9091", NULL, 0, 0, false,

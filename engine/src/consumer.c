@@ -986,8 +986,9 @@ typedef struct consumer_rt {
     size_t batch_size;
     int key_concurrency;
     size_t max_pending;
-    size_t rr;   /* where the next round of scheduling starts */
-    bool rejoin; /* a stall repair asks to leave and rejoin the group */
+    int64_t max_pending_bytes; /* of all its partitions together */
+    size_t rr;                 /* where the next round of scheduling starts */
+    bool rejoin;               /* a stall repair asks to leave and rejoin the group */
 } consumer_rt_t;
 
 static void job_run(job_t *job);
@@ -1085,8 +1086,21 @@ static void apply_pool_stop(apply_pool_t *ap)
     pthread_cond_destroy(&ap->done);
 }
 
+/* Bytes of the messages this consumer thread holds between fetch and commit.
+ * A consumer's messages are pushed and destroyed on its own thread only (the
+ * rebalance callback runs inside its poll), so a thread-local counts them. */
+static _Thread_local int64_t held_bytes;
+
+/* What a fetched message costs while held: its key and value, and
+ * librdkafka's records of it (about 1 KiB more a message, by heap profile). */
+static int64_t msg_cost(const rd_kafka_message_t *m)
+{
+    return (int64_t)m->len + (int64_t)m->key_len + 1024;
+}
+
 static void msg_destroy(void *m)
 {
+    held_bytes -= msg_cost(m);
     rd_kafka_message_destroy(m);
 }
 
@@ -1629,10 +1643,20 @@ static void job_land(consumer_rt_t *rt, job_t *job)
     for (size_t i = 0; i < job->n; i++) {
         int64_t off = job->msgs[i]->offset;
         switch (job->out[i]) {
-        case OUT_DONE:
+        case OUT_DONE: {
+            /* A finished command's message is not needed any more: only
+             * its offset stays, until the commands before it finish too,
+             * so a stuck command holds memory for its own key's commands
+             * only. */
+            kq_item_t *it = kq_find(&ps->q, off);
             kq_done(&ps->q, off);
+            if (it && it->msg) {
+                msg_destroy(it->msg);
+                it->msg = NULL;
+            }
             progress = true;
             break;
+        }
         case OUT_RETRY:
             kq_retry(&ps->q, off, now, now + job->retry_ms[i]);
             break;
@@ -1705,7 +1729,12 @@ static void schedule(consumer_rt_t *rt)
 }
 
 /* Moves each partition's commit offset to its lowest unfinished command,
- * and pauses or resumes fetching around max_pending. */
+ * and pauses or resumes fetching around max_pending (commands of a
+ * partition, finished or not) and max_pending_bytes (bytes of unfinished
+ * commands held by the whole consumer, so
+ * memory stays bounded whatever the backlog and the message size). A
+ * partition that holds nothing may always fetch: commands held for good (a
+ * stuck key) never stop the others. */
 static void release(consumer_rt_t *rt)
 {
     for (size_t i = 0; i < rt->n_parts; i++) {
@@ -1713,9 +1742,14 @@ static void release(consumer_rt_t *rt)
         int64_t next = kq_release(&ps->q, msg_destroy);
         if (next >= 0)
             ps->commit_offset = next;
-        if (!ps->fetch_paused && kq_count(&ps->q) >= rt->max_pending)
+        size_t n = kq_count(&ps->q);
+        bool full = n >= rt->max_pending || (n > 0 && held_bytes >= rt->max_pending_bytes);
+        /* The count counts finished commands behind an unfinished one
+         * too (a stuck key): resume as soon as it is under the bound. */
+        bool room = n < rt->max_pending && (n == 0 || held_bytes <= rt->max_pending_bytes / 2);
+        if (!ps->fetch_paused && full)
             part_fetch(rt, ps, false);
-        else if (ps->fetch_paused && kq_count(&ps->q) <= rt->max_pending / 2)
+        else if (ps->fetch_paused && room)
             part_fetch(rt, ps, true);
     }
 }
@@ -1968,6 +2002,14 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         return NULL;
     }
     snprintf(group, sizeof(group), "%s%s", w->opts.group_prefix, wc->def->name);
+    /* librdkafka wants fetch.max.bytes >= message.max.bytes. */
+    long long fetch = 1 << 20;
+    for (size_t i = 0; w->opts.cfg && i < w->opts.cfg->n_kafka_props; i++)
+        if (strcmp(w->opts.cfg->kafka_props[i].key, "message.max.bytes") == 0 &&
+            atoll(w->opts.cfg->kafka_props[i].value) > fetch)
+            fetch = atoll(w->opts.cfg->kafka_props[i].value);
+    char fetch_max[32];
+    snprintf(fetch_max, sizeof(fetch_max), "%lld", fetch);
     const char *kv[][2] = {
         {"group.id", group},
         {"enable.auto.commit", "false"},
@@ -1978,10 +2020,16 @@ static rd_kafka_t *consumer_new(consumer_rt_t *rt)
         {"max.poll.interval.ms", "300000"},
         {"fetch.wait.max.ms", "50"},
         /* Prefetch bounds: librdkafka's defaults (100,000 messages per
-         * partition, 64 MiB) would let a lagging worker hold far more
-         * memory than a few batches need. */
+         * partition, 64 MiB queued, 50 MiB a fetch) would let a lagging
+         * worker hold far more memory than a few batches need. 1 MiB on the
+         * wire is a few thousand small commands (each costs about five
+         * times its size once fetched), well ahead of what the apply
+         * threads take; what the worker holds itself is
+         * LOOM_WORKER_MAX_PENDING_BYTES. */
         {"queued.min.messages", "10000"},
-        {"queued.max.messages.kbytes", "16384"},
+        {"queued.max.messages.kbytes", "1024"},
+        {"fetch.max.bytes", fetch_max},
+        {"max.partition.fetch.bytes", "262144"},
         /* A topic created just before the subscription (loom dev, a fresh
          * deployment) may not be in the first metadata answer: look again
          * within seconds rather than librdkafka's five minutes. */
@@ -2122,6 +2170,8 @@ void *loom__consumer_run(void *arg)
     rt.batch_size = (size_t)(wc->def->batch_size > 0 ? wc->def->batch_size : 100);
     rt.key_concurrency = w->opts.key_concurrency;
     rt.max_pending = (size_t)w->opts.max_pending;
+    rt.max_pending_bytes = w->max_pending_bytes;
+    held_bytes = 0;
     rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
     apply_pool_start(&rt.pool, wc->def->name, w->opts.apply_threads, q);
     size_t fetch_max = 4000;
@@ -2143,7 +2193,12 @@ void *loom__consumer_run(void *arg)
         rd_kafka_message_t *first = rd_kafka_consumer_poll(rt.rk, timeout);
         if (first) {
             msgs[n++] = first;
-            ssize_t more = rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
+            /* Over max_pending_bytes the partitions are paused: take what
+             * librdkafka fetched already one message a round rather than
+             * all at once, so what is held stays near the bound. */
+            ssize_t more = held_bytes >= rt.max_pending_bytes
+                               ? 0
+                               : rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
             if (more > 0)
                 n += more;
         }
@@ -2165,6 +2220,7 @@ void *loom__consumer_run(void *arg)
                 rd_kafka_message_destroy(rkm); /* fetched again after a seek */
                 continue;
             }
+            held_bytes += msg_cost(rkm);
             kq_push(&ps->q, rkm, rkm->offset, rkm->key, rkm->key ? rkm->key_len : 0);
         }
         collect(&rt, 0);

@@ -6,6 +6,7 @@
  * same on Postgres and CockroachDB (no advisory locks).
  */
 #include "loom/periodic.h"
+#include "loom/retention.h"
 #include "loom/task_runner.h"
 #include "loom/clock.h"
 #include "loom/log.h"
@@ -23,9 +24,10 @@ struct loom_job_ctx {
 
 struct loom_periodic {
     loom_periodic_opts_t opts;
-    int64_t *interval_ms; /* per job */
-    atomic_llong *runs;   /* per job */
-    int64_t *next_try;    /* per job, mono ms */
+    loom_periodic_def_t *jobs; /* the caller's, then the engine's own */
+    int64_t *interval_ms;      /* per job */
+    atomic_llong *runs;        /* per job */
+    int64_t *next_try;         /* per job, mono ms */
     pthread_t thread;
     atomic_int stop;
 };
@@ -79,6 +81,11 @@ loom_db_pool_t *loom_job_pool(const loom_job_ctx_t *ctx)
     return ctx->p->opts.pool;
 }
 
+bool loom_job_stopping(const loom_job_ctx_t *ctx)
+{
+    return atomic_load(&ctx->p->stop) != 0;
+}
+
 int loom_job_publish(loom_job_ctx_t *ctx, const char *type, const char *key, json_t *data,
                      loom_error_t *err)
 {
@@ -130,12 +137,21 @@ int loom_periodic_start(const loom_periodic_opts_t *opts, loom_periodic_t **out,
     p->opts = *opts;
     if (p->opts.tick_ms <= 0)
         p->opts.tick_ms = 1000;
+    /* The engine's own job: deleting old rows of loom_commands, when
+     * LOOM_COMMANDS_RETENTION asks for it. */
     size_t n = opts->n_jobs;
+    p->jobs = loom_xcalloc(n + 1, sizeof(*p->jobs));
+    for (size_t i = 0; i < n; i++)
+        p->jobs[i] = opts->jobs[i];
+    if (loom_retention_ms(opts->cfg) > 0)
+        p->jobs[n++] = loom_retention_job;
+    p->opts.jobs = p->jobs;
+    p->opts.n_jobs = n;
     p->interval_ms = loom_xcalloc(n + 1, sizeof(*p->interval_ms));
     p->runs = loom_xcalloc(n + 1, sizeof(*p->runs));
     p->next_try = loom_xcalloc(n + 1, sizeof(*p->next_try));
     for (size_t i = 0; i < n; i++) {
-        const loom_periodic_def_t *d = &opts->jobs[i];
+        const loom_periodic_def_t *d = &p->jobs[i];
         p->interval_ms[i] = d->default_interval_ms > 0 ? d->default_interval_ms : 60000;
         const loom_config_value_t *v =
             d->interval_var && opts->cfg ? loom_config_get(opts->cfg, d->interval_var) : NULL;
@@ -146,6 +162,7 @@ int loom_periodic_start(const loom_periodic_opts_t *opts, loom_periodic_t **out,
         free(p->interval_ms);
         free(p->runs);
         free(p->next_try);
+        free(p->jobs);
         free(p);
         return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start the periodic jobs");
     }
@@ -162,6 +179,7 @@ void loom_periodic_stop(loom_periodic_t *p)
     free(p->interval_ms);
     free(p->runs);
     free(p->next_try);
+    free(p->jobs);
     free(p);
 }
 

@@ -38,6 +38,7 @@ int loom_worker_start(const loom_worker_opts_t *opts, loom_worker_t **out, loom_
         w->opts.key_concurrency = cfg ? (int)cfg_num(cfg, "LOOM_WORKER_KEY_CONCURRENCY", 256) : 256;
     if (w->opts.max_pending <= 0)
         w->opts.max_pending = cfg ? (int)cfg_num(cfg, "LOOM_WORKER_MAX_PENDING", 10000) : 10000;
+    w->max_pending_bytes = cfg ? cfg_num(cfg, "LOOM_WORKER_MAX_PENDING_BYTES", 8 << 20) : 8 << 20;
     if (w->opts.lock_timeout_ms <= 0)
         w->opts.lock_timeout_ms = cfg ? cfg_num(cfg, "LOOM_WORKER_LOCK_TIMEOUT", 5000) : 5000;
     if (w->opts.park_after_ms == 0)

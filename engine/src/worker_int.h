@@ -29,6 +29,7 @@ typedef struct worker_consumer {
 
 struct loom_worker {
     loom_worker_opts_t opts;
+    int64_t max_pending_bytes; /* per consumer: LOOM_WORKER_MAX_PENDING_BYTES */
     atomic_int stop;
     worker_consumer_t *consumers;
     size_t n_consumers;

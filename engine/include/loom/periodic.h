@@ -15,6 +15,7 @@
 #include "loom/error.h"
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 typedef struct loom_job_ctx loom_job_ctx_t;
@@ -34,6 +35,8 @@ const loom_config_t *loom_job_config(const loom_job_ctx_t *ctx);
 /* The process's database pool (borrowed): jobs may read through it (writes
  * still go through commands). */
 loom_db_pool_t *loom_job_pool(const loom_job_ctx_t *ctx);
+/* True once the periodic jobs are stopping: a long job returns early. */
+bool loom_job_stopping(const loom_job_ctx_t *ctx);
 /* Publishes a command of `type` (topic loom.cmd.<type>) with data (stolen)
  * and waits for the broker's acknowledgement. */
 int loom_job_publish(loom_job_ctx_t *ctx, const char *type, const char *key, json_t *data,
