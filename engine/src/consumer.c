@@ -2113,8 +2113,15 @@ static rd_kafka_topic_partition_list_t *consumer_subscription(consumer_rt_t *rt)
 static bool consumer_leave(consumer_rt_t *rt, int64_t until)
 {
     rd_kafka_queue_t *cq = rd_kafka_queue_new(rt->rk);
-    rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, true);
-    if (l->cnt > 0 && rd_kafka_commit_queue(rt->rk, l, cq, NULL, NULL) == 0) {
+    /* What was applied is committed before leaving; a refused commit (the
+     * coordinator busy or timing out) is sent again until the deadline, or
+     * the next owner would get those commands again. */
+    for (int attempt = 0; attempt < 20 && loom_mono_ms() < until; attempt++) {
+        rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, true);
+        bool sent = l->cnt > 0 && rd_kafka_commit_queue(rt->rk, l, cq, NULL, NULL) == 0;
+        rd_kafka_topic_partition_list_destroy(l);
+        if (!sent)
+            break;
         for (bool done = false; !done && loom_mono_ms() < until;) {
             rd_kafka_event_t *ev = rd_kafka_queue_poll(cq, 100);
             if (ev && rd_kafka_event_type(ev) == RD_KAFKA_EVENT_OFFSET_COMMIT) {
@@ -2124,8 +2131,9 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
             }
             rd_kafka_event_destroy(ev);
         }
+        if (attempt > 0 || rt->commit_failing)
+            loom_sleep_ms(100);
     }
-    rd_kafka_topic_partition_list_destroy(l);
     bool closed = false;
     rd_kafka_error_t *e = rd_kafka_consumer_close_queue(rt->rk, cq);
     if (e) {
