@@ -2116,13 +2116,15 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
     /* What was applied is committed before leaving; a refused commit (the
      * coordinator busy or timing out) is sent again until the deadline, or
      * the next owner would get those commands again. */
-    for (int attempt = 0; attempt < 20 && loom_mono_ms() < until; attempt++) {
+    /* Half the time at most, so that leaving the group has the rest. */
+    int64_t commit_until = loom_mono_ms() + (until - loom_mono_ms()) / 2;
+    for (int attempt = 0; attempt < 20 && loom_mono_ms() < commit_until; attempt++) {
         rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, true);
         bool sent = l->cnt > 0 && rd_kafka_commit_queue(rt->rk, l, cq, NULL, NULL) == 0;
         rd_kafka_topic_partition_list_destroy(l);
         if (!sent)
             break;
-        for (bool done = false; !done && loom_mono_ms() < until;) {
+        for (bool done = false; !done && loom_mono_ms() < commit_until;) {
             rd_kafka_event_t *ev = rd_kafka_queue_poll(cq, 100);
             if (ev && rd_kafka_event_type(ev) == RD_KAFKA_EVENT_OFFSET_COMMIT) {
                 commit_result(rt, rd_kafka_event_error(ev),
