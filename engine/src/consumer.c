@@ -904,11 +904,8 @@ static int record(batch_t *b, loom_msg_t *m, const char *status, const char *err
 
 static void count(worker_consumer_t *wc, const char *topic, const char *outcome, long long n)
 {
-    static const char *const reported[OUT_N] = {
-        [OUT_APPLIED] = "applied", [OUT_REJECTED] = "rejected", [OUT_RETRIED] = "retried",
-        [OUT_SKIPPED] = "skipped", [OUT_PARKED] = "parked",     [OUT_EXPIRED] = "expired"};
     for (int i = 0; i < OUT_N && n > 0; i++)
-        if (strcmp(reported[i], outcome) == 0)
+        if (strcmp(loom__outcome_names[i], outcome) == 0)
             atomic_fetch_add_explicit(&wc->outcomes[i], n, memory_order_relaxed);
     if (n <= 0 || !wc->w->m_messages)
         return;

@@ -122,11 +122,12 @@ void loom_worker_free(loom_worker_t *w)
     free(w);
 }
 
+const char *const loom__outcome_names[OUT_N] = {
+    [OUT_APPLIED] = "applied", [OUT_REJECTED] = "rejected", [OUT_RETRIED] = "retried",
+    [OUT_SKIPPED] = "skipped", [OUT_PARKED] = "parked",     [OUT_EXPIRED] = "expired"};
+
 json_t *loom_worker_report(loom_worker_t *w)
 {
-    static const char *const names[OUT_N] = {
-        [OUT_APPLIED] = "applied", [OUT_REJECTED] = "rejected", [OUT_RETRIED] = "retried",
-        [OUT_SKIPPED] = "skipped", [OUT_PARKED] = "parked",     [OUT_EXPIRED] = "expired"};
     int64_t now = loom_now_us();
     double secs = w->reported_us > 0 ? (double)(now - w->reported_us) / 1e6 : 0;
     json_t *list = json_array();
@@ -135,10 +136,10 @@ json_t *loom_worker_report(loom_worker_t *w)
         json_t *counts = json_object(), *rates = json_object();
         for (int k = 0; k < OUT_N; k++) {
             long long n = atomic_load_explicit(&c->outcomes[k], memory_order_relaxed);
-            json_object_set_new(counts, names[k], json_integer(n));
+            json_object_set_new(counts, loom__outcome_names[k], json_integer(n));
             /* Per second since the last report: a rate needs two of them. */
             if (secs > 0.5)
-                json_object_set_new(rates, names[k],
+                json_object_set_new(rates, loom__outcome_names[k],
                                     json_real((double)(n - c->reported[k]) / secs));
             c->reported[k] = n;
         }

@@ -12,6 +12,8 @@
 
 /* Outcomes counted per consumer for the node's report (loom_worker_report). */
 enum { OUT_APPLIED, OUT_REJECTED, OUT_RETRIED, OUT_SKIPPED, OUT_PARKED, OUT_EXPIRED, OUT_N };
+/* Their names, as in loom_consumer_messages_total{outcome} (worker.c). */
+extern const char *const loom__outcome_names[OUT_N];
 
 typedef struct worker_consumer {
     struct loom_worker *w;
