@@ -36,6 +36,98 @@ int64_t loom_mono_ms(void)
     return loom_mono_ns() / 1000000;
 }
 
+#if defined(__x86_64__)
+#include <pthread.h>
+#include <x86intrin.h>
+
+/* The counter is trusted only where the kernel trusts it: its clock source is
+ * the TSC (it checked that the counter is invariant and in step across CPUs,
+ * and would have switched away otherwise). */
+static bool tsc_usable;
+static pthread_once_t tsc_once = PTHREAD_ONCE_INIT;
+
+static void tsc_check(void)
+{
+    FILE *f = fopen("/sys/devices/system/clocksource/clocksource0/current_clocksource", "r");
+    if (!f)
+        return;
+    char name[32] = "";
+    if (fgets(name, sizeof(name), f))
+        tsc_usable = strcmp(name, "tsc\n") == 0;
+    fclose(f);
+}
+
+#define ANCHOR_NS    100000000 /* re-anchor to the system clock this often */
+#define CALIBRATE_NS 5000000   /* first scale: over at least this long */
+
+/* Per thread, so the hot path takes no lock and shares no cache line. */
+static __thread struct {
+    uint64_t tsc0;  /* counter at the anchor */
+    int64_t ns0;    /* loom_mono_ns() at the anchor */
+    uint64_t span;  /* ticks after which to re-anchor (0: not calibrated yet) */
+    uint64_t mult;  /* nanoseconds per tick << 32 */
+    uint64_t width; /* ticks the anchor's clock_gettime() took */
+    uint64_t best;  /* fewest ticks a clock_gettime() took on this thread */
+    int64_t last;   /* last value returned: never go back */
+} fc;
+
+/* Reads the counter on both sides of loom_mono_ns(); the pair is good when the
+ * read was not much slower than the fastest seen (a preempted read is not). */
+static bool anchor_read(uint64_t *tsc, int64_t *ns, uint64_t *width)
+{
+    uint64_t t1 = __rdtsc();
+    *ns = loom_mono_ns();
+    uint64_t t2 = __rdtsc();
+    *width = t2 - t1;
+    if (!fc.best || *width < fc.best)
+        fc.best = *width;
+    *tsc = t1 + *width / 2;
+    return t2 >= t1 && *width <= 2 * fc.best + 64;
+}
+
+/* Not calibrated yet, or due to re-anchor: read the system clock, and take the
+ * read as the new anchor (with a new scale from the span since the old one)
+ * when neither read was preempted. */
+static int64_t fast_slow_path(void)
+{
+    uint64_t tsc, width;
+    int64_t ns;
+    if (!anchor_read(&tsc, &ns, &width))
+        return ns; /* try again on the next call */
+    bool old_good = fc.ns0 && fc.width <= 2 * fc.best + 64;
+    if (old_good && ns - fc.ns0 >= CALIBRATE_NS && tsc > fc.tsc0) {
+        fc.mult = (uint64_t)(((unsigned __int128)(ns - fc.ns0) << 32) / (tsc - fc.tsc0));
+        fc.span = fc.mult ? (uint64_t)(((unsigned __int128)ANCHOR_NS << 32) / fc.mult) : 0;
+    } else if (old_good && !fc.span) {
+        return ns; /* calibrating: keep the first anchor until the span is long enough */
+    }
+    fc.tsc0 = tsc, fc.ns0 = ns, fc.width = width;
+    return ns;
+}
+
+int64_t loom_mono_fast_ns(void)
+{
+    pthread_once(&tsc_once, tsc_check);
+    if (!tsc_usable)
+        return loom_mono_ns();
+    uint64_t d = __rdtsc() - fc.tsc0;
+    int64_t ns;
+    if (fc.span && d < fc.span)
+        ns = fc.ns0 + (int64_t)(((unsigned __int128)d * fc.mult) >> 32);
+    else
+        ns = fast_slow_path();
+    if (ns < fc.last)
+        ns = fc.last;
+    fc.last = ns;
+    return ns;
+}
+#else
+int64_t loom_mono_fast_ns(void)
+{
+    return loom_mono_ns();
+}
+#endif
+
 static const struct {
     const char *unit;
     int64_t ns;

@@ -316,7 +316,7 @@ static void record(const loom_op_ctx_t *ctx, const char *op_label, const char *r
     if (!rt->calls && !rt->duration)
         return;
     if (!end_ns)
-        end_ns = loom_mono_ns();
+        end_ns = loom_mono_fast_ns();
     double seconds = (double)(end_ns - start_ns) / 1e9;
     const char *calls_values[] = {op_label, result};
     const char *duration_values[] = {op_label};
@@ -332,7 +332,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     if (!ctx || !ctx->rt || !name || !res)
         return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                               "loom_op_call needs a context with a runtime, a name and a result");
-    int64_t start_ns = loom_mono_ns();
+    int64_t start_ns = loom_mono_fast_ns();
     loom_error_t e;
     loom_error_clear(&e);
     if (!ctx->ray_id) {
@@ -388,7 +388,7 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     }
     json_decref(empty);
 
-    int64_t end_ns = loom_mono_ns();
+    int64_t end_ns = loom_mono_fast_ns();
     int64_t end = end_ns / 1000000;
     if (rc == 0 && !c.res)
         rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" returned no result", op->name);

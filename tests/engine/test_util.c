@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 Test(uuid, v7_has_version_variant_and_current_time)
@@ -212,6 +213,42 @@ Test(clock, backoff_grows_with_jitter_and_stays_capped)
             cr_assert_geq(d, ceiling / 2, "attempt %d: %lld", attempt, (long long)d);
             cr_assert_leq(d, ceiling, "attempt %d: %lld", attempt, (long long)d);
         }
+    }
+}
+
+/* Brackets loom_mono_fast_ns() between two loom_mono_ns() reads, about every
+ * 2 ms for 0.6 s (so it calibrates and re-anchors several times). A slow or
+ * preempted thread only widens the bracket; the slack is the drift allowed. */
+static void *fast_clock_checks(void *arg)
+{
+    int *bad = arg;
+    const int64_t slack = 200000; /* 200 us */
+    int64_t prev = 0, end = loom_mono_ns() + 600000000;
+    while (loom_mono_ns() < end) {
+        for (int i = 0; i < 1000; i++) {
+            int64_t a = loom_mono_ns();
+            int64_t f = loom_mono_fast_ns();
+            int64_t b = loom_mono_ns();
+            if (f < a - slack || f > b + slack || f < prev)
+                (*bad)++;
+            prev = f;
+        }
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+Test(clock, fast_monotonic_clock_stays_with_the_system_clock)
+{
+    pthread_t th[4];
+    int bad[4] = {0};
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(pthread_create(&th[i], NULL, fast_clock_checks, &bad[i]), 0);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        cr_expect_eq(bad[i], 0, "thread %d: %d reads outside the system clock's bracket", i,
+                     bad[i]);
     }
 }
 
