@@ -2155,55 +2155,133 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
     return closed;
 }
 
+/* librdkafka 2.0's rd_kafka_destroy() can block for good after a close that
+ * gave up (a lock-order inversion between its threads when a broker goes
+ * away during destroy). The handle is destroyed on a thread of its own, and a
+ * worker that is stopping waits for it at most DESTROY_WAIT_MS: past that the
+ * handle is left behind, logged, rather than the stop hanging. Offsets were
+ * committed before, so nothing is lost; the next owner of the partitions
+ * reads from them. */
+#define DESTROY_WAIT_MS 10000
+
+typedef struct {
+    rd_kafka_t *rk;
+    int flags;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    bool done;
+    int refs; /* the waiter and the destroying thread: the last one frees */
+} destroy_job_t;
+
+static void destroy_job_unref(destroy_job_t *job)
+{
+    pthread_mutex_lock(&job->mu);
+    int left = --job->refs;
+    pthread_mutex_unlock(&job->mu);
+    if (left)
+        return;
+    pthread_mutex_destroy(&job->mu);
+    pthread_cond_destroy(&job->cond);
+    free(job);
+}
+
+static void *destroy_main(void *arg)
+{
+    destroy_job_t *job = arg;
+    rd_kafka_destroy_flags(job->rk, job->flags);
+    pthread_mutex_lock(&job->mu);
+    job->done = true;
+    pthread_cond_signal(&job->cond);
+    pthread_mutex_unlock(&job->mu);
+    destroy_job_unref(job);
+    return NULL;
+}
+
+static bool consumer_destroy(rd_kafka_t *rk, int flags, const char *name)
+{
+    destroy_job_t *job = loom_xcalloc(1, sizeof(*job));
+    job->rk = rk;
+    job->flags = flags;
+    job->refs = 2;
+    pthread_mutex_init(&job->mu, NULL);
+    pthread_cond_init(&job->cond, NULL);
+    pthread_t t;
+    if (pthread_create(&t, NULL, destroy_main, job) != 0) {
+        job->refs = 1;
+        destroy_job_unref(job);
+        rd_kafka_destroy_flags(rk, flags);
+        return true;
+    }
+    pthread_detach(t);
+    struct timespec ts;
+    loom_timespec_in(DESTROY_WAIT_MS, &ts);
+    pthread_mutex_lock(&job->mu);
+    while (!job->done)
+        if (pthread_cond_timedwait(&job->cond, &job->mu, &ts) != 0)
+            break;
+    bool done = job->done;
+    pthread_mutex_unlock(&job->mu);
+    if (!done)
+        LOOM_ERROR("the Kafka client did not close in time; leaving it behind",
+                   "consumer=%s waited_ms=%d", name, DESTROY_WAIT_MS);
+    destroy_job_unref(job);
+    return done;
+}
+
 void *loom__consumer_run(void *arg)
 {
     worker_consumer_t *wc = arg;
     loom_worker_t *w = wc->w;
-    consumer_rt_t rt = {.wc = wc};
-    rt.rk = consumer_new(&rt);
-    if (!rt.rk)
+    /* On the heap: a Kafka handle left behind (consumer_destroy) keeps it. */
+    consumer_rt_t *rt = loom_xcalloc(1, sizeof(*rt));
+    rt->wc = wc;
+    rt->rk = consumer_new(rt);
+    if (!rt->rk) {
+        free(rt);
         return NULL;
-    rd_kafka_topic_partition_list_t *subs = consumer_subscription(&rt);
-    rd_kafka_resp_err_t e = rd_kafka_subscribe(rt.rk, subs);
+    }
+    rd_kafka_topic_partition_list_t *subs = consumer_subscription(rt);
+    rd_kafka_resp_err_t e = rd_kafka_subscribe(rt->rk, subs);
     rd_kafka_topic_partition_list_destroy(subs);
     if (e) {
         LOOM_ERROR("could not subscribe", "consumer=%s error=%s", wc->def->name,
                    rd_kafka_err2str(e));
-        rd_kafka_destroy(rt.rk);
+        rd_kafka_destroy(rt->rk);
+        free(rt);
         return NULL;
     }
     LOOM_INFO("consumer started", "consumer=%s group=%s%s", wc->def->name, w->opts.group_prefix,
               wc->def->name);
-    rt.batch_size = (size_t)(wc->def->batch_size > 0 ? wc->def->batch_size : 100);
-    rt.key_concurrency = w->opts.key_concurrency;
-    rt.max_pending = (size_t)w->opts.max_pending;
-    rt.max_pending_bytes = w->max_pending_bytes;
+    rt->batch_size = (size_t)(wc->def->batch_size > 0 ? wc->def->batch_size : 100);
+    rt->key_concurrency = w->opts.key_concurrency;
+    rt->max_pending = (size_t)w->opts.max_pending;
+    rt->max_pending_bytes = w->max_pending_bytes;
     held_bytes = 0;
-    rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt.rk);
-    apply_pool_start(&rt.pool, wc->def->name, w->opts.apply_threads, q);
+    rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rt->rk);
+    apply_pool_start(&rt->pool, wc->def->name, w->opts.apply_threads, q);
     size_t fetch_max = 4000;
     rd_kafka_message_t **msgs = loom_xcalloc(fetch_max, sizeof(*msgs));
     int64_t check_every = w->opts.stall_after_ms / 2 < 5000 ? w->opts.stall_after_ms / 2 : 5000;
     int64_t next_stall_check = loom_mono_ms() + check_every;
 
     while (!atomic_load(&w->stop)) {
-        collect(&rt, 0);
-        schedule(&rt);
+        collect(rt, 0);
+        schedule(rt);
         /* Wait for a message, a batch coming back (it yields this queue)
          * or a held key's backoff to end, then take what else is fetched. */
         int64_t now = loom_mono_ms(), next_free = 0;
-        retrying_parts(&rt, now, &next_free);
+        retrying_parts(rt, now, &next_free);
         int timeout = 200;
         if (next_free && next_free - now < timeout)
             timeout = next_free > now ? (int)(next_free - now) : 1;
         ssize_t n = 0;
-        rd_kafka_message_t *first = rd_kafka_consumer_poll(rt.rk, timeout);
+        rd_kafka_message_t *first = rd_kafka_consumer_poll(rt->rk, timeout);
         if (first) {
             msgs[n++] = first;
             /* Over max_pending_bytes the partitions are paused: take what
              * librdkafka fetched already one message a round rather than
              * all at once, so what is held stays near the bound. */
-            ssize_t more = held_bytes >= rt.max_pending_bytes
+            ssize_t more = held_bytes >= rt->max_pending_bytes
                                ? 0
                                : rd_kafka_consume_batch_queue(q, 0, msgs + 1, fetch_max - 1);
             if (more > 0)
@@ -2219,7 +2297,7 @@ void *loom__consumer_run(void *arg)
                 rd_kafka_message_destroy(rkm);
                 continue;
             }
-            part_state_t *ps = part_get(&rt, rd_kafka_topic_name(rkm->rkt), rkm->partition);
+            part_state_t *ps = part_get(rt, rd_kafka_topic_name(rkm->rkt), rkm->partition);
             ps->last_msg_ms = now;
             ps->stalled = false;
             ps->repairs = 0;
@@ -2230,19 +2308,19 @@ void *loom__consumer_run(void *arg)
             held_bytes += msg_cost(rkm);
             kq_push(&ps->q, rkm, rkm->offset, rkm->key, rkm->key ? rkm->key_len : 0);
         }
-        collect(&rt, 0);
-        schedule(&rt);
-        release(&rt);
-        commit_offsets(&rt, false);
+        collect(rt, 0);
+        schedule(rt);
+        release(rt);
+        commit_offsets(rt, false);
         if (loom_mono_ms() >= next_stall_check) {
-            check_stalls(&rt);
+            check_stalls(rt);
             next_stall_check = loom_mono_ms() + check_every;
         }
-        if (rt.rejoin) {
-            rt.rejoin = false;
-            rd_kafka_unsubscribe(rt.rk);
-            rd_kafka_topic_partition_list_t *again = consumer_subscription(&rt);
-            rd_kafka_resp_err_t se = rd_kafka_subscribe(rt.rk, again);
+        if (rt->rejoin) {
+            rt->rejoin = false;
+            rd_kafka_unsubscribe(rt->rk);
+            rd_kafka_topic_partition_list_t *again = consumer_subscription(rt);
+            rd_kafka_resp_err_t se = rd_kafka_subscribe(rt->rk, again);
             rd_kafka_topic_partition_list_destroy(again);
             if (se)
                 LOOM_ERROR("could not subscribe again", "consumer=%s error=%s", wc->def->name,
@@ -2251,18 +2329,19 @@ void *loom__consumer_run(void *arg)
     }
     /* Graceful: the batches in flight finish and their offsets are
      * committed; what was fetched and not finished goes to the next owner. */
-    drain(&rt, NULL);
-    release(&rt);
-    apply_pool_stop(&rt.pool);
+    drain(rt, NULL);
+    release(rt);
+    apply_pool_stop(&rt->pool);
     free(msgs);
     rd_kafka_queue_destroy(q);
-    bool closed = consumer_leave(&rt, loom_mono_ms() + CONSUMER_CLOSE_MS);
-    for (size_t i = 0; i < rt.n_parts; i++) {
-        kq_free(&rt.parts[i]->q, msg_destroy);
-        free(rt.parts[i]);
+    bool closed = consumer_leave(rt, loom_mono_ms() + CONSUMER_CLOSE_MS);
+    for (size_t i = 0; i < rt->n_parts; i++) {
+        kq_free(&rt->parts[i]->q, msg_destroy);
+        free(rt->parts[i]);
     }
-    free(rt.parts);
-    rd_kafka_destroy_flags(rt.rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    free(rt->parts);
+    if (consumer_destroy(rt->rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE, wc->def->name))
+        free(rt);
     report_parts(wc, NULL);
     LOOM_INFO("consumer stopped", "consumer=%s", wc->def->name);
     return NULL;
