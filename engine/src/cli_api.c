@@ -61,6 +61,10 @@ int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer
         .rate_burst = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_BURST"),
         .max_waiters = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_WAITERS"),
         .max_queue = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_QUEUE"),
+        /* 0 turns the adaptive bound off; the option's 0 means the default */
+        .wait_target_ms = cfg_num(&ctx->cfg, "LOOM_API_WAIT_TARGET")
+                              ? cfg_num(&ctx->cfg, "LOOM_API_WAIT_TARGET")
+                              : -1,
     };
     int rc = loom_gateway_start(opts, gw, err);
     if (rc == 0)

@@ -839,6 +839,7 @@ static void gateway_destroy(loom_gateway_t *gw)
     pthread_mutex_destroy(&gw->tasks_mu);
     pthread_cond_destroy(&gw->tasks_cond);
     pthread_mutex_destroy(&gw->ready_mu);
+    gw_wait_limit_destroy(&gw->wait_limit);
     loom_metrics_free(gw->own_metrics);
     free(gw);
 }

@@ -43,6 +43,31 @@ typedef struct gw_poller {
     size_t n, cap, cursor;
 } gw_poller_t;
 
+/* The adaptive bound on ?wait requests (gateway_limit.c): every window of
+ * GW_WAIT_WINDOW_MS, the average time the requests that ended in it were
+ * held is compared with the target; above it the bound comes down by a
+ * tenth (to min at the lowest), at or below it the bound goes up by a
+ * sixteenth (to max). With the bound, a gateway whose workers fall behind
+ * holds about as many requests as can be answered within the target and
+ * refuses the rest at once, instead of holding max_waiters requests that
+ * all end late. */
+#define GW_WAIT_WINDOW_MS 100
+typedef struct gw_wait_limit {
+    pthread_mutex_t mu;
+    int64_t target_ns; /* 0: off, the bound stays max */
+    int min, max;
+    double limit;
+    atomic_int now; /* (int)limit, read by admissions without the mutex */
+    int64_t window_ns, sum_ns;
+    int n;
+} gw_wait_limit_t;
+
+void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms);
+void gw_wait_limit_destroy(gw_wait_limit_t *l);
+/* A ?wait request held held_ns ended at now_ns (monotonic). Returns the bound
+ * from now on. */
+int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns);
+
 struct loom_gateway {
     loom_gateway_opts_t opts;
     loom_http_server_t *http;
@@ -71,7 +96,8 @@ struct loom_gateway {
     atomic_int waiters; /* ?wait requests from publish to answer */
     atomic_int queued;  /* tasks queued for the workers, not yet taken */
     int max_waiters, max_queue;
-    loom_metrics_family_t *shed, *waiters_gauge, *wait_ticks, *wait_queries;
+    gw_wait_limit_t wait_limit; /* how many ?wait requests may be held now */
+    loom_metrics_family_t *shed, *waiters_gauge, *waiters_limit_gauge, *wait_ticks, *wait_queries;
     gw_poller_t poller;
 
     bool stopped;
@@ -120,10 +146,12 @@ void gw_op_task_free(gw_op_task_t *t);
 
 /* Sets the bounds from the options and registers the metrics. */
 void gw_limits_init(loom_gateway_t *gw);
-/* Takes a place among the ?wait requests; false (nothing taken) when all
- * max_waiters are held. gw_waiter_release gives it back. */
+/* Takes a place among the ?wait requests; false (nothing taken) when as
+ * many are held as the adaptive bound allows (at most max_waiters).
+ * gw_waiter_release gives it back, saying how long it was held (0: the
+ * request was never published; it does not count towards the bound). */
 bool gw_waiter_admit(loom_gateway_t *gw);
-void gw_waiter_release(loom_gateway_t *gw);
+void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns);
 /* True when the workers' queue holds max_queue tasks already. */
 bool gw_queue_full(loom_gateway_t *gw);
 /* Answers 503 OVERLOADED with Retry-After, naming the bound (`what`: "waiters"

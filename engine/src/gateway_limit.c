@@ -20,8 +20,19 @@
  * or queued: a queue that only grows turns every answer late, while a quick
  * refusal lets the client back off and keeps the requests that were taken
  * fast.
+ *
+ * The ?wait bound also adapts (LOOM_API_WAIT_TARGET): a fixed bound of N
+ * waiters, when the workers apply R commands a second, lets each wait grow
+ * to about N / R seconds, so with the default 128 and a machine that applies
+ * 900 a second every answer takes some 140 ms. While the requests that ended
+ * in the last 100 ms were held longer than the target on average, the bound
+ * comes down (multiplicatively, to LOOM_GATEWAY_MIN_WAITERS at the lowest);
+ * while they are faster it goes back up. The waits then stay near the target
+ * and the excess is refused in microseconds. This is additive-increase,
+ * multiplicative-decrease on latency, as adaptive concurrency limits do.
  */
 #include "gateway_int.h"
+#include "loom/clock.h"
 #include "loom/mem.h"
 
 #include <pthread.h>
@@ -170,6 +181,9 @@ void gw_limits_init(loom_gateway_t *gw)
 {
     gw->max_waiters = gw->opts.max_waiters > 0 ? gw->opts.max_waiters : LOOM_GATEWAY_MAX_WAITERS;
     gw->max_queue = gw->opts.max_queue > 0 ? gw->opts.max_queue : LOOM_GATEWAY_MAX_QUEUE;
+    int64_t target =
+        gw->opts.wait_target_ms ? gw->opts.wait_target_ms : LOOM_GATEWAY_WAIT_TARGET_MS;
+    gw_wait_limit_init(&gw->wait_limit, gw->max_waiters, LOOM_GATEWAY_MIN_WAITERS, target);
     atomic_init(&gw->waiters, 0);
     atomic_init(&gw->queued, 0);
     static const char *const what_labels[] = {"bound", NULL};
@@ -180,6 +194,12 @@ void gw_limits_init(loom_gateway_t *gw)
         what_labels);
     gw->waiters_gauge = loom_metrics_gauge(gw->metrics, "loom_http_waiters",
                                            "?wait requests held by the gateway.", NULL);
+    gw->waiters_limit_gauge = loom_metrics_gauge(
+        gw->metrics, "loom_http_waiters_limit",
+        "?wait requests the gateway holds at most now (LOOM_API_MAX_WAITERS, lowered while "
+        "waits take longer than LOOM_API_WAIT_TARGET).",
+        NULL);
+    loom_metrics_gauge_set(gw->waiters_limit_gauge, NULL, gw->max_waiters);
     gw->wait_ticks =
         loom_metrics_counter(gw->metrics, "loom_http_wait_ticks_total",
                              "Rounds of the ?wait poller that had requests waiting.", NULL);
@@ -188,19 +208,66 @@ void gw_limits_init(loom_gateway_t *gw)
         "Database queries of the ?wait poller (each reads the status of many commands).", NULL);
 }
 
+void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms)
+{
+    memset(l, 0, sizeof(*l));
+    pthread_mutex_init(&l->mu, NULL);
+    l->max = max;
+    l->min = min < max ? min : max;
+    l->limit = max;
+    l->target_ns = target_ms > 0 ? target_ms * 1000000 : 0;
+    atomic_init(&l->now, max);
+}
+
+void gw_wait_limit_destroy(gw_wait_limit_t *l)
+{
+    pthread_mutex_destroy(&l->mu);
+}
+
+int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns)
+{
+    if (!l->target_ns)
+        return l->max;
+    pthread_mutex_lock(&l->mu);
+    if (!l->window_ns)
+        l->window_ns = now_ns;
+    l->n++;
+    l->sum_ns += held_ns > 0 ? held_ns : 0;
+    /* A window ends with a request that ended after it; one with fewer than
+     * four requests says too little and runs on. */
+    if (now_ns - l->window_ns >= GW_WAIT_WINDOW_MS * 1000000LL && l->n >= 4) {
+        int64_t avg = l->sum_ns / l->n;
+        if (avg > l->target_ns)
+            l->limit = l->limit * 0.9 > l->min ? l->limit * 0.9 : l->min;
+        else
+            l->limit = l->limit + l->limit / 16 < l->max ? l->limit + l->limit / 16 : l->max;
+        l->window_ns = now_ns;
+        l->n = 0;
+        l->sum_ns = 0;
+        atomic_store(&l->now, (int)l->limit);
+    }
+    int now = atomic_load(&l->now);
+    pthread_mutex_unlock(&l->mu);
+    return now;
+}
+
 bool gw_waiter_admit(loom_gateway_t *gw)
 {
     int n = atomic_fetch_add(&gw->waiters, 1);
-    if (n >= gw->max_waiters) {
+    if (n >= atomic_load(&gw->wait_limit.now)) {
         atomic_fetch_sub(&gw->waiters, 1);
         return false;
     }
     return true;
 }
 
-void gw_waiter_release(loom_gateway_t *gw)
+void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns)
 {
     atomic_fetch_sub(&gw->waiters, 1);
+    if (held_ns > 0) {
+        int now = gw_wait_limit_done(&gw->wait_limit, held_ns, loom_mono_ns());
+        loom_metrics_gauge_set(gw->waiters_limit_gauge, NULL, now);
+    }
 }
 
 bool gw_queue_full(loom_gateway_t *gw)
@@ -215,12 +282,18 @@ int gw_shed(loom_http_req_t *req, loom_http_res_t *res, const char *what)
     bool waiters = strcmp(what, "waiters") == 0;
     loom_metrics_counter_inc(gw->shed, (const char *[]){what});
     loom_error_t err;
-    loom_error_set(&err, LOOM_CODE_OVERLOADED,
-                   waiters ? "the gateway holds its maximum of %d ?wait requests "
-                             "(LOOM_API_MAX_WAITERS); nothing was published, retry later"
-                           : "the gateway holds its maximum of %d queued calls "
-                             "(LOOM_API_MAX_QUEUE); retry later",
-                   waiters ? gw->max_waiters : gw->max_queue);
+    if (waiters)
+        loom_error_set(&err, LOOM_CODE_OVERLOADED,
+                       "the gateway holds as many ?wait requests as it can answer in time (%d "
+                       "now; LOOM_API_MAX_WAITERS %d, LOOM_API_WAIT_TARGET %lld ms); nothing was "
+                       "published, retry later",
+                       atomic_load(&gw->wait_limit.now), gw->max_waiters,
+                       (long long)(gw->wait_limit.target_ns / 1000000));
+    else
+        loom_error_set(&err, LOOM_CODE_OVERLOADED,
+                       "the gateway holds its maximum of %d queued calls (LOOM_API_MAX_QUEUE); "
+                       "retry later",
+                       gw->max_queue);
     err.retriable = true; /* loom_gateway_fail adds Retry-After */
     return loom_gateway_fail(req, res, &err);
 }

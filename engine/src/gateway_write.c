@@ -62,6 +62,7 @@ struct pub {
     pstate_t state;
     bool failed;
     bool admitted; /* holds a place among the waiters */
+    int64_t admitted_ns;
     loom_error_t err;
     size_t bytes; /* of the command's data, for a too-large answer */
     char topic[300];
@@ -152,8 +153,8 @@ static void pub_free(pub_t *p)
 {
     loom_http_req_t *req = p->req;
     loom_http_req_on_detach(req, NULL, NULL);
-    if (p->admitted)
-        gw_waiter_release(p->gw);
+    if (p->admitted) /* a wait that ran tells the adaptive bound how long it took */
+        gw_waiter_release(p->gw, p->state == P_WAITING ? loom_mono_ns() - p->admitted_ns : 0);
     free(p->text);
     free(p);
     loom_http_req_unref(req);
@@ -649,6 +650,7 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
             return gw_shed(req, res, "waiters");
         }
         p->admitted = true;
+        p->admitted_ns = loom_mono_ns();
     }
     loom_http_req_ref(req);
     loom_http_req_on_detach(req, on_detach, p);

@@ -329,6 +329,114 @@ Test(overload, waiters_cost_bounded_queries_the_excess_is_refused_and_the_rest_c
     env_free(&e);
 }
 
+/* Sends one ?wait request on each of n new connections. */
+static void send_waits(env_t *e, loom_test_http_conn_t **c, int n, const char *tag,
+                       const char *wait)
+{
+    (void)e;
+    for (int i = 0; i < n; i++) {
+        c[i] = loom_test_http_open(e->port);
+        char body[128], path[80];
+        snprintf(body, sizeof(body), "{\"account\":\"%s-%d\",\"amount\":1}", tag, i);
+        snprintf(path, sizeof(path), "/v1/test/credits?wait=%s", wait);
+        char *req = request("POST", path, body);
+        loom_test_http_sends(c[i], req);
+        free(req);
+    }
+}
+
+Test(overload, waits_slower_than_the_target_lower_the_bound_and_the_excess_is_refused,
+     .timeout = 300)
+{
+    env_t e;
+    env_init(&e, true);
+    e.opts.max_waiters = 100;
+    e.opts.wait_target_ms = 1; /* every wait here takes longer */
+    env_start(&e);
+    cr_assert_eq(metric(&e, "loom_http_waiters_limit"), 100);
+
+    /* No worker: rounds of 20 waits that run out after 150 ms, until the
+     * bound is at its floor. */
+    enum { ROUND = 20, N = 40 };
+    loom_test_http_conn_t *c[N];
+    int64_t end = loom_mono_ms() + 120000;
+    int rounds = 0;
+    double limit = 100, prev = 100;
+    bool fell = true;
+    while ((limit = metric(&e, "loom_http_waiters_limit")) > LOOM_GATEWAY_MIN_WAITERS &&
+           loom_mono_ms() < end) {
+        if (limit > prev)
+            fell = false;
+        prev = limit;
+        char tag[32];
+        snprintf(tag, sizeof(tag), "slow%d", rounds++);
+        send_waits(&e, c, ROUND, tag, "150ms");
+        for (int i = 0; i < ROUND; i++) {
+            loom_test_http_res_t a;
+            cr_assert(loom_test_http_read(c[i], 30000, &a), "round %d: no answer", rounds);
+            cr_assert(a.status == 202 || a.status == 503, "round %d: %d %s", rounds, a.status,
+                      a.body);
+            loom_test_http_res_free(&a);
+            loom_test_http_close(c[i]);
+        }
+    }
+    cr_assert_eq(limit, LOOM_GATEWAY_MIN_WAITERS, "the bound is %.0f after %d rounds", limit,
+                 rounds);
+    cr_expect(fell, "the bound only came down while every wait was slow");
+    cr_log_info("the bound fell from 100 to %d in %d rounds", LOOM_GATEWAY_MIN_WAITERS, rounds);
+    end = loom_mono_ms() + 30000;
+    while (metric(&e, "loom_http_waiters") > 0 && loom_mono_ms() < end)
+        loom_sleep_ms(20);
+    cr_assert_eq(metric(&e, "loom_http_waiters"), 0);
+
+    /* 40 more at once: the bound's 16 are held, the other 24 refused. */
+    double shed0 = metric(&e, "loom_http_shed_total{bound=\"waiters\"}");
+    send_waits(&e, c, N, "held", "30s");
+    end = loom_mono_ms() + 60000;
+    while (metric(&e, "loom_http_shed_total{bound=\"waiters\"}") - shed0 <
+               N - LOOM_GATEWAY_MIN_WAITERS &&
+           loom_mono_ms() < end)
+        loom_sleep_ms(20);
+    cr_assert_eq(metric(&e, "loom_http_shed_total{bound=\"waiters\"}") - shed0,
+                 N - LOOM_GATEWAY_MIN_WAITERS, "%.0f refused, %.0f held, bound %.0f",
+                 metric(&e, "loom_http_shed_total{bound=\"waiters\"}") - shed0,
+                 metric(&e, "loom_http_waiters"), metric(&e, "loom_http_waiters_limit"));
+    cr_assert_eq(metric(&e, "loom_http_waiters"), LOOM_GATEWAY_MIN_WAITERS);
+
+    /* A worker comes: the held ones complete; the refused ones said why. */
+    e.wpool = loom_test_pool(e.url, 3);
+    loom_worker_opts_t wo = {.brokers = loom_test_kafka_brokers(),
+                             .pool = e.wpool,
+                             .consumers = &e.def,
+                             .n_consumers = 1,
+                             .retry_base_ms = 50,
+                             .retry_max_ms = 500};
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&wo, &e.w, &err), 0, "%s", err.message);
+    int applied = 0, refused = 0;
+    for (int i = 0; i < N; i++) {
+        loom_test_http_res_t a;
+        cr_assert(loom_test_http_read(c[i], 120000, &a), "request %d got no answer", i);
+        if (a.status == 200 &&
+            strcmp(json_string_value(json_object_get(a.json, "status")), "applied") == 0) {
+            applied++;
+        } else if (a.status == 503 && strcmp(loom_test_http_error_code(&a), "OVERLOADED") == 0 &&
+                   strstr(a.body, "LOOM_API_WAIT_TARGET") && header(&a, "Retry-After")) {
+            refused++;
+        } else {
+            cr_expect_fail("request %d: %d %s", i, a.status, a.body);
+        }
+        loom_test_http_res_free(&a);
+        loom_test_http_close(c[i]);
+    }
+    cr_expect_eq(applied, LOOM_GATEWAY_MIN_WAITERS);
+    cr_expect_eq(refused, N - LOOM_GATEWAY_MIN_WAITERS);
+    cr_expect_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger WHERE account LIKE "
+                                         "'held-%'"),
+                 LOOM_GATEWAY_MIN_WAITERS, "only the held requests were published");
+    env_free(&e);
+}
+
 Test(overload, op_calls_past_the_queue_bound_get_503_and_the_rest_complete, .timeout = 300)
 {
     env_t e;

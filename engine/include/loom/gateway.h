@@ -79,6 +79,10 @@ typedef struct loom_route {
 /* Defaults of the overload bounds (opts.max_waiters, opts.max_queue). */
 #define LOOM_GATEWAY_MAX_WAITERS 128
 #define LOOM_GATEWAY_MAX_QUEUE   1024
+/* Default of opts.wait_target_ms, and the fewest ?wait requests the adaptive
+ * bound comes down to. */
+#define LOOM_GATEWAY_WAIT_TARGET_MS 50
+#define LOOM_GATEWAY_MIN_WAITERS    16
 
 typedef struct loom_gateway_opts {
     const char *listen;        /* LOOM_API_LISTEN: "host:port[,host:port]"; port 0 picks one */
@@ -105,6 +109,9 @@ typedef struct loom_gateway_opts {
                                    * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_WAITERS */
     int max_queue;                /* LOOM_API_MAX_QUEUE: op calls queued for the workers;
                                    * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_QUEUE */
+    int64_t wait_target_ms;       /* LOOM_API_WAIT_TARGET: while ?wait requests take longer
+                                   * than this on average, fewer are held (gateway_limit.c);
+                                   * 0: LOOM_GATEWAY_WAIT_TARGET_MS; < 0: off */
 } loom_gateway_opts_t;
 
 /*

@@ -1,0 +1,88 @@
+/* The gateway's adaptive bound on ?wait requests (gateway_limit.c), driven
+ * with made-up times: no clock, no sleeps. */
+#include "../../engine/src/gateway_int.h"
+
+#include <criterion/criterion.h>
+
+#define MS 1000000LL
+
+/* n requests that each took held_ms end, spread over one window. */
+static int window(gw_wait_limit_t *l, int64_t *now, int n, int64_t held_ms)
+{
+    int limit = 0;
+    for (int i = 0; i < n; i++) {
+        *now += GW_WAIT_WINDOW_MS * MS / n + 1;
+        limit = gw_wait_limit_done(l, held_ms * MS, *now);
+    }
+    return limit;
+}
+
+Test(wait_limit, slow_waits_bring_the_bound_down_to_its_floor_and_fast_ones_back_up)
+{
+    gw_wait_limit_t l;
+    gw_wait_limit_init(&l, 128, 16, 50);
+    int64_t now = 1000 * MS;
+    cr_assert_eq(window(&l, &now, 10, 20), 128, "fast waits keep the bound at its maximum");
+    /* a window ends with the first request after it: the first slow window
+     * closes the fast one */
+    int last = window(&l, &now, 10, 200);
+    for (int w = 0; w < 5; w++) {
+        int b = window(&l, &now, 10, 200);
+        cr_assert_lt(b, last, "window %d of slow waits: %d, before %d", w, b, last);
+        last = b;
+    }
+    for (int w = 0; w < 100; w++)
+        last = window(&l, &now, 10, 200);
+    cr_assert_eq(last, 16, "slow waits stop at the floor, not at zero");
+    cr_assert_eq(atomic_load(&l.now), 16, "admissions read the same bound");
+    for (int w = 0; w < 100; w++)
+        last = window(&l, &now, 10, 10);
+    cr_assert_eq(last, 128, "fast waits bring it back to LOOM_API_MAX_WAITERS and no higher");
+    gw_wait_limit_destroy(&l);
+}
+
+Test(wait_limit, settles_where_the_average_wait_meets_the_target)
+{
+    /* A gateway in front of workers that apply 1,000 commands a second,
+     * offered more: a wait takes about bound / 1000 s (Little's law). */
+    gw_wait_limit_t l;
+    gw_wait_limit_init(&l, 1000, 16, 50);
+    int64_t now = 1000 * MS;
+    int b = 1000;
+    int lo = 1000, hi = 0;
+    for (int w = 0; w < 400; w++) {
+        b = window(&l, &now, 20, b); /* held ms = bound / 1000 per ms */
+        if (w >= 300) {
+            lo = b < lo ? b : lo;
+            hi = b > hi ? b : hi;
+        }
+    }
+    cr_assert_geq(lo, 35, "the bound stays near 50 waits (lowest %d)", lo);
+    cr_assert_leq(hi, 60, "the bound stays near 50 waits (highest %d)", hi);
+    gw_wait_limit_destroy(&l);
+}
+
+Test(wait_limit, off_or_too_few_requests_leave_the_bound_alone)
+{
+    gw_wait_limit_t off;
+    gw_wait_limit_init(&off, 128, 16, 0);
+    int64_t now = 1000 * MS;
+    for (int w = 0; w < 50; w++)
+        cr_assert_eq(window(&off, &now, 10, 10000), 128);
+    gw_wait_limit_destroy(&off);
+
+    gw_wait_limit_t l;
+    gw_wait_limit_init(&l, 128, 16, 50);
+    now = 1000 * MS;
+    /* three slow waits, however long apart: too few to judge by */
+    cr_assert_eq(window(&l, &now, 1, 10000), 128);
+    now += 10000 * MS;
+    cr_assert_eq(window(&l, &now, 2, 10000), 128);
+    /* a bound below the floor: the floor is the bound */
+    gw_wait_limit_t small;
+    gw_wait_limit_init(&small, 4, 16, 50);
+    for (int w = 0; w < 20; w++)
+        cr_assert_eq(window(&small, &now, 10, 10000), 4);
+    gw_wait_limit_destroy(&small);
+    gw_wait_limit_destroy(&l);
+}
