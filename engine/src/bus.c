@@ -269,8 +269,10 @@ static void serve_event(loom_producer_t *p, rd_kafka_event_t *ev)
                   rd_kafka_event_error_is_fatal(ev));
         break;
     case RD_KAFKA_EVENT_OAUTHBEARER_TOKEN_REFRESH:
-        /* librdkafka's own refresh runs from rd_kafka_poll(), which this
-         * producer does not call: the token cannot be renewed here. */
+        /* Only the unsecured test tokens (sasl.oauthbearer.config) come as
+         * an event: librdkafka makes them from rd_kafka_poll(), which this
+         * producer does not call (OIDC tokens are refreshed by librdkafka
+         * itself). */
         LOOM_WARN("Kafka asks for an OAUTHBEARER token refresh, which Loom's producer does not do",
                   "mechanism=%s", "OAUTHBEARER");
         break;
