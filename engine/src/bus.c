@@ -1,9 +1,12 @@
 /*
  * bus.c: the idempotent Kafka producer, delivery futures, topic creation.
  *
- * librdkafka serves delivery reports from rd_kafka_poll(); a thread of ours
- * polls so callers never have to. Each queued message carries a small heap
- * record with the caller's callback, freed after the report.
+ * Delivery reports come as events on the producer's main queue, and one
+ * thread of ours serves that queue, a batch of reports per event: callers
+ * never poll, and the reports of a partition are read in the order
+ * librdkafka made them (rd_kafka_flush() does not serve events, so a flush
+ * from another thread cannot take a batch out of turn). Each queued message
+ * carries a small record with the caller's callback, from a free list.
  */
 #include "loom/bus.h"
 #include "loom/clock.h"
@@ -22,23 +25,33 @@ typedef struct acked {
     int64_t offset;
 } acked_t;
 
+typedef struct delivery_rec {
+    loom_delivery_cb cb;
+    void *opaque;
+    struct delivery_rec *next; /* on a free list */
+} delivery_rec_t;
+
 struct loom_producer {
     rd_kafka_t *rk;
+    rd_kafka_queue_t *events; /* the main queue: delivery reports, errors */
     pthread_t thread;
     atomic_int stop;
     atomic_int in_flight;
     int64_t flush_timeout_ms;
-    /* The highest offset acknowledged per partition (acked_mu): a second
-     * acknowledgement at or below it is not trusted (dr_msg_cb). */
-    pthread_mutex_t acked_mu;
+    /* The highest offset acknowledged per partition: a second
+     * acknowledgement at or below it is not trusted (ack_trusted). Only the
+     * delivery thread touches it. */
     acked_t *acked;
-    size_t n_acked, cap_acked, last_acked; /* last_acked: where the last report was */
+    size_t n_acked, cap_acked;
+    /* Delivery records the delivery thread is done with (pool_mu); senders
+     * take them back instead of allocating one per message. */
+    pthread_mutex_t pool_mu;
+    delivery_rec_t *pool;
+    size_t n_pool;
 };
 
-typedef struct delivery_rec {
-    loom_delivery_cb cb;
-    void *opaque;
-} delivery_rec_t;
+/* Records kept for reuse beyond the ones in flight. */
+#define POOL_MAX 65536
 
 int loom_kafka_error(rd_kafka_resp_err_t kerr, const char *what, loom_error_t *err)
 {
@@ -124,82 +137,159 @@ bool loom_kafka_user_set(const loom_config_t *cfg, const char *key)
     return false;
 }
 
+/* The record of a partition's highest acknowledged offset (made at offset
+ * -1 the first time). */
+static acked_t *acked_entry(loom_producer_t *p, const rd_kafka_message_t *rkm)
+{
+    const char *topic = rd_kafka_topic_name(rkm->rkt);
+    for (size_t i = 0; i < p->n_acked; i++)
+        if (p->acked[i].partition == rkm->partition && strcmp(p->acked[i].topic, topic) == 0)
+            return &p->acked[i];
+    if (p->n_acked == p->cap_acked) {
+        p->cap_acked = p->cap_acked ? 2 * p->cap_acked : 16;
+        p->acked = loom_xrealloc(p->acked, p->cap_acked * sizeof(*p->acked));
+    }
+    acked_t *a = &p->acked[p->n_acked++];
+    *a = (acked_t){.topic = loom_xstrdup(topic), .partition = rkm->partition, .offset = -1};
+    return a;
+}
+
 /* True when a successful delivery report names an offset above every
  * offset this producer was acknowledged at in that partition (and records
- * it). A topic deleted and made again starts at 0: the first report then
- * fails once and the partition's record starts over. */
-static bool ack_trusted(loom_producer_t *p, const rd_kafka_message_t *rkm)
+ * it in a, the partition's record). A topic deleted and made again starts
+ * at 0: the first report then fails once and the partition's record starts
+ * over. */
+static bool ack_trusted(acked_t *a, const rd_kafka_message_t *rkm)
 {
     if (rkm->offset < 0 || rd_kafka_message_status(rkm) != RD_KAFKA_MSG_STATUS_PERSISTED)
         return false;
-    const char *topic = rd_kafka_topic_name(rkm->rkt);
-    bool ok = true;
-    pthread_mutex_lock(&p->acked_mu);
-    acked_t *a = NULL;
-    /* Reports come in runs of one partition: try the last one first. */
-    for (size_t k = 0; k < p->n_acked && !a; k++) {
-        size_t i = (p->last_acked + k) % p->n_acked;
-        if (p->acked[i].partition == rkm->partition && strcmp(p->acked[i].topic, topic) == 0) {
-            a = &p->acked[i];
-            p->last_acked = i;
-        }
-    }
-    if (!a) {
-        if (p->n_acked == p->cap_acked) {
-            p->cap_acked = p->cap_acked ? 2 * p->cap_acked : 16;
-            p->acked = loom_xrealloc(p->acked, p->cap_acked * sizeof(*p->acked));
-        }
-        a = &p->acked[p->n_acked++];
-        *a = (acked_t){.topic = loom_xstrdup(topic), .partition = rkm->partition, .offset = -1};
-    }
-    ok = rkm->offset > a->offset;
+    bool ok = rkm->offset > a->offset;
     a->offset = rkm->offset;
-    pthread_mutex_unlock(&p->acked_mu);
     return ok;
 }
 
-static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
+/* One delivery report. *a caches the partition record of the previous
+ * report of the same event: the reports of an event are one partition's. */
+static void delivered(loom_producer_t *p, const rd_kafka_message_t *rkm, acked_t **a)
 {
-    (void)rk;
-    loom_producer_t *p = opaque;
     delivery_rec_t *rec = rkm->_private;
     if (rec) {
         loom_error_t err;
         if (rkm->err) {
             loom_kafka_error(rkm->err, "deliver message", &err);
             rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
-        } else if (!ack_trusted(p, rkm)) {
-            /* With acks=all the broker names the offset it stored the
-             * message at, and one producer's messages to a partition get
-             * increasing offsets. A success without an offset, or at an
-             * offset already acknowledged, is a message the broker took for
-             * a duplicate of another (an idempotence sequence mix-up of
-             * older librdkafka releases; seen in a chaos run: two writes
-             * acknowledged, one record in the partition). The caller
-             * retries; the consumers' dedup by id absorbs a copy that did
-             * land. */
-            LOOM_WARN("Kafka acknowledged a message at no new offset; treating it as not "
-                      "delivered",
-                      "topic=%s partition=%d offset=%lld status=%d", rd_kafka_topic_name(rkm->rkt),
-                      (int)rkm->partition, (long long)rkm->offset,
-                      (int)rd_kafka_message_status(rkm));
-            loom_error_set(&err, LOOM_CODE_BROKER_UNAVAILABLE,
-                           "Kafka did not confirm a new offset for the message; send it again");
-            err.retriable = true;
-            rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
         } else {
-            rec->cb(rec->opaque, NULL, rkm->partition, rkm->offset);
+            if (!*a || (*a)->partition != rkm->partition ||
+                strcmp((*a)->topic, rd_kafka_topic_name(rkm->rkt)) != 0)
+                *a = acked_entry(p, rkm);
+            if (!ack_trusted(*a, rkm)) {
+                /* With acks=all the broker names the offset it stored the
+                 * message at, and one producer's messages to a partition get
+                 * increasing offsets. A success without an offset, or at an
+                 * offset already acknowledged, is a message the broker took
+                 * for a duplicate of another (an idempotence sequence mix-up
+                 * of older librdkafka releases; seen in a chaos run: two
+                 * writes acknowledged, one record in the partition). The
+                 * caller retries; the consumers' dedup by id absorbs a copy
+                 * that did land. */
+                LOOM_WARN("Kafka acknowledged a message at no new offset; treating it as not "
+                          "delivered",
+                          "topic=%s partition=%d offset=%lld status=%d",
+                          rd_kafka_topic_name(rkm->rkt), (int)rkm->partition,
+                          (long long)rkm->offset, (int)rd_kafka_message_status(rkm));
+                loom_error_set(&err, LOOM_CODE_BROKER_UNAVAILABLE,
+                               "Kafka did not confirm a new offset for the message; send it "
+                               "again");
+                err.retriable = true;
+                rec->cb(rec->opaque, &err, rkm->partition, rkm->offset);
+            } else {
+                rec->cb(rec->opaque, NULL, rkm->partition, rkm->offset);
+            }
         }
-        free(rec);
     }
     atomic_fetch_sub(&p->in_flight, 1);
+}
+
+static delivery_rec_t *rec_get(loom_producer_t *p)
+{
+    pthread_mutex_lock(&p->pool_mu);
+    delivery_rec_t *rec = p->pool;
+    if (rec) {
+        p->pool = rec->next;
+        p->n_pool--;
+    }
+    pthread_mutex_unlock(&p->pool_mu);
+    return rec ? rec : loom_xmalloc(sizeof(*rec));
+}
+
+/* Gives back a chain of n records (first..last), freeing them past POOL_MAX. */
+static void rec_put(loom_producer_t *p, delivery_rec_t *first, delivery_rec_t *last, size_t n)
+{
+    if (!first)
+        return;
+    pthread_mutex_lock(&p->pool_mu);
+    bool keep = p->n_pool + n <= POOL_MAX;
+    if (keep) {
+        last->next = p->pool;
+        p->pool = first;
+        p->n_pool += n;
+    }
+    pthread_mutex_unlock(&p->pool_mu);
+    while (!keep && first) {
+        delivery_rec_t *next = first->next;
+        free(first);
+        first = next;
+    }
+}
+
+static void serve_event(loom_producer_t *p, rd_kafka_event_t *ev)
+{
+    switch (rd_kafka_event_type(ev)) {
+    case RD_KAFKA_EVENT_DR: {
+        const rd_kafka_message_t *rkm;
+        acked_t *a = NULL;
+        delivery_rec_t *first = NULL, *last = NULL;
+        size_t n = 0;
+        while ((rkm = rd_kafka_event_message_next(ev))) {
+            delivered(p, rkm, &a);
+            delivery_rec_t *rec = rkm->_private;
+            if (rec) {
+                rec->next = first;
+                first = rec;
+                last = last ? last : rec;
+                n++;
+            }
+        }
+        rec_put(p, first, last, n);
+        break;
+    }
+    case RD_KAFKA_EVENT_ERROR:
+        /* What librdkafka would have logged without an error callback. */
+        LOOM_WARN("Kafka producer error", "error=\"%s\" fatal=%d", rd_kafka_event_error_string(ev),
+                  rd_kafka_event_error_is_fatal(ev));
+        break;
+    case RD_KAFKA_EVENT_OAUTHBEARER_TOKEN_REFRESH:
+        /* Only the unsecured test tokens (sasl.oauthbearer.config) come as
+         * an event: librdkafka makes them from rd_kafka_poll(), which this
+         * producer does not call (OIDC tokens are refreshed by librdkafka
+         * itself). */
+        LOOM_WARN("Kafka asks for an OAUTHBEARER token refresh, which Loom's producer does not do",
+                  "mechanism=%s", "OAUTHBEARER");
+        break;
+    default:
+        break;
+    }
+    rd_kafka_event_destroy(ev);
 }
 
 static void *poll_thread(void *arg)
 {
     loom_producer_t *p = arg;
-    while (!atomic_load(&p->stop))
-        rd_kafka_poll(p->rk, 100);
+    while (!atomic_load(&p->stop)) {
+        rd_kafka_event_t *ev = rd_kafka_queue_poll(p->events, 100);
+        if (ev)
+            serve_event(p, ev);
+    }
     return NULL;
 }
 
@@ -213,7 +303,7 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
         return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not configure Kafka: %s",
                               errbuf);
     loom_producer_t *p = loom_xcalloc(1, sizeof(*p));
-    pthread_mutex_init(&p->acked_mu, NULL);
+    pthread_mutex_init(&p->pool_mu, NULL);
     p->flush_timeout_ms = opts->flush_timeout_ms > 0 ? opts->flush_timeout_ms : 30000;
     snprintf(num, sizeof(num), "%d",
              opts->queue_max_messages > 0 ? opts->queue_max_messages : 100000);
@@ -244,17 +334,22 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
         snprintf(num, sizeof(num), "%lld", (long long)opts->message_timeout_ms);
         rd_kafka_conf_set(conf, "message.timeout.ms", num, NULL, 0);
     }
-    rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
+    /* Reports as events, served by the delivery thread alone. */
+    rd_kafka_conf_set_events(conf, RD_KAFKA_EVENT_DR | RD_KAFKA_EVENT_ERROR);
     rd_kafka_conf_set_opaque(conf, p);
     p->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errbuf, sizeof(errbuf));
     if (!p->rk) {
         rd_kafka_conf_destroy(conf);
+        pthread_mutex_destroy(&p->pool_mu);
         free(p);
         return loom_error_set(err, LOOM_CODE_CONFIG_INVALID, "could not create a producer: %s",
                               errbuf);
     }
+    p->events = rd_kafka_queue_get_main(p->rk);
     if (pthread_create(&p->thread, NULL, poll_thread, p) != 0) {
+        rd_kafka_queue_destroy(p->events);
         rd_kafka_destroy(p->rk);
+        pthread_mutex_destroy(&p->pool_mu);
         free(p);
         return loom_error_set(err, LOOM_CODE_INTERNAL, "could not start the delivery thread");
     }
@@ -265,8 +360,9 @@ int loom_producer_new(const loom_producer_opts_t *opts, loom_producer_t **out, l
 int loom_producer_flush(loom_producer_t *p, int64_t timeout_ms)
 {
     int64_t end = loom_mono_ms() + timeout_ms;
+    /* With reports as events rd_kafka_flush only waits (the delivery thread
+     * serves them); then wait for our callbacks to have run. */
     rd_kafka_resp_err_t e = rd_kafka_flush(p->rk, (int)timeout_ms);
-    /* rd_kafka_flush polls too; wait for our callbacks to have run. */
     while (atomic_load(&p->in_flight) > 0 && loom_mono_ms() < end)
         loom_sleep_ms(5);
     return e == RD_KAFKA_RESP_ERR_NO_ERROR && atomic_load(&p->in_flight) == 0 ? 0 : LOOM_ETIMEDOUT;
@@ -281,11 +377,21 @@ void loom_producer_free(loom_producer_t *p)
                   atomic_load(&p->in_flight));
     atomic_store(&p->stop, 1);
     pthread_join(p->thread, NULL);
+    /* Reports that came after the thread's last poll. */
+    rd_kafka_event_t *ev;
+    while ((ev = rd_kafka_queue_poll(p->events, 0)))
+        serve_event(p, ev);
+    rd_kafka_queue_destroy(p->events);
     rd_kafka_destroy(p->rk);
     for (size_t i = 0; i < p->n_acked; i++)
         free(p->acked[i].topic);
     free(p->acked);
-    pthread_mutex_destroy(&p->acked_mu);
+    while (p->pool) {
+        delivery_rec_t *next = p->pool->next;
+        free(p->pool);
+        p->pool = next;
+    }
+    pthread_mutex_destroy(&p->pool_mu);
     free(p);
 }
 
@@ -305,7 +411,7 @@ int loom_producer_send_raw(loom_producer_t *p, const char *topic, const char *ke
 {
     delivery_rec_t *rec = NULL;
     if (cb) {
-        rec = loom_xmalloc(sizeof(*rec));
+        rec = rec_get(p);
         rec->cb = cb;
         rec->opaque = opaque;
     }
@@ -316,7 +422,7 @@ int loom_producer_send_raw(loom_producer_t *p, const char *topic, const char *ke
         RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(rec), RD_KAFKA_V_END);
     if (e != RD_KAFKA_RESP_ERR_NO_ERROR) {
         atomic_fetch_sub(&p->in_flight, 1);
-        free(rec);
+        rec_put(p, rec, rec, rec ? 1 : 0);
         return loom_kafka_error(e, "queue message", err);
     }
     return 0;

@@ -150,7 +150,8 @@ int loom_ce_validate(const loom_ce_t *ce, loom_error_t *err)
     if (!*ce->type)
         return bad(err, "type", "must not be empty");
     int64_t us;
-    if (ce->time && loom_rfc3339_parse(ce->time, &us) != 0)
+    /* A time loom_ce_init() wrote is RFC 3339 by construction. */
+    if (ce->time && ce->time != ce->time_formatted && loom_rfc3339_parse(ce->time, &us) != 0)
         return bad(err, "time", "is not an RFC 3339 timestamp");
     if (ce->deadline && loom_rfc3339_parse(ce->deadline, &us) != 0)
         return bad(err, "deadline", "is not an RFC 3339 timestamp");
@@ -493,33 +494,36 @@ int loom_ce_decode(const rd_kafka_message_t *rkm, loom_arena_t *arena, loom_ce_t
 rd_kafka_headers_t *loom_ce_headers(const loom_ce_t *ce)
 {
     rd_kafka_headers_t *h = rd_kafka_headers_new(12 + ce->n_ext);
+#define NAME(s) s, (ssize_t)(sizeof(s) - 1)
     struct {
         const char *name;
+        ssize_t name_len;
         const char *value;
     } attrs[] = {
-        {"ce_specversion", ce->specversion},
-        {"ce_id", ce->id},
-        {"ce_source", ce->source},
-        {"ce_type", ce->type},
-        {"ce_time", ce->time},
-        {"ce_subject", ce->subject},
-        {"ce_dataschema", ce->dataschema},
-        {"ce_rayid", ce->rayid},
-        {"ce_causationid", ce->causationid},
-        {"ce_deadline", ce->deadline},
-        {"ce_traceparent", ce->traceparent},
+        {NAME("ce_specversion"), ce->specversion},
+        {NAME("ce_id"), ce->id},
+        {NAME("ce_source"), ce->source},
+        {NAME("ce_type"), ce->type},
+        {NAME("ce_time"), ce->time},
+        {NAME("ce_subject"), ce->subject},
+        {NAME("ce_dataschema"), ce->dataschema},
+        {NAME("ce_rayid"), ce->rayid},
+        {NAME("ce_causationid"), ce->causationid},
+        {NAME("ce_deadline"), ce->deadline},
+        {NAME("ce_traceparent"), ce->traceparent},
     };
     for (size_t i = 0; i < sizeof(attrs) / sizeof(attrs[0]); i++)
         if (attrs[i].value)
-            rd_kafka_header_add(h, attrs[i].name, -1, attrs[i].value, -1);
+            rd_kafka_header_add(h, attrs[i].name, attrs[i].name_len, attrs[i].value, -1);
     for (size_t i = 0; i < ce->n_ext; i++) {
         char name[32];
         snprintf(name, sizeof(name), "ce_%s", ce->ext[i].name);
         rd_kafka_header_add(h, name, -1, ce->ext[i].value, -1);
     }
     /* The binding maps datacontenttype to the content-type header. */
-    rd_kafka_header_add(h, "content-type", -1,
+    rd_kafka_header_add(h, NAME("content-type"),
                         ce->datacontenttype ? ce->datacontenttype : "application/json", -1);
+#undef NAME
     return h;
 }
 
@@ -596,9 +600,18 @@ void loom_ce_init(loom_ce_t *ce, loom_arena_t *arena, const char *site, const ch
     loom_rfc3339_format(loom_now_us(), ts, 40);
     ce->id = id;
     ce->time = ts;
+    ce->time_formatted = ts;
     ce->specversion = "1.0";
-    ce->source =
-        loom_arena_sprintf(arena, "loom://%s/%s", site ? site : "local", node ? node : "unknown");
+    /* "loom://SITE/NODE", put together by hand: this runs once per message. */
+    site = site ? site : "local";
+    node = node ? node : "unknown";
+    size_t ls = strlen(site), ln = strlen(node);
+    char *src = loom_arena_alloc(arena, 7 + ls + 1 + ln + 1);
+    memcpy(src, "loom://", 7);
+    memcpy(src + 7, site, ls);
+    src[7 + ls] = '/';
+    memcpy(src + 8 + ls, node, ln + 1);
+    ce->source = src;
     ce->type = type ? loom_arena_strdup(arena, type) : NULL;
     ce->datacontenttype = "application/json";
 }

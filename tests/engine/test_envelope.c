@@ -1281,6 +1281,36 @@ Test(envelope, init_fills_a_new_event)
     cr_assert_str_neq(other.id, ce.id);
 }
 
+/* loom_ce_validate skips parsing the time loom_ce_init wrote, and only that
+ * one: a time the caller puts in its place is checked. */
+Test(envelope, a_time_set_after_init_is_still_checked)
+{
+    loom_ce_t ce;
+    loom_ce_init(&ce, &arena, "s", "n", "x.y");
+    cr_assert_eq(loom_ce_validate(&ce, NULL), 0);
+    loom_error_t err;
+    ce.time = "yesterday";
+    cr_assert_eq(loom_ce_validate(&ce, &err), LOOM_EINVAL);
+    cr_assert(strstr(err.message, "\"time\"") != NULL, "%s", err.message);
+    ce.time = "2026-02-30T00:00:00Z";
+    cr_assert_eq(loom_ce_validate(&ce, &err), LOOM_EINVAL, "no 30 February");
+    ce.time = "2026-02-28T00:00:00Z";
+    cr_assert_eq(loom_ce_validate(&ce, &err), 0, "%s", err.message);
+    /* A copy of an event made by init keeps the time it made. */
+    loom_ce_t copy;
+    loom_ce_init(&copy, &arena, "s", "n", "x.y");
+    loom_ce_t again = copy;
+    cr_assert_eq(loom_ce_validate(&again, NULL), 0);
+    cr_assert_eq(loom_ce_validate(&(loom_ce_t){.specversion = "1.0",
+                                               .id = "1",
+                                               .source = "s",
+                                               .type = "t",
+                                               .time = "nope",
+                                               .time_formatted = NULL},
+                                  &err),
+                 LOOM_EINVAL);
+}
+
 Test(envelope, topic_for_command)
 {
     char topic[128];

@@ -73,6 +73,9 @@ typedef struct loom_ce {
     /* Kafka key, when read from Kafka */
     const char *key;
     size_t key_len;
+    /* The time loom_ce_init() formatted: loom_ce_validate() does not parse
+     * it again while `time` still points at it. */
+    const char *time_formatted;
 } loom_ce_t;
 
 /* Decodes a Kafka message in binary or structured mode. Returns 0, or
