@@ -44,13 +44,11 @@ typedef struct gw_poller {
 } gw_poller_t;
 
 /* The adaptive bound on ?wait requests (gateway_limit.c): every window of
- * GW_WAIT_WINDOW_MS, the average time the requests that ended in it were
- * held is compared with the target; above it the bound comes down by a
- * tenth (to min at the lowest), at or below it the bound goes up by a
- * sixteenth (to max). With the bound, a gateway whose workers fall behind
- * holds about as many requests as can be answered within the target and
- * refuses the rest at once, instead of holding max_waiters requests that
- * all end late. */
+ * GW_WAIT_WINDOW_MS, if more than one in ten of the requests that ended in
+ * it were held longer than the target, the bound comes down by a tenth (to
+ * min at the lowest), else it goes up by a sixteenth (to max). With the bound, a gateway whose
+ * workers fall behind holds about as many requests as can be answered within the target and refuses
+ * the rest at once, instead of holding max_waiters requests that all end late. */
 #define GW_WAIT_WINDOW_MS 100
 typedef struct gw_wait_limit {
     pthread_mutex_t mu;
@@ -58,8 +56,8 @@ typedef struct gw_wait_limit {
     int min, max;
     double limit;
     atomic_int now; /* (int)limit, read by admissions without the mutex */
-    int64_t window_ns, sum_ns;
-    int n;
+    int64_t window_ns;
+    int n, slow; /* requests that ended in the window, and how many took longer than the target */
 } gw_wait_limit_t;
 
 void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms);

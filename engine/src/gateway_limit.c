@@ -24,9 +24,9 @@
  * The ?wait bound also adapts (LOOM_API_WAIT_TARGET): a fixed bound of N
  * waiters, when the workers apply R commands a second, lets each wait grow
  * to about N / R seconds, so with the default 128 and a machine that applies
- * 900 a second every answer takes some 140 ms. While the requests that ended
- * in the last 100 ms were held longer than the target on average, the bound
- * comes down (multiplicatively, to LOOM_GATEWAY_MIN_WAITERS at the lowest);
+ * 900 a second every answer takes some 140 ms. While more than one in ten of
+ * the requests that ended in the last 100 ms were held longer than the
+ * target, the bound comes down (multiplicatively, to LOOM_GATEWAY_MIN_WAITERS at the lowest);
  * while they are faster it goes back up. The waits then stay near the target
  * and the excess is refused in microseconds. This is additive-increase,
  * multiplicative-decrease on latency, as adaptive concurrency limits do.
@@ -232,18 +232,18 @@ int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns)
     if (!l->window_ns)
         l->window_ns = now_ns;
     l->n++;
-    l->sum_ns += held_ns > 0 ? held_ns : 0;
+    if (held_ns > l->target_ns)
+        l->slow++;
     /* A window ends with a request that ended after it; one with fewer than
      * four requests says too little and runs on. */
     if (now_ns - l->window_ns >= GW_WAIT_WINDOW_MS * 1000000LL && l->n >= 4) {
-        int64_t avg = l->sum_ns / l->n;
-        if (avg > l->target_ns)
+        if (l->slow * 10 > l->n) /* more than one in ten took longer than the target */
             l->limit = l->limit * 0.9 > l->min ? l->limit * 0.9 : l->min;
         else
             l->limit = l->limit + l->limit / 16 < l->max ? l->limit + l->limit / 16 : l->max;
         l->window_ns = now_ns;
         l->n = 0;
-        l->sum_ns = 0;
+        l->slow = 0;
         atomic_store(&l->now, (int)l->limit);
     }
     int now = atomic_load(&l->now);

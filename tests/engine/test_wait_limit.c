@@ -41,7 +41,7 @@ Test(wait_limit, slow_waits_bring_the_bound_down_to_its_floor_and_fast_ones_back
     gw_wait_limit_destroy(&l);
 }
 
-Test(wait_limit, settles_where_the_average_wait_meets_the_target)
+Test(wait_limit, settles_where_the_waits_meet_the_target)
 {
     /* A gateway in front of workers that apply 1,000 commands a second,
      * offered more: a wait takes about bound / 1000 s (Little's law). */
@@ -84,5 +84,28 @@ Test(wait_limit, off_or_too_few_requests_leave_the_bound_alone)
     for (int w = 0; w < 20; w++)
         cr_assert_eq(window(&small, &now, 10, 10000), 4);
     gw_wait_limit_destroy(&small);
+    gw_wait_limit_destroy(&l);
+}
+
+Test(wait_limit, one_slow_wait_in_ten_is_allowed_two_are_not)
+{
+    gw_wait_limit_t l;
+    gw_wait_limit_init(&l, 128, 16, 50);
+    int64_t now = 1000 * MS;
+    int b = 128;
+    for (int w = 0; w < 10; w++) { /* 1 of 10 at 500 ms: the bound stays */
+        for (int i = 0; i < 10; i++) {
+            now += GW_WAIT_WINDOW_MS * MS / 10 + 1;
+            b = gw_wait_limit_done(&l, (i == 0 ? 500 : 10) * MS, now);
+        }
+    }
+    cr_assert_eq(b, 128);
+    for (int w = 0; w < 10; w++) { /* 2 of 10: it comes down */
+        for (int i = 0; i < 10; i++) {
+            now += GW_WAIT_WINDOW_MS * MS / 10 + 1;
+            b = gw_wait_limit_done(&l, (i < 2 ? 500 : 10) * MS, now);
+        }
+    }
+    cr_assert_lt(b, 64, "bound %d", b);
     gw_wait_limit_destroy(&l);
 }

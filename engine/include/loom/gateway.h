@@ -109,8 +109,8 @@ typedef struct loom_gateway_opts {
                                    * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_WAITERS */
     int max_queue;                /* LOOM_API_MAX_QUEUE: op calls queued for the workers;
                                    * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_QUEUE */
-    int64_t wait_target_ms;       /* LOOM_API_WAIT_TARGET: while ?wait requests take longer
-                                   * than this on average, fewer are held (gateway_limit.c);
+    int64_t wait_target_ms;       /* LOOM_API_WAIT_TARGET: while more than 1 in 10 ?wait
+                                   * requests take longer, fewer are held (gateway_limit.c);
                                    * 0: LOOM_GATEWAY_WAIT_TARGET_MS; < 0: off */
 } loom_gateway_opts_t;
 
