@@ -382,12 +382,23 @@ static void *helper_main(void *arg)
     return NULL;
 }
 
+#define BIG_BODY ((size_t)48 << 20)
+
 static void srv_handler(loom_http_req_t *req, loom_http_res_t *res, void *opaque)
 {
     srv_state_t *st = opaque;
     atomic_fetch_add(&st->handled, 1);
     const char *path = loom_http_req_path(req);
     bool async = strncmp(path, "/async/", 7) == 0, hold = strncmp(path, "/hold/", 6) == 0;
+    if (strncmp(path, "/big/", 5) == 0) {
+        /* More than loopback socket buffers take at once: written in parts. */
+        char *body = loom_xmalloc(BIG_BODY);
+        for (size_t i = 0; i < BIG_BODY; i++)
+            body[i] = (char)('a' + i % 26);
+        loom_http_res_body_take(res, body, BIG_BODY);
+        loom_http_res_send(res);
+        return;
+    }
     if (!async && !hold) {
         answer_path(req, res);
         return;
@@ -632,5 +643,35 @@ Test(server, clients_closing_mid_request_are_reported_once_each, .timeout = 120)
     loom_test_http_close(c);
     cr_assert(wait_for(&s->st, done_is, CONNS + 1));
     cr_assert_eq(atomic_load(&s->st.handled), CONNS + 1);
+    srv_free(s);
+}
+
+Test(server, big_answers_written_in_parts_arrive_whole_and_in_order, .timeout = 120)
+{
+    srv_t *s = srv_start();
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    cr_assert(loom_test_http_sends(c, "GET /big/0/0 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /sync/0/1 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /big/0/2 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /async/0/3 HTTP/1.1\r\nHost: h\r\n\r\n"));
+    for (int i = 0; i < 4; i++) {
+        loom_test_http_res_t r;
+        cr_assert(loom_test_http_read(c, 30000, &r), "no answer %d", i);
+        cr_assert_eq(r.status, 200);
+        if (i % 2 == 0) {
+            cr_assert_eq(r.body_len, BIG_BODY, "answer %d: %zu bytes", i, r.body_len);
+            size_t bad = 0;
+            while (bad < BIG_BODY && r.body[bad] == (char)('a' + bad % 26))
+                bad++;
+            cr_assert_eq(bad, BIG_BODY, "answer %d differs at byte %zu", i, bad);
+        } else {
+            char want[32];
+            snprintf(want, sizeof(want), "/%s/0/%d", i == 1 ? "sync" : "async", i);
+            cr_assert_str_eq(r.body, want);
+        }
+        loom_test_http_res_free(&r);
+    }
+    cr_assert(wait_for(&s->st, done_is, 4));
+    loom_test_http_close(c);
     srv_free(s);
 }
