@@ -11,7 +11,7 @@
  *
  * A connection handles one request at a time: while a request is being
  * answered, what the client sends meanwhile waits unparsed in the
- * connection's buffer (up to 64 KiB; past that the connection reads no
+ * connection's buffer (once 64 KiB wait there, the connection reads no
  * further until the answer is written), and a pipelined request is parsed
  * only once the previous response has been written. Responses therefore
  * leave in request order, and a client that sends without reading cannot
