@@ -46,7 +46,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define READ_BUF_SIZE  (64 * 1024)
+#define READ_BUF_SIZE (64 * 1024)
+/* Bytes a connection buffers, unparsed, while its request is answered. */
+#define HELD_INPUT_MAX (64 * 1024)
 #define LINGER_MS      1000
 #define DRAIN_GRACE_MS 2000
 #define LISTEN_BACKLOG 1024
@@ -139,6 +141,8 @@ struct conn {
     char fail_msg[200];
     bool keep_alive, eof, reading, counted, write_done;
     conn_t *prev, *next;
+    conn_t *written_next; /* in its loop's written list */
+    bool written_queued;
     char remote[ADDR_TEXT_MAX];
 };
 
@@ -154,6 +158,8 @@ struct loop {
     uv_loop_t uv;
     uv_async_t wake;
     uv_timer_t drain_timer;
+    uv_idle_t written_idle;              /* active while written_head is not empty */
+    conn_t *written_head, *written_tail; /* responses written whole, to move on from */
     pthread_t thread;
     bool started;
     uv_tcp_t *listeners;
@@ -740,6 +746,58 @@ static void on_write(uv_write_t *w, int status)
         conn_after_response(c);
 }
 
+static void on_written_idle(uv_idle_t *h)
+{
+    loop_t *l = h->data;
+    conn_t *c = l->written_head;
+    l->written_head = l->written_tail = NULL;
+    uv_idle_stop(&l->written_idle);
+    /* A connection closed meanwhile is still allocated: its handles are
+     * freed in the closing phase, after this one. */
+    while (c) {
+        conn_t *next = c->written_next;
+        c->written_next = NULL;
+        c->written_queued = false;
+        if (c->state != C_CLOSED)
+            conn_after_response(c);
+        c = next;
+    }
+}
+
+/* A response was written whole at once: the connection moves on (on_done,
+ * the next pipelined request) at the start of the loop's next iteration, as
+ * it would after a write callback, never inside the code that answered. */
+static void conn_written(conn_t *c)
+{
+    loop_t *l = c->loop;
+    c->written_queued = true;
+    c->written_next = NULL;
+    if (l->written_tail)
+        l->written_tail->written_next = c;
+    else
+        l->written_head = c;
+    l->written_tail = c;
+    uv_idle_start(&l->written_idle, on_written_idle);
+}
+
+/* Takes a closing connection out of its loop's written list. */
+static void conn_unwritten(conn_t *c)
+{
+    loop_t *l = c->loop;
+    if (!c->written_queued)
+        return;
+    c->written_queued = false;
+    for (conn_t **p = &l->written_head, *prev = NULL; *p; prev = *p, p = &(*p)->written_next) {
+        if (*p != c)
+            continue;
+        *p = c->written_next;
+        if (l->written_tail == c)
+            l->written_tail = prev;
+        break;
+    }
+    c->written_next = NULL;
+}
+
 /* Writes bytes; final marks the end of a response. */
 static void conn_write(conn_t *c, const char *head, size_t head_len, const char *body,
                        size_t body_len, bool final)
@@ -754,13 +812,31 @@ static void conn_write(conn_t *c, const char *head, size_t head_len, const char 
             c->write_done = true;
         return;
     }
-    wreq_t *wr = loom_xmalloc(sizeof(*wr) + head_len + body_len);
+    /* Most answers fit the socket's buffer: written here, with no copy and
+     * no write request (whose completion would also re-arm the socket in
+     * epoll); only a remainder goes through uv_write. */
+    uv_buf_t bufs[2] = {uv_buf_init((char *)head, (unsigned)head_len),
+                        uv_buf_init((char *)body, (unsigned)body_len)};
+    int n = uv_try_write((uv_stream_t *)&c->tcp, bufs, body_len ? 2 : 1);
+    if (n < 0 && n != UV_EAGAIN) {
+        conn_close(c);
+        return;
+    }
+    size_t sent = n > 0 ? (size_t)n : 0;
+    if (sent == head_len + body_len) {
+        if (final)
+            conn_written(c);
+        return;
+    }
+    size_t head_sent = sent < head_len ? sent : head_len;
+    size_t body_sent = sent - head_sent;
+    wreq_t *wr = loom_xmalloc(sizeof(*wr) + head_len + body_len - sent);
     wr->c = c;
     wr->final = final;
-    wr->len = head_len + body_len;
-    memcpy(wr->data, head, head_len);
-    if (body_len)
-        memcpy(wr->data + head_len, body, body_len);
+    wr->len = head_len - head_sent + body_len - body_sent;
+    memcpy(wr->data, head + head_sent, head_len - head_sent);
+    if (body_len > body_sent)
+        memcpy(wr->data + head_len - head_sent, body + body_sent, body_len - body_sent);
     uv_buf_t buf = uv_buf_init(wr->data, (unsigned)wr->len);
     int rc = uv_write(&wr->w, (uv_stream_t *)&c->tcp, &buf, 1, on_write);
     if (rc != 0) {
@@ -849,6 +925,7 @@ static void conn_close(conn_t *c)
     loop_t *l = c->loop;
     if (!l)
         return; /* a session: freed with it */
+    conn_unwritten(c);
     if (c->counted)
         atomic_fetch_sub(&l->srv->conns, 1);
     if (c->prev)
@@ -1253,7 +1330,8 @@ static void init_parser_settings(void)
 static void conn_dispatch(conn_t *c)
 {
     loom_http_req_t *req = c->req;
-    conn_read_stop(c);
+    /* Reading goes on while the request is answered (see conn_feed): stopping
+     * and restarting it would cost two epoll_ctl calls per request. */
     conn_timer_stop(c);
     if (!req->body.p)
         sb_append(&req->body, "", 0);
@@ -1322,6 +1400,12 @@ static void conn_feed(conn_t *c, const char *data, size_t len)
     if (c->in.len > 0 || (c->state != C_IDLE && c->state != C_READING)) {
         sb_append(&c->in, data, len);
         conn_drain(c);
+        /* While a request is answered, what arrives waits in the buffer;
+         * past HELD_INPUT_MAX the connection reads no further until the
+         * answer is written (conn_after_response starts reading again). */
+        if (c->state != C_IDLE && c->state != C_READING && c->state != C_CLOSED &&
+            c->in.len >= HELD_INPUT_MAX)
+            conn_read_stop(c);
         return;
     }
     size_t n = conn_parse(c, data, len);
@@ -1368,6 +1452,7 @@ static void loop_maybe_finish(loop_t *l)
     }
     uv_close((uv_handle_t *)&l->wake, loop_close_cb);
     uv_close((uv_handle_t *)&l->drain_timer, loop_close_cb);
+    uv_close((uv_handle_t *)&l->written_idle, loop_close_cb);
 }
 
 static void on_drain_timer(uv_timer_t *t)
@@ -1695,6 +1780,8 @@ int loom_http_server_start(const loom_http_opts_t *opts, loom_http_server_t **ou
         l->wake.data = l;
         uv_timer_init(&l->uv, &l->drain_timer);
         l->drain_timer.data = l;
+        uv_idle_init(&l->uv, &l->written_idle);
+        l->written_idle.data = l;
         l->listeners = loom_xcalloc(srv->n_addrs, sizeof(uv_tcp_t));
         for (size_t a = 0; a < srv->n_addrs; a++) {
             uv_tcp_t *lt = &l->listeners[l->n_listeners];

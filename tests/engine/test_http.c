@@ -2,18 +2,27 @@
  * The gateway's pieces without sockets: route matching and table checks,
  * Idempotency-Key ids, JSON bodies, and the HTTP connection state machine
  * fed by hand through a session (pipelining, chunked bodies, limits, bytes
- * arriving one at a time).
+ * arriving one at a time); then the server over loopback sockets, answering
+ * from other threads (pipelining on many connections, input past what a
+ * connection buffers, clients gone mid-request).
  */
+#include "http_client.h"
 #include "loom/gateway.h"
 #include "loom/http.h"
 #include "loom/mem.h"
 #include "loom/uuid.h"
 
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <jansson.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 static int h(loom_http_req_t *req, loom_http_res_t *res)
 {
@@ -318,4 +327,351 @@ Test(rate_limit, token_buckets_refill_and_say_when)
     cr_assert_str_eq(key, "addr:::1");
     loom_rate_limiter_key(NULL, "", key, sizeof(key));
     cr_assert_str_eq(key, "addr:");
+}
+
+/* ---- the server over sockets: answers from other threads, pipelining -------------- */
+
+/*
+ * Requests to /async/... are answered from a helper thread through
+ * loom_http_req_post(), those to /hold/... when the test releases them,
+ * anything else at once. Every answer's body is the request's path, so a
+ * client sees whether its pipelined answers came back whole and in order.
+ */
+typedef struct srv_state {
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    loom_http_req_t *queue[4096]; /* for the helper thread */
+    size_t nq;
+    loom_http_req_t *held[256];
+    size_t nheld;
+    bool stop;
+    atomic_int handled, done, dropped;
+} srv_state_t;
+
+static void answer_path(loom_http_req_t *req, loom_http_res_t *res)
+{
+    const char *path = loom_http_req_path(req);
+    loom_http_res_body(res, path, strlen(path));
+    loom_http_res_send(res);
+}
+
+static void answer_posted(loom_http_req_t *req, void *arg, bool cancelled)
+{
+    (void)arg;
+    if (!cancelled && !loom_http_req_detached(req))
+        answer_path(req, loom_http_req_res(req));
+    loom_http_req_unref(req);
+}
+
+static void *helper_main(void *arg)
+{
+    srv_state_t *st = arg;
+    pthread_mutex_lock(&st->mu);
+    for (;;) {
+        while (st->nq == 0 && !st->stop)
+            pthread_cond_wait(&st->cond, &st->mu);
+        if (st->nq == 0)
+            break;
+        loom_http_req_t *req = st->queue[0];
+        memmove(st->queue, st->queue + 1, --st->nq * sizeof(st->queue[0]));
+        pthread_mutex_unlock(&st->mu);
+        loom_http_req_post(req, answer_posted, NULL);
+        pthread_mutex_lock(&st->mu);
+    }
+    pthread_mutex_unlock(&st->mu);
+    return NULL;
+}
+
+#define BIG_BODY ((size_t)48 << 20)
+
+static void srv_handler(loom_http_req_t *req, loom_http_res_t *res, void *opaque)
+{
+    srv_state_t *st = opaque;
+    atomic_fetch_add(&st->handled, 1);
+    const char *path = loom_http_req_path(req);
+    bool async = strncmp(path, "/async/", 7) == 0, hold = strncmp(path, "/hold/", 6) == 0;
+    if (strncmp(path, "/big/", 5) == 0) {
+        /* More than loopback socket buffers take at once: written in parts. */
+        char *body = loom_xmalloc(BIG_BODY);
+        for (size_t i = 0; i < BIG_BODY; i++)
+            body[i] = (char)('a' + i % 26);
+        loom_http_res_body_take(res, body, BIG_BODY);
+        loom_http_res_send(res);
+        return;
+    }
+    if (!async && !hold) {
+        answer_path(req, res);
+        return;
+    }
+    loom_http_req_ref(req);
+    pthread_mutex_lock(&st->mu);
+    if (async) {
+        cr_assert_lt(st->nq, 4096);
+        st->queue[st->nq++] = req;
+        pthread_cond_signal(&st->cond);
+    } else {
+        cr_assert_lt(st->nheld, 256);
+        st->held[st->nheld++] = req;
+    }
+    pthread_mutex_unlock(&st->mu);
+}
+
+static void srv_done(loom_http_req_t *req, loom_http_res_t *res, void *opaque)
+{
+    (void)req;
+    srv_state_t *st = opaque;
+    atomic_fetch_add(&st->done, 1);
+    if (loom_http_res_get_status(res) == 499)
+        atomic_fetch_add(&st->dropped, 1);
+}
+
+static size_t held_count(srv_state_t *st)
+{
+    pthread_mutex_lock(&st->mu);
+    size_t n = st->nheld;
+    pthread_mutex_unlock(&st->mu);
+    return n;
+}
+
+/* Answers every held request (from this thread, through the loops). */
+static void release_held(srv_state_t *st)
+{
+    pthread_mutex_lock(&st->mu);
+    size_t n = st->nheld;
+    loom_http_req_t *reqs[256];
+    memcpy(reqs, st->held, n * sizeof(reqs[0]));
+    st->nheld = 0;
+    pthread_mutex_unlock(&st->mu);
+    for (size_t i = 0; i < n; i++)
+        loom_http_req_post(reqs[i], answer_posted, NULL);
+}
+
+/* Waits (up to 30 s, a bound for a broken server, not a timing) until
+ * cond(st, want) holds. */
+static bool wait_for(srv_state_t *st, bool (*cond)(srv_state_t *, int), int want)
+{
+    for (int i = 0; i < 3000; i++) {
+        if (cond(st, want))
+            return true;
+        usleep(10000);
+    }
+    return cond(st, want);
+}
+
+static bool done_is(srv_state_t *st, int want)
+{
+    return atomic_load(&st->done) == want;
+}
+
+static bool held_is(srv_state_t *st, int want)
+{
+    return held_count(st) == (size_t)want;
+}
+
+typedef struct srv {
+    srv_state_t st;
+    pthread_t helper;
+    loom_http_opts_t opts;
+    loom_http_server_t *http;
+    int port;
+} srv_t;
+
+static srv_t *srv_start(void)
+{
+    srv_t *s = loom_xcalloc(1, sizeof(*s));
+    pthread_mutex_init(&s->st.mu, NULL);
+    pthread_cond_init(&s->st.cond, NULL);
+    cr_assert_eq(pthread_create(&s->helper, NULL, helper_main, &s->st), 0);
+    s->opts = (loom_http_opts_t){.listen = "127.0.0.1:0",
+                                 .threads = 2,
+                                 .handler = srv_handler,
+                                 .on_done = srv_done,
+                                 .opaque = &s->st};
+    loom_error_t err;
+    cr_assert_eq(loom_http_server_start(&s->opts, &s->http, &err), 0, "%s", err.message);
+    s->port = loom_http_server_port(s->http, 0);
+    return s;
+}
+
+static void srv_free(srv_t *s)
+{
+    release_held(&s->st);
+    loom_http_server_free(s->http);
+    pthread_mutex_lock(&s->st.mu);
+    s->st.stop = true;
+    pthread_cond_signal(&s->st.cond);
+    pthread_mutex_unlock(&s->st.mu);
+    pthread_join(s->helper, NULL);
+    pthread_mutex_destroy(&s->st.mu);
+    pthread_cond_destroy(&s->st.cond);
+    free(s);
+}
+
+/* Reads n answers and checks each body is "/KIND/CONN/I", in order. */
+static void expect_paths(loom_test_http_conn_t *c, int conn, int from, int n, int kinds)
+{
+    static const char *const kind[] = {"sync", "async"};
+    for (int i = from; i < from + n; i++) {
+        loom_test_http_res_t r;
+        cr_assert(loom_test_http_read(c, 30000, &r), "connection %d: no answer %d", conn, i);
+        char want[64];
+        snprintf(want, sizeof(want), "/%s/%d/%d", kind[i % kinds], conn, i);
+        cr_assert_eq(r.status, 200);
+        cr_assert_str_eq(r.body, want, "connection %d: answer %d", conn, i);
+        loom_test_http_res_free(&r);
+    }
+}
+
+Test(server, pipelined_requests_on_many_connections_answer_in_order, .timeout = 120)
+{
+    srv_t *s = srv_start();
+    enum { CONNS = 24, PER = 60 };
+    loom_test_http_conn_t *c[CONNS];
+    for (int k = 0; k < CONNS; k++) {
+        c[k] = loom_test_http_open(s->port);
+        /* All requests in one send: each waits in the buffer until the
+         * answer before it (at once or from the helper thread) is written. */
+        char *all = loom_xcalloc(1, PER * 80);
+        size_t len = 0;
+        for (int i = 0; i < PER; i++)
+            len += (size_t)snprintf(all + len, PER * 80 - len,
+                                    "GET /%s/%d/%d HTTP/1.1\r\nHost: h\r\n\r\n",
+                                    i % 2 ? "async" : "sync", k, i);
+        cr_assert(loom_test_http_send(c[k], all, len));
+        free(all);
+    }
+    for (int k = 0; k < CONNS; k++)
+        expect_paths(c[k], k, 0, PER, 2);
+    cr_assert(wait_for(&s->st, done_is, CONNS * PER), "on_done ran %d times, not %d",
+              atomic_load(&s->st.done), CONNS * PER);
+    cr_assert_eq(atomic_load(&s->st.handled), CONNS * PER);
+    cr_assert_eq(atomic_load(&s->st.dropped), 0);
+    for (int k = 0; k < CONNS; k++)
+        loom_test_http_close(c[k]);
+    srv_free(s);
+}
+
+Test(server, input_past_the_bound_waits_for_the_answer_then_is_served, .timeout = 120)
+{
+    srv_t *s = srv_start();
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    cr_assert(loom_test_http_sends(c, "GET /hold/0/0 HTTP/1.1\r\nHost: h\r\n\r\n"));
+    cr_assert(wait_for(&s->st, held_is, 1));
+    /* About 400 KiB of pipelined requests while the first is held: far more
+     * than the server buffers unparsed, so its reading must stop and start
+     * again. The sends block when the socket buffers are full: send from
+     * this thread in non-blocking steps, reading nothing yet. */
+    enum { N = 4000 };
+    size_t cap = (size_t)N * 100, len = 0;
+    char *all = loom_xmalloc(cap);
+    for (int i = 1; i <= N; i++)
+        len += (size_t)snprintf(all + len, cap - len,
+                                "GET /sync/0/%d HTTP/1.1\r\nHost: h\r\nX-Pad: "
+                                "0123456789012345678901234567890123456789\r\n\r\n",
+                                i);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = send(c->fd, all + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            off += (size_t)n;
+            continue;
+        }
+        cr_assert(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK), "send: %s", strerror(errno));
+        break; /* the buffers are full: the server holds at most its bound */
+    }
+    cr_assert_eq(atomic_load(&s->st.handled), 1, "a request was parsed before the held answer");
+    release_held(&s->st);
+    /* The rest goes out as the server reads on; answers are read meanwhile
+     * so neither side blocks for good. */
+    loom_test_http_res_t r;
+    cr_assert(loom_test_http_read(c, 30000, &r));
+    cr_assert_str_eq(r.body, "/hold/0/0");
+    loom_test_http_res_free(&r);
+    int got = 0;
+    while (got < N) {
+        if (off < len) {
+            ssize_t n = send(c->fd, all + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n > 0)
+                off += (size_t)n;
+        }
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        if (off < len && poll(&pfd, 1, 10) == 0)
+            continue;
+        cr_assert(loom_test_http_read(c, 30000, &r), "no answer %d", got + 1);
+        char want[64];
+        snprintf(want, sizeof(want), "/sync/0/%d", got + 1);
+        cr_assert_str_eq(r.body, want);
+        loom_test_http_res_free(&r);
+        got++;
+    }
+    cr_assert_eq(off, len);
+    free(all);
+    cr_assert(wait_for(&s->st, done_is, N + 1));
+    cr_assert_eq(atomic_load(&s->st.handled), N + 1);
+    loom_test_http_close(c);
+    srv_free(s);
+}
+
+Test(server, clients_closing_mid_request_are_reported_once_each, .timeout = 120)
+{
+    srv_t *s = srv_start();
+    enum { CONNS = 20 };
+    for (int k = 0; k < CONNS; k++) {
+        loom_test_http_conn_t *c = loom_test_http_open(s->port);
+        char req[128];
+        snprintf(req, sizeof(req), "GET /hold/%d/0 HTTP/1.1\r\nHost: h\r\n\r\n", k);
+        cr_assert(loom_test_http_sends(c, req));
+        cr_assert(wait_for(&s->st, held_is, k + 1));
+        if (k % 2) {
+            /* A reset: unread bytes in the client's buffer make close() send RST. */
+            struct linger lg = {.l_onoff = 1, .l_linger = 0};
+            setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        }
+        loom_test_http_close(c);
+    }
+    /* Every client is gone; answering now must neither crash nor count twice. */
+    release_held(&s->st);
+    cr_assert(wait_for(&s->st, done_is, CONNS), "on_done ran %d times, not %d",
+              atomic_load(&s->st.done), CONNS);
+    /* The server still serves. */
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    cr_assert(loom_test_http_sends(c, "GET /async/7/0 HTTP/1.1\r\nHost: h\r\n\r\n"));
+    loom_test_http_res_t r;
+    cr_assert(loom_test_http_read(c, 30000, &r));
+    cr_assert_str_eq(r.body, "/async/7/0");
+    loom_test_http_res_free(&r);
+    loom_test_http_close(c);
+    cr_assert(wait_for(&s->st, done_is, CONNS + 1));
+    cr_assert_eq(atomic_load(&s->st.handled), CONNS + 1);
+    srv_free(s);
+}
+
+Test(server, big_answers_written_in_parts_arrive_whole_and_in_order, .timeout = 120)
+{
+    srv_t *s = srv_start();
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    cr_assert(loom_test_http_sends(c, "GET /big/0/0 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /sync/0/1 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /big/0/2 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /async/0/3 HTTP/1.1\r\nHost: h\r\n\r\n"));
+    for (int i = 0; i < 4; i++) {
+        loom_test_http_res_t r;
+        cr_assert(loom_test_http_read(c, 30000, &r), "no answer %d", i);
+        cr_assert_eq(r.status, 200);
+        if (i % 2 == 0) {
+            cr_assert_eq(r.body_len, BIG_BODY, "answer %d: %zu bytes", i, r.body_len);
+            size_t bad = 0;
+            while (bad < BIG_BODY && r.body[bad] == (char)('a' + bad % 26))
+                bad++;
+            cr_assert_eq(bad, BIG_BODY, "answer %d differs at byte %zu", i, bad);
+        } else {
+            char want[32];
+            snprintf(want, sizeof(want), "/%s/0/%d", i == 1 ? "sync" : "async", i);
+            cr_assert_str_eq(r.body, want);
+        }
+        loom_test_http_res_free(&r);
+    }
+    cr_assert(wait_for(&s->st, done_is, 4));
+    loom_test_http_close(c);
+    srv_free(s);
 }

@@ -10,10 +10,12 @@
  * connection with another.
  *
  * A connection handles one request at a time: while a request is being
- * answered the connection reads no further, and a pipelined request waits in
- * its buffer until the previous response has been written. Responses
- * therefore leave in request order, and a client that sends without reading
- * cannot make the server buffer more than one response.
+ * answered, what the client sends meanwhile waits unparsed in the
+ * connection's buffer (once 64 KiB wait there, the connection reads no
+ * further until the answer is written), and a pipelined request is parsed
+ * only once the previous response has been written. Responses therefore
+ * leave in request order, and a client that sends without reading cannot
+ * make the server buffer more than one response.
  *
  * Limits answer with a status and close the connection: request line longer
  * than max_url (414), headers over max_header_bytes or max_headers (431),
