@@ -6,15 +6,23 @@
 
 #define MS 1000000LL
 
-/* n requests that each took held_ms end, spread over one window. */
-static int window(gw_wait_limit_t *l, int64_t *now, int n, int64_t held_ms)
+/* n requests end, spread over one window: the first n_slow took slow_ms,
+ * the others held_ms. Returns the bound after the last. */
+static int window_mixed(gw_wait_limit_t *l, int64_t *now, int n, int64_t held_ms, int n_slow,
+                        int64_t slow_ms)
 {
     int limit = 0;
     for (int i = 0; i < n; i++) {
         *now += GW_WAIT_WINDOW_MS * MS / n + 1;
-        limit = gw_wait_limit_done(l, held_ms * MS, *now);
+        limit = gw_wait_limit_done(l, (i < n_slow ? slow_ms : held_ms) * MS, *now);
     }
     return limit;
+}
+
+/* n requests that each took held_ms end, spread over one window. */
+static int window(gw_wait_limit_t *l, int64_t *now, int n, int64_t held_ms)
+{
+    return window_mixed(l, now, n, held_ms, 0, 0);
 }
 
 Test(wait_limit, slow_waits_bring_the_bound_down_to_its_floor_and_fast_ones_back_up)
@@ -93,19 +101,11 @@ Test(wait_limit, one_slow_wait_in_ten_is_allowed_two_are_not)
     gw_wait_limit_init(&l, 128, 16, 50);
     int64_t now = 1000 * MS;
     int b = 128;
-    for (int w = 0; w < 10; w++) { /* 1 of 10 at 500 ms: the bound stays */
-        for (int i = 0; i < 10; i++) {
-            now += GW_WAIT_WINDOW_MS * MS / 10 + 1;
-            b = gw_wait_limit_done(&l, (i == 0 ? 500 : 10) * MS, now);
-        }
-    }
+    for (int w = 0; w < 10; w++) /* 1 of 10 at 500 ms: the bound stays */
+        b = window_mixed(&l, &now, 10, 10, 1, 500);
     cr_assert_eq(b, 128);
-    for (int w = 0; w < 10; w++) { /* 2 of 10: it comes down */
-        for (int i = 0; i < 10; i++) {
-            now += GW_WAIT_WINDOW_MS * MS / 10 + 1;
-            b = gw_wait_limit_done(&l, (i < 2 ? 500 : 10) * MS, now);
-        }
-    }
+    for (int w = 0; w < 10; w++) /* 2 of 10: it comes down */
+        b = window_mixed(&l, &now, 10, 10, 2, 500);
     cr_assert_lt(b, 64, "bound %d", b);
     gw_wait_limit_destroy(&l);
 }

@@ -175,6 +175,20 @@ static void env_start(env_t *e)
     e->port = loom_gateway_port(e->gw, 0);
 }
 
+/* Starts a worker that applies the test consumer's commands. */
+static void env_worker_start(env_t *e)
+{
+    e->wpool = loom_test_pool(e->url, 3);
+    loom_worker_opts_t wo = {.brokers = loom_test_kafka_brokers(),
+                             .pool = e->wpool,
+                             .consumers = &e->def,
+                             .n_consumers = 1,
+                             .retry_base_ms = 50,
+                             .retry_max_ms = 500};
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&wo, &e->w, &err), 0, "%s", err.message);
+}
+
 static void env_free(env_t *e)
 {
     loom_gateway_free(e->gw);
@@ -249,11 +263,12 @@ Test(overload, waiters_cost_bounded_queries_the_excess_is_refused_and_the_rest_c
     cr_assert_eq(held, N_WAITERS, "%.0f requests held, want %d", held, N_WAITERS);
 
     /* Let them wait a while, counting the poller's queries and what the
-     * database saw. */
+     * database saw. The clock starts before the first counts are read and
+     * stops after the last, so the ticks counted all fall inside it. */
+    int64_t t0 = loom_mono_ms();
     double ticks0 = metric(&e, "loom_http_wait_ticks_total");
     double queries0 = metric(&e, "loom_http_wait_queries_total");
     long long x0 = xact_commits(&e);
-    int64_t t0 = loom_mono_ms();
     loom_sleep_ms(3000);
     long long x1 = xact_commits(&e);
     double queries1 = metric(&e, "loom_http_wait_queries_total");
@@ -297,15 +312,7 @@ Test(overload, waiters_cost_bounded_queries_the_excess_is_refused_and_the_rest_c
     loom_test_http_res_free(&r);
 
     /* A worker comes: every held request completes with its result. */
-    e.wpool = loom_test_pool(e.url, 3);
-    loom_worker_opts_t wo = {.brokers = loom_test_kafka_brokers(),
-                             .pool = e.wpool,
-                             .consumers = &e.def,
-                             .n_consumers = 1,
-                             .retry_base_ms = 50,
-                             .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&wo, &e.w, &err), 0, "%s", err.message);
+    env_worker_start(&e);
     int applied = 0;
     for (int i = 0; i < N_WAITERS; i++) {
         loom_test_http_res_t a;
@@ -404,15 +411,7 @@ Test(overload, waits_slower_than_the_target_lower_the_bound_and_the_excess_is_re
     cr_assert_eq(metric(&e, "loom_http_waiters"), LOOM_GATEWAY_MIN_WAITERS);
 
     /* A worker comes: the held ones complete; the refused ones said why. */
-    e.wpool = loom_test_pool(e.url, 3);
-    loom_worker_opts_t wo = {.brokers = loom_test_kafka_brokers(),
-                             .pool = e.wpool,
-                             .consumers = &e.def,
-                             .n_consumers = 1,
-                             .retry_base_ms = 50,
-                             .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&wo, &e.w, &err), 0, "%s", err.message);
+    env_worker_start(&e);
     int applied = 0, refused = 0;
     for (int i = 0; i < N; i++) {
         loom_test_http_res_t a;
