@@ -83,7 +83,8 @@ const loom_config_var_t loom_config_engine_vars[] = {
     {"LOOM_API_MAX_WAITERS", LOOM_CFG_INT, "128", NULL, 1, 1000000, false,
      "?wait requests the gateway holds at once; more get 503 OVERLOADED"},
     {"LOOM_API_WAIT_TARGET", LOOM_CFG_DURATION, "50ms", NULL, 0, 3600 * 1000LL, false,
-     "while more than 1 in 10 ?wait requests take longer than this, the gateway holds fewer; 0: off"},
+     "while more than 1 in 10 ?wait requests take longer than this, the gateway holds fewer; 0: "
+     "off"},
     {"LOOM_API_MAX_QUEUE", LOOM_CFG_INT, "1024", NULL, 1, 1000000, false,
      "op calls queued for the gateway's workers; more get 503 OVERLOADED"},
     {"LOOM_NODE_ID", LOOM_CFG_UUID, NULL, NULL, 0, 0, false,

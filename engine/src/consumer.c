@@ -5,8 +5,9 @@
  *
  * Partitions are independent: the batches of different partitions run at
  * once on the consumer's apply threads (LOOM_WORKER_APPLY_THREADS, each with
- * its own transaction), while each partition's batches stay in order. Offsets
- * are committed when every batch of a fetch is done.
+ * its own transaction), while each partition's batches stay in order. Each
+ * partition's offset (its lowest command not finished) is committed at most
+ * every COMMIT_EVERY_MS while it flows, and at once on a stop or a revoke.
  *
  * Failure handling. A batch that fails is run again one message at a time
  * to find the bad one. A message a handler rejects (4xx class) or that is
@@ -2353,6 +2354,8 @@ void *loom__consumer_run(void *arg)
         free(rt->parts[i]);
     }
     free(rt->parts);
+    rt->parts = NULL;
+    rt->n_parts = 0;
     if (consumer_destroy(rt->rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE, wc->def->name))
         free(rt);
     report_parts(wc, NULL);

@@ -146,8 +146,8 @@ void gw_op_task_free(gw_op_task_t *t);
 void gw_limits_init(loom_gateway_t *gw);
 /* Takes a place among the ?wait requests; false (nothing taken) when as
  * many are held as the adaptive bound allows (at most max_waiters).
- * gw_waiter_release gives it back, saying how long it was held (0: the
- * request was never published; it does not count towards the bound). */
+ * gw_waiter_release gives it back, saying how long the wait took (0: counts
+ * as on time; < 0: not counted, the request was never published). */
 bool gw_waiter_admit(loom_gateway_t *gw);
 void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns);
 /* True when the workers' queue holds max_queue tasks already. */

@@ -28,8 +28,11 @@
  * the requests that ended in the last 100 ms were held longer than the
  * target, the bound comes down (multiplicatively, to LOOM_GATEWAY_MIN_WAITERS at the lowest);
  * while they are faster it goes back up. The waits then stay near the target
- * and the excess is refused in microseconds. This is additive-increase,
- * multiplicative-decrease on latency, as adaptive concurrency limits do.
+ * and the excess is refused in microseconds. The bound falls faster than it
+ * rises (a tenth against a sixteenth), as adaptive concurrency limits do.
+ * Only waits that ended with their command's outcome are judged: one that
+ * ran out, or whose client left, counts as on time, so a stopped consumer
+ * does not bring the bound down for the commands of every other one.
  */
 #include "gateway_int.h"
 #include "loom/clock.h"
@@ -215,6 +218,8 @@ void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms)
     l->max = max;
     l->min = min < max ? min : max;
     l->limit = max;
+    if (target_ms > 3600 * 1000LL)
+        target_ms = 3600 * 1000LL;
     l->target_ns = target_ms > 0 ? target_ms * 1000000 : 0;
     atomic_init(&l->now, max);
 }
@@ -264,7 +269,7 @@ bool gw_waiter_admit(loom_gateway_t *gw)
 void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns)
 {
     atomic_fetch_sub(&gw->waiters, 1);
-    if (held_ns > 0) {
+    if (held_ns >= 0) {
         int now = gw_wait_limit_done(&gw->wait_limit, held_ns, loom_mono_ns());
         loom_metrics_gauge_set(gw->waiters_limit_gauge, NULL, now);
     }

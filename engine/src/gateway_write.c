@@ -153,8 +153,19 @@ static void pub_free(pub_t *p)
 {
     loom_http_req_t *req = p->req;
     loom_http_req_on_detach(req, NULL, NULL);
-    if (p->admitted) /* a wait that ran tells the adaptive bound how long it took */
-        gw_waiter_release(p->gw, p->state == P_WAITING ? loom_mono_ns() - p->admitted_ns : 0);
+    if (p->admitted) {
+        /* A wait that ended with the command's outcome tells the adaptive
+         * bound how long the way through Kafka and the workers took. One
+         * that ran out or whose client left says nothing of it (a stopped
+         * consumer would otherwise bring the bound down for every route):
+         * it counts as on time. One never published is not counted. */
+        int64_t held = -1;
+        if (p->state == P_WAITING)
+            held = p->outcome == W_NONE || p->outcome == W_RAN_OUT
+                       ? 0
+                       : loom_mono_ns() - p->admitted_ns;
+        gw_waiter_release(p->gw, held);
+    }
     free(p->text);
     free(p);
     loom_http_req_unref(req);

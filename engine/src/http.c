@@ -793,9 +793,11 @@ static void conn_unwritten(conn_t *c)
         *p = c->written_next;
         if (l->written_tail == c)
             l->written_tail = prev;
-        break;
+        c->written_next = NULL;
+        return;
     }
-    c->written_next = NULL;
+    /* Not in the list: on_written_idle is walking it, from a list it took;
+     * its link must stay for the walk, which passes over closed ones. */
 }
 
 /* Writes bytes; final marks the end of a response. */
@@ -1067,7 +1069,9 @@ static void conn_after_response(conn_t *c)
         req->conn = NULL;
         loom_http_req_unref(req);
     }
-    if (!c->keep_alive || c->eof || c->fail_status) {
+    /* After a half-close, requests that came before it and wait in the
+     * buffer are still answered. */
+    if (!c->keep_alive || (c->eof && (c->in.len == 0 || c->ses)) || c->fail_status) {
         conn_linger(c);
         return;
     }
@@ -1077,6 +1081,10 @@ static void conn_after_response(conn_t *c)
         return; /* the session's feed loop goes on */
     conn_timer_start(c, c->host->limits.idle_timeout_ms);
     conn_drain(c);
+    if (c->eof && (c->state == C_IDLE || c->state == C_READING)) {
+        conn_linger(c); /* what is left is no whole request, and nothing more comes */
+        return;
+    }
     if (c->state == C_IDLE || c->state == C_READING)
         conn_read_start(c);
 }
@@ -1265,6 +1273,8 @@ static int cb_headers_complete(http_parser *p)
         if (body_follows && (p->http_major > 1 || p->http_minor >= 1)) {
             static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
             conn_write(c, cont, sizeof(cont) - 1, NULL, 0, false);
+            if (c->state == C_CLOSED) /* the client is gone: the request with it */
+                return -1;
         }
     }
     if ((p->flags & F_CONTENTLENGTH) && p->content_length > 0) {

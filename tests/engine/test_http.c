@@ -646,6 +646,63 @@ Test(server, clients_closing_mid_request_are_reported_once_each, .timeout = 120)
     srv_free(s);
 }
 
+Test(server, requests_sent_before_a_half_close_are_all_answered, .timeout = 120)
+{
+    srv_t *s = srv_start();
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    /* Three pipelined requests, the first held, then the client's half of
+     * the connection closes (as `nc -N` does): the EOF comes while the first
+     * is answered, the other two wait in the buffer. */
+    cr_assert(loom_test_http_sends(c, "GET /hold/0/0 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /sync/0/1 HTTP/1.1\r\nHost: h\r\n\r\n"
+                                      "GET /sync/0/2 HTTP/1.1\r\nHost: h\r\n\r\n"));
+    cr_assert_eq(shutdown(c->fd, SHUT_WR), 0);
+    cr_assert(wait_for(&s->st, held_is, 1));
+    usleep(50000); /* the EOF reaches the server while /hold/0/0 is held */
+    release_held(&s->st);
+    static const char *const want[] = {"/hold/0/0", "/sync/0/1", "/sync/0/2"};
+    for (int i = 0; i < 3; i++) {
+        loom_test_http_res_t r;
+        cr_assert(loom_test_http_read(c, 30000, &r), "answer %d missing", i);
+        cr_assert_str_eq(r.body, want[i]);
+        loom_test_http_res_free(&r);
+    }
+    cr_assert(wait_for(&s->st, done_is, 3));
+    cr_assert_eq(atomic_load(&s->st.handled), 3);
+    loom_test_http_close(c);
+    srv_free(s);
+}
+
+Test(server, a_reset_after_an_expect_100_continue_request_is_dropped_cleanly, .timeout = 120)
+{
+    /* The server answers "100 Continue" while it reads the headers; when the
+     * client has already reset the connection that write fails and the
+     * request is gone, and the parser must not go on into its body. Many
+     * times over, since whether the reset comes first is up to the kernel. */
+    srv_t *s = srv_start();
+    for (int k = 0; k < 200; k++) {
+        loom_test_http_conn_t *c = loom_test_http_open(s->port);
+        char req[256];
+        snprintf(req, sizeof(req),
+                 "POST /sync/%d/0 HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                 "Content-Length: 10\r\n\r\n0123456789",
+                 k);
+        cr_assert(loom_test_http_sends(c, req));
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        loom_test_http_close(c);
+    }
+    /* The server still serves. */
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    cr_assert(loom_test_http_sends(c, "GET /async/9/0 HTTP/1.1\r\nHost: h\r\n\r\n"));
+    loom_test_http_res_t r;
+    cr_assert(loom_test_http_read(c, 30000, &r));
+    cr_assert_str_eq(r.body, "/async/9/0");
+    loom_test_http_res_free(&r);
+    loom_test_http_close(c);
+    srv_free(s);
+}
+
 Test(server, big_answers_written_in_parts_arrive_whole_and_in_order, .timeout = 120)
 {
     srv_t *s = srv_start();
