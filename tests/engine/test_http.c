@@ -522,6 +522,21 @@ static void expect_paths(loom_test_http_conn_t *c, int conn, int from, int n, in
     }
 }
 
+/* The server still serves: a request for path on a new connection is
+ * answered with it. */
+static void expect_still_serves(srv_t *s, const char *path)
+{
+    loom_test_http_conn_t *c = loom_test_http_open(s->port);
+    char req[128];
+    snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: h\r\n\r\n", path);
+    cr_assert(loom_test_http_sends(c, req));
+    loom_test_http_res_t r;
+    cr_assert(loom_test_http_read(c, 30000, &r));
+    cr_assert_str_eq(r.body, path);
+    loom_test_http_res_free(&r);
+    loom_test_http_close(c);
+}
+
 Test(server, pipelined_requests_on_many_connections_answer_in_order, .timeout = 120)
 {
     srv_t *s = srv_start();
@@ -633,14 +648,7 @@ Test(server, clients_closing_mid_request_are_reported_once_each, .timeout = 120)
     release_held(&s->st);
     cr_assert(wait_for(&s->st, done_is, CONNS), "on_done ran %d times, not %d",
               atomic_load(&s->st.done), CONNS);
-    /* The server still serves. */
-    loom_test_http_conn_t *c = loom_test_http_open(s->port);
-    cr_assert(loom_test_http_sends(c, "GET /async/7/0 HTTP/1.1\r\nHost: h\r\n\r\n"));
-    loom_test_http_res_t r;
-    cr_assert(loom_test_http_read(c, 30000, &r));
-    cr_assert_str_eq(r.body, "/async/7/0");
-    loom_test_http_res_free(&r);
-    loom_test_http_close(c);
+    expect_still_serves(s, "/async/7/0");
     cr_assert(wait_for(&s->st, done_is, CONNS + 1));
     cr_assert_eq(atomic_load(&s->st.handled), CONNS + 1);
     srv_free(s);
@@ -692,14 +700,7 @@ Test(server, a_reset_after_an_expect_100_continue_request_is_dropped_cleanly, .t
         setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
         loom_test_http_close(c);
     }
-    /* The server still serves. */
-    loom_test_http_conn_t *c = loom_test_http_open(s->port);
-    cr_assert(loom_test_http_sends(c, "GET /async/9/0 HTTP/1.1\r\nHost: h\r\n\r\n"));
-    loom_test_http_res_t r;
-    cr_assert(loom_test_http_read(c, 30000, &r));
-    cr_assert_str_eq(r.body, "/async/9/0");
-    loom_test_http_res_free(&r);
-    loom_test_http_close(c);
+    expect_still_serves(s, "/async/9/0");
     srv_free(s);
 }
 
