@@ -58,6 +58,7 @@ typedef struct gw_wait_limit {
     atomic_int now; /* (int)limit, read by admissions without the mutex */
     int64_t window_ns;
     int n, slow; /* requests that ended in the window, and how many took longer than the target */
+    loom_metrics_family_t *gauge; /* set to the bound when it changes (NULL: none) */
 } gw_wait_limit_t;
 
 void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms);
@@ -95,7 +96,7 @@ struct loom_gateway {
     atomic_int queued;  /* tasks queued for the workers, not yet taken */
     int max_waiters, max_queue;
     gw_wait_limit_t wait_limit; /* how many ?wait requests may be held now */
-    loom_metrics_family_t *shed, *waiters_gauge, *waiters_limit_gauge, *wait_ticks, *wait_queries;
+    loom_metrics_family_t *shed, *waiters_gauge, *wait_ticks, *wait_queries;
     gw_poller_t poller;
 
     bool stopped;

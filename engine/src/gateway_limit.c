@@ -197,12 +197,12 @@ void gw_limits_init(loom_gateway_t *gw)
         what_labels);
     gw->waiters_gauge = loom_metrics_gauge(gw->metrics, "loom_http_waiters",
                                            "?wait requests held by the gateway.", NULL);
-    gw->waiters_limit_gauge = loom_metrics_gauge(
+    gw->wait_limit.gauge = loom_metrics_gauge(
         gw->metrics, "loom_http_waiters_limit",
         "?wait requests the gateway holds at most now (LOOM_API_MAX_WAITERS, lowered while "
-        "waits take longer than LOOM_API_WAIT_TARGET).",
+        "more than one wait in ten takes longer than LOOM_API_WAIT_TARGET).",
         NULL);
-    loom_metrics_gauge_set(gw->waiters_limit_gauge, NULL, gw->max_waiters);
+    loom_metrics_gauge_set(gw->wait_limit.gauge, NULL, gw->max_waiters);
     gw->wait_ticks =
         loom_metrics_counter(gw->metrics, "loom_http_wait_ticks_total",
                              "Rounds of the ?wait poller that had requests waiting.", NULL);
@@ -249,7 +249,10 @@ int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns)
         l->window_ns = now_ns;
         l->n = 0;
         l->slow = 0;
-        atomic_store(&l->now, (int)l->limit);
+        if ((int)l->limit != atomic_load(&l->now)) {
+            atomic_store(&l->now, (int)l->limit);
+            loom_metrics_gauge_set(l->gauge, NULL, (int)l->limit);
+        }
     }
     int now = atomic_load(&l->now);
     pthread_mutex_unlock(&l->mu);
@@ -269,10 +272,8 @@ bool gw_waiter_admit(loom_gateway_t *gw)
 void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns)
 {
     atomic_fetch_sub(&gw->waiters, 1);
-    if (held_ns >= 0) {
-        int now = gw_wait_limit_done(&gw->wait_limit, held_ns, loom_mono_ns());
-        loom_metrics_gauge_set(gw->waiters_limit_gauge, NULL, now);
-    }
+    if (held_ns >= 0)
+        gw_wait_limit_done(&gw->wait_limit, held_ns, loom_mono_ns());
 }
 
 bool gw_queue_full(loom_gateway_t *gw)
