@@ -490,13 +490,7 @@ int loom_delivery_wait(loom_delivery_t *d, int64_t timeout_ms, loom_error_t *err
 {
     future_impl_t *f = d->impl;
     struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += timeout_ms / 1000;
-    until.tv_nsec += (timeout_ms % 1000) * 1000000;
-    if (until.tv_nsec >= 1000000000) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000;
-    }
+    loom_timespec_in(timeout_ms, &until);
     pthread_mutex_lock(&f->mu);
     while (!d->done)
         if (pthread_cond_timedwait(&f->cond, &f->mu, &until) != 0)

@@ -41,6 +41,7 @@ int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer
                       loom_metrics_t *metrics, loom_gateway_opts_t *opts, loom_gateway_t **gw,
                       loom_error_t *err)
 {
+    int64_t wait_target = cfg_num(&ctx->cfg, "LOOM_API_WAIT_TARGET");
     *opts = (loom_gateway_opts_t){
         .listen = ctx->cfg.api_listen,
         .threads = (int)cfg_num(&ctx->cfg, "LOOM_API_THREADS"),
@@ -62,9 +63,7 @@ int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer
         .max_waiters = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_WAITERS"),
         .max_queue = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_QUEUE"),
         /* 0 turns the adaptive bound off; the option's 0 means the default */
-        .wait_target_ms = cfg_num(&ctx->cfg, "LOOM_API_WAIT_TARGET")
-                              ? cfg_num(&ctx->cfg, "LOOM_API_WAIT_TARGET")
-                              : -1,
+        .wait_target_ms = wait_target ? wait_target : -1,
     };
     int rc = loom_gateway_start(opts, gw, err);
     if (rc == 0)

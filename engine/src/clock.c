@@ -71,8 +71,15 @@ static __thread struct {
     int64_t last;   /* last value returned: never go back */
 } fc;
 
-/* Reads the counter on both sides of loom_mono_ns(); the pair is good when the
- * read was not much slower than the fastest seen (a preempted read is not). */
+/* A system clock read that took width ticks was not preempted: it was not
+ * much slower than the fastest read seen on this thread. */
+static bool width_good(uint64_t width)
+{
+    return width <= 2 * fc.best + 64;
+}
+
+/* Reads the counter on both sides of loom_mono_ns(); the pair is good when
+ * the read was not preempted (width_good). */
 static bool anchor_read(uint64_t *tsc, int64_t *ns, uint64_t *width)
 {
     uint64_t t1 = __rdtsc();
@@ -82,7 +89,7 @@ static bool anchor_read(uint64_t *tsc, int64_t *ns, uint64_t *width)
     if (!fc.best || *width < fc.best)
         fc.best = *width;
     *tsc = t1 + *width / 2;
-    return t2 >= t1 && *width <= 2 * fc.best + 64;
+    return t2 >= t1 && width_good(*width);
 }
 
 /* Not calibrated yet, or due to re-anchor: read the system clock, and take the
@@ -94,7 +101,7 @@ static int64_t fast_slow_path(void)
     int64_t ns;
     if (!anchor_read(&tsc, &ns, &width))
         return ns; /* try again on the next call */
-    bool old_good = fc.ns0 && fc.width <= 2 * fc.best + 64;
+    bool old_good = fc.ns0 && width_good(fc.width);
     if (old_good && ns - fc.ns0 >= CALIBRATE_NS && tsc > fc.tsc0) {
         fc.mult = (uint64_t)(((unsigned __int128)(ns - fc.ns0) << 32) / (tsc - fc.tsc0));
         fc.span = fc.mult ? (uint64_t)(((unsigned __int128)ANCHOR_NS << 32) / fc.mult) : 0;

@@ -1204,6 +1204,10 @@ static rd_kafka_topic_partition_list_t *unconfirmed_offsets(consumer_rt_t *rt, b
     return l;
 }
 
+/* How often a flowing consumer commits its offsets (a stop, a rebalance and
+ * a revoke commit at once). */
+#define COMMIT_EVERY_MS 100
+
 /* Commits every partition's finished offset the coordinator has not
  * confirmed; a synchronous commit (revoke) sends all of them. */
 static void commit_offsets(consumer_rt_t *rt, bool sync)
@@ -2112,9 +2116,9 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
 {
     rd_kafka_queue_t *cq = rd_kafka_queue_new(rt->rk);
     /* What was applied is committed before leaving; a refused commit (the
-     * coordinator busy or timing out) is sent again until the deadline, or
-     * the next owner would get those commands again. */
-    /* Half the time at most, so that leaving the group has the rest. */
+     * coordinator busy or timing out) is sent again, or the next owner would
+     * get those commands again. For half the time at most, so that leaving
+     * the group has the rest. */
     int64_t commit_until = loom_mono_ms() + (until - loom_mono_ms()) / 2;
     for (int attempt = 0; attempt < 20 && loom_mono_ms() < commit_until; attempt++) {
         rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, true);
@@ -2164,10 +2168,6 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
  * committed before, so nothing is lost; the next owner of the partitions
  * reads from them. */
 #define DESTROY_WAIT_MS 10000
-
-/* How often a flowing consumer commits its offsets (a stop, a rebalance and
- * a revoke commit at once). */
-#define COMMIT_EVERY_MS 100
 
 typedef struct {
     rd_kafka_t *rk;
