@@ -108,8 +108,7 @@ struct chaos {
     loom_consumer_def_t def;
     int partitions;
     int n_workers;
-    loom_db_pool_t *pools[MAX_WORKERS];
-    loom_worker_t *workers[MAX_WORKERS];
+    loom_test_worker_t workers[MAX_WORKERS];
     bool workers_stopped;
 
     int n;    /* commands to stream */
@@ -274,17 +273,10 @@ static void chaos_setup(chaos_t *c, const char *scenario, int partitions, int n_
     c->def = loom_test_consumers[0];
     c->def.name = c->cname;
     c->def.topics = c->topics;
-    for (int k = 0; k < n_workers; k++) {
-        c->pools[k] = loom_test_pool(c->url, 6); /* the apply threads (4) + 2 */
-        loom_worker_opts_t o = {.brokers = c->brokers,
-                                .pool = c->pools[k],
-                                .consumers = &c->def,
-                                .n_consumers = 1,
-                                .retry_base_ms = 50,
-                                .retry_max_ms = 1000};
-        loom_error_t err;
-        cr_assert_eq(loom_worker_start(&o, &c->workers[k], &err), 0, "%s", err.message);
-    }
+    loom_worker_opts_t o = loom_test_worker_opts(c->brokers, &c->def);
+    o.retry_max_ms = 1000;
+    for (int k = 0; k < n_workers; k++) /* a pool of the apply threads (4) + 2 */
+        loom_test_worker_start(&c->workers[k], c->url, 6, false, o);
     c->slots = loom_xcalloc((size_t)n, sizeof(slot_t));
     for (int i = 0; i < n; i++)
         c->slots[i].c = c;
@@ -303,7 +295,7 @@ static loom_worker_stats_t stats(chaos_t *c)
     loom_worker_stats_t sum = {0};
     for (int k = 0; k < c->n_workers && !c->workers_stopped; k++) {
         loom_worker_stats_t st;
-        loom_worker_stats(c->workers[k], &st);
+        loom_worker_stats(c->workers[k].w, &st);
         sum.applied += st.applied;
         sum.skipped += st.skipped;
         sum.rejected += st.rejected;
@@ -410,15 +402,13 @@ static void chaos_finish(chaos_t *c, int64_t extra_applied)
         loom_sleep_ms(100);
     }
     for (int k = 0; k < c->n_workers; k++)
-        loom_worker_stop(c->workers[k]);
+        loom_worker_stop(c->workers[k].w);
 }
 
 static void chaos_teardown(chaos_t *c)
 {
-    for (int k = 0; k < c->n_workers; k++) {
-        loom_worker_free(c->workers[k]);
-        loom_db_pool_free(c->pools[k]);
-    }
+    for (int k = 0; k < c->n_workers; k++)
+        loom_test_worker_stop(&c->workers[k]);
     c->workers_stopped = true;
     loom_producer_free(c->p);
     free(c->slots);
@@ -1163,7 +1153,7 @@ Test(chaos_mock, a_failed_offset_commit_is_made_good_later, .timeout = 600)
     loom_sleep_ms(2000);
     rd_kafka_mock_clear_request_errors(c.mc, API_OFFSET_COMMIT);
     loom_sleep_ms(3000);
-    loom_worker_stop(c.workers[0]); /* graceful: commits what it applied */
+    loom_worker_stop(c.workers[0].w); /* graceful: commits what it applied */
     log_state(&c, &in_log, &uncommitted, true);
     cr_expect_eq(uncommitted, 0,
                  "%lld applied messages past the committed offset after a graceful stop",

@@ -149,9 +149,7 @@ typedef struct gw_env {
     loom_gateway_opts_t opts;
     loom_gateway_t *gw;
     int port;
-    /* worker */
-    loom_db_pool_t *wpool;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     /* mock cluster for the broker-down test */
     rd_kafka_t *mock_owner;
     rd_kafka_mock_cluster_t *mc;
@@ -235,25 +233,10 @@ static void env_start(gw_env_t *e)
     cr_assert_gt(e->port, 0);
 }
 
-static void env_start_worker(gw_env_t *e, const char *brokers)
-{
-    e->wpool = loom_test_pool(e->url, 3);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e->wpool,
-                            .consumers = &e->def,
-                            .n_consumers = 1,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
-}
-
 static void env_free(gw_env_t *e)
 {
     loom_gateway_free(e->gw);
-    if (e->w)
-        loom_worker_free(e->w);
-    loom_db_pool_free(e->wpool);
+    loom_test_worker_stop(&e->worker);
     loom_producer_free(e->producer);
     loom_db_pool_free(e->read_pool);
     loom_op_table_free(e->table);
@@ -1013,7 +996,7 @@ Test(gateway, write_answers_202_after_ack_and_wait_returns_the_applied_result, .
     gw_env_t e;
     env_init(&e, true, brokers);
     env_start(&e);
-    env_start_worker(&e, brokers);
+    loom_test_worker_start(&e.worker, e.url, 3, false, loom_test_worker_opts(brokers, &e.def));
     loom_test_http_res_t r;
 
     /* Without ?wait: 202 with the command id once Kafka acknowledged it. */
@@ -1130,7 +1113,7 @@ Test(gateway, idempotency_key_maps_retries_to_one_command, .timeout = 240)
     gw_env_t e;
     env_init(&e, true, brokers);
     env_start(&e);
-    env_start_worker(&e, brokers);
+    loom_test_worker_start(&e.worker, e.url, 3, false, loom_test_worker_opts(brokers, &e.def));
     loom_test_http_res_t r;
     char *b = credit_body("idem-1", 5, NULL);
     char ids[3][64];

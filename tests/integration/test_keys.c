@@ -80,22 +80,16 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     char topic[LOOM_TOPIC_MAX];
     loom_topic_for_command("messages.put_batch", topic, sizeof(topic));
     loom_test_kafka_topic(brokers, topic, 3);
-    loom_db_pool_t *pool = loom_test_pool(url, 6);
     loom_producer_t *p;
     loom_error_t err;
     loom_producer_opts_t po = {.brokers = brokers};
     cr_assert_eq(loom_producer_new(&po, &p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = pool,
-                            .consumers = &def,
-                            .n_consumers = 1,
-                            .group_prefix = group,
-                            .apply_threads = 4,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500,
-                            .lock_timeout_ms = 300};
-    loom_worker_t *w;
-    cr_assert_eq(loom_worker_start(&o, &w, &err), 0, "%s", err.message);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &def);
+    o.group_prefix = group;
+    o.apply_threads = 4;
+    o.lock_timeout_ms = 300;
+    loom_test_worker_t w;
+    loom_test_worker_start(&w, url, 6, false, o);
 
     /* The message to lock exists; then another session locks its row. */
     const char *put = "{\"msgs\":[{\"id\":\"locked\",\"source\":\"urn:k\",\"specversion\":\"1.0\","
@@ -147,9 +141,8 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     PQfinish(locker);
     cr_assert_eq(
         loom_test_wait_for(url, "SELECT count(*) FROM messages WHERE id = 'locked'", 0, 60000), 0);
-    loom_worker_free(w);
+    loom_test_worker_stop(&w);
     loom_producer_free(p);
-    loom_db_pool_free(pool);
 }
 
 /* ---- the test ledger: a key failing in one partition --------------------------------- */
@@ -158,8 +151,7 @@ typedef struct ledger {
     char url[512], suffix[64], topic[160], name[128];
     const char *topics[2];
     loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     loom_producer_t *p;
 } ledger_t;
 
@@ -176,26 +168,20 @@ static void ledger_start(ledger_t *l, int partitions, int64_t park_after_ms)
     l->def.name = l->name;
     l->def.topics = l->topics;
     loom_test_kafka_topic(brokers, l->topic, partitions);
-    l->pool = loom_test_pool(l->url, 6);
     loom_error_t err;
     loom_producer_opts_t po = {.brokers = brokers};
     cr_assert_eq(loom_producer_new(&po, &l->p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = l->pool,
-                            .consumers = &l->def,
-                            .n_consumers = 1,
-                            .apply_threads = 4,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 300,
-                            .park_after_ms = park_after_ms};
-    cr_assert_eq(loom_worker_start(&o, &l->w, &err), 0, "%s", err.message);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &l->def);
+    o.apply_threads = 4;
+    o.retry_max_ms = 300;
+    o.park_after_ms = park_after_ms;
+    loom_test_worker_start(&l->worker, l->url, 6, false, o);
 }
 
 static void ledger_stop(ledger_t *l)
 {
-    loom_worker_free(l->w);
+    loom_test_worker_stop(&l->worker);
     loom_producer_free(l->p);
-    loom_db_pool_free(l->pool);
 }
 
 static void credit(ledger_t *l, const char *id, const char *account, long amount, const char *extra,

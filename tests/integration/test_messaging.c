@@ -90,9 +90,7 @@ typedef struct env {
     char name[128];
     const char *topics[2];
     loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *relay;
+    loom_test_worker_t worker;
 } env_t;
 
 static rd_kafka_mock_cluster_t *env_mock; /* set while a test runs on the mock cluster */
@@ -120,27 +118,10 @@ static const char *tail(const char *s, size_t n)
     return len > n ? s + len - n : (s ? s : "");
 }
 
+/* The test worker, relaying its outbox. */
 static void env_start_worker(env_t *e, const char *brokers)
 {
-    e->pool = loom_test_pool(e->url, 4);
-    e->relay = producer(brokers);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e->pool,
-                            .consumers = &e->def,
-                            .n_consumers = 1,
-                            .producer = e->relay,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
-}
-
-static void env_stop_worker(env_t *e)
-{
-    loom_worker_free(e->w);
-    loom_producer_free(e->relay);
-    loom_db_pool_free(e->pool);
-    e->w = NULL;
+    loom_test_worker_start(&e->worker, e->url, 4, true, loom_test_worker_opts(brokers, &e->def));
 }
 
 /* ---- CloudEvents with a third-party client ---------------------------------------- */
@@ -230,7 +211,7 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
     cr_assert(strstr(text, "content-type=application/json"), "%s", text);
     cr_assert(strstr(text, "ce_id="), "%s", text);
     free(text);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- redelivery ------------------------------------------------------------------ */
@@ -255,11 +236,11 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 50);
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events"), 50);
     loom_worker_stats_t st;
-    loom_worker_stats(e.w, &st);
+    loom_worker_stats(e.worker.w, &st);
     cr_assert_eq(st.applied, 50);
     cr_assert_eq(st.skipped, 50);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- the event log --------------------------------------------------------------------- */
@@ -302,7 +283,7 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
         loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-v'"),
         7);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- rows added for the whole batch ---------------------------------------------------- */
@@ -339,7 +320,7 @@ Test(messaging, a_batch_row_the_database_refuses_rejects_only_its_own_command, .
     cr_assert_str_eq(v, "x=c-1,y=c-3");
     free(v);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- failure classes ---------------------------------------------------------------- */
@@ -430,7 +411,7 @@ Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_hol
                                     200 + 4, 60000),
                  200 + 4, "all but the rejected one");
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- processes: kill -9, two workers ------------------------------------------------- */
@@ -573,7 +554,7 @@ Test(messaging, a_worker_stops_in_bounded_time_when_the_broker_does_not_answer, 
      * on leaving the group. */
     rd_kafka_mock_broker_set_rtt(mc, 1, 120000);
     int64_t t0 = loom_mono_ms();
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
     int64_t took = loom_mono_ms() - t0;
     cr_log_info("worker stopped %lld ms after the broker stopped answering", (long long)took);
     cr_assert_lt(took, 60000, "stopping took %lld ms", (long long)took);
@@ -609,7 +590,7 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"),
                  2000);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(owner);
 }
@@ -751,7 +732,7 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show no-such-id", &out, &err), 6);
     free(out);
     free(err);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- Postgres stopped for 10 s under load ------------------------------------------------ */
@@ -814,12 +795,12 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
                  3000);
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), 3000LL * 3001 / 2);
     loom_worker_stats_t st;
-    loom_worker_stats(e.w, &st);
+    loom_worker_stats(e.worker.w, &st);
     cr_assert_gt(st.retries, 0, "the outage was noticed and retried");
     cr_log_info("database down %lld ms; all applied %lld ms after it came back, %lld retries",
                 (long long)(up_at - down_at), (long long)recovered_ms, (long long)st.retries);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
     loom_pglocal_stop(&pg);
     char cmd[200];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
@@ -836,25 +817,23 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     env_mock = mc;
     env_t e;
     env_init(&e, brokers, 2);
-    e.pool = loom_test_pool(e.url, 4);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e.pool,
-                            .consumers = &e.def,
-                            .n_consumers = 1,
-                            .stall_after_ms = 1000};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    loom_worker_opts_t o = {
+        .brokers = brokers, .consumers = &e.def, .n_consumers = 1, .stall_after_ms = 1000};
+    loom_test_worker_start(&e.worker, e.url, 4, false, o);
     loom_producer_t *p = producer(brokers);
     for (int i = 0; i < 20; i++)
         credit(p, e.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 60000), 20);
-    loom_worker_free(e.w);
-    /* A new worker of the same group: its partitions have nothing to fetch,
-     * so librdkafka gives them no position. Nothing waits: no stall. */
+    loom_worker_free(e.worker.w);
+    /* A new worker of the same group (on the same pool): its partitions have
+     * nothing to fetch, so librdkafka gives them no position. Nothing waits:
+     * no stall. */
     loom_metrics_t *reg = loom_metrics_new();
     o.metrics = reg;
-    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    o.pool = e.worker.pool;
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&o, &e.worker.w, &err), 0, "%s", err.message);
     char want[256];
     snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.name);
     int64_t t0 = loom_mono_ms();
@@ -869,7 +848,7 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     cr_log_info("partitions watched after %lld ms", (long long)(loom_mono_ms() - t0));
     loom_sleep_ms(3000); /* three times stall_after_ms */
     loom_worker_stats_t st = {0};
-    loom_worker_stats(e.w, &st);
+    loom_worker_stats(e.worker.w, &st);
     cr_assert_eq(st.stalls, 0, "an idle, fully applied partition was reported as stalled");
     char *text = loom_metrics_render_string(reg, NULL);
     snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 0", e.name);
@@ -882,8 +861,7 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     cr_assert_eq(lags, 2, "%s", text);
     free(text);
     loom_producer_free(p);
-    loom_worker_free(e.w);
-    loom_db_pool_free(e.pool);
+    loom_test_worker_stop(&e.worker);
     loom_metrics_free(reg);
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(owner);
@@ -899,17 +877,10 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     env_t e;
     env_init(&e, brokers, 1);
     loom_metrics_t *reg = loom_metrics_new();
-    e.pool = loom_test_pool(e.url, 4);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e.pool,
-                            .consumers = &e.def,
-                            .n_consumers = 1,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500,
-                            .stall_after_ms = 1000,
-                            .metrics = reg};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &e.def);
+    o.stall_after_ms = 1000;
+    o.metrics = reg;
+    loom_test_worker_start(&e.worker, e.url, 4, false, o);
     loom_producer_t *p = producer(brokers);
     for (int i = 0; i < 10; i++)
         credit(p, e.topic, NULL, "s", 1, NULL);
@@ -937,7 +908,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     int64_t end = loom_mono_ms() + 60000;
     while ((st.stalls == 0 || !gauge) && loom_mono_ms() < end) {
         loom_sleep_ms(100);
-        loom_worker_stats(e.w, &st);
+        loom_worker_stats(e.worker.w, &st);
         char *text = loom_metrics_render_string(reg, NULL);
         gauge = gauge || strstr(text, want);
         free(text);
@@ -947,8 +918,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     /* Once fetches work again the backlog drains and the gauge drops. */
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 180000), 20);
     loom_producer_free(p);
-    loom_worker_free(e.w);
-    loom_db_pool_free(e.pool);
+    loom_test_worker_stop(&e.worker);
     loom_metrics_free(reg);
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(owner);

@@ -30,8 +30,7 @@ typedef struct env {
     char url[512];
     char prefix[64], group[80];
     loom_consumer_def_t def;
-    loom_db_pool_t *pools[N_WORKERS];
-    loom_worker_t *workers[N_WORKERS];
+    loom_test_worker_t workers[N_WORKERS];
     loom_producer_t *p;
     atomic_int acked, failed;
 } env_t;
@@ -73,25 +72,20 @@ static void env_start(env_t *e, const char *consumer)
     snprintf(e->group, sizeof(e->group), "%s.", e->prefix);
     loom_producer_opts_t po = {.brokers = brokers};
     cr_assert_eq(loom_producer_new(&po, &e->p, &err), 0, "%s", err.message);
-    for (int i = 0; i < N_WORKERS; i++) {
-        e->pools[i] = loom_test_pool(e->url, 4);
-        loom_worker_opts_t o = {.brokers = brokers,
-                                .pool = e->pools[i],
-                                .consumers = &e->def,
-                                .n_consumers = 1,
-                                .producer = e->p,
-                                .group_prefix = e->group,
-                                .apply_threads = 3};
-        cr_assert_eq(loom_worker_start(&o, &e->workers[i], &err), 0, "%s", err.message);
-    }
+    loom_worker_opts_t o = {.brokers = brokers,
+                            .consumers = &e->def,
+                            .n_consumers = 1,
+                            .producer = e->p,
+                            .group_prefix = e->group,
+                            .apply_threads = 3};
+    for (int i = 0; i < N_WORKERS; i++)
+        loom_test_worker_start(&e->workers[i], e->url, 4, false, o);
 }
 
 static void env_stop(env_t *e)
 {
-    for (int i = 0; i < N_WORKERS; i++) {
-        loom_worker_free(e->workers[i]);
-        loom_db_pool_free(e->pools[i]);
-    }
+    for (int i = 0; i < N_WORKERS; i++)
+        loom_test_worker_stop(&e->workers[i]);
     loom_producer_free(e->p);
 }
 

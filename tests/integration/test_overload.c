@@ -101,13 +101,13 @@ typedef struct env {
     const char *topics[2];
     loom_consumer_def_t def;
     loom_op_table_t *table;
-    loom_db_pool_t *read_pool, *wpool;
+    loom_db_pool_t *read_pool;
     loom_op_runtime_t rt;
     loom_metrics_t *metrics;
     loom_producer_t *producer;
     loom_gateway_opts_t opts;
     loom_gateway_t *gw;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     int port;
 } env_t;
 
@@ -178,23 +178,14 @@ static void env_start(env_t *e)
 /* Starts a worker that applies the test consumer's commands. */
 static void env_worker_start(env_t *e)
 {
-    e->wpool = loom_test_pool(e->url, 3);
-    loom_worker_opts_t wo = {.brokers = loom_test_kafka_brokers(),
-                             .pool = e->wpool,
-                             .consumers = &e->def,
-                             .n_consumers = 1,
-                             .retry_base_ms = 50,
-                             .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&wo, &e->w, &err), 0, "%s", err.message);
+    loom_test_worker_start(&e->worker, e->url, 3, false,
+                           loom_test_worker_opts(loom_test_kafka_brokers(), &e->def));
 }
 
 static void env_free(env_t *e)
 {
     loom_gateway_free(e->gw);
-    if (e->w)
-        loom_worker_free(e->w);
-    loom_db_pool_free(e->wpool);
+    loom_test_worker_stop(&e->worker);
     loom_producer_free(e->producer);
     loom_db_pool_free(e->read_pool);
     loom_op_table_free(e->table);
@@ -377,15 +368,6 @@ static int wait_rounds(env_t *e, const char *wait, double until, int rounds)
     return n;
 }
 
-static void env_worker_stop(env_t *e)
-{
-    loom_worker_stop(e->w);
-    loom_worker_free(e->w);
-    e->w = NULL;
-    loom_db_pool_free(e->wpool);
-    e->wpool = NULL;
-}
-
 Test(overload, waits_slower_than_the_target_lower_the_bound_and_the_excess_is_refused,
      .timeout = 300)
 {
@@ -409,7 +391,7 @@ Test(overload, waits_slower_than_the_target_lower_the_bound_and_the_excess_is_re
     cr_assert_eq(metric(&e, "loom_http_waiters_limit"), LOOM_GATEWAY_MIN_WAITERS,
                  "the bound after %d rounds", rounds);
     cr_log_info("the bound fell from 100 to %d in %d rounds", LOOM_GATEWAY_MIN_WAITERS, rounds);
-    env_worker_stop(&e);
+    loom_test_worker_stop(&e.worker);
     int64_t end = loom_mono_ms() + 30000;
     while (metric(&e, "loom_http_waiters") > 0 && loom_mono_ms() < end)
         loom_sleep_ms(20);

@@ -50,9 +50,7 @@ typedef struct svc {
     const char *topics[N_TOPICS + 1];
     size_t n_topics;
     loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *p;
+    loom_test_worker_t worker; /* its pool serves the ops, its relay the test */
     loom_op_table_t *ops;
     loom_op_runtime_t rt;
 } svc_t;
@@ -95,30 +93,20 @@ static void svc_start(svc_t *s)
     cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, s->n_topics, 3, &created, &err),
                  0, "%s", err.message);
     snprintf(s->group, sizeof(s->group), "%s.", s->prefix);
-    s->pool = loom_test_pool(s->url, 4);
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &s->p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = s->pool,
-                            .consumers = &s->def,
-                            .n_consumers = 1,
-                            .producer = s->p,
-                            .group_prefix = s->group};
-    cr_assert_eq(loom_worker_start(&o, &s->w, &err), 0, "%s", err.message);
+    loom_worker_opts_t o = {
+        .brokers = brokers, .consumers = &s->def, .n_consumers = 1, .group_prefix = s->group};
+    loom_test_worker_start(&s->worker, s->url, 4, true, o);
     s->ops = loom_op_table_new();
     cr_assert_eq(
         loom_op_table_add(s->ops, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err), 0,
         "%s", err.message);
-    loom_op_runtime_init(&s->rt, s->ops, s->pool, NULL);
+    loom_op_runtime_init(&s->rt, s->ops, s->worker.pool, NULL);
 }
 
 static void svc_stop(svc_t *s)
 {
-    if (s->w)
-        loom_worker_free(s->w);
-    loom_producer_free(s->p);
+    loom_test_worker_stop(&s->worker);
     loom_op_table_free(s->ops);
-    loom_db_pool_free(s->pool);
 }
 
 /* Publishes a command (without waiting); writes its id to id_out (37 bytes). */
@@ -136,9 +124,9 @@ static void publish(svc_t *s, const char *type, const char *key, const char *dat
     loom_delivery_t d;
     loom_delivery_init(&d);
     const char *k = key ? key : ce.id;
-    cr_assert_eq(
-        loom_producer_send(s->p, topic, k, strlen(k), &ce, loom_delivery_future_cb, &d, &err), 0,
-        "%s", err.message);
+    cr_assert_eq(loom_producer_send(s->worker.relay, topic, k, strlen(k), &ce,
+                                    loom_delivery_future_cb, &d, &err),
+                 0, "%s", err.message);
     cr_assert_eq(loom_delivery_wait(&d, 30000, &err), 0, "%s", err.message);
     loom_delivery_release(&d);
     snprintf(id_out, 37, "%s", ce.id);
@@ -905,7 +893,7 @@ Test(registry, nodes_have_a_stale_flag, .timeout = 60)
     loom_op_table_t *t = loom_op_table_new();
     cr_assert_eq(loom_op_table_add(t, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
                  0, "%s", err.message);
-    svc_t s = {.pool = pool, .ops = t};
+    svc_t s = {.worker = {.pool = pool}, .ops = t};
     loom_op_runtime_init(&s.rt, t, pool, NULL);
 
     json_t *got = op(&s, "registry.nodes.get", "{\"id\":\"00000000-0000-4000-8000-0000000000a1\"}");
@@ -1332,8 +1320,8 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
                  0, "%s", eb);
     loom_periodic_opts_t po = {.jobs = app_job("registry.probe"),
                                .n_jobs = 1,
-                               .pool = s.pool,
-                               .producer = s.p,
+                               .pool = s.worker.pool,
+                               .producer = s.worker.relay,
                                .cfg = &cfg,
                                .tick_ms = 100};
     loom_periodic_t *runner;

@@ -47,10 +47,10 @@ typedef struct env {
     size_t n_routes;
     loom_consumer_def_t def;
     loom_op_table_t *table;
-    loom_db_pool_t *read_pool, *wpool;
+    loom_db_pool_t *read_pool;
     loom_op_runtime_t rt;
     loom_producer_t *producer;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     loom_gateway_opts_t opts;
     loom_gateway_t *gw;
     int port;
@@ -110,13 +110,9 @@ static void env_start(env_t *e)
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, NULL);
     loom_producer_opts_t o = {.brokers = brokers, .message_timeout_ms = 10000};
     cr_assert_eq(loom_producer_new(&o, &e->producer, &err), 0, "%s", err.message);
-    e->wpool = loom_test_pool(e->url, 3);
-    loom_worker_opts_t wo = {.brokers = brokers,
-                             .pool = e->wpool,
-                             .consumers = &e->def,
-                             .n_consumers = 1,
-                             .group_prefix = e->group};
-    cr_assert_eq(loom_worker_start(&wo, &e->w, &err), 0, "%s", err.message);
+    loom_worker_opts_t wo = {
+        .brokers = brokers, .consumers = &e->def, .n_consumers = 1, .group_prefix = e->group};
+    loom_test_worker_start(&e->worker, e->url, 3, false, wo);
 
     write_tokens(e);
     e->opts = (loom_gateway_opts_t){.listen = "127.0.0.1:0",
@@ -136,8 +132,7 @@ static void env_start(env_t *e)
 static void env_stop(env_t *e)
 {
     loom_gateway_free(e->gw);
-    loom_worker_free(e->w);
-    loom_db_pool_free(e->wpool);
+    loom_test_worker_stop(&e->worker);
     loom_producer_free(e->producer);
     loom_db_pool_free(e->read_pool);
     loom_op_table_free(e->table);

@@ -414,6 +414,38 @@ void loom_test_kafka_topic(const char *brokers, const char *topic, int partition
         cr_assert_fail("could not create topic %s on %s: %s", topic, brokers, err.message);
 }
 
+loom_worker_opts_t loom_test_worker_opts(const char *brokers, const loom_consumer_def_t *def)
+{
+    return (loom_worker_opts_t){.brokers = brokers,
+                                .consumers = def,
+                                .n_consumers = 1,
+                                .retry_base_ms = 50,
+                                .retry_max_ms = 500};
+}
+
+void loom_test_worker_start(loom_test_worker_t *tw, const char *url, int pool_size, bool relay,
+                            loom_worker_opts_t o)
+{
+    *tw = (loom_test_worker_t){0};
+    tw->pool = loom_test_pool(url, pool_size);
+    loom_error_t err;
+    if (relay) {
+        loom_producer_opts_t po = {.brokers = o.brokers};
+        cr_assert_eq(loom_producer_new(&po, &tw->relay, &err), 0, "%s", err.message);
+        o.producer = tw->relay;
+    }
+    o.pool = tw->pool;
+    cr_assert_eq(loom_worker_start(&o, &tw->w, &err), 0, "%s", err.message);
+}
+
+void loom_test_worker_stop(loom_test_worker_t *tw)
+{
+    loom_worker_free(tw->w); /* stops it first */
+    loom_producer_free(tw->relay);
+    loom_db_pool_free(tw->pool);
+    *tw = (loom_test_worker_t){0};
+}
+
 pid_t loom_test_spawn_logged(const char *const argv[], const char *const env[],
                              const char *log_path)
 {

@@ -91,6 +91,32 @@ extern const loom_migration_t loom_test_ledger_migration;
 /* Path of the loom_test_app binary (loom with the test consumer). */
 const char *loom_test_app_bin(void);
 
+/* ---- the test worker: a consumer worker started in the test's process ---- */
+
+#include "loom/bus.h"
+#include "loom/worker.h"
+
+/* What loom_test_worker_start made: the worker's own pool, its relay producer
+ * (NULL unless asked for) and the worker. All NULL when not started. */
+typedef struct loom_test_worker {
+    loom_db_pool_t *pool;
+    loom_producer_t *relay;
+    loom_worker_t *w;
+} loom_test_worker_t;
+
+/* The usual options of a test worker: one consumer, def, on brokers, its
+ * failing partitions retried after 50 ms backing off to 500 ms. */
+loom_worker_opts_t loom_test_worker_opts(const char *brokers, const loom_consumer_def_t *def);
+/* Starts a worker with options o on a new pool of pool_size connections to
+ * url (o.pool is set here). With relay, a new producer on o.brokers (default
+ * options) is made first and becomes o.producer: the worker relays its outbox
+ * through it, and the test may publish with it too. Aborts the test on failure. */
+void loom_test_worker_start(loom_test_worker_t *tw, const char *url, int pool_size, bool relay,
+                            loom_worker_opts_t o);
+/* Frees the worker, then its relay and its pool; does nothing for what was
+ * not started, and leaves *tw all NULL (so it may be started again). */
+void loom_test_worker_stop(loom_test_worker_t *tw);
+
 /* ---- chaos suite helpers (tests/chaos) ---- */
 
 /* A fresh database with the engine migrations and the test tables
