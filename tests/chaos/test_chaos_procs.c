@@ -1139,25 +1139,6 @@ static void *gw_client_main(void *arg)
     return NULL;
 }
 
-static bool gw_ready(int port, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    while (loom_mono_ms() < end) {
-        loom_test_http_conn_t *c = loom_test_http_try_open(port);
-        if (c) {
-            loom_test_http_res_t res = {0};
-            bool ok = loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
-                      loom_test_http_read(c, 5000, &res) && res.status == 200;
-            loom_test_http_res_free(&res);
-            loom_test_http_close(c);
-            if (ok)
-                return true;
-        }
-        loom_sleep_ms(100);
-    }
-    return false;
-}
-
 /* Messages on topic (the sum of its partitions' high watermarks). */
 static long long topic_messages(const char *brokers, const char *topic)
 {
@@ -1234,7 +1215,8 @@ Test(chaos, gateway_kill, .timeout = 7200, .fini = cleanup)
     start_loom(&worker, "worker", env, log);
     snprintf(log, sizeof(log), "%s/api.log", dir);
     start_loom(&api, "api", env, log);
-    cr_assert(gw_ready(port, 60000), "loom api did not become ready (log %s)", api.log);
+    cr_assert(loom_test_http_wait_status(port, "/readyz", 200, 60000) == 200,
+              "loom api did not become ready (log %s)", api.log);
 
     gw_run_t run = {.port = port, .token = token, .per_client = per_client, .pace_ms = 10};
     pthread_mutex_init(&run.mu, NULL);
@@ -1668,31 +1650,12 @@ static void pgf_cleanup(void)
     }
 }
 
-static int readyz(int port)
-{
-    loom_test_http_conn_t *c = loom_test_http_try_open(port);
-    if (!c)
-        return -1;
-    loom_test_http_res_t res = {0};
-    int st = -1;
-    if (loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
-        loom_test_http_read(c, 10000, &res))
-        st = res.status;
-    loom_test_http_res_free(&res);
-    loom_test_http_close(c);
-    return st;
-}
-
 /* Polls a worker's /readyz until it answers want; ms since `since`, or -1. */
 static long long wait_readyz(int port, int want, int64_t since, int timeout_ms)
 {
-    int64_t end = loom_mono_ms() + timeout_ms;
-    while (loom_mono_ms() < end) {
-        if (readyz(port) == want)
-            return loom_mono_ms() - since;
-        loom_sleep_ms(100);
-    }
-    return -1;
+    if (loom_test_http_wait_status(port, "/readyz", want, timeout_ms) != want)
+        return -1;
+    return loom_mono_ms() - since;
 }
 
 /*

@@ -79,40 +79,11 @@ static char *file_text(const char *path)
     return buf;
 }
 
-static int http_status(int port, const char *path, char **body)
-{
-    loom_test_http_conn_t *c = loom_test_http_try_open(port);
-    if (!c)
-        return -1;
-    char req[256];
-    snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", path);
-    loom_test_http_res_t res = {0};
-    int status = -1;
-    if (loom_test_http_sends(c, req) && loom_test_http_read(c, 30000, &res)) {
-        status = res.status;
-        if (body)
-            *body = loom_xstrdup(res.body ? res.body : "");
-        loom_test_http_res_free(&res);
-    }
-    loom_test_http_close(c);
-    return status;
-}
-
-/* Polls path until it answers want (deadline timeout_ms); returns the last status. */
-static int wait_status(int port, const char *path, int want, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    int st = -1;
-    while ((st = http_status(port, path, NULL)) != want && loom_mono_ms() < end)
-        loom_sleep_ms(200);
-    return st;
-}
-
 /* The worker's /metrics, parsed strictly; aborts on a grammar error. */
 static void metrics(int port, prom_doc_t *doc, char **text)
 {
     char *body = NULL;
-    cr_assert_eq(http_status(port, "/metrics", &body), 200);
+    cr_assert_eq(loom_test_http_get_status(port, "/metrics", 30000, &body), 200);
     char why[256];
     cr_assert_eq(prom_parse(body, doc, why, sizeof(why)), 0, "/metrics: %s\n%s", why, body);
     if (text)
@@ -176,7 +147,7 @@ static void env_start(env_t *e, const char *url, int partitions)
     const char *env[] = {e->e_db, e->e_k, e->e_s, e->e_l, e->e_n, NULL};
     const char *argv[] = {loom_test_app_bin(), "worker", NULL};
     e->pid = loom_test_spawn_logged(argv, env, e->log);
-    cr_assert_eq(wait_status(e->port, "/healthz", 200, 60000), 200,
+    cr_assert_eq(loom_test_http_wait_status(e->port, "/healthz", 200, 60000), 200,
                  "the worker did not serve /healthz (log %s)", e->log);
 }
 
@@ -234,9 +205,10 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
 {
     env_t e;
     env_start(&e, NULL, 3);
-    cr_assert_eq(wait_status(e.port, "/readyz", 200, 60000), 200, "never ready (log %s)", e.log);
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 200, 60000), 200,
+                 "never ready (log %s)", e.log);
     char *body = NULL;
-    cr_assert_eq(http_status(e.port, "/nope", &body), 404);
+    cr_assert_eq(loom_test_http_get_status(e.port, "/nope", 30000, &body), 404);
     free(body);
 
     /* Some commands flow; then a backlog forms behind a blocked account. */
@@ -351,21 +323,23 @@ Test(worker_watch, readyz_is_503_while_the_database_is_down_and_200_when_it_is_b
     loom_test_migrate_ledger(pg.url);
     env_t e;
     env_start(&e, pg.url, 2);
-    cr_assert_eq(wait_status(e.port, "/readyz", 200, 60000), 200, "never ready (log %s)", e.log);
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 200, 60000), 200,
+                 "never ready (log %s)", e.log);
 
     cr_assert_eq(loom_pglocal_stop(&pg), 0);
-    cr_assert_eq(wait_status(e.port, "/readyz", 503, 60000), 503,
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 503, 60000), 503,
                  "still ready with the database down (log %s)", e.log);
     char *body = NULL;
-    int st = http_status(e.port, "/readyz", &body);
+    int st = loom_test_http_get_status(e.port, "/readyz", 30000, &body);
     cr_assert_eq(st, 503);
     cr_assert(strstr(body, "\"not_ready\"") && strstr(body, "database"), "%s", body);
     free(body);
-    cr_assert_eq(http_status(e.port, "/healthz", NULL), 200, "alive all the same");
+    cr_assert_eq(loom_test_http_get_status(e.port, "/healthz", 30000, NULL), 200,
+                 "alive all the same");
     cr_assert_eq(wait_metric(e.port, "loom_ready{check=\"database\"}", 0, 30000), 0);
 
     cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
-    cr_assert_eq(wait_status(e.port, "/readyz", 200, 120000), 200,
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 200, 120000), 200,
                  "not ready again after the database came back (log %s)", e.log);
     char *log = file_text(e.log);
     cr_assert(strstr(log, "not ready") && strstr(log, "ready again"), "%s", log);
@@ -416,8 +390,10 @@ Test(worker_watch, one_requests_trace_id_is_in_the_worker_log_and_the_commands_r
     const char *aargv[] = {loom_test_bin(), "api", NULL};
     pid_t worker = loom_test_spawn_logged(wargv, env, wlog);
     pid_t api = loom_test_spawn_logged(aargv, env, alog);
-    cr_assert_eq(wait_status(port, "/readyz", 200, 60000), 200, "loom api not ready (%s)", alog);
-    cr_assert_eq(wait_status(wport, "/readyz", 200, 60000), 200, "worker not ready (%s)", wlog);
+    cr_assert_eq(loom_test_http_wait_status(port, "/readyz", 200, 60000), 200,
+                 "loom api not ready (%s)", alog);
+    cr_assert_eq(loom_test_http_wait_status(wport, "/readyz", 200, 60000), 200,
+                 "worker not ready (%s)", wlog);
 
     /* A trace id of our own, as a tracing client would send it. */
     char trace[33], tp[64];
