@@ -148,9 +148,8 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
 /* ---- the test ledger: a key failing in one partition --------------------------------- */
 
 typedef struct ledger {
-    char url[512], suffix[64], topic[160], name[128];
-    const char *topics[2];
-    loom_consumer_def_t def;
+    char url[512];
+    loom_test_ledger_t led;
     loom_test_worker_t worker;
     loom_producer_t *p;
 } ledger_t;
@@ -160,18 +159,12 @@ static void ledger_start(ledger_t *l, int partitions, int64_t park_after_ms)
     memset(l, 0, sizeof(*l));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_ledger(l->url, sizeof(l->url));
-    loom_test_unique_name("k", l->suffix, sizeof(l->suffix));
-    snprintf(l->topic, sizeof(l->topic), "loom.cmd.test.credit.%s", l->suffix);
-    snprintf(l->name, sizeof(l->name), "test.ledger.%s", l->suffix);
-    l->topics[0] = l->topic;
-    l->def = loom_test_consumers[0];
-    l->def.name = l->name;
-    l->def.topics = l->topics;
-    loom_test_kafka_topic(brokers, l->topic, partitions);
+    loom_test_ledger_init(&l->led, "k");
+    loom_test_kafka_topic(brokers, l->led.topic, partitions);
     loom_error_t err;
     loom_producer_opts_t po = {.brokers = brokers};
     cr_assert_eq(loom_producer_new(&po, &l->p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = loom_test_worker_opts(brokers, &l->def);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &l->led.def);
     o.apply_threads = 4;
     o.retry_max_ms = 300;
     o.park_after_ms = park_after_ms;
@@ -190,7 +183,7 @@ static void credit(ledger_t *l, const char *id, const char *account, long amount
     char data[256];
     snprintf(data, sizeof(data), "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
              extra ? "," : "", extra ? extra : "");
-    send_cmd(l->p, l->topic, "test.credit", id, account, data, deadline, NULL);
+    send_cmd(l->p, l->led.topic, "test.credit", id, account, data, deadline, NULL);
 }
 
 /* Each account's events, by version, carry amounts 1, 2, 3...: its commands

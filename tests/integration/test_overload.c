@@ -95,11 +95,8 @@ static const loom_route_t routes[] = {
 
 typedef struct env {
     char url[512];
-    char suffix[64];
-    char name[128];
     char tokens_path[256];
-    const char *topics[2];
-    loom_consumer_def_t def;
+    loom_test_ledger_t led; /* the test consumer; its topic is g_topic */
     loom_op_table_t *table;
     loom_db_pool_t *read_pool;
     loom_op_runtime_t rt;
@@ -121,13 +118,8 @@ static void env_init(env_t *e, bool kafka)
         rl.rlim_cur = 4 * N_WAITERS + 256;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    loom_test_unique_name("ov", e->suffix, sizeof(e->suffix));
-    snprintf(g_topic, sizeof(g_topic), "loom.cmd.test.credit.%s", e->suffix);
-    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
-    e->topics[0] = g_topic;
-    e->def = loom_test_consumers[0];
-    e->def.name = e->name;
-    e->def.topics = e->topics;
+    loom_test_ledger_init(&e->led, "ov");
+    snprintf(g_topic, sizeof(g_topic), "%s", e->led.topic);
     snprintf(e->tokens_path, sizeof(e->tokens_path), "/tmp/loom-ov-tokens-%d", (int)getpid());
     loom_test_token_t t[] = {{TOK, "over *"}};
     loom_test_tokens_file(e->tokens_path, t, 1);
@@ -136,14 +128,7 @@ static void env_init(env_t *e, bool kafka)
     const loom_op_t *mine[] = {&sleep_op};
     cr_assert_eq(loom_op_table_add(e->table, mine, 1, &err), 0, "%s", err.message);
     e->metrics = loom_metrics_new();
-    loom_test_db_create(e->url, sizeof(e->url));
-    loom_db_pool_t *pool = loom_test_pool(e->url, 1);
-    loom_db_t *conn;
-    loom_migration_set_t set = loom_test_migrations();
-    cr_assert_eq(loom_db_acquire(pool, &conn, &err), 0, "%s", err.message);
-    cr_assert_eq(loom_migrate_up(conn, &set, NULL, &err), 0, "%s", err.message);
-    loom_db_release(conn);
-    loom_db_pool_free(pool);
+    loom_test_db_create_ledger(e->url, sizeof(e->url));
     loom_db_pool_opts_t po = {.size = 4, .read_only = true};
     cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, e->metrics);
@@ -179,7 +164,7 @@ static void env_start(env_t *e)
 static void env_worker_start(env_t *e)
 {
     loom_test_worker_start(&e->worker, e->url, 3, false,
-                           loom_test_worker_opts(loom_test_kafka_brokers(), &e->def));
+                           loom_test_worker_opts(loom_test_kafka_brokers(), &e->led.def));
 }
 
 static void env_free(env_t *e)

@@ -113,7 +113,8 @@ static double wait_metric(int port, const char *key, double want, int timeout_ms
 }
 
 typedef struct env {
-    char url[768], suffix[64], topic[160], name[128], node[40], dir[128], log[256];
+    char url[768], node[40], dir[128], log[256];
+    loom_test_ledger_t led; /* names of the test consumer the worker runs */
     char e_db[800], e_k[300], e_s[128], e_l[64], e_n[64];
     int port;
     pid_t pid;
@@ -127,10 +128,8 @@ static void env_start(env_t *e, const char *url, int partitions)
         snprintf(e->url, sizeof(e->url), "%s", url);
     else
         loom_test_db_create_ledger(e->url, sizeof(e->url));
-    loom_test_unique_name("w", e->suffix, sizeof(e->suffix));
-    snprintf(e->topic, sizeof(e->topic), "loom.cmd.test.credit.%s", e->suffix);
-    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
-    loom_test_kafka_topic(brokers, e->topic, partitions);
+    loom_test_ledger_init(&e->led, "w");
+    loom_test_kafka_topic(brokers, e->led.topic, partitions);
     snprintf(e->dir, sizeof(e->dir), "/tmp/loom-watch-XXXXXX");
     cr_assert_not_null(mkdtemp(e->dir));
     chmod(e->dir, 0755);
@@ -141,7 +140,7 @@ static void env_start(env_t *e, const char *url, int partitions)
     e->port = loom_free_port();
     snprintf(e->e_db, sizeof(e->e_db), "LOOM_DATABASE_URL=%s", e->url);
     snprintf(e->e_k, sizeof(e->e_k), "LOOM_KAFKA_BROKERS=%s", brokers);
-    snprintf(e->e_s, sizeof(e->e_s), "LOOM_TEST_LEDGER_SUFFIX=%s", e->suffix);
+    snprintf(e->e_s, sizeof(e->e_s), "LOOM_TEST_LEDGER_SUFFIX=%s", e->led.suffix);
     snprintf(e->e_l, sizeof(e->e_l), "LOOM_WORKER_LISTEN=127.0.0.1:%d", e->port);
     snprintf(e->e_n, sizeof(e->e_n), "LOOM_NODE_ID=%s", e->node);
     const char *env[] = {e->e_db, e->e_k, e->e_s, e->e_l, e->e_n, NULL};
@@ -180,7 +179,7 @@ static int consumers(env_t *e, const char *args, char **out)
 static json_t *consumer_row(env_t *e, int part)
 {
     char *out = NULL, args[200];
-    snprintf(args, sizeof(args), "--json --consumer %s", e->name);
+    snprintf(args, sizeof(args), "--json --consumer %s", e->led.name);
     consumers(e, args, &out);
     json_error_t jerr;
     json_t *a = json_loads(out, 0, &jerr);
@@ -192,7 +191,7 @@ static json_t *consumer_row(env_t *e, int part)
     json_array_foreach(a, i, row)
     {
         if (json_integer_value(json_object_get(row, "partition")) == part &&
-            strcmp(json_string_value(json_object_get(row, "topic")), e->topic) == 0)
+            strcmp(json_string_value(json_object_get(row, "topic")), e->led.topic) == 0)
             found = json_incref(row);
     }
     json_decref(a);
@@ -214,21 +213,21 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     /* Some commands flow; then a backlog forms behind a blocked account. */
     loom_producer_t *p = producer(loom_test_kafka_brokers());
     for (int i = 0; i < 5; i++)
-        credit(p, e.topic, "free", i + 1, NULL);
+        credit(p, e.led.topic, "free", i + 1, NULL);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 5, 60000), 5);
     loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('held')");
     enum { BACKLOG = 40 };
     int32_t part = -1;
     for (int i = 0; i < BACKLOG; i++)
-        part = credit(p, e.topic, "held", 1, "\"fail\":\"blocked\"");
+        part = credit(p, e.led.topic, "held", 1, "\"fail\":\"blocked\"");
     loom_producer_free(p);
 
     char key[512];
     snprintf(key, sizeof(key), "loom_consumer_lag{consumer=\"%s\",topic=\"%s\",partition=\"%d\"}",
-             e.name, e.topic, (int)part);
+             e.led.name, e.led.topic, (int)part);
     double lag = wait_metric(e.port, key, BACKLOG, 90000);
     cr_assert_eq(lag, BACKLOG, "%s is %g, not %d (log %s)", key, lag, BACKLOG, e.log);
-    snprintf(key, sizeof(key), "loom_consumer_retrying_partitions{consumer=\"%s\"}", e.name);
+    snprintf(key, sizeof(key), "loom_consumer_retrying_partitions{consumer=\"%s\"}", e.led.name);
     cr_assert_eq(wait_metric(e.port, key, 1, 60000), 1, "%s", key);
 
     /* The whole text, for both parsers. */
@@ -241,7 +240,7 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     cr_assert_eq(prom_get(&doc, "loom_ready{check=\"kafka\"}", &found), 1);
     snprintf(key, sizeof(key),
              "loom_consumer_messages_total{consumer=\"%s\",topic=\"%s\",outcome=\"applied\"}",
-             e.name, e.topic);
+             e.led.name, e.led.topic);
     cr_assert_eq(prom_get(&doc, key, &found), 5, "%s", text);
     prom_free(&doc);
     char py[256];
@@ -274,7 +273,7 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     free(dump);
     json_decref(row);
     char *out = NULL, args[200];
-    snprintf(args, sizeof(args), "--consumer %s", e.name);
+    snprintf(args, sizeof(args), "--consumer %s", e.led.name);
     consumers(&e, args, &out);
     cr_assert(strstr(out, "OWNER") && strstr(out, e.node) && strstr(out, "attempts"), "%s", out);
     cr_assert(strstr(out, "1 partition retrying a command"), "%s", out);
@@ -288,7 +287,7 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 5 + BACKLOG, 120000),
                  5 + BACKLOG);
     snprintf(key, sizeof(key), "loom_consumer_lag{consumer=\"%s\",topic=\"%s\",partition=\"%d\"}",
-             e.name, e.topic, (int)part);
+             e.led.name, e.led.topic, (int)part);
     cr_assert_eq(wait_metric(e.port, key, 0, 60000), 0, "%s", key);
     end = loom_mono_ms() + 60000;
     for (;;) {

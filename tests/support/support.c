@@ -414,6 +414,18 @@ void loom_test_kafka_topic(const char *brokers, const char *topic, int partition
         cr_assert_fail("could not create topic %s on %s: %s", topic, brokers, err.message);
 }
 
+void loom_test_ledger_init(loom_test_ledger_t *l, const char *prefix)
+{
+    memset(l, 0, sizeof(*l));
+    loom_test_unique_name(prefix, l->suffix, sizeof(l->suffix));
+    snprintf(l->topic, sizeof(l->topic), "loom.cmd.test.credit.%s", l->suffix);
+    snprintf(l->name, sizeof(l->name), "test.ledger.%s", l->suffix);
+    l->topics[0] = l->topic;
+    l->def = loom_test_consumers[0];
+    l->def.name = l->name;
+    l->def.topics = l->topics;
+}
+
 loom_worker_opts_t loom_test_worker_opts(const char *brokers, const loom_consumer_def_t *def)
 {
     return (loom_worker_opts_t){.brokers = brokers,

@@ -88,6 +88,18 @@ int loom_test_ledger_handler(loom_msg_t *msg, loom_error_t *err);
 loom_migration_set_t loom_test_migrations(void);
 /* The test table alone (version 9001), for a service descriptor. */
 extern const loom_migration_t loom_test_ledger_migration;
+/* The test consumer under names of its own, so that tests running at once
+ * keep apart: consumer "test.ledger.<suffix>" reading topic
+ * "loom.cmd.test.credit.<suffix>", suffix a unique name with a prefix
+ * (loom_test_unique_name). def points into the struct: do not copy it. */
+typedef struct loom_test_ledger {
+    char suffix[64];
+    char topic[160];
+    char name[128];
+    const char *topics[2];
+    loom_consumer_def_t def;
+} loom_test_ledger_t;
+void loom_test_ledger_init(loom_test_ledger_t *l, const char *prefix);
 /* Path of the loom_test_app binary (loom with the test consumer). */
 const char *loom_test_app_bin(void);
 
