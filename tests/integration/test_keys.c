@@ -80,10 +80,7 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     char topic[LOOM_TOPIC_MAX];
     loom_topic_for_command("messages.put_batch", topic, sizeof(topic));
     loom_test_kafka_topic(brokers, topic, 3);
-    loom_producer_t *p;
-    loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &p, &err), 0, "%s", err.message);
+    loom_producer_t *p = loom_test_producer(brokers);
     loom_worker_opts_t o = loom_test_worker_opts(brokers, &def);
     o.group_prefix = group;
     o.apply_threads = 4;
@@ -161,9 +158,7 @@ static void ledger_start(ledger_t *l, int partitions, int64_t park_after_ms)
     loom_test_db_create_ledger(l->url, sizeof(l->url));
     loom_test_ledger_init(&l->led, "k");
     loom_test_kafka_topic(brokers, l->led.topic, partitions);
-    loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &l->p, &err), 0, "%s", err.message);
+    l->p = loom_test_producer(brokers);
     loom_worker_opts_t o = loom_test_worker_opts(brokers, &l->led.def);
     o.apply_threads = 4;
     o.retry_max_ms = 300;

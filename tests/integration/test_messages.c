@@ -266,10 +266,8 @@ Test(messages, the_periodic_clean_runs_on_one_node_at_a_time, .timeout = 120)
     loom_test_db_create_migrated(url, sizeof(url));
     const char *brokers = loom_test_kafka_brokers();
     loom_db_pool_t *pool = loom_test_pool(url, 4);
-    loom_producer_t *p;
+    loom_producer_t *p = loom_test_producer(brokers);
     loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &p, &err), 0, "%s", err.message);
     loom_config_t cfg[2];
     char *env0[] = {"LOOM_MESSAGES_CLEAN_INTERVAL=1s", "LOOM_MESSAGES_RETENTION=2s",
                     "LOOM_NODE_ID=00000000-0000-4000-8000-00000000000a", NULL};

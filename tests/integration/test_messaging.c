@@ -23,15 +23,6 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 
-static loom_producer_t *producer(const char *brokers)
-{
-    loom_producer_t *p;
-    loom_error_t err;
-    loom_producer_opts_t o = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
-    return p;
-}
-
 /* Publishes a credit command; id NULL means a fresh UUIDv7. */
 static void credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
                    long amount, const char *extra)
@@ -54,33 +45,6 @@ static void credit(loom_producer_t *p, const char *topic, const char *id, const 
         loom_sleep_ms(5);
     cr_assert_eq(rc, 0, "%s", err.message);
     loom_arena_release(&a);
-}
-
-/* Publishes and waits for the broker; returns the partition it went to. */
-static int32_t credit_sync(loom_producer_t *p, const char *topic, const char *id,
-                           const char *account, long amount, const char *extra)
-{
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    if (id)
-        ce.id = id;
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
-    loom_error_t err;
-    loom_delivery_t d;
-    loom_delivery_init(&d);
-    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
-                                    loom_delivery_future_cb, &d, &err),
-                 0, "%s", err.message);
-    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
-    int32_t part = d.partition;
-    loom_delivery_release(&d);
-    loom_arena_release(&a);
-    return part;
 }
 
 typedef struct env {
@@ -213,7 +177,7 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     env_t e;
     env_init(&e, brokers, 2);
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 50; i++) {
         char id[64];
         snprintf(id, sizeof(id), "dup-%d", i);
@@ -242,7 +206,7 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
     const char *brokers = loom_test_kafka_brokers();
     env_t e;
     env_init(&e, brokers, 1);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     /* Published before the worker starts, so they land in one batch. */
     credit(p, e.led.topic, "v-1", "v", 1, NULL);
     credit(p, e.led.topic, "v-2", "v", 1, NULL);
@@ -284,7 +248,7 @@ Test(messaging, a_batch_row_the_database_refuses_rejects_only_its_own_command, .
     const char *brokers = loom_test_kafka_brokers();
     env_t e;
     env_init(&e, brokers, 1);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     /* In one batch: c-2 claims what c-1 claimed, so the batch's multi-row
      * INSERT into test_claims fails as a whole. */
     credit(p, e.led.topic, "c-1", "c", 1, "\"claim\":\"x\"");
@@ -324,20 +288,22 @@ Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_hol
     env_init(&e, brokers, 4);
     loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('stuck')");
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
-    int32_t stuck = credit_sync(p, e.led.topic, "blocked-1", "stuck", 5, "\"fail\":\"blocked\"");
-    credit_sync(p, e.led.topic, "blocked-2", "stuck", 6, NULL); /* same key: waits behind it */
-    credit_sync(p, e.led.topic, "poison-1", "other", 1, "\"fail\":\"permanent\"");
-    int32_t flaky = credit_sync(p, e.led.topic, "flaky-1", "flaky", 3,
-                                "\"fail\":\"transient\",\"fail_times\":2");
+    loom_producer_t *p = loom_test_producer(brokers);
+    int32_t stuck =
+        loom_test_credit_sync(p, e.led.topic, "blocked-1", "stuck", 5, "\"fail\":\"blocked\"");
+    loom_test_credit_sync(p, e.led.topic, "blocked-2", "stuck", 6,
+                          NULL); /* same key: waits behind it */
+    loom_test_credit_sync(p, e.led.topic, "poison-1", "other", 1, "\"fail\":\"permanent\"");
+    int32_t flaky = loom_test_credit_sync(p, e.led.topic, "flaky-1", "flaky", 3,
+                                          "\"fail\":\"transient\",\"fail_times\":2");
     int free_flowing = flaky != stuck; /* rows expected outside the stuck partition */
     for (int i = 0; i < 200; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "acct-%d", i % 20);
-        free_flowing += credit_sync(p, e.led.topic, NULL, acct, 1, NULL) != stuck;
+        free_flowing += loom_test_credit_sync(p, e.led.topic, NULL, acct, 1, NULL) != stuck;
     }
     cr_assert_gt(free_flowing, 20, "some keys share no partition with 'stuck'");
-    int32_t poison_part = credit_sync(p, e.led.topic, "after-poison", "other", 2, NULL);
+    int32_t poison_part = loom_test_credit_sync(p, e.led.topic, "after-poison", "other", 2, NULL);
     free_flowing += poison_part != stuck;
     cr_assert_neq(poison_part, stuck, "pick keys so 'other' and 'stuck' do not share a partition");
 
@@ -425,7 +391,7 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     env_t e;
     env_init(&e, brokers, 6);
     enum { N = 20000 };
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < N; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "k-%d", i % 97);
@@ -482,7 +448,7 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
     cr_assert(loom_test_read_until(fa, "msg=\"partitions assigned\"", 60000, &la), "%s", la);
     cr_assert(loom_test_read_until(fb, "msg=\"partitions assigned\"", 60000, &lb), "%s", lb);
 
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 3000; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "t-%d", i % 60);
@@ -534,7 +500,7 @@ Test(messaging, a_worker_stops_in_bounded_time_when_the_broker_does_not_answer, 
     env_t e;
     env_init(&e, brokers, 2);
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 100; i++)
         credit(p, e.led.topic, NULL, "gone", 1, NULL);
     loom_producer_flush(p, 60000);
@@ -563,7 +529,7 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     env_t e;
     env_init(&e, brokers, 6);
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 1000; i++)
         credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
     loom_producer_flush(p, 60000);
@@ -747,7 +713,7 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     loom_test_kafka_topic(brokers, e.led.topic, 4);
     env_start_worker(&e, brokers);
 
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 1500; i++)
         credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
     loom_producer_flush(p, 60000);
@@ -795,7 +761,7 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     loom_worker_opts_t o = {
         .brokers = brokers, .consumers = &e.led.def, .n_consumers = 1, .stall_after_ms = 1000};
     loom_test_worker_start(&e.worker, e.url, 4, false, o);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 20; i++)
         credit(p, e.led.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
     loom_producer_flush(p, 30000);
@@ -856,7 +822,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     o.stall_after_ms = 1000;
     o.metrics = reg;
     loom_test_worker_start(&e.worker, e.url, 4, false, o);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 10; i++)
         credit(p, e.led.topic, NULL, "s", 1, NULL);
     loom_producer_flush(p, 30000);

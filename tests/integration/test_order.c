@@ -70,8 +70,7 @@ static void env_start(env_t *e, const char *consumer)
     cr_assert_eq(loom_kafka_create_topics(brokers, NULL, names, n < 8 ? n : 8, 6, &created, &err),
                  0, "%s", err.message);
     snprintf(e->group, sizeof(e->group), "%s.", e->prefix);
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &e->p, &err), 0, "%s", err.message);
+    e->p = loom_test_producer(brokers);
     loom_worker_opts_t o = {.brokers = brokers,
                             .consumers = &e->def,
                             .n_consumers = 1,

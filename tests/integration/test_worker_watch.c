@@ -30,40 +30,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static loom_producer_t *producer(const char *brokers)
-{
-    loom_producer_t *p;
-    loom_error_t err;
-    loom_producer_opts_t o = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
-    return p;
-}
-
-/* Publishes a credit command and waits for the broker; returns its partition. */
-static int32_t credit(loom_producer_t *p, const char *topic, const char *account, long amount,
-                      const char *extra)
-{
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
-    loom_error_t err;
-    loom_delivery_t d;
-    loom_delivery_init(&d);
-    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
-                                    loom_delivery_future_cb, &d, &err),
-                 0, "%s", err.message);
-    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
-    int32_t part = d.partition;
-    loom_delivery_release(&d);
-    loom_arena_release(&a);
-    return part;
-}
-
 static char *file_text(const char *path)
 {
     FILE *f = fopen(path, "r");
@@ -211,15 +177,15 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     free(body);
 
     /* Some commands flow; then a backlog forms behind a blocked account. */
-    loom_producer_t *p = producer(loom_test_kafka_brokers());
+    loom_producer_t *p = loom_test_producer(loom_test_kafka_brokers());
     for (int i = 0; i < 5; i++)
-        credit(p, e.led.topic, "free", i + 1, NULL);
+        loom_test_credit_sync(p, e.led.topic, NULL, "free", i + 1, NULL);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 5, 60000), 5);
     loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('held')");
     enum { BACKLOG = 40 };
     int32_t part = -1;
     for (int i = 0; i < BACKLOG; i++)
-        part = credit(p, e.led.topic, "held", 1, "\"fail\":\"blocked\"");
+        part = loom_test_credit_sync(p, e.led.topic, NULL, "held", 1, "\"fail\":\"blocked\"");
     loom_producer_free(p);
 
     char key[512];

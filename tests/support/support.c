@@ -426,6 +426,41 @@ void loom_test_ledger_init(loom_test_ledger_t *l, const char *prefix)
     l->def.topics = l->topics;
 }
 
+loom_producer_t *loom_test_producer(const char *brokers)
+{
+    loom_producer_t *p;
+    loom_error_t err;
+    loom_producer_opts_t o = {.brokers = brokers};
+    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
+    return p;
+}
+
+int32_t loom_test_credit_sync(loom_producer_t *p, const char *topic, const char *id,
+                              const char *account, long amount, const char *extra)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
+    if (id)
+        ce.id = id;
+    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
+                                    extra ? "," : "", extra ? extra : "");
+    ce.data = data;
+    ce.data_len = strlen(data);
+    loom_error_t err;
+    loom_delivery_t d;
+    loom_delivery_init(&d);
+    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
+                                    loom_delivery_future_cb, &d, &err),
+                 0, "%s", err.message);
+    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
+    int32_t part = d.partition;
+    loom_delivery_release(&d);
+    loom_arena_release(&a);
+    return part;
+}
+
 loom_worker_opts_t loom_test_worker_opts(const char *brokers, const loom_consumer_def_t *def)
 {
     return (loom_worker_opts_t){.brokers = brokers,
@@ -440,13 +475,12 @@ void loom_test_worker_start(loom_test_worker_t *tw, const char *url, int pool_si
 {
     *tw = (loom_test_worker_t){0};
     tw->pool = loom_test_pool(url, pool_size);
-    loom_error_t err;
     if (relay) {
-        loom_producer_opts_t po = {.brokers = o.brokers};
-        cr_assert_eq(loom_producer_new(&po, &tw->relay, &err), 0, "%s", err.message);
+        tw->relay = loom_test_producer(o.brokers);
         o.producer = tw->relay;
     }
     o.pool = tw->pool;
+    loom_error_t err;
     cr_assert_eq(loom_worker_start(&o, &tw->w, &err), 0, "%s", err.message);
 }
 

@@ -116,6 +116,15 @@ typedef struct loom_test_worker {
     loom_worker_t *w;
 } loom_test_worker_t;
 
+/* A producer on brokers with the default options; aborts the test on failure. */
+loom_producer_t *loom_test_producer(const char *brokers);
+/* Publishes a test.credit command ({"account", "amount"} plus the JSON members
+ * in extra, when not NULL) keyed by account, with id as its CloudEvents id
+ * (NULL: a fresh one), and waits up to 60 s for the broker to take it;
+ * returns the partition it went to. Aborts the test on failure. */
+int32_t loom_test_credit_sync(loom_producer_t *p, const char *topic, const char *id,
+                              const char *account, long amount, const char *extra);
+
 /* The usual options of a test worker: one consumer, def, on brokers, its
  * failing partitions retried after 50 ms backing off to 500 ms. */
 loom_worker_opts_t loom_test_worker_opts(const char *brokers, const loom_consumer_def_t *def);
