@@ -21,31 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* ---- helpers ------------------------------------------------------------- */
-
-/* Publishes a credit command; id NULL means a fresh UUIDv7. */
-static void credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
-                   long amount, const char *extra)
-{
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    if (id)
-        ce.id = id;
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
-    loom_error_t err;
-    int rc;
-    while ((rc = loom_producer_send(p, topic, account, strlen(account), &ce, NULL, NULL, &err)) !=
-               0 &&
-           strcmp(err.code, "QUEUE_FULL") == 0)
-        loom_sleep_ms(5);
-    cr_assert_eq(rc, 0, "%s", err.message);
-    loom_arena_release(&a);
-}
+/* ---- the environment: a ledger database and the test consumer ------------ */
 
 typedef struct env {
     char url[512];
@@ -181,8 +157,8 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     for (int i = 0; i < 50; i++) {
         char id[64];
         snprintf(id, sizeof(id), "dup-%d", i);
-        credit(p, e.led.topic, id, "dup", 1, NULL);
-        credit(p, e.led.topic, id, "dup", 1, NULL); /* the same command again */
+        loom_test_credit(p, e.led.topic, id, "dup", 1, NULL);
+        loom_test_credit(p, e.led.topic, id, "dup", 1, NULL); /* the same command again */
     }
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 50, 60000), 50);
@@ -208,12 +184,12 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
     env_init(&e, brokers, 1);
     loom_producer_t *p = loom_test_producer(brokers);
     /* Published before the worker starts, so they land in one batch. */
-    credit(p, e.led.topic, "v-1", "v", 1, NULL);
-    credit(p, e.led.topic, "v-2", "v", 1, NULL);
-    credit(p, e.led.topic, "v-3", "v", 1, NULL);
-    credit(p, e.led.topic, "v-4", "v", 1, "\"expect\":3");
-    credit(p, e.led.topic, "v-5", "v", 1, "\"expect\":3"); /* stale: the stream is at 4 */
-    credit(p, e.led.topic, "v-6", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-1", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-2", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-3", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-4", "v", 1, "\"expect\":3");
+    loom_test_credit(p, e.led.topic, "v-5", "v", 1, "\"expect\":3"); /* stale: the stream is at 4 */
+    loom_test_credit(p, e.led.topic, "v-6", "v", 1, NULL);
     loom_producer_flush(p, 30000);
     env_start_worker(&e, brokers);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 6, 60000), 6);
@@ -227,8 +203,8 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
                                 "status = 'rejected' AND last_error LIKE '%at version 4, not 3%'"),
         1);
     /* A later batch appends after what is stored. */
-    credit(p, e.led.topic, "v-7", "v", 1, NULL);
-    credit(p, e.led.topic, "v-8", "v", 1, "\"expect\":6");
+    loom_test_credit(p, e.led.topic, "v-7", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-8", "v", 1, "\"expect\":6");
     loom_producer_flush(p, 30000);
     cr_assert_eq(
         loom_test_wait_for(
@@ -251,10 +227,10 @@ Test(messaging, a_batch_row_the_database_refuses_rejects_only_its_own_command, .
     loom_producer_t *p = loom_test_producer(brokers);
     /* In one batch: c-2 claims what c-1 claimed, so the batch's multi-row
      * INSERT into test_claims fails as a whole. */
-    credit(p, e.led.topic, "c-1", "c", 1, "\"claim\":\"x\"");
-    credit(p, e.led.topic, "c-2", "c", 10, "\"claim\":\"x\"");
-    credit(p, e.led.topic, "c-3", "c", 100, "\"claim\":\"y\"");
-    credit(p, e.led.topic, "c-4", "c", 1000, NULL);
+    loom_test_credit(p, e.led.topic, "c-1", "c", 1, "\"claim\":\"x\"");
+    loom_test_credit(p, e.led.topic, "c-2", "c", 10, "\"claim\":\"x\"");
+    loom_test_credit(p, e.led.topic, "c-3", "c", 100, "\"claim\":\"y\"");
+    loom_test_credit(p, e.led.topic, "c-4", "c", 1000, NULL);
     loom_producer_flush(p, 30000);
     env_start_worker(&e, brokers);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 4, 60000), 4);
@@ -395,7 +371,7 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     for (int i = 0; i < N; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "k-%d", i % 97);
-        credit(p, e.led.topic, NULL, acct, i + 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, acct, i + 1, NULL);
     }
     cr_assert_eq(loom_producer_flush(p, 120000), 0);
     loom_producer_free(p);
@@ -452,7 +428,7 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
     for (int i = 0; i < 3000; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "t-%d", i % 60);
-        credit(p, e.led.topic, NULL, acct, 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, acct, 1, NULL);
     }
     loom_producer_flush(p, 60000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 120000), 3000);
@@ -474,7 +450,7 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
     for (int i = 0; i < 3000; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "t-%d", i % 60);
-        credit(p, e.led.topic, NULL, acct, 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, acct, 1, NULL);
     }
     loom_producer_flush(p, 60000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 6000, 120000), 6000);
@@ -502,7 +478,7 @@ Test(messaging, a_worker_stops_in_bounded_time_when_the_broker_does_not_answer, 
     env_start_worker(&e, brokers);
     loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 100; i++)
-        credit(p, e.led.topic, NULL, "gone", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, "gone", 1, NULL);
     loom_producer_flush(p, 60000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 100, 60000), 100);
     loom_producer_free(p);
@@ -531,14 +507,14 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     env_start_worker(&e, brokers);
     loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 1000; i++)
-        credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
     loom_producer_flush(p, 60000);
     cr_assert_geq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 1000, 60000), 1);
 
     rd_kafka_mock_broker_set_down(mc, 1);
     rd_kafka_mock_broker_set_down(mc, 2);
     for (int i = 0; i < 1000; i++)
-        credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
     loom_sleep_ms(3000);
     rd_kafka_mock_broker_set_up(mc, 1);
     rd_kafka_mock_broker_set_up(mc, 2);
@@ -715,7 +691,7 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
 
     loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 1500; i++)
-        credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
     loom_producer_flush(p, 60000);
     cr_assert_geq(
         loom_test_wait_for(e.url, "SELECT least(count(*), 500) FROM test_ledger", 500, 60000), 500);
@@ -723,7 +699,7 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     cr_assert_eq(loom_pglocal_stop(&pg), 0);
     int64_t down_at = loom_mono_ms();
     for (int i = 1500; i < 3000; i++) /* the load goes on while the database is away */
-        credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
     loom_producer_flush(p, 60000);
     loom_sleep_ms(10000 - (loom_mono_ms() - down_at));
     cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
@@ -763,7 +739,7 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     loom_test_worker_start(&e.worker, e.url, 4, false, o);
     loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 20; i++)
-        credit(p, e.led.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 60000), 20);
     loom_worker_free(e.worker.w);
@@ -824,7 +800,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     loom_test_worker_start(&e.worker, e.url, 4, false, o);
     loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 10; i++)
-        credit(p, e.led.topic, NULL, "s", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, "s", 1, NULL);
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 10, 60000), 10);
 
@@ -837,7 +813,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
         errs[i] = RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION;
     rd_kafka_mock_push_request_errors_array(mc, 1 /* Fetch API key */, 60, errs);
     for (int i = 0; i < 10; i++)
-        credit(p, e.led.topic, NULL, "s", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, "s", 1, NULL);
     loom_producer_flush(p, 30000);
     /* The worker reports the stall (counter and gauge) and then repairs it
      * (a seek, then leaving and rejoining the group), which resets the

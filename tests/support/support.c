@@ -435,19 +435,43 @@ loom_producer_t *loom_test_producer(const char *brokers)
     return p;
 }
 
+/* The CloudEvent of a test.credit command, in arena a. */
+static void credit_event(loom_ce_t *ce, loom_arena_t *a, const char *id, const char *account,
+                         long amount, const char *extra)
+{
+    loom_ce_init(ce, a, "test", "producer", "test.credit");
+    if (id)
+        ce->id = id;
+    char *data = loom_arena_sprintf(a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
+                                    extra ? "," : "", extra ? extra : "");
+    ce->data = data;
+    ce->data_len = strlen(data);
+}
+
+void loom_test_credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
+                      long amount, const char *extra)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    credit_event(&ce, &a, id, account, amount, extra);
+    loom_error_t err;
+    int rc;
+    while ((rc = loom_producer_send(p, topic, account, strlen(account), &ce, NULL, NULL, &err)) !=
+               0 &&
+           strcmp(err.code, "QUEUE_FULL") == 0)
+        loom_sleep_ms(5);
+    cr_assert_eq(rc, 0, "%s", err.message);
+    loom_arena_release(&a);
+}
+
 int32_t loom_test_credit_sync(loom_producer_t *p, const char *topic, const char *id,
                               const char *account, long amount, const char *extra)
 {
     loom_arena_t a;
     loom_arena_init(&a, 0);
     loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    if (id)
-        ce.id = id;
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
+    credit_event(&ce, &a, id, account, amount, extra);
     loom_error_t err;
     loom_delivery_t d;
     loom_delivery_init(&d);

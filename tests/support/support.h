@@ -118,10 +118,14 @@ typedef struct loom_test_worker {
 
 /* A producer on brokers with the default options; aborts the test on failure. */
 loom_producer_t *loom_test_producer(const char *brokers);
-/* Publishes a test.credit command ({"account", "amount"} plus the JSON members
+/* Queues a test.credit command ({"account", "amount"} plus the JSON members
  * in extra, when not NULL) keyed by account, with id as its CloudEvents id
- * (NULL: a fresh one), and waits up to 60 s for the broker to take it;
- * returns the partition it went to. Aborts the test on failure. */
+ * (NULL: a fresh one); waits while the producer's queue is full. Aborts the
+ * test on any other failure. */
+void loom_test_credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
+                      long amount, const char *extra);
+/* The same, then waits up to 60 s for the broker to take it; returns the
+ * partition it went to. */
 int32_t loom_test_credit_sync(loom_producer_t *p, const char *topic, const char *id,
                               const char *account, long amount, const char *extra);
 
