@@ -124,8 +124,8 @@ loom_producer_t *loom_test_producer(const char *brokers);
  * test on any other failure. */
 void loom_test_credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
                       long amount, const char *extra);
-/* The same, then waits up to 60 s for the broker to take it; returns the
- * partition it went to. */
+/* Publishes the same command (a full queue is a failure here), then waits up
+ * to 60 s for the broker to take it; returns the partition it went to. */
 int32_t loom_test_credit_sync(loom_producer_t *p, const char *topic, const char *id,
                               const char *account, long amount, const char *extra);
 
