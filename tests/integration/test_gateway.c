@@ -184,8 +184,7 @@ static void env_init(gw_env_t *e, bool db, const char *brokers)
     e->metrics = loom_metrics_new();
     if (db) {
         loom_test_db_create_ledger(e->url, sizeof(e->url));
-        loom_db_pool_opts_t po = {.size = 4, .read_only = true};
-        cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
+        e->read_pool = loom_test_read_pool(e->url, 4);
     }
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, e->metrics);
     if (brokers) {

@@ -129,8 +129,7 @@ static void env_init(env_t *e, bool kafka)
     cr_assert_eq(loom_op_table_add(e->table, mine, 1, &err), 0, "%s", err.message);
     e->metrics = loom_metrics_new();
     loom_test_db_create_ledger(e->url, sizeof(e->url));
-    loom_db_pool_opts_t po = {.size = 4, .read_only = true};
-    cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
+    e->read_pool = loom_test_read_pool(e->url, 4);
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, e->metrics);
     if (kafka) {
         const char *brokers = loom_test_kafka_brokers();

@@ -105,8 +105,7 @@ static void env_start(env_t *e)
     cr_assert_eq(
         loom_op_table_add(e->table, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
         0, "%s", err.message);
-    loom_db_pool_opts_t po = {.size = 4, .read_only = true};
-    cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
+    e->read_pool = loom_test_read_pool(e->url, 4);
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, NULL);
     loom_producer_opts_t o = {.brokers = brokers, .message_timeout_ms = 10000};
     cr_assert_eq(loom_producer_new(&o, &e->producer, &err), 0, "%s", err.message);

@@ -191,6 +191,16 @@ loom_db_pool_t *loom_test_pool(const char *url, int size)
     return pool;
 }
 
+loom_db_pool_t *loom_test_read_pool(const char *url, int size)
+{
+    loom_db_pool_t *pool = NULL;
+    loom_error_t err;
+    loom_db_pool_opts_t opts = {.size = size, .read_only = true};
+    if (loom_db_pool_new(url, &opts, &pool, &err) != 0)
+        cr_assert_fail("could not open a read-only pool on %s: %s", url, err.message);
+    return pool;
+}
+
 rd_kafka_t *loom_test_mock_cluster(int brokers, rd_kafka_mock_cluster_t **mc,
                                    const char **bootstraps)
 {

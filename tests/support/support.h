@@ -32,6 +32,8 @@ void loom_test_db_create(char *url, size_t size);
 void loom_test_db_create_migrated(char *url, size_t size);
 /* Opens a pool on url (aborts the test on failure). */
 loom_db_pool_t *loom_test_pool(const char *url, int size);
+/* The same, read-only (as the gateway's ops read). */
+loom_db_pool_t *loom_test_read_pool(const char *url, int size);
 /* Runs SQL on a fresh connection and returns the first column of the first
  * row as a new string ("" when there is no row); aborts on error. */
 char *loom_test_sql_value(const char *url, const char *sql);
