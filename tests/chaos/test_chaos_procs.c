@@ -1184,10 +1184,7 @@ Test(chaos, gateway_kill, .timeout = 7200, .fini = cleanup)
     fclose(f);
 
     char prefix[64], e_db[800], e_k[300], e_p[128], e_l[64], e_t[400];
-    loom_test_unique_name("chaos", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("chaos", prefix, sizeof(prefix));
     int port = loom_free_port();
     snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", url);
     snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", brokers);

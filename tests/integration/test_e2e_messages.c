@@ -273,10 +273,7 @@ static void api_and_worker(const char *brokers, const char *db_url)
 {
     write_tokens();
     char prefix[64], e_db[600], e_k[256], e_p[128], e_l[64], e_t[200];
-    loom_test_unique_name("e2e", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("e2e", prefix, sizeof(prefix));
     int port = loom_free_port();
     snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", db_url);
     snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", brokers);

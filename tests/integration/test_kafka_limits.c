@@ -86,10 +86,7 @@ Test(kafka_limits, a_write_over_the_topics_stock_limit_gets_413_naming_it, .time
     loom_test_tokens_file(tokens, t, 1);
 
     char prefix[64];
-    loom_test_unique_name("lim", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("lim", prefix, sizeof(prefix));
     /* The topic the gateway publishes messages.put_batch to, made before
      * `loom migrate up` (which then leaves it as it is). */
     loom_topic_prefix_set(prefix);

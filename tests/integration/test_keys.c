@@ -70,10 +70,7 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     const char *brokers = loom_test_kafka_brokers();
     char url[512], prefix[64], group[80];
     loom_test_db_create_migrated(url, sizeof(url));
-    loom_test_unique_name("keys", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("keys", prefix, sizeof(prefix));
     loom_topic_prefix_set(prefix);
     snprintf(group, sizeof(group), "%s.", prefix);
     loom_consumer_def_t def = *loom_test_app_consumer("messages.store");

@@ -53,10 +53,7 @@ static void env_start(env_t *e, const char *consumer)
     memset(e, 0, sizeof(*e));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(e->url, sizeof(e->url));
-    loom_test_unique_name("ord", e->prefix, sizeof(e->prefix));
-    for (char *c = e->prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("ord", e->prefix, sizeof(e->prefix));
     loom_topic_prefix_set(e->prefix);
     e->def = *loom_test_app_consumer(consumer);
     char topics[8][LOOM_TOPIC_MAX];

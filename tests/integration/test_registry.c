@@ -78,10 +78,7 @@ static void svc_start(svc_t *s)
     memset(s, 0, sizeof(*s));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(s->url, sizeof(s->url));
-    loom_test_unique_name("reg", s->prefix, sizeof(s->prefix));
-    for (char *c = s->prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("reg", s->prefix, sizeof(s->prefix));
     loom_topic_prefix_set(s->prefix);
     s->def = *app_consumer("registry.store");
     s->n_topics = loom_consumer_topics(&s->def, s->topics_buf, N_TOPICS);

@@ -83,10 +83,7 @@ static void env_start(env_t *e)
     const char *brokers = loom_test_kafka_brokers();
     loom_error_t err;
     loom_test_db_create_migrated(e->url, sizeof(e->url));
-    loom_test_unique_name("rapi", e->prefix, sizeof(e->prefix));
-    for (char *c = e->prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("rapi", e->prefix, sizeof(e->prefix));
     loom_topic_prefix_set(e->prefix);
     e->def = *loom_test_app_consumer("registry.store");
     e->n_topics = loom_consumer_topics(&e->def, e->topics_buf, N_TOPICS);

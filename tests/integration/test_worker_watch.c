@@ -331,10 +331,7 @@ Test(worker_watch, one_requests_trace_id_is_in_the_worker_log_and_the_commands_r
     loom_test_tokens_file(tokens, t, 1);
 
     char prefix[64], e_db[800], e_k[300], e_p[128], e_l[64], e_t[400], e_w[64];
-    loom_test_unique_name("tr", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("tr", prefix, sizeof(prefix));
     int port = loom_free_port(), wport = loom_free_port();
     snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", url);
     snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", brokers);

@@ -96,6 +96,14 @@ void loom_test_unique_name(const char *prefix, char *out, size_t size)
     snprintf(out, size, "%s_%d_%d_%u", prefix, (int)getpid(), ++counter, r % 100000);
 }
 
+void loom_test_topic_prefix(const char *prefix, char *out, size_t size)
+{
+    loom_test_unique_name(prefix, out, size);
+    for (char *c = out; *c; c++)
+        if (*c == '_')
+            *c = '-';
+}
+
 static PGconn *connect_or_die(const char *url)
 {
     PGconn *c = PQconnectdb(url);

@@ -53,6 +53,9 @@ rd_kafka_t *loom_test_mock_cluster(int brokers, rd_kafka_mock_cluster_t **mc,
 
 /* A unique name with a prefix: "prefix_<pid>_<n>_<rand>". */
 void loom_test_unique_name(const char *prefix, char *out, size_t size);
+/* The same with '-' for '_' ("prefix-<pid>-<n>-<rand>"), as a topic prefix
+ * (LOOM_TOPIC_PREFIX takes a-z, 0-9 and -) of a test's own. */
+void loom_test_topic_prefix(const char *prefix, char *out, size_t size);
 
 /* Writes an API tokens file (LOOM_API_TOKENS_FILE) at path: one line per
  * {token, "slug scope[,scope...]"} pair, the token as its SHA-256. */
