@@ -28,8 +28,7 @@
 
 typedef struct env {
     char url[512];
-    char prefix[64], group[80];
-    loom_consumer_def_t def;
+    loom_test_app_sub_t sub; /* the consumer on a topic of its own */
     loom_test_worker_t workers[N_WORKERS];
     loom_producer_t *p;
     atomic_int acked, failed;
@@ -53,26 +52,14 @@ static void env_start(env_t *e, const char *consumer)
     memset(e, 0, sizeof(*e));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(e->url, sizeof(e->url));
-    loom_test_topic_prefix("ord", e->prefix, sizeof(e->prefix));
-    loom_topic_prefix_set(e->prefix);
-    e->def = *loom_test_app_consumer(consumer);
-    char topics[8][LOOM_TOPIC_MAX];
-    size_t n = loom_consumer_topics(&e->def, topics, 8);
-    cr_assert_eq(n, 1, "%s reads one topic, its service's", consumer);
-    const char *names[8];
-    for (size_t i = 0; i < n && i < 8; i++)
-        names[i] = topics[i];
-    int created;
-    loom_error_t err;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, names, n < 8 ? n : 8, 6, &created, &err),
-                 0, "%s", err.message);
-    snprintf(e->group, sizeof(e->group), "%s.", e->prefix);
+    loom_test_app_sub_init(&e->sub, consumer, "ord", brokers, 6);
+    cr_assert_eq(e->sub.n_topics, 1, "%s reads one topic, its service's", consumer);
     e->p = loom_test_producer(brokers);
     loom_worker_opts_t o = {.brokers = brokers,
-                            .consumers = &e->def,
+                            .consumers = &e->sub.def,
                             .n_consumers = 1,
                             .producer = e->p,
-                            .group_prefix = e->group,
+                            .group_prefix = e->sub.group,
                             .apply_threads = 3};
     for (int i = 0; i < N_WORKERS; i++)
         loom_test_worker_start(&e->workers[i], e->url, 4, false, o);
@@ -119,12 +106,12 @@ static long long settle(env_t *e, int sent)
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' "
              "AND status IN ('applied', 'rejected')",
-             e->def.name);
+             e->sub.def.name);
     cr_assert_eq(loom_test_wait_for(e->url, sql, sent, 240000), sent,
                  "not every command was handled");
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' AND status = 'applied'",
-             e->def.name);
+             e->sub.def.name);
     return loom_test_sql_ll(e->url, sql);
 }
 

@@ -40,16 +40,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define N_TOPICS 6
-
 typedef struct svc {
     char url[512];
-    char prefix[64];
-    char group[80];
-    char topics_buf[N_TOPICS][LOOM_TOPIC_MAX];
-    const char *topics[N_TOPICS + 1];
-    size_t n_topics;
-    loom_consumer_def_t def;
+    loom_test_app_sub_t sub;   /* registry.store on topics of its own */
     loom_test_worker_t worker; /* its pool serves the ops, its relay the test */
     loom_op_table_t *ops;
     loom_op_runtime_t rt;
@@ -63,35 +56,18 @@ static void expect_text(const json_t *v, size_t flags, const char *want)
     free(got);
 }
 
-static const loom_consumer_def_t *app_consumer(const char *name)
-{
-    const loom_consumer_def_t *c = loom_test_app_consumer(name);
-    if (c)
-        return c;
-    cr_assert_fail("no consumer %s", name);
-    return NULL;
-}
-
 /* The registry consumer on topics of this test's own prefix. */
 static void svc_start(svc_t *s)
 {
     memset(s, 0, sizeof(*s));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(s->url, sizeof(s->url));
-    loom_test_topic_prefix("reg", s->prefix, sizeof(s->prefix));
-    loom_topic_prefix_set(s->prefix);
-    s->def = *app_consumer("registry.store");
-    s->n_topics = loom_consumer_topics(&s->def, s->topics_buf, N_TOPICS);
-    cr_assert(s->n_topics >= 1 && s->n_topics <= N_TOPICS);
-    for (size_t i = 0; i < s->n_topics; i++)
-        s->topics[i] = s->topics_buf[i];
-    int created;
+    loom_test_app_sub_init(&s->sub, "registry.store", "reg", brokers, 3);
     loom_error_t err;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, s->n_topics, 3, &created, &err),
-                 0, "%s", err.message);
-    snprintf(s->group, sizeof(s->group), "%s.", s->prefix);
-    loom_worker_opts_t o = {
-        .brokers = brokers, .consumers = &s->def, .n_consumers = 1, .group_prefix = s->group};
+    loom_worker_opts_t o = {.brokers = brokers,
+                            .consumers = &s->sub.def,
+                            .n_consumers = 1,
+                            .group_prefix = s->sub.group};
     loom_test_worker_start(&s->worker, s->url, 4, true, o);
     s->ops = loom_op_table_new();
     cr_assert_eq(
