@@ -101,15 +101,11 @@ struct chaos {
     rd_kafka_mock_cluster_t *mc;
     const char *brokers;
     char url[512];
-    char topic[160];
-    char cname[128];
+    loom_test_ledger_t led; /* the test consumer, names of its own */
     char group[200];
-    const char *topics[2];
-    loom_consumer_def_t def;
     int partitions;
     int n_workers;
-    loom_db_pool_t *pools[MAX_WORKERS];
-    loom_worker_t *workers[MAX_WORKERS];
+    loom_test_worker_t workers[MAX_WORKERS];
     bool workers_stopped;
 
     int n;    /* commands to stream */
@@ -200,7 +196,7 @@ static int send_ce(chaos_t *c, const char *id, const char *key, const char *data
     ce.data_len = len;
     loom_error_t err;
     int rc;
-    while ((rc = loom_producer_send(c->p, c->topic, key, strlen(key), &ce, cb, opaque, &err)) !=
+    while ((rc = loom_producer_send(c->p, c->led.topic, key, strlen(key), &ce, cb, opaque, &err)) !=
                0 &&
            err.code && strcmp(err.code, "QUEUE_FULL") == 0 && !atomic_load(&c->stop))
         loom_sleep_ms(5);
@@ -258,33 +254,20 @@ static void chaos_setup(chaos_t *c, const char *scenario, int partitions, int n_
     c->rate = rate;
     c->owner = loom_test_mock_cluster(BROKERS, &c->mc, &c->brokers);
     loom_test_db_create_ledger(c->url, sizeof(c->url));
-    char suffix[64];
-    loom_test_unique_name("chaos", suffix, sizeof(suffix));
-    snprintf(c->topic, sizeof(c->topic), "loom.cmd.test.credit.%s", suffix);
-    snprintf(c->cname, sizeof(c->cname), "test.ledger.%s", suffix);
-    snprintf(c->group, sizeof(c->group), "loom.%s", c->cname);
+    loom_test_ledger_init(&c->led, "chaos");
+    snprintf(c->group, sizeof(c->group), "loom.%s", c->led.name);
     /* The mock cluster of librdkafka 2.0 has no CreateTopics. Leaders are
      * spread on purpose (partition p on broker 1 + p % 3) and the group's
      * coordinator is broker 3, so the scenarios know whom they hit. */
-    cr_assert_eq(rd_kafka_mock_topic_create(c->mc, c->topic, partitions, BROKERS), 0);
+    cr_assert_eq(rd_kafka_mock_topic_create(c->mc, c->led.topic, partitions, BROKERS), 0);
     for (int p = 0; p < partitions; p++)
-        cr_assert_eq(rd_kafka_mock_partition_set_leader(c->mc, c->topic, p, 1 + p % BROKERS), 0);
+        cr_assert_eq(rd_kafka_mock_partition_set_leader(c->mc, c->led.topic, p, 1 + p % BROKERS),
+                     0);
     cr_assert_eq(rd_kafka_mock_coordinator_set(c->mc, "group", c->group, 3), 0);
-    c->topics[0] = c->topic;
-    c->def = loom_test_consumers[0];
-    c->def.name = c->cname;
-    c->def.topics = c->topics;
-    for (int k = 0; k < n_workers; k++) {
-        c->pools[k] = loom_test_pool(c->url, 6); /* the apply threads (4) + 2 */
-        loom_worker_opts_t o = {.brokers = c->brokers,
-                                .pool = c->pools[k],
-                                .consumers = &c->def,
-                                .n_consumers = 1,
-                                .retry_base_ms = 50,
-                                .retry_max_ms = 1000};
-        loom_error_t err;
-        cr_assert_eq(loom_worker_start(&o, &c->workers[k], &err), 0, "%s", err.message);
-    }
+    loom_worker_opts_t o = loom_test_worker_opts(c->brokers, &c->led.def);
+    o.retry_max_ms = 1000;
+    for (int k = 0; k < n_workers; k++) /* a pool of the apply threads (4) + 2 */
+        loom_test_worker_start(&c->workers[k], c->url, 6, false, o);
     c->slots = loom_xcalloc((size_t)n, sizeof(slot_t));
     for (int i = 0; i < n; i++)
         c->slots[i].c = c;
@@ -303,7 +286,7 @@ static loom_worker_stats_t stats(chaos_t *c)
     loom_worker_stats_t sum = {0};
     for (int k = 0; k < c->n_workers && !c->workers_stopped; k++) {
         loom_worker_stats_t st;
-        loom_worker_stats(c->workers[k], &st);
+        loom_worker_stats(c->workers[k].w, &st);
         sum.applied += st.applied;
         sum.skipped += st.skipped;
         sum.rejected += st.rejected;
@@ -410,15 +393,13 @@ static void chaos_finish(chaos_t *c, int64_t extra_applied)
         loom_sleep_ms(100);
     }
     for (int k = 0; k < c->n_workers; k++)
-        loom_worker_stop(c->workers[k]);
+        loom_worker_stop(c->workers[k].w);
 }
 
 static void chaos_teardown(chaos_t *c)
 {
-    for (int k = 0; k < c->n_workers; k++) {
-        loom_worker_free(c->workers[k]);
-        loom_db_pool_free(c->pools[k]);
-    }
+    for (int k = 0; k < c->n_workers; k++)
+        loom_test_worker_stop(&c->workers[k]);
     c->workers_stopped = true;
     loom_producer_free(c->p);
     free(c->slots);
@@ -474,7 +455,7 @@ static void log_state(chaos_t *c, long long *in_log, long long *uncommitted, boo
     }
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(c->partitions);
     for (int p = 0; p < c->partitions; p++)
-        rd_kafka_topic_partition_list_add(l, c->topic, p);
+        rd_kafka_topic_partition_list_add(l, c->led.topic, p);
     /* Not joining the group: only reading its committed offsets. */
     rd_kafka_resp_err_t ce = rd_kafka_committed(rk, l, 30000);
     cr_assert_eq(ce, RD_KAFKA_RESP_ERR_NO_ERROR, "committed offsets of %s: %s", c->group,
@@ -482,8 +463,9 @@ static void log_state(chaos_t *c, long long *in_log, long long *uncommitted, boo
     *in_log = *uncommitted = 0;
     for (int p = 0; p < c->partitions; p++) {
         int64_t lo = 0, hi = 0;
-        rd_kafka_resp_err_t e = rd_kafka_query_watermark_offsets(rk, c->topic, p, &lo, &hi, 30000);
-        cr_assert_eq(e, RD_KAFKA_RESP_ERR_NO_ERROR, "watermarks of %s [%d]: %s", c->topic, p,
+        rd_kafka_resp_err_t e =
+            rd_kafka_query_watermark_offsets(rk, c->led.topic, p, &lo, &hi, 30000);
+        cr_assert_eq(e, RD_KAFKA_RESP_ERR_NO_ERROR, "watermarks of %s [%d]: %s", c->led.topic, p,
                      rd_kafka_err2str(e));
         int64_t committed = l->elems[p].offset >= 0 ? l->elems[p].offset : lo;
         *in_log += hi - lo;
@@ -544,9 +526,11 @@ static void log_find(chaos_t *c, const int *idx, int n, bool *found)
         for (int k = 0; k < n && !wanted; k++)
             wanted = c->slots[idx[k]].partition == p;
         int64_t lo = 0;
-        if (wanted && rd_kafka_query_watermark_offsets(rk, c->topic, p, &lo, &end[p], 30000) == 0 &&
+        if (wanted &&
+            rd_kafka_query_watermark_offsets(rk, c->led.topic, p, &lo, &end[p], 30000) == 0 &&
             end[p] > lo)
-            rd_kafka_topic_partition_list_add(l, c->topic, p)->offset = RD_KAFKA_OFFSET_BEGINNING;
+            rd_kafka_topic_partition_list_add(l, c->led.topic, p)->offset =
+                RD_KAFKA_OFFSET_BEGINNING;
         else
             end[p] = 0;
     }
@@ -768,13 +752,13 @@ static const char *broker_cycle(chaos_t *c, int k)
         loom_sleep_ms(300);
         for (int p = 0; p < c->partitions; p++)
             if (1 + p % BROKERS == 2)
-                rd_kafka_mock_partition_set_leader(mc, c->topic, p, 3);
+                rd_kafka_mock_partition_set_leader(mc, c->led.topic, p, 3);
         loom_sleep_ms(2000);
         rd_kafka_mock_broker_set_up(mc, 2);
         loom_sleep_ms(300);
         for (int p = 0; p < c->partitions; p++)
             if (1 + p % BROKERS == 2)
-                rd_kafka_mock_partition_set_leader(mc, c->topic, p, 2);
+                rd_kafka_mock_partition_set_leader(mc, c->led.topic, p, 2);
         return "broker 2 down, leaders moved to 3 and back";
     case 2: /* the group coordinator goes down; the group moves to broker 1 */
         rd_kafka_mock_broker_set_down(mc, 3);
@@ -1029,8 +1013,8 @@ static void send_poison(chaos_t *c, int kind)
         static const char json[] = "{\"account\":\"" POISON_KEY "\",\"amount\":5}";
         const char *v = kind == POISON_RAW ? raw : json;
         size_t len = kind == POISON_RAW ? sizeof(raw) - 1 : strlen(json);
-        rc = loom_producer_send_raw(c->p, c->topic, POISON_KEY, strlen(POISON_KEY), NULL, v, len,
-                                    poison_delivered, ps, &err);
+        rc = loom_producer_send_raw(c->p, c->led.topic, POISON_KEY, strlen(POISON_KEY), NULL, v,
+                                    len, poison_delivered, ps, &err);
     } else {
         const char *data = kind == POISON_BAD_JSON    ? "{\"account\": \"acct-7\", \"amount\": "
                            : kind == POISON_PERMANENT ? "{\"account\":\"" POISON_KEY
@@ -1079,7 +1063,7 @@ Test(chaos_mock, poison_messages, .timeout = 3000)
                      poison_names[k]);
         char id[256], sql[768];
         if (k == POISON_RAW || k == POISON_JSON_NO_CE)
-            snprintf(id, sizeof(id), "kafka:%s:%d:%lld", c.topic, (int)ps->partition,
+            snprintf(id, sizeof(id), "kafka:%s:%d:%lld", c.led.topic, (int)ps->partition,
                      (long long)ps->offset);
         else
             snprintf(id, sizeof(id), "%s", ps->id);
@@ -1163,7 +1147,7 @@ Test(chaos_mock, a_failed_offset_commit_is_made_good_later, .timeout = 600)
     loom_sleep_ms(2000);
     rd_kafka_mock_clear_request_errors(c.mc, API_OFFSET_COMMIT);
     loom_sleep_ms(3000);
-    loom_worker_stop(c.workers[0]); /* graceful: commits what it applied */
+    loom_worker_stop(c.workers[0].w); /* graceful: commits what it applied */
     log_state(&c, &in_log, &uncommitted, true);
     cr_expect_eq(uncommitted, 0,
                  "%lld applied messages past the committed offset after a graceful stop",

@@ -530,15 +530,8 @@ static void assert_exactly_once(const result_t *r, const tally_t *t, const char 
 /* A ledger database, a topic and a consumer suffix of its own. */
 typedef struct ledger {
     char url[768];
-    char suffix[64];
-    char topic[200];
+    loom_test_ledger_t led;
 } ledger_t;
-
-static void ledger_names(ledger_t *l)
-{
-    loom_test_unique_name("c", l->suffix, sizeof(l->suffix));
-    snprintf(l->topic, sizeof(l->topic), "loom.cmd.test.credit.%s", l->suffix);
-}
 
 /* Highest applied offset per partition (-1: none yet); an index keeps it cheap. */
 static bool applied_max(const char *url, int parts, int64_t *out)
@@ -593,10 +586,10 @@ static void kill9(const char *scenario, const char *prefix, int parts, int keys)
     char dir[128];
     scratch_dir("kill9", dir, sizeof(dir));
     ledger_t l;
-    ledger_names(&l);
+    loom_test_ledger_init(&l.led, "c");
     loom_test_db_create_ledger(l.url, sizeof(l.url));
     loom_test_sql(l.url, "CREATE INDEX ON test_ledger (kafka_partition, kafka_offset)");
-    loom_test_kafka_topic(brokers, l.topic, parts);
+    loom_test_kafka_topic(brokers, l.led.topic, parts);
 
     /* Worker 0 is never killed: its RSS over the run shows whether memory
      * stays flat. Workers 1 and 2 are the ones killed and replaced. */
@@ -604,7 +597,7 @@ static void kill9(const char *scenario, const char *prefix, int parts, int keys)
     proc_t w[W];
     int started = 0;
     for (int k = 0; k < W; k++)
-        worker_start(&w[k], dir, started++, l.url, brokers, l.suffix);
+        worker_start(&w[k], dir, started++, l.url, brokers, l.led.suffix);
     int64_t end = loom_mono_ms() + 120000;
     while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
         loom_sleep_ms(100);
@@ -612,7 +605,7 @@ static void kill9(const char *scenario, const char *prefix, int parts, int keys)
               w[0].log);
 
     stream_t s;
-    stream_start(&s, brokers, l.topic, prefix, n, rate);
+    stream_start(&s, brokers, l.led.topic, prefix, n, rate);
     s.keys = keys;
     int kills = 0;
     long long max_recovery = 0, sum_recovery = 0;
@@ -671,7 +664,7 @@ static void kill9(const char *scenario, const char *prefix, int parts, int keys)
             kills++;
             pending = true;
             /* A supervisor would start a replacement at once. */
-            worker_start(&w[victim], dir, started++, l.url, brokers, l.suffix);
+            worker_start(&w[victim], dir, started++, l.url, brokers, l.led.suffix);
             next_kill = last_kill_at + kill_every_ms + (int64_t)(rand_r(&seed) % 4000);
         }
     }
@@ -793,16 +786,16 @@ Test(chaos, postgres_restart, .timeout = 7200, .fini = cleanup)
     po.port = pg.port; /* a restart keeps the address the workers know */
 
     ledger_t l;
-    ledger_names(&l);
+    loom_test_ledger_init(&l.led, "c");
     snprintf(l.url, sizeof(l.url), "%s", pg.url);
     loom_test_migrate_ledger(l.url);
-    loom_test_kafka_topic(brokers, l.topic, 6);
+    loom_test_kafka_topic(brokers, l.led.topic, 6);
     proc_t w[2];
     for (int k = 0; k < 2; k++)
-        worker_start(&w[k], dir, k, l.url, brokers, l.suffix);
+        worker_start(&w[k], dir, k, l.url, brokers, l.led.suffix);
 
     stream_t s;
-    stream_start(&s, brokers, l.topic, "pg", n, rate);
+    stream_start(&s, brokers, l.led.topic, "pg", n, rate);
     long long max_recovery = 0, max_caught_up = 0, total_down = 0;
     int done_outages = 0;
     int64_t next_fault = loom_mono_ms() + gap_ms;
@@ -959,18 +952,18 @@ Test(chaos, kafka_restart, .timeout = 7200, .fini = cleanup)
     free(errs);
 
     ledger_t l;
-    ledger_names(&l);
+    loom_test_ledger_init(&l.led, "c");
     loom_test_db_create_ledger(l.url, sizeof(l.url));
-    loom_test_kafka_topic(addr, l.topic, 4);
+    loom_test_kafka_topic(addr, l.led.topic, 4);
     proc_t w[2];
     for (int k = 0; k < 2; k++)
-        worker_start(&w[k], dir, k, l.url, addr, l.suffix);
+        worker_start(&w[k], dir, k, l.url, addr, l.led.suffix);
     int64_t end = loom_mono_ms() + 120000;
     while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
         loom_sleep_ms(100);
 
     stream_t s;
-    stream_start(&s, addr, l.topic, "kf", n, rate);
+    stream_start(&s, addr, l.led.topic, "kf", n, rate);
     long long max_recovery = 0, max_ready = 0, max_caught_up = 0, total_down = 0;
     int done_outages = 0;
     char pidfile[300];
@@ -1139,25 +1132,6 @@ static void *gw_client_main(void *arg)
     return NULL;
 }
 
-static bool gw_ready(int port, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    while (loom_mono_ms() < end) {
-        loom_test_http_conn_t *c = loom_test_http_try_open(port);
-        if (c) {
-            loom_test_http_res_t res = {0};
-            bool ok = loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
-                      loom_test_http_read(c, 5000, &res) && res.status == 200;
-            loom_test_http_res_free(&res);
-            loom_test_http_close(c);
-            if (ok)
-                return true;
-        }
-        loom_sleep_ms(100);
-    }
-    return false;
-}
-
 /* Messages on topic (the sum of its partitions' high watermarks). */
 static long long topic_messages(const char *brokers, const char *topic)
 {
@@ -1210,10 +1184,7 @@ Test(chaos, gateway_kill, .timeout = 7200, .fini = cleanup)
     fclose(f);
 
     char prefix[64], e_db[800], e_k[300], e_p[128], e_l[64], e_t[400];
-    loom_test_unique_name("chaos", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("chaos", prefix, sizeof(prefix));
     int port = loom_free_port();
     snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", url);
     snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", brokers);
@@ -1234,7 +1205,8 @@ Test(chaos, gateway_kill, .timeout = 7200, .fini = cleanup)
     start_loom(&worker, "worker", env, log);
     snprintf(log, sizeof(log), "%s/api.log", dir);
     start_loom(&api, "api", env, log);
-    cr_assert(gw_ready(port, 60000), "loom api did not become ready (log %s)", api.log);
+    cr_assert(loom_test_http_wait_status(port, "/readyz", 200, 60000) == 200,
+              "loom api did not become ready (log %s)", api.log);
 
     gw_run_t run = {.port = port, .token = token, .per_client = per_client, .pace_ms = 10};
     pthread_mutex_init(&run.mu, NULL);
@@ -1477,12 +1449,12 @@ static void cluster_scenario(cluster_fault_t kind)
 
     /* The schema and the topic, as an operator would make them. */
     ledger_t l;
-    ledger_names(&l);
+    loom_test_ledger_init(&l.led, "c");
     loom_test_db_create(l.url, sizeof(l.url));
     char e1[800], e2[300], e3[128];
     snprintf(e1, sizeof(e1), "LOOM_DATABASE_URL=%s", l.url);
     snprintf(e2, sizeof(e2), "LOOM_KAFKA_BROKERS=%s", brokers);
-    snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", l.suffix);
+    snprintf(e3, sizeof(e3), "LOOM_TEST_LEDGER_SUFFIX=%s", l.led.suffix);
     const char *env[] = {e1,
                          e2,
                          e3,
@@ -1499,26 +1471,27 @@ static void cluster_scenario(cluster_fault_t kind)
     char *reps = NULL;
     for (int i = 0; i < 50; i++) {
         free(reps);
-        reps = replicas_of(brokers, l.topic);
+        reps = replicas_of(brokers, l.led.topic);
         if (strlen(reps) == 5)
             break;
         loom_sleep_ms(200);
     }
-    cr_assert_eq(strlen(reps), 5, "partition 0 of %s has replicas '%s', want three", l.topic, reps);
-    char *isr = topic_config(brokers, l.topic, "min.insync.replicas");
-    cr_assert_str_eq(isr, "2", "min.insync.replicas of %s", l.topic);
+    cr_assert_eq(strlen(reps), 5, "partition 0 of %s has replicas '%s', want three", l.led.topic,
+                 reps);
+    char *isr = topic_config(brokers, l.led.topic, "min.insync.replicas");
+    cr_assert_str_eq(isr, "2", "min.insync.replicas of %s", l.led.topic);
     free(isr);
     free(reps);
 
     proc_t w[2];
     for (int k = 0; k < 2; k++)
-        worker_start(&w[k], dir, k, l.url, brokers, l.suffix);
+        worker_start(&w[k], dir, k, l.url, brokers, l.led.suffix);
     int64_t end = loom_mono_ms() + 120000;
     while (!file_contains(w[0].log, "partitions assigned") && loom_mono_ms() < end)
         loom_sleep_ms(100);
 
     stream_t s;
-    stream_start(&s, brokers, l.topic, "cl", 400000, rate);
+    stream_start(&s, brokers, l.led.topic, "cl", 400000, rate);
     long long max_recovery = 0, sum_recovery = 0, max_back = 0;
     int done = 0;
     char victims[64] = "";
@@ -1532,7 +1505,7 @@ static void cluster_scenario(cluster_fault_t kind)
         } else {
             char *v = NULL;
             if (kind == CL_LEADER) {
-                const char *argv[] = {cluster_script(), "leader", kdir, l.topic, "0", NULL};
+                const char *argv[] = {cluster_script(), "leader", kdir, l.led.topic, "0", NULL};
                 char *e = NULL;
                 cr_assert_eq(loom_test_run(argv, NULL, &v, &e), 0, "leader: %s", e);
                 v[strcspn(v, "\n")] = '\0';
@@ -1570,7 +1543,7 @@ static void cluster_scenario(cluster_fault_t kind)
         free(cluster(kdir, "start-node", node));
         /* Back in sync (no under-replicated partition) before the next fault,
          * as a careful operator does. */
-        const char *wi[] = {cluster_script(), "wait-isr", kdir, l.topic, NULL};
+        const char *wi[] = {cluster_script(), "wait-isr", kdir, l.led.topic, NULL};
         char *wo = NULL, *we = NULL;
         cr_assert_eq(loom_test_run(wi, NULL, &wo, &we), 0, "wait-isr: %s", we);
         free(wo);
@@ -1668,31 +1641,12 @@ static void pgf_cleanup(void)
     }
 }
 
-static int readyz(int port)
-{
-    loom_test_http_conn_t *c = loom_test_http_try_open(port);
-    if (!c)
-        return -1;
-    loom_test_http_res_t res = {0};
-    int st = -1;
-    if (loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
-        loom_test_http_read(c, 10000, &res))
-        st = res.status;
-    loom_test_http_res_free(&res);
-    loom_test_http_close(c);
-    return st;
-}
-
 /* Polls a worker's /readyz until it answers want; ms since `since`, or -1. */
 static long long wait_readyz(int port, int want, int64_t since, int timeout_ms)
 {
-    int64_t end = loom_mono_ms() + timeout_ms;
-    while (loom_mono_ms() < end) {
-        if (readyz(port) == want)
-            return loom_mono_ms() - since;
-        loom_sleep_ms(100);
-    }
-    return -1;
+    if (loom_test_http_wait_status(port, "/readyz", want, timeout_ms) != want)
+        return -1;
+    return loom_mono_ms() - since;
 }
 
 /*
@@ -1719,15 +1673,15 @@ static void pg_failover_scenario(bool sync)
     long long start_ms = loom_mono_ms() - t0;
 
     ledger_t l;
-    ledger_names(&l);
+    loom_test_ledger_init(&l.led, "c");
     snprintf(l.url, sizeof(l.url), "%s", url);
     loom_test_migrate_ledger(l.url);
     loom_test_sql(l.url, "CREATE INDEX ON test_ledger (kafka_partition, kafka_offset)");
-    loom_test_kafka_topic(brokers, l.topic, parts);
+    loom_test_kafka_topic(brokers, l.led.topic, parts);
     int port = loom_free_port();
     proc_t w[2];
-    worker_start_on(&w[0], dir, 0, l.url, brokers, l.suffix, port);
-    worker_start(&w[1], dir, 1, l.url, brokers, l.suffix);
+    worker_start_on(&w[0], dir, 0, l.url, brokers, l.led.suffix, port);
+    worker_start(&w[1], dir, 1, l.url, brokers, l.led.suffix);
     cr_assert_geq(wait_readyz(port, 200, loom_mono_ms(), 60000), 0, "worker 0 never ready (%s)",
                   w[0].log);
     int64_t end = loom_mono_ms() + 120000;
@@ -1735,7 +1689,7 @@ static void pg_failover_scenario(bool sync)
         loom_sleep_ms(100);
 
     stream_t s;
-    stream_start(&s, brokers, l.topic, "pf", 400000, rate);
+    stream_start(&s, brokers, l.led.topic, "pf", 400000, rate);
     long long max_recovery = 0, max_failover = 0, max_rejoin = 0, max_unready = 0;
     long long not_ready_ms = -1;
     int done = 0;

@@ -30,9 +30,7 @@ typedef struct env {
     char name[128];
     const char *topics[2];
     loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *relay;
+    loom_test_worker_t worker;
 } env_t;
 
 static void env_init(env_t *e, const char *brokers)
@@ -54,30 +52,6 @@ static void env_init(env_t *e, const char *brokers)
     const char *t[] = {e->topic};
     cr_assert_eq(loom_kafka_create_topics(brokers, NULL, t, 1, 3, &created, &err), 0, "%s",
                  err.message);
-}
-
-static void env_start_worker(env_t *e, const char *brokers)
-{
-    e->pool = loom_test_pool(e->url, 4);
-    loom_producer_opts_t po = {.brokers = brokers};
-    loom_error_t err;
-    cr_assert_eq(loom_producer_new(&po, &e->relay, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e->pool,
-                            .consumers = &e->def,
-                            .n_consumers = 1,
-                            .producer = e->relay,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500};
-    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
-}
-
-static void env_stop_worker(env_t *e)
-{
-    loom_worker_free(e->w);
-    loom_producer_free(e->relay);
-    loom_db_pool_free(e->pool);
-    e->w = NULL;
 }
 
 /* Asserts the worker applied command id (a ledger row and an 'applied' command). */
@@ -104,7 +78,7 @@ Test(client, example_program_publishes_a_command_the_worker_applies, .timeout = 
     const char *brokers = loom_test_kafka_brokers();
     env_t e;
     env_init(&e, brokers);
-    env_start_worker(&e, brokers);
+    loom_test_worker_start(&e.worker, e.url, 4, true, loom_test_worker_opts(brokers, &e.def));
 
     const char *argv[] = {LOOM_TEST_CLIENT_EXAMPLE,
                           brokers,
@@ -149,7 +123,7 @@ Test(client, example_program_publishes_a_command_the_worker_applies, .timeout = 
     cr_assert(strstr(errout, "INVALID_JSON"), "%s", errout);
     free(out);
     free(errout);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- the library ------------------------------------------------------------------- */
@@ -179,7 +153,7 @@ Test(client, publish_wait_and_publish_with_a_callback_are_applied, .timeout = 24
     const char *brokers = loom_test_kafka_brokers();
     env_t e;
     env_init(&e, brokers);
-    env_start_worker(&e, brokers);
+    loom_test_worker_start(&e.worker, e.url, 4, true, loom_test_worker_opts(brokers, &e.def));
 
     loom_client_prop_t props[] = {{"client.id", "test-client"}, {"linger.ms", "1"}};
     loom_client_opts_t o = {.brokers = brokers,
@@ -252,7 +226,7 @@ Test(client, publish_wait_and_publish_with_a_callback_are_applied, .timeout = 24
              r.id);
     cr_assert_eq(loom_test_wait_for(e.url, sql, 1, 60000), 1);
     loom_client_free(c);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(client, options_are_checked)

@@ -29,8 +29,7 @@ static void setup(void)
     cr_assert_eq(
         loom_op_table_add(table, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err), 0,
         "%s", err.message);
-    loom_db_pool_opts_t opts = {.size = 2, .read_only = true};
-    cr_assert_eq(loom_db_pool_new(url, &opts, &pool, &err), 0, "%s", err.message);
+    pool = loom_test_read_pool(url, 2);
     loom_op_runtime_init(&rt, table, pool, NULL);
 }
 

@@ -134,10 +134,7 @@ Test(dev, every_api_setting_applies_under_loom_dev, .timeout = 300)
 Test(dev, on_a_real_broker_creates_its_topics_first, .timeout = 300)
 {
     char prefix[64], e_b[256], e_p[96];
-    loom_test_unique_name("dev", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("dev", prefix, sizeof(prefix));
     snprintf(e_b, sizeof(e_b), "LOOM_KAFKA_BROKERS=%s", loom_test_kafka_brokers());
     snprintf(e_p, sizeof(e_p), "LOOM_TOPIC_PREFIX=%s", prefix);
     const char *env[] = {e_b, e_p, "LOOM_KAFKA_PARTITIONS=3", NULL};
@@ -197,10 +194,7 @@ Test(dev, a_worker_drains_the_per_type_topics_of_an_earlier_loom, .timeout = 300
     const char *brokers = loom_test_kafka_brokers();
     char url[512], prefix[64];
     loom_test_db_create(url, sizeof(url));
-    loom_test_unique_name("upg", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("upg", prefix, sizeof(prefix));
     /* What an earlier Loom left: commands on its per-type topics. */
     char old_put[128], old_del[128];
     snprintf(old_put, sizeof(old_put), "%s.cmd.messages.put_batch", prefix);

@@ -8,6 +8,7 @@
  * missing ids left out, deletes some, checks ack counts, cleans with a 1 s
  * retention and checks the counts at each step.
  */
+#include "http_client.h"
 #include "support.h"
 #include "loom/clock.h"
 #include "loom/pglocal.h"
@@ -90,21 +91,6 @@ static int http(int port, const char *method, const char *path, const char *toke
     out->json = json_loads(out->body, JSON_DECODE_ANY, NULL);
     free(buf);
     return 0;
-}
-
-static bool wait_ready(int port, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    while (loom_mono_ms() < end) {
-        http_res_t r;
-        if (http(port, "GET", "/readyz", NULL, NULL, &r) == 0 && r.status == 200) {
-            http_res_free(&r);
-            return true;
-        }
-        http_res_free(&r);
-        loom_sleep_ms(200);
-    }
-    return false;
 }
 
 /* ---- the scenario ---------------------------------------------------------------- */
@@ -287,10 +273,7 @@ static void api_and_worker(const char *brokers, const char *db_url)
 {
     write_tokens();
     char prefix[64], e_db[600], e_k[256], e_p[128], e_l[64], e_t[200];
-    loom_test_unique_name("e2e", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("e2e", prefix, sizeof(prefix));
     int port = loom_free_port();
     snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", db_url);
     snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", brokers);
@@ -305,7 +288,8 @@ static void api_and_worker(const char *brokers, const char *db_url)
     proc_t api, worker;
     start(&worker, "worker", env);
     start(&api, "api", env);
-    cr_assert(wait_ready(port, 60000), "loom api did not become ready");
+    cr_assert_eq(loom_test_http_wait_status(port, "/readyz", 200, 60000), 200,
+                 "loom api did not become ready");
     scenario(port, token);
     stop(&api, "loom api");
     stop(&worker, "loom worker");
@@ -360,7 +344,7 @@ Test(e2e, loom_dev_alone, .timeout = 600)
     cr_assert(strstr(dev.log, "curl "), "loom dev printed no curl example:\n%s", dev.log);
     free(dev.log);
     dev.log = NULL;
-    cr_assert(wait_ready(port, 60000));
+    cr_assert_eq(loom_test_http_wait_status(port, "/readyz", 200, 60000), 200);
     scenario(port, devtoken);
     stop(&dev, "loom dev");
     char cmd[200];

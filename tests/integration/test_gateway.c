@@ -134,11 +134,8 @@ static const loom_route_t test_routes[] = {
 
 typedef struct gw_env {
     char url[512];
-    char suffix[64];
-    char name[128];
     char tokens_path[256];
-    const char *topics[2];
-    loom_consumer_def_t def;
+    loom_test_ledger_t led; /* the test consumer; its topic is g_topic */
     loom_route_t routes[32];
     size_t n_routes;
     loom_op_table_t *table;
@@ -149,9 +146,7 @@ typedef struct gw_env {
     loom_gateway_opts_t opts;
     loom_gateway_t *gw;
     int port;
-    /* worker */
-    loom_db_pool_t *wpool;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     /* mock cluster for the broker-down test */
     rd_kafka_t *mock_owner;
     rd_kafka_mock_cluster_t *mc;
@@ -173,13 +168,8 @@ static void write_tokens(gw_env_t *e)
 static void env_init(gw_env_t *e, bool db, const char *brokers)
 {
     memset(e, 0, sizeof(*e));
-    loom_test_unique_name("g", e->suffix, sizeof(e->suffix));
-    snprintf(g_topic, sizeof(g_topic), "loom.cmd.test.credit.%s", e->suffix);
-    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
-    e->topics[0] = g_topic;
-    e->def = loom_test_consumers[0];
-    e->def.name = e->name;
-    e->def.topics = e->topics;
+    loom_test_ledger_init(&e->led, "g");
+    snprintf(g_topic, sizeof(g_topic), "%s", e->led.topic);
     write_tokens(e);
     const loom_app_t *app = loom_test_full_app();
     for (size_t i = 0; i < app->n_routes; i++)
@@ -193,16 +183,8 @@ static void env_init(gw_env_t *e, bool db, const char *brokers)
     cr_assert_eq(loom_op_table_add(e->table, mine, 2, &err), 0, "%s", err.message);
     e->metrics = loom_metrics_new();
     if (db) {
-        loom_test_db_create(e->url, sizeof(e->url));
-        loom_db_pool_t *pool = loom_test_pool(e->url, 1);
-        loom_db_t *conn;
-        loom_migration_set_t set = loom_test_migrations();
-        cr_assert_eq(loom_db_acquire(pool, &conn, &err), 0, "%s", err.message);
-        cr_assert_eq(loom_migrate_up(conn, &set, NULL, &err), 0, "%s", err.message);
-        loom_db_release(conn);
-        loom_db_pool_free(pool);
-        loom_db_pool_opts_t po = {.size = 4, .read_only = true};
-        cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
+        loom_test_db_create_ledger(e->url, sizeof(e->url));
+        e->read_pool = loom_test_read_pool(e->url, 4);
     }
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, e->metrics);
     if (brokers) {
@@ -235,25 +217,10 @@ static void env_start(gw_env_t *e)
     cr_assert_gt(e->port, 0);
 }
 
-static void env_start_worker(gw_env_t *e, const char *brokers)
-{
-    e->wpool = loom_test_pool(e->url, 3);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e->wpool,
-                            .consumers = &e->def,
-                            .n_consumers = 1,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
-}
-
 static void env_free(gw_env_t *e)
 {
     loom_gateway_free(e->gw);
-    if (e->w)
-        loom_worker_free(e->w);
-    loom_db_pool_free(e->wpool);
+    loom_test_worker_stop(&e->worker);
     loom_producer_free(e->producer);
     loom_db_pool_free(e->read_pool);
     loom_op_table_free(e->table);
@@ -1013,7 +980,7 @@ Test(gateway, write_answers_202_after_ack_and_wait_returns_the_applied_result, .
     gw_env_t e;
     env_init(&e, true, brokers);
     env_start(&e);
-    env_start_worker(&e, brokers);
+    loom_test_worker_start(&e.worker, e.url, 3, false, loom_test_worker_opts(brokers, &e.led.def));
     loom_test_http_res_t r;
 
     /* Without ?wait: 202 with the command id once Kafka acknowledged it. */
@@ -1130,7 +1097,7 @@ Test(gateway, idempotency_key_maps_retries_to_one_command, .timeout = 240)
     gw_env_t e;
     env_init(&e, true, brokers);
     env_start(&e);
-    env_start_worker(&e, brokers);
+    loom_test_worker_start(&e.worker, e.url, 3, false, loom_test_worker_opts(brokers, &e.led.def));
     loom_test_http_res_t r;
     char *b = credit_body("idem-1", 5, NULL);
     char ids[3][64];

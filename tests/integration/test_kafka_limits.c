@@ -57,25 +57,6 @@ static void create_topic_with_stock_limit(const char *brokers, const char *topic
     rd_kafka_destroy(rk);
 }
 
-static bool ready(int port, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    while (loom_mono_ms() < end) {
-        loom_test_http_conn_t *c = loom_test_http_try_open(port);
-        if (c) {
-            loom_test_http_res_t res = {0};
-            bool ok = loom_test_http_sends(c, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n") &&
-                      loom_test_http_read(c, 10000, &res) && res.status == 200;
-            loom_test_http_res_free(&res);
-            loom_test_http_close(c);
-            if (ok)
-                return true;
-        }
-        loom_sleep_ms(200);
-    }
-    return false;
-}
-
 /* A batchPut body of about `bytes` bytes: one message with a long random
  * text (the producer compresses with lz4: repeated bytes would shrink). */
 static char *put_body(const char *id, size_t bytes)
@@ -105,10 +86,7 @@ Test(kafka_limits, a_write_over_the_topics_stock_limit_gets_413_naming_it, .time
     loom_test_tokens_file(tokens, t, 1);
 
     char prefix[64];
-    loom_test_unique_name("lim", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("lim", prefix, sizeof(prefix));
     /* The topic the gateway publishes messages.put_batch to, made before
      * `loom migrate up` (which then leaves it as it is). */
     loom_topic_prefix_set(prefix);
@@ -132,7 +110,8 @@ Test(kafka_limits, a_write_over_the_topics_stock_limit_gets_413_naming_it, .time
     snprintf(alog, sizeof(alog), "%s/api.log", dir);
     const char *aargv[] = {loom_test_bin(), "api", NULL};
     pid_t api = loom_test_spawn_logged(aargv, env, alog);
-    cr_assert(ready(port, 60000), "loom api not ready (log %s)", alog);
+    cr_assert(loom_test_http_wait_status(port, "/readyz", 200, 60000) == 200,
+              "loom api not ready (log %s)", alog);
 
     /* 2 MiB: under LOOM_API_MAX_BODY (4 MiB), over the topic's 1 MiB. */
     char *big = put_body("big-1", 2u << 20);

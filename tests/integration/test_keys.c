@@ -70,32 +70,20 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     const char *brokers = loom_test_kafka_brokers();
     char url[512], prefix[64], group[80];
     loom_test_db_create_migrated(url, sizeof(url));
-    loom_test_unique_name("keys", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("keys", prefix, sizeof(prefix));
     loom_topic_prefix_set(prefix);
     snprintf(group, sizeof(group), "%s.", prefix);
     loom_consumer_def_t def = *loom_test_app_consumer("messages.store");
     char topic[LOOM_TOPIC_MAX];
     loom_topic_for_command("messages.put_batch", topic, sizeof(topic));
     loom_test_kafka_topic(brokers, topic, 3);
-    loom_db_pool_t *pool = loom_test_pool(url, 6);
-    loom_producer_t *p;
-    loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = pool,
-                            .consumers = &def,
-                            .n_consumers = 1,
-                            .group_prefix = group,
-                            .apply_threads = 4,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500,
-                            .lock_timeout_ms = 300};
-    loom_worker_t *w;
-    cr_assert_eq(loom_worker_start(&o, &w, &err), 0, "%s", err.message);
+    loom_producer_t *p = loom_test_producer(brokers);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &def);
+    o.group_prefix = group;
+    o.apply_threads = 4;
+    o.lock_timeout_ms = 300;
+    loom_test_worker_t w;
+    loom_test_worker_start(&w, url, 6, false, o);
 
     /* The message to lock exists; then another session locks its row. */
     const char *put = "{\"msgs\":[{\"id\":\"locked\",\"source\":\"urn:k\",\"specversion\":\"1.0\","
@@ -147,19 +135,16 @@ Test(keys, a_message_id_locked_by_another_session_holds_only_its_key, .timeout =
     PQfinish(locker);
     cr_assert_eq(
         loom_test_wait_for(url, "SELECT count(*) FROM messages WHERE id = 'locked'", 0, 60000), 0);
-    loom_worker_free(w);
+    loom_test_worker_stop(&w);
     loom_producer_free(p);
-    loom_db_pool_free(pool);
 }
 
 /* ---- the test ledger: a key failing in one partition --------------------------------- */
 
 typedef struct ledger {
-    char url[512], suffix[64], topic[160], name[128];
-    const char *topics[2];
-    loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
+    char url[512];
+    loom_test_ledger_t led;
+    loom_test_worker_t worker;
     loom_producer_t *p;
 } ledger_t;
 
@@ -168,34 +153,20 @@ static void ledger_start(ledger_t *l, int partitions, int64_t park_after_ms)
     memset(l, 0, sizeof(*l));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_ledger(l->url, sizeof(l->url));
-    loom_test_unique_name("k", l->suffix, sizeof(l->suffix));
-    snprintf(l->topic, sizeof(l->topic), "loom.cmd.test.credit.%s", l->suffix);
-    snprintf(l->name, sizeof(l->name), "test.ledger.%s", l->suffix);
-    l->topics[0] = l->topic;
-    l->def = loom_test_consumers[0];
-    l->def.name = l->name;
-    l->def.topics = l->topics;
-    loom_test_kafka_topic(brokers, l->topic, partitions);
-    l->pool = loom_test_pool(l->url, 6);
-    loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &l->p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = l->pool,
-                            .consumers = &l->def,
-                            .n_consumers = 1,
-                            .apply_threads = 4,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 300,
-                            .park_after_ms = park_after_ms};
-    cr_assert_eq(loom_worker_start(&o, &l->w, &err), 0, "%s", err.message);
+    loom_test_ledger_init(&l->led, "k");
+    loom_test_kafka_topic(brokers, l->led.topic, partitions);
+    l->p = loom_test_producer(brokers);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &l->led.def);
+    o.apply_threads = 4;
+    o.retry_max_ms = 300;
+    o.park_after_ms = park_after_ms;
+    loom_test_worker_start(&l->worker, l->url, 6, false, o);
 }
 
 static void ledger_stop(ledger_t *l)
 {
-    loom_worker_free(l->w);
+    loom_test_worker_stop(&l->worker);
     loom_producer_free(l->p);
-    loom_db_pool_free(l->pool);
 }
 
 static void credit(ledger_t *l, const char *id, const char *account, long amount, const char *extra,
@@ -204,7 +175,7 @@ static void credit(ledger_t *l, const char *id, const char *account, long amount
     char data[256];
     snprintf(data, sizeof(data), "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
              extra ? "," : "", extra ? extra : "");
-    send_cmd(l->p, l->topic, "test.credit", id, account, data, deadline, NULL);
+    send_cmd(l->p, l->led.topic, "test.credit", id, account, data, deadline, NULL);
 }
 
 /* Each account's events, by version, carry amounts 1, 2, 3...: its commands

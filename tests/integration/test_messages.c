@@ -28,9 +28,7 @@ typedef struct svc {
     const char *sub[2];
     char name[128];
     loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *p;
+    loom_test_worker_t worker; /* its relay publishes the test's commands too */
 } svc_t;
 
 static const char *const kinds[] = {"put_batch", "delete_batch", "clean"};
@@ -55,22 +53,8 @@ static void svc_start(svc_t *s)
     s->def.name = s->name;
     s->sub[0] = s->topics_buf[0];
     s->def.topics = s->sub;
-    s->pool = loom_test_pool(s->url, 4);
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &s->p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = s->pool,
-                            .consumers = &s->def,
-                            .n_consumers = 1,
-                            .producer = s->p};
-    cr_assert_eq(loom_worker_start(&o, &s->w, &err), 0, "%s", err.message);
-}
-
-static void svc_stop(svc_t *s)
-{
-    loom_worker_free(s->w);
-    loom_producer_free(s->p);
-    loom_db_pool_free(s->pool);
+    loom_worker_opts_t o = {.brokers = brokers, .consumers = &s->def, .n_consumers = 1};
+    loom_test_worker_start(&s->worker, s->url, 4, true, o);
 }
 
 /* Publishes a command and waits until it is applied; returns its result. */
@@ -91,7 +75,7 @@ static char *command_row(svc_t *s, int kind, const char *type, const char *data,
     loom_error_t err;
     loom_delivery_t d;
     loom_delivery_init(&d);
-    cr_assert_eq(loom_producer_send(s->p, s->topics[kind], ce.id, strlen(ce.id), &ce,
+    cr_assert_eq(loom_producer_send(s->worker.relay, s->topics[kind], ce.id, strlen(ce.id), &ce,
                                     loom_delivery_future_cb, &d, &err),
                  0, "%s", err.message);
     cr_assert_eq(loom_delivery_wait(&d, 30000, &err), 0, "%s", err.message);
@@ -123,7 +107,7 @@ static json_t *op(svc_t *s, const char *name, const char *req_text)
     cr_assert_eq(loom_op_table_add(t, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
                  0, "%s", err.message);
     loom_op_runtime_t rt;
-    loom_op_runtime_init(&rt, t, s->pool, NULL);
+    loom_op_runtime_init(&rt, t, s->worker.pool, NULL);
     loom_op_ctx_t ctx = {.rt = &rt};
     json_t *req = json_loads(req_text, 0, NULL);
     json_t *res = NULL;
@@ -222,7 +206,7 @@ Test(messages, put_get_round_trip_first_write_wins_delete_and_clean, .timeout = 
     cr_assert_str_eq(e, "unknown command type \"messages.shred\"");
     free(e);
     json_decref(want);
-    svc_stop(&s);
+    loom_test_worker_stop(&s.worker);
 }
 
 static char *checksum(const char *url)
@@ -251,7 +235,7 @@ Test(messages, replay_rebuilds_the_same_rows_from_the_event_log, .timeout = 240)
     json_decref(command(&s, 0, batch));
     char *before = checksum(s.url);
     cr_assert(strstr(before, ":200"), "%s", before);
-    svc_stop(&s);
+    loom_test_worker_stop(&s.worker);
 
     /* Damage the read model, then rebuild it with the CLI. */
     loom_test_sql(s.url, "DELETE FROM messages WHERE id LIKE 'r-2-%'");
@@ -282,10 +266,8 @@ Test(messages, the_periodic_clean_runs_on_one_node_at_a_time, .timeout = 120)
     loom_test_db_create_migrated(url, sizeof(url));
     const char *brokers = loom_test_kafka_brokers();
     loom_db_pool_t *pool = loom_test_pool(url, 4);
-    loom_producer_t *p;
+    loom_producer_t *p = loom_test_producer(brokers);
     loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &p, &err), 0, "%s", err.message);
     loom_config_t cfg[2];
     char *env0[] = {"LOOM_MESSAGES_CLEAN_INTERVAL=1s", "LOOM_MESSAGES_RETENTION=2s",
                     "LOOM_NODE_ID=00000000-0000-4000-8000-00000000000a", NULL};

@@ -21,78 +21,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* ---- helpers ------------------------------------------------------------- */
-
-static loom_producer_t *producer(const char *brokers)
-{
-    loom_producer_t *p;
-    loom_error_t err;
-    loom_producer_opts_t o = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
-    return p;
-}
-
-/* Publishes a credit command; id NULL means a fresh UUIDv7. */
-static void credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
-                   long amount, const char *extra)
-{
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    if (id)
-        ce.id = id;
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
-    loom_error_t err;
-    int rc;
-    while ((rc = loom_producer_send(p, topic, account, strlen(account), &ce, NULL, NULL, &err)) !=
-               0 &&
-           strcmp(err.code, "QUEUE_FULL") == 0)
-        loom_sleep_ms(5);
-    cr_assert_eq(rc, 0, "%s", err.message);
-    loom_arena_release(&a);
-}
-
-/* Publishes and waits for the broker; returns the partition it went to. */
-static int32_t credit_sync(loom_producer_t *p, const char *topic, const char *id,
-                           const char *account, long amount, const char *extra)
-{
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    if (id)
-        ce.id = id;
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
-    loom_error_t err;
-    loom_delivery_t d;
-    loom_delivery_init(&d);
-    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
-                                    loom_delivery_future_cb, &d, &err),
-                 0, "%s", err.message);
-    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
-    int32_t part = d.partition;
-    loom_delivery_release(&d);
-    loom_arena_release(&a);
-    return part;
-}
+/* ---- the environment: a ledger database and the test consumer ------------ */
 
 typedef struct env {
     char url[512];
-    char suffix[64];
-    char topic[160];
-    char name[128];
-    const char *topics[2];
-    loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *relay;
+    loom_test_ledger_t led; /* the test consumer, names of its own */
+    loom_test_worker_t worker;
 } env_t;
 
 static rd_kafka_mock_cluster_t *env_mock; /* set while a test runs on the mock cluster */
@@ -101,17 +35,11 @@ static void env_init(env_t *e, const char *brokers, int partitions)
 {
     memset(e, 0, sizeof(*e));
     loom_test_db_create_ledger(e->url, sizeof(e->url));
-    loom_test_unique_name("s", e->suffix, sizeof(e->suffix));
-    snprintf(e->topic, sizeof(e->topic), "loom.cmd.test.credit.%s", e->suffix);
-    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
-    e->topics[0] = e->topic;
-    e->def = loom_test_consumers[0];
-    e->def.name = e->name;
-    e->def.topics = e->topics;
+    loom_test_ledger_init(&e->led, "s");
     if (env_mock) /* the mock cluster of librdkafka 2.0 has no CreateTopics */
-        cr_assert_eq(rd_kafka_mock_topic_create(env_mock, e->topic, partitions, 1), 0);
+        cr_assert_eq(rd_kafka_mock_topic_create(env_mock, e->led.topic, partitions, 1), 0);
     else
-        loom_test_kafka_topic(brokers, e->topic, partitions);
+        loom_test_kafka_topic(brokers, e->led.topic, partitions);
 }
 
 static const char *tail(const char *s, size_t n)
@@ -120,27 +48,11 @@ static const char *tail(const char *s, size_t n)
     return len > n ? s + len - n : (s ? s : "");
 }
 
+/* The test worker, relaying its outbox. */
 static void env_start_worker(env_t *e, const char *brokers)
 {
-    e->pool = loom_test_pool(e->url, 4);
-    e->relay = producer(brokers);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e->pool,
-                            .consumers = &e->def,
-                            .n_consumers = 1,
-                            .producer = e->relay,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
-}
-
-static void env_stop_worker(env_t *e)
-{
-    loom_worker_free(e->w);
-    loom_producer_free(e->relay);
-    loom_db_pool_free(e->pool);
-    e->w = NULL;
+    loom_test_worker_start(&e->worker, e->url, 4, true,
+                           loom_test_worker_opts(brokers, &e->led.def));
 }
 
 /* ---- CloudEvents with a third-party client ---------------------------------------- */
@@ -159,7 +71,7 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
              "kcat -P -b %s -t %s -k kc-1 -H ce_specversion=1.0 "
              "-H ce_id=kcat-event-0001 -H ce_source=urn:test:kcat -H ce_type=test.credit "
              "-H ce_rayid=ray-kcat-1 -H content-type=application/json",
-             brokers, e.topic);
+             brokers, e.led.topic);
     cr_assert_eq(system(cmd), 0, "kcat failed: %s", cmd);
     cr_assert_eq(
         loom_test_wait_for(e.url,
@@ -172,7 +84,7 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' AND message_id = "
              "'kcat-event-0001' AND status = 'applied' AND ray_id = 'ray-kcat-1' AND "
              "result->>'credited' = '42'",
-             e.name);
+             e.led.name);
     cr_assert_eq(loom_test_sql_ll(e.url, sql), 1);
     cr_assert_eq(
         loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-kc-1' "
@@ -185,7 +97,7 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
              "\"source\":\"urn:test\",\"type\":\"test.credit\","
              "\"data\":{\"account\":\"kc-2\",\"amount\":7}}' | "
              "kcat -P -b %s -t %s -k kc-2 -H content-type=application/cloudevents+json",
-             brokers, e.topic);
+             brokers, e.led.topic);
     cr_assert_eq(system(cmd), 0);
     cr_assert_eq(loom_test_wait_for(e.url,
                                     "SELECT count(*) FROM test_ledger WHERE message_id = "
@@ -230,7 +142,7 @@ Test(messaging, kcat_cloudevent_is_applied_and_loom_output_reads_back_in_kcat, .
     cr_assert(strstr(text, "content-type=application/json"), "%s", text);
     cr_assert(strstr(text, "ce_id="), "%s", text);
     free(text);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- redelivery ------------------------------------------------------------------ */
@@ -241,12 +153,12 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     env_t e;
     env_init(&e, brokers, 2);
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 50; i++) {
         char id[64];
         snprintf(id, sizeof(id), "dup-%d", i);
-        credit(p, e.topic, id, "dup", 1, NULL);
-        credit(p, e.topic, id, "dup", 1, NULL); /* the same command again */
+        loom_test_credit(p, e.led.topic, id, "dup", 1, NULL);
+        loom_test_credit(p, e.led.topic, id, "dup", 1, NULL); /* the same command again */
     }
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 50, 60000), 50);
@@ -255,11 +167,11 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 50);
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events"), 50);
     loom_worker_stats_t st;
-    loom_worker_stats(e.w, &st);
+    loom_worker_stats(e.worker.w, &st);
     cr_assert_eq(st.applied, 50);
     cr_assert_eq(st.skipped, 50);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- the event log --------------------------------------------------------------------- */
@@ -270,14 +182,14 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
     const char *brokers = loom_test_kafka_brokers();
     env_t e;
     env_init(&e, brokers, 1);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     /* Published before the worker starts, so they land in one batch. */
-    credit(p, e.topic, "v-1", "v", 1, NULL);
-    credit(p, e.topic, "v-2", "v", 1, NULL);
-    credit(p, e.topic, "v-3", "v", 1, NULL);
-    credit(p, e.topic, "v-4", "v", 1, "\"expect\":3");
-    credit(p, e.topic, "v-5", "v", 1, "\"expect\":3"); /* stale: the stream is at 4 */
-    credit(p, e.topic, "v-6", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-1", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-2", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-3", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-4", "v", 1, "\"expect\":3");
+    loom_test_credit(p, e.led.topic, "v-5", "v", 1, "\"expect\":3"); /* stale: the stream is at 4 */
+    loom_test_credit(p, e.led.topic, "v-6", "v", 1, NULL);
     loom_producer_flush(p, 30000);
     env_start_worker(&e, brokers);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 6, 60000), 6);
@@ -291,8 +203,8 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
                                 "status = 'rejected' AND last_error LIKE '%at version 4, not 3%'"),
         1);
     /* A later batch appends after what is stored. */
-    credit(p, e.topic, "v-7", "v", 1, NULL);
-    credit(p, e.topic, "v-8", "v", 1, "\"expect\":6");
+    loom_test_credit(p, e.led.topic, "v-7", "v", 1, NULL);
+    loom_test_credit(p, e.led.topic, "v-8", "v", 1, "\"expect\":6");
     loom_producer_flush(p, 30000);
     cr_assert_eq(
         loom_test_wait_for(
@@ -302,7 +214,7 @@ Test(messaging, event_versions_are_contiguous_and_optimistic_checks_hold_within_
         loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events WHERE stream_id = 'account-v'"),
         7);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- rows added for the whole batch ---------------------------------------------------- */
@@ -312,13 +224,13 @@ Test(messaging, a_batch_row_the_database_refuses_rejects_only_its_own_command, .
     const char *brokers = loom_test_kafka_brokers();
     env_t e;
     env_init(&e, brokers, 1);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     /* In one batch: c-2 claims what c-1 claimed, so the batch's multi-row
      * INSERT into test_claims fails as a whole. */
-    credit(p, e.topic, "c-1", "c", 1, "\"claim\":\"x\"");
-    credit(p, e.topic, "c-2", "c", 10, "\"claim\":\"x\"");
-    credit(p, e.topic, "c-3", "c", 100, "\"claim\":\"y\"");
-    credit(p, e.topic, "c-4", "c", 1000, NULL);
+    loom_test_credit(p, e.led.topic, "c-1", "c", 1, "\"claim\":\"x\"");
+    loom_test_credit(p, e.led.topic, "c-2", "c", 10, "\"claim\":\"x\"");
+    loom_test_credit(p, e.led.topic, "c-3", "c", 100, "\"claim\":\"y\"");
+    loom_test_credit(p, e.led.topic, "c-4", "c", 1000, NULL);
     loom_producer_flush(p, 30000);
     env_start_worker(&e, brokers);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 4, 60000), 4);
@@ -339,7 +251,7 @@ Test(messaging, a_batch_row_the_database_refuses_rejects_only_its_own_command, .
     cr_assert_str_eq(v, "x=c-1,y=c-3");
     free(v);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- failure classes ---------------------------------------------------------------- */
@@ -352,20 +264,22 @@ Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_hol
     env_init(&e, brokers, 4);
     loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('stuck')");
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
-    int32_t stuck = credit_sync(p, e.topic, "blocked-1", "stuck", 5, "\"fail\":\"blocked\"");
-    credit_sync(p, e.topic, "blocked-2", "stuck", 6, NULL); /* same key: waits behind it */
-    credit_sync(p, e.topic, "poison-1", "other", 1, "\"fail\":\"permanent\"");
-    int32_t flaky =
-        credit_sync(p, e.topic, "flaky-1", "flaky", 3, "\"fail\":\"transient\",\"fail_times\":2");
+    loom_producer_t *p = loom_test_producer(brokers);
+    int32_t stuck =
+        loom_test_credit_sync(p, e.led.topic, "blocked-1", "stuck", 5, "\"fail\":\"blocked\"");
+    loom_test_credit_sync(p, e.led.topic, "blocked-2", "stuck", 6,
+                          NULL); /* same key: waits behind it */
+    loom_test_credit_sync(p, e.led.topic, "poison-1", "other", 1, "\"fail\":\"permanent\"");
+    int32_t flaky = loom_test_credit_sync(p, e.led.topic, "flaky-1", "flaky", 3,
+                                          "\"fail\":\"transient\",\"fail_times\":2");
     int free_flowing = flaky != stuck; /* rows expected outside the stuck partition */
     for (int i = 0; i < 200; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "acct-%d", i % 20);
-        free_flowing += credit_sync(p, e.topic, NULL, acct, 1, NULL) != stuck;
+        free_flowing += loom_test_credit_sync(p, e.led.topic, NULL, acct, 1, NULL) != stuck;
     }
     cr_assert_gt(free_flowing, 20, "some keys share no partition with 'stuck'");
-    int32_t poison_part = credit_sync(p, e.topic, "after-poison", "other", 2, NULL);
+    int32_t poison_part = loom_test_credit_sync(p, e.led.topic, "after-poison", "other", 2, NULL);
     free_flowing += poison_part != stuck;
     cr_assert_neq(poison_part, stuck, "pick keys so 'other' and 'stuck' do not share a partition");
 
@@ -430,7 +344,7 @@ Test(messaging, a_transient_failure_holds_only_its_partition_and_a_rejection_hol
                                     200 + 4, 60000),
                  200 + 4, "all but the rejected one");
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- processes: kill -9, two workers ------------------------------------------------- */
@@ -453,17 +367,17 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     env_t e;
     env_init(&e, brokers, 6);
     enum { N = 20000 };
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < N; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "k-%d", i % 97);
-        credit(p, e.topic, NULL, acct, i + 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, acct, i + 1, NULL);
     }
     cr_assert_eq(loom_producer_flush(p, 120000), 0);
     loom_producer_free(p);
 
     int fd;
-    pid_t pid = start_worker_process(e.url, brokers, e.suffix, &fd);
+    pid_t pid = start_worker_process(e.url, brokers, e.led.suffix, &fd);
     /* Wait until it is in the middle of the stream, then kill it hard. */
     int64_t end = loom_mono_ms() + 120000;
     long long applied = 0;
@@ -477,7 +391,7 @@ Test(messaging, kill_9_in_the_middle_of_20000_commands_then_restart_applies_each
     close(fd);
     long long at_kill = loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger");
 
-    pid = start_worker_process(e.url, brokers, e.suffix, &fd);
+    pid = start_worker_process(e.url, brokers, e.led.suffix, &fd);
     long long done = loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", N, 300000);
     kill(pid, SIGTERM);
     int status = loom_test_wait(pid, 60000);
@@ -504,17 +418,17 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
     env_t e;
     env_init(&e, brokers, 6);
     int fa, fb;
-    pid_t a = start_worker_process(e.url, brokers, e.suffix, &fa);
-    pid_t b = start_worker_process(e.url, brokers, e.suffix, &fb);
+    pid_t a = start_worker_process(e.url, brokers, e.led.suffix, &fa);
+    pid_t b = start_worker_process(e.url, brokers, e.led.suffix, &fb);
     char *la = NULL, *lb = NULL;
     cr_assert(loom_test_read_until(fa, "msg=\"partitions assigned\"", 60000, &la), "%s", la);
     cr_assert(loom_test_read_until(fb, "msg=\"partitions assigned\"", 60000, &lb), "%s", lb);
 
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 3000; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "t-%d", i % 60);
-        credit(p, e.topic, NULL, acct, 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, acct, 1, NULL);
     }
     loom_producer_flush(p, 60000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 3000, 120000), 3000);
@@ -536,7 +450,7 @@ Test(messaging, two_worker_processes_split_partitions_and_take_over_when_one_sto
     for (int i = 0; i < 3000; i++) {
         char acct[16];
         snprintf(acct, sizeof(acct), "t-%d", i % 60);
-        credit(p, e.topic, NULL, acct, 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, acct, 1, NULL);
     }
     loom_producer_flush(p, 60000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 6000, 120000), 6000);
@@ -562,9 +476,9 @@ Test(messaging, a_worker_stops_in_bounded_time_when_the_broker_does_not_answer, 
     env_t e;
     env_init(&e, brokers, 2);
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 100; i++)
-        credit(p, e.topic, NULL, "gone", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, "gone", 1, NULL);
     loom_producer_flush(p, 60000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 100, 60000), 100);
     loom_producer_free(p);
@@ -573,7 +487,7 @@ Test(messaging, a_worker_stops_in_bounded_time_when_the_broker_does_not_answer, 
      * on leaving the group. */
     rd_kafka_mock_broker_set_rtt(mc, 1, 120000);
     int64_t t0 = loom_mono_ms();
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
     int64_t took = loom_mono_ms() - t0;
     cr_log_info("worker stopped %lld ms after the broker stopped answering", (long long)took);
     cr_assert_lt(took, 60000, "stopping took %lld ms", (long long)took);
@@ -591,16 +505,16 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     env_t e;
     env_init(&e, brokers, 6);
     env_start_worker(&e, brokers);
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 1000; i++)
-        credit(p, e.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
     loom_producer_flush(p, 60000);
     cr_assert_geq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 1000, 60000), 1);
 
     rd_kafka_mock_broker_set_down(mc, 1);
     rd_kafka_mock_broker_set_down(mc, 2);
     for (int i = 0; i < 1000; i++)
-        credit(p, e.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 2 ? "odd" : "even", 1, NULL);
     loom_sleep_ms(3000);
     rd_kafka_mock_broker_set_up(mc, 1);
     rd_kafka_mock_broker_set_up(mc, 2);
@@ -609,7 +523,7 @@ Test(messaging, a_broker_down_and_back_loses_nothing_on_the_mock_cluster, .timeo
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"),
                  2000);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(owner);
 }
@@ -636,16 +550,10 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     env_t e;
     memset(&e, 0, sizeof(e));
     loom_test_db_create(e.url, sizeof(e.url));
-    loom_test_unique_name("s", e.suffix, sizeof(e.suffix));
-    snprintf(e.topic, sizeof(e.topic), "loom.cmd.test.credit.%s", e.suffix);
-    snprintf(e.name, sizeof(e.name), "test.ledger.%s", e.suffix);
-    e.topics[0] = e.topic;
-    e.def = loom_test_consumers[0];
-    e.def.name = e.name;
-    e.def.topics = e.topics;
+    loom_test_ledger_init(&e.led, "s");
     char *out, *err;
 
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, "migrate up", &out, &err), 0, "%s", err);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, "migrate up", &out, &err), 0, "%s", err);
     /* Its own topic is new; the engine's loom.cmd.engine (the console's park
      * and replay) may be there already from another test on this broker. */
     cr_assert(strstr(out, "kafka: 2 topics created, 0 already there (3 partitions each)") ||
@@ -655,7 +563,7 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     free(err);
     char cmd[1024];
     snprintf(cmd, sizeof(cmd), "kcat -L -b %s -t %s | grep -c 'partition [0-2],'", brokers,
-             e.topic);
+             e.led.topic);
     /* A new topic's metadata takes a moment to reach every listener. */
     char line[64] = "";
     for (int tries = 0; tries < 50 && atoi(line) != 3; tries++) {
@@ -672,8 +580,9 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('p')");
     env_start_worker(&e, brokers);
 
-    snprintf(cmd, sizeof(cmd), "publish --key a1 %s '{\"account\":\"a1\",\"amount\":3}'", e.topic);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
+    snprintf(cmd, sizeof(cmd), "publish --key a1 %s '{\"account\":\"a1\",\"amount\":3}'",
+             e.led.topic);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, cmd, &out, &err), 0, "%s", err);
     cr_assert(strstr(out, "published 1 message to"), "%s", out);
     free(out);
     free(err);
@@ -685,8 +594,8 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
         fprintf(nf, "{\"account\":\"n%d\",\"amount\":%d}\n", i % 7, i);
     fprintf(nf, "\nnot json\n");
     fclose(nf);
-    snprintf(cmd, sizeof(cmd), "publish %s - < %s", e.topic, nd);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 1, "%s", err);
+    snprintf(cmd, sizeof(cmd), "publish %s - < %s", e.led.topic, nd);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, cmd, &out, &err), 1, "%s", err);
     cr_assert(strstr(out, "published 100 messages to"), "%s", out);
     cr_assert(strstr(out, "1 failed"), "%s", out);
     cr_assert(strstr(err, "line 102: not valid JSON"), "%s", err);
@@ -700,12 +609,13 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
              "publish --key p %s '{\"specversion\":\"1.0\",\"id\":\"cli-stuck-1\","
              "\"source\":\"urn:test\",\"type\":\"test.credit\","
              "\"data\":{\"account\":\"p\",\"amount\":9,\"fail\":\"blocked\"}}'",
-             e.topic);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
+             e.led.topic);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, cmd, &out, &err), 0, "%s", err);
     free(out);
     free(err);
-    snprintf(cmd, sizeof(cmd), "publish --key p %s '{\"account\":\"p\",\"amount\":1}'", e.topic);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, cmd, &out, &err), 0, "%s", err);
+    snprintf(cmd, sizeof(cmd), "publish --key p %s '{\"account\":\"p\",\"amount\":1}'",
+             e.led.topic);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, cmd, &out, &err), 0, "%s", err);
     free(out);
     free(err);
     cr_assert_eq(
@@ -714,13 +624,13 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
                            "AND status = 'retrying'",
                            1, 30000),
         1);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show cli-stuck-1", &out, &err), 0,
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, "commands show cli-stuck-1", &out, &err), 0,
                  "%s", err);
     cr_assert(strstr(out, "\"status\":\"retrying\""), "%s", out);
     cr_assert(strstr(out, "is blocked"), "%s", out);
     free(out);
     free(err);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands park cli-stuck-1", &out, &err), 0,
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, "commands park cli-stuck-1", &out, &err), 0,
                  "%s", err);
     cr_assert(strstr(out, "parked cli-stuck-1"), "%s", out);
     free(out);
@@ -734,8 +644,8 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
                  0);
 
     loom_test_sql(e.url, "DELETE FROM test_blocks");
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands replay cli-stuck-1", &out, &err), 0,
-                 "%s", err);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, "commands replay cli-stuck-1", &out, &err),
+                 0, "%s", err);
     cr_assert(strstr(out, "replayed cli-stuck-1"), "%s", out);
     free(out);
     free(err);
@@ -748,10 +658,10 @@ Test(messaging, migrate_up_publish_and_commands_park_replay_from_the_shell, .tim
     cr_assert_eq(loom_test_sql_ll(
                      e.url, "SELECT count(*) FROM test_ledger WHERE message_id = 'cli-stuck-1'"),
                  1);
-    cr_assert_eq(app_run(e.url, brokers, e.suffix, "commands show no-such-id", &out, &err), 6);
+    cr_assert_eq(app_run(e.url, brokers, e.led.suffix, "commands show no-such-id", &out, &err), 6);
     free(out);
     free(err);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- Postgres stopped for 10 s under load ------------------------------------------------ */
@@ -774,26 +684,14 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     env_t e;
     memset(&e, 0, sizeof(e));
     snprintf(e.url, sizeof(e.url), "%s", pg.url);
-    loom_db_pool_t *mp = loom_test_pool(e.url, 1);
-    loom_db_t *db;
-    loom_migration_set_t set = loom_test_migrations();
-    cr_assert_eq(loom_db_acquire(mp, &db, &err), 0);
-    cr_assert_eq(loom_migrate_up(db, &set, NULL, &err), 0, "%s", err.message);
-    loom_db_release(db);
-    loom_db_pool_free(mp);
-    loom_test_unique_name("s", e.suffix, sizeof(e.suffix));
-    snprintf(e.topic, sizeof(e.topic), "loom.cmd.test.credit.%s", e.suffix);
-    snprintf(e.name, sizeof(e.name), "test.ledger.%s", e.suffix);
-    e.topics[0] = e.topic;
-    e.def = loom_test_consumers[0];
-    e.def.name = e.name;
-    e.def.topics = e.topics;
-    loom_test_kafka_topic(brokers, e.topic, 4);
+    loom_test_migrate_ledger(e.url);
+    loom_test_ledger_init(&e.led, "s");
+    loom_test_kafka_topic(brokers, e.led.topic, 4);
     env_start_worker(&e, brokers);
 
-    loom_producer_t *p = producer(brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 1500; i++)
-        credit(p, e.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
     loom_producer_flush(p, 60000);
     cr_assert_geq(
         loom_test_wait_for(e.url, "SELECT least(count(*), 500) FROM test_ledger", 500, 60000), 500);
@@ -801,7 +699,7 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
     cr_assert_eq(loom_pglocal_stop(&pg), 0);
     int64_t down_at = loom_mono_ms();
     for (int i = 1500; i < 3000; i++) /* the load goes on while the database is away */
-        credit(p, e.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 3 ? "x" : "y", i + 1, NULL);
     loom_producer_flush(p, 60000);
     loom_sleep_ms(10000 - (loom_mono_ms() - down_at));
     cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
@@ -814,12 +712,12 @@ Test(messaging, postgres_stopped_for_10_s_under_load_loses_nothing_and_recovers_
                  3000);
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"), 3000LL * 3001 / 2);
     loom_worker_stats_t st;
-    loom_worker_stats(e.w, &st);
+    loom_worker_stats(e.worker.w, &st);
     cr_assert_gt(st.retries, 0, "the outage was noticed and retried");
     cr_log_info("database down %lld ms; all applied %lld ms after it came back, %lld retries",
                 (long long)(up_at - down_at), (long long)recovered_ms, (long long)st.retries);
     loom_producer_free(p);
-    env_stop_worker(&e);
+    loom_test_worker_stop(&e.worker);
     loom_pglocal_stop(&pg);
     char cmd[200];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
@@ -836,27 +734,25 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     env_mock = mc;
     env_t e;
     env_init(&e, brokers, 2);
-    e.pool = loom_test_pool(e.url, 4);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e.pool,
-                            .consumers = &e.def,
-                            .n_consumers = 1,
-                            .stall_after_ms = 1000};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
-    loom_producer_t *p = producer(brokers);
+    loom_worker_opts_t o = {
+        .brokers = brokers, .consumers = &e.led.def, .n_consumers = 1, .stall_after_ms = 1000};
+    loom_test_worker_start(&e.worker, e.url, 4, false, o);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 20; i++)
-        credit(p, e.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, i % 2 ? "a" : "b", 1, NULL);
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 60000), 20);
-    loom_worker_free(e.w);
-    /* A new worker of the same group: its partitions have nothing to fetch,
-     * so librdkafka gives them no position. Nothing waits: no stall. */
+    loom_worker_free(e.worker.w);
+    /* A new worker of the same group (on the same pool): its partitions have
+     * nothing to fetch, so librdkafka gives them no position. Nothing waits:
+     * no stall. */
     loom_metrics_t *reg = loom_metrics_new();
     o.metrics = reg;
-    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
+    o.pool = e.worker.pool;
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&o, &e.worker.w, &err), 0, "%s", err.message);
     char want[256];
-    snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.name);
+    snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.led.name);
     int64_t t0 = loom_mono_ms();
     for (char *t = NULL; loom_mono_ms() - t0 < 60000; free(t)) {
         t = loom_metrics_render_string(reg, NULL);
@@ -869,21 +765,20 @@ Test(messaging, an_idle_partition_after_a_restart_is_not_reported_as_stalled, .t
     cr_log_info("partitions watched after %lld ms", (long long)(loom_mono_ms() - t0));
     loom_sleep_ms(3000); /* three times stall_after_ms */
     loom_worker_stats_t st = {0};
-    loom_worker_stats(e.w, &st);
+    loom_worker_stats(e.worker.w, &st);
     cr_assert_eq(st.stalls, 0, "an idle, fully applied partition was reported as stalled");
     char *text = loom_metrics_render_string(reg, NULL);
-    snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 0", e.name);
+    snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 0", e.led.name);
     cr_assert(strstr(text, want), "%s", text);
     /* and the lag of every partition is 0 */
-    snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.name);
+    snprintf(want, sizeof(want), "loom_consumer_lag{consumer=\"%s\"", e.led.name);
     int lags = 0;
     for (const char *l = strstr(text, want); l; l = strstr(l + 1, want), lags++)
         cr_assert(strncmp(strchr(l, '}'), "} 0\n", 4) == 0, "%.120s", l);
     cr_assert_eq(lags, 2, "%s", text);
     free(text);
     loom_producer_free(p);
-    loom_worker_free(e.w);
-    loom_db_pool_free(e.pool);
+    loom_test_worker_stop(&e.worker);
     loom_metrics_free(reg);
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(owner);
@@ -899,20 +794,13 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     env_t e;
     env_init(&e, brokers, 1);
     loom_metrics_t *reg = loom_metrics_new();
-    e.pool = loom_test_pool(e.url, 4);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e.pool,
-                            .consumers = &e.def,
-                            .n_consumers = 1,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500,
-                            .stall_after_ms = 1000,
-                            .metrics = reg};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&o, &e.w, &err), 0, "%s", err.message);
-    loom_producer_t *p = producer(brokers);
+    loom_worker_opts_t o = loom_test_worker_opts(brokers, &e.led.def);
+    o.stall_after_ms = 1000;
+    o.metrics = reg;
+    loom_test_worker_start(&e.worker, e.url, 4, false, o);
+    loom_producer_t *p = loom_test_producer(brokers);
     for (int i = 0; i < 10; i++)
-        credit(p, e.topic, NULL, "s", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, "s", 1, NULL);
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 10, 60000), 10);
 
@@ -925,19 +813,19 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
         errs[i] = RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION;
     rd_kafka_mock_push_request_errors_array(mc, 1 /* Fetch API key */, 60, errs);
     for (int i = 0; i < 10; i++)
-        credit(p, e.topic, NULL, "s", 1, NULL);
+        loom_test_credit(p, e.led.topic, NULL, "s", 1, NULL);
     loom_producer_flush(p, 30000);
     /* The worker reports the stall (counter and gauge) and then repairs it
      * (a seek, then leaving and rejoining the group), which resets the
      * gauge: it is sampled while waiting. */
     loom_worker_stats_t st = {0};
     char want[256];
-    snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 1", e.name);
+    snprintf(want, sizeof(want), "loom_consumer_stalled_partitions{consumer=\"%s\"} 1", e.led.name);
     bool gauge = false;
     int64_t end = loom_mono_ms() + 60000;
     while ((st.stalls == 0 || !gauge) && loom_mono_ms() < end) {
         loom_sleep_ms(100);
-        loom_worker_stats(e.w, &st);
+        loom_worker_stats(e.worker.w, &st);
         char *text = loom_metrics_render_string(reg, NULL);
         gauge = gauge || strstr(text, want);
         free(text);
@@ -947,8 +835,7 @@ Test(messaging, a_stalled_partition_is_reported_in_the_log_and_metrics, .timeout
     /* Once fetches work again the backlog drains and the gauge drops. */
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 20, 180000), 20);
     loom_producer_free(p);
-    loom_worker_free(e.w);
-    loom_db_pool_free(e.pool);
+    loom_test_worker_stop(&e.worker);
     loom_metrics_free(reg);
     rd_kafka_mock_cluster_destroy(mc);
     rd_kafka_destroy(owner);

@@ -186,15 +186,6 @@ static void teardown(void)
 
 TestSuite(ops, .init = setup, .fini = teardown, .timeout = 120);
 
-static loom_db_pool_t *read_only_pool(int size)
-{
-    loom_db_pool_t *pool = NULL;
-    loom_error_t err;
-    loom_db_pool_opts_t opts = {.size = size, .read_only = true};
-    cr_assert_eq(loom_db_pool_new(url, &opts, &pool, &err), 0, "%s", err.message);
-    return pool;
-}
-
 static json_t *call_ok(loom_op_runtime_t *rt, const char *name, const char *req_json)
 {
     loom_op_ctx_t ctx = {.rt = rt, .caller = "test"};
@@ -230,7 +221,7 @@ Test(ops, nodes_list_by_name_with_stale_flags)
                        "now() - interval '1 hour', now() - interval '2 seconds'), "
                        "('0191b2c4-7e1f-7a3b-9c1d-2e3f4a5b6c7e', 'api', 'http://10.0.0.1:8080', "
                        "'local', '0.1.0', now() - interval '1 hour', now() - interval '1 minute')");
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
 
@@ -277,7 +268,7 @@ Test(ops, commands_get_by_message_id)
                        "'retrying', 4, 'deadlock detected', NULL, 'ray-9'), "
                        "('audit', 'm-1', 'orders.place', 'loom.cmd.orders.place', 3, 42, "
                        "'applied', 1, NULL, '{\"ok\": true}', 'ray-9')");
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
 
@@ -331,7 +322,7 @@ Test(ops, a_write_is_refused_naming_the_op_on_any_pool)
 {
     /* A read/write pool (the op's transaction is READ ONLY) and a read-only
      * pool (what LOOM_DATABASE_READ_URL gets) alike. */
-    loom_db_pool_t *pools[] = {loom_test_pool(url, 1), read_only_pool(1)};
+    loom_db_pool_t *pools[] = {loom_test_pool(url, 1), loom_test_read_pool(url, 1)};
     for (int i = 0; i < 2; i++) {
         loom_op_runtime_t rt;
         loom_op_runtime_init(&rt, table, pools[i], metrics);
@@ -351,7 +342,7 @@ Test(ops, a_write_is_refused_naming_the_op_on_any_pool)
 
 Test(ops, an_op_that_ends_its_transaction_cannot_write_on_the_read_pool)
 {
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
     loom_error_t err;
@@ -486,7 +477,7 @@ static bool ran_alone(json_t *alone_res)
 
 Test(ops, a_one_statement_op_runs_alone_on_a_read_only_session)
 {
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
     /* The first call sets the op's timeout on the session, with the
@@ -531,7 +522,7 @@ Test(ops, a_one_statement_op_runs_alone_on_a_read_only_session)
 
 Test(ops, a_one_statement_op_that_runs_two_is_refused_naming_it)
 {
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
     loom_error_t err;
@@ -546,7 +537,7 @@ Test(ops, a_one_statement_op_that_runs_two_is_refused_naming_it)
 
 Test(ops, a_one_statement_op_cannot_write_even_after_unsetting_read_only)
 {
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
     loom_error_t err;
@@ -569,7 +560,7 @@ Test(ops, a_one_statement_op_cannot_write_even_after_unsetting_read_only)
 
 Test(ops, a_one_statement_op_keeps_its_timeout_and_the_callers_deadline)
 {
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
     int pid = pid_of(&rt);
@@ -614,7 +605,7 @@ static double sample(const prom_doc_t *doc, const char *key)
 
 Test(ops, metrics_count_calls_by_op_and_result)
 {
-    loom_db_pool_t *pool = read_only_pool(1);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 1);
     loom_op_runtime_t rt;
     loom_op_runtime_init(&rt, table, pool, metrics);
     for (int i = 0; i < 3; i++)
@@ -669,7 +660,7 @@ static void *reader(void *arg)
 
 Test(ops, concurrent_calls_share_a_pool)
 {
-    loom_db_pool_t *pool = read_only_pool(2);
+    loom_db_pool_t *pool = loom_test_read_pool(url, 2);
     loom_op_runtime_init(&shared_rt, table, pool, metrics);
     pthread_t t[4];
     for (int i = 0; i < 4; i++)

@@ -28,10 +28,8 @@
 
 typedef struct env {
     char url[512];
-    char prefix[64], group[80];
-    loom_consumer_def_t def;
-    loom_db_pool_t *pools[N_WORKERS];
-    loom_worker_t *workers[N_WORKERS];
+    loom_test_app_sub_t sub; /* the consumer on a topic of its own */
+    loom_test_worker_t workers[N_WORKERS];
     loom_producer_t *p;
     atomic_int acked, failed;
 } env_t;
@@ -54,44 +52,23 @@ static void env_start(env_t *e, const char *consumer)
     memset(e, 0, sizeof(*e));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(e->url, sizeof(e->url));
-    loom_test_unique_name("ord", e->prefix, sizeof(e->prefix));
-    for (char *c = e->prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
-    loom_topic_prefix_set(e->prefix);
-    e->def = *loom_test_app_consumer(consumer);
-    char topics[8][LOOM_TOPIC_MAX];
-    size_t n = loom_consumer_topics(&e->def, topics, 8);
-    cr_assert_eq(n, 1, "%s reads one topic, its service's", consumer);
-    const char *names[8];
-    for (size_t i = 0; i < n && i < 8; i++)
-        names[i] = topics[i];
-    int created;
-    loom_error_t err;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, names, n < 8 ? n : 8, 6, &created, &err),
-                 0, "%s", err.message);
-    snprintf(e->group, sizeof(e->group), "%s.", e->prefix);
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &e->p, &err), 0, "%s", err.message);
-    for (int i = 0; i < N_WORKERS; i++) {
-        e->pools[i] = loom_test_pool(e->url, 4);
-        loom_worker_opts_t o = {.brokers = brokers,
-                                .pool = e->pools[i],
-                                .consumers = &e->def,
-                                .n_consumers = 1,
-                                .producer = e->p,
-                                .group_prefix = e->group,
-                                .apply_threads = 3};
-        cr_assert_eq(loom_worker_start(&o, &e->workers[i], &err), 0, "%s", err.message);
-    }
+    loom_test_app_sub_init(&e->sub, consumer, "ord", brokers, 6);
+    cr_assert_eq(e->sub.n_topics, 1, "%s reads one topic, its service's", consumer);
+    e->p = loom_test_producer(brokers);
+    loom_worker_opts_t o = {.brokers = brokers,
+                            .consumers = &e->sub.def,
+                            .n_consumers = 1,
+                            .producer = e->p,
+                            .group_prefix = e->sub.group,
+                            .apply_threads = 3};
+    for (int i = 0; i < N_WORKERS; i++)
+        loom_test_worker_start(&e->workers[i], e->url, 4, false, o);
 }
 
 static void env_stop(env_t *e)
 {
-    for (int i = 0; i < N_WORKERS; i++) {
-        loom_worker_free(e->workers[i]);
-        loom_db_pool_free(e->pools[i]);
-    }
+    for (int i = 0; i < N_WORKERS; i++)
+        loom_test_worker_stop(&e->workers[i]);
     loom_producer_free(e->p);
 }
 
@@ -129,12 +106,12 @@ static long long settle(env_t *e, int sent)
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' "
              "AND status IN ('applied', 'rejected')",
-             e->def.name);
+             e->sub.def.name);
     cr_assert_eq(loom_test_wait_for(e->url, sql, sent, 240000), sent,
                  "not every command was handled");
     snprintf(sql, sizeof(sql),
              "SELECT count(*) FROM loom_commands WHERE consumer = '%s' AND status = 'applied'",
-             e->def.name);
+             e->sub.def.name);
     return loom_test_sql_ll(e->url, sql);
 }
 

@@ -95,19 +95,16 @@ static const loom_route_t routes[] = {
 
 typedef struct env {
     char url[512];
-    char suffix[64];
-    char name[128];
     char tokens_path[256];
-    const char *topics[2];
-    loom_consumer_def_t def;
+    loom_test_ledger_t led; /* the test consumer; its topic is g_topic */
     loom_op_table_t *table;
-    loom_db_pool_t *read_pool, *wpool;
+    loom_db_pool_t *read_pool;
     loom_op_runtime_t rt;
     loom_metrics_t *metrics;
     loom_producer_t *producer;
     loom_gateway_opts_t opts;
     loom_gateway_t *gw;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     int port;
 } env_t;
 
@@ -121,13 +118,8 @@ static void env_init(env_t *e, bool kafka)
         rl.rlim_cur = 4 * N_WAITERS + 256;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    loom_test_unique_name("ov", e->suffix, sizeof(e->suffix));
-    snprintf(g_topic, sizeof(g_topic), "loom.cmd.test.credit.%s", e->suffix);
-    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
-    e->topics[0] = g_topic;
-    e->def = loom_test_consumers[0];
-    e->def.name = e->name;
-    e->def.topics = e->topics;
+    loom_test_ledger_init(&e->led, "ov");
+    snprintf(g_topic, sizeof(g_topic), "%s", e->led.topic);
     snprintf(e->tokens_path, sizeof(e->tokens_path), "/tmp/loom-ov-tokens-%d", (int)getpid());
     loom_test_token_t t[] = {{TOK, "over *"}};
     loom_test_tokens_file(e->tokens_path, t, 1);
@@ -136,16 +128,8 @@ static void env_init(env_t *e, bool kafka)
     const loom_op_t *mine[] = {&sleep_op};
     cr_assert_eq(loom_op_table_add(e->table, mine, 1, &err), 0, "%s", err.message);
     e->metrics = loom_metrics_new();
-    loom_test_db_create(e->url, sizeof(e->url));
-    loom_db_pool_t *pool = loom_test_pool(e->url, 1);
-    loom_db_t *conn;
-    loom_migration_set_t set = loom_test_migrations();
-    cr_assert_eq(loom_db_acquire(pool, &conn, &err), 0, "%s", err.message);
-    cr_assert_eq(loom_migrate_up(conn, &set, NULL, &err), 0, "%s", err.message);
-    loom_db_release(conn);
-    loom_db_pool_free(pool);
-    loom_db_pool_opts_t po = {.size = 4, .read_only = true};
-    cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
+    loom_test_db_create_ledger(e->url, sizeof(e->url));
+    e->read_pool = loom_test_read_pool(e->url, 4);
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, e->metrics);
     if (kafka) {
         const char *brokers = loom_test_kafka_brokers();
@@ -178,23 +162,14 @@ static void env_start(env_t *e)
 /* Starts a worker that applies the test consumer's commands. */
 static void env_worker_start(env_t *e)
 {
-    e->wpool = loom_test_pool(e->url, 3);
-    loom_worker_opts_t wo = {.brokers = loom_test_kafka_brokers(),
-                             .pool = e->wpool,
-                             .consumers = &e->def,
-                             .n_consumers = 1,
-                             .retry_base_ms = 50,
-                             .retry_max_ms = 500};
-    loom_error_t err;
-    cr_assert_eq(loom_worker_start(&wo, &e->w, &err), 0, "%s", err.message);
+    loom_test_worker_start(&e->worker, e->url, 3, false,
+                           loom_test_worker_opts(loom_test_kafka_brokers(), &e->led.def));
 }
 
 static void env_free(env_t *e)
 {
     loom_gateway_free(e->gw);
-    if (e->w)
-        loom_worker_free(e->w);
-    loom_db_pool_free(e->wpool);
+    loom_test_worker_stop(&e->worker);
     loom_producer_free(e->producer);
     loom_db_pool_free(e->read_pool);
     loom_op_table_free(e->table);
@@ -377,15 +352,6 @@ static int wait_rounds(env_t *e, const char *wait, double until, int rounds)
     return n;
 }
 
-static void env_worker_stop(env_t *e)
-{
-    loom_worker_stop(e->w);
-    loom_worker_free(e->w);
-    e->w = NULL;
-    loom_db_pool_free(e->wpool);
-    e->wpool = NULL;
-}
-
 Test(overload, waits_slower_than_the_target_lower_the_bound_and_the_excess_is_refused,
      .timeout = 300)
 {
@@ -409,7 +375,7 @@ Test(overload, waits_slower_than_the_target_lower_the_bound_and_the_excess_is_re
     cr_assert_eq(metric(&e, "loom_http_waiters_limit"), LOOM_GATEWAY_MIN_WAITERS,
                  "the bound after %d rounds", rounds);
     cr_log_info("the bound fell from 100 to %d in %d rounds", LOOM_GATEWAY_MIN_WAITERS, rounds);
-    env_worker_stop(&e);
+    loom_test_worker_stop(&e.worker);
     int64_t end = loom_mono_ms() + 30000;
     while (metric(&e, "loom_http_waiters") > 0 && loom_mono_ms() < end)
         loom_sleep_ms(20);

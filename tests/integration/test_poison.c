@@ -29,9 +29,7 @@ typedef struct penv {
     char name[128];
     const char *topics[2];
     loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *p;
+    loom_test_worker_t worker; /* its relay publishes the test's messages too */
 } penv_t;
 
 /* The messages service's command table as one handler. */
@@ -57,25 +55,7 @@ static void penv_start(penv_t *e, loom_handler_fn handler)
     e->def.topics = e->topics;
     if (handler)
         e->def.handler = handler;
-    e->pool = loom_test_pool(e->url, 4);
-    loom_error_t err;
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &e->p, &err), 0, "%s", err.message);
-    loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = e->pool,
-                            .consumers = &e->def,
-                            .n_consumers = 1,
-                            .producer = e->p,
-                            .retry_base_ms = 50,
-                            .retry_max_ms = 500};
-    cr_assert_eq(loom_worker_start(&o, &e->w, &err), 0, "%s", err.message);
-}
-
-static void penv_stop(penv_t *e)
-{
-    loom_worker_free(e->w);
-    loom_producer_free(e->p);
-    loom_db_pool_free(e->pool);
+    loom_test_worker_start(&e->worker, e->url, 4, true, loom_test_worker_opts(brokers, &e->def));
 }
 
 /* Binary-mode headers of a valid command (id, type test.credit). */
@@ -105,7 +85,7 @@ static int64_t publish(penv_t *e, const void *key, size_t key_len, rd_kafka_head
     loom_error_t err;
     loom_delivery_t d;
     loom_delivery_init(&d);
-    int rc = loom_producer_send_raw(e->p, e->topic, key, key_len, h, value, len,
+    int rc = loom_producer_send_raw(e->worker.relay, e->topic, key, key_len, h, value, len,
                                     loom_delivery_future_cb, &d, &err);
     if (rc != 0 && h)
         rd_kafka_headers_destroy(h);
@@ -140,7 +120,7 @@ static char *row(penv_t *e, const char *id, const char *status, const char *colu
 {
     loom_db_t *db;
     loom_error_t err;
-    cr_assert_eq(loom_db_acquire(e->pool, &db, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_db_acquire(e->worker.pool, &db, &err), 0, "%s", err.message);
     char sql[300];
     snprintf(
         sql, sizeof(sql),
@@ -225,7 +205,7 @@ Test(poison, invalid_utf8_in_ce_id_ce_rayid_or_the_key_is_rejected_visibly, .tim
     free(payload);
     free(hdrs);
     free(key);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, ce_id_of_the_largest_size_allowed_and_one_byte_more, .timeout = 240)
@@ -253,7 +233,7 @@ Test(poison, ce_id_of_the_largest_size_allowed_and_one_byte_more, .timeout = 240
     }
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 2);
     free(id);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, invalid_utf8_in_ce_type_and_a_long_id_of_an_unknown_type_are_recorded, .timeout = 240)
@@ -277,7 +257,7 @@ Test(poison, invalid_utf8_in_ce_type_and_a_long_id_of_an_unknown_type_are_record
     cr_assert_str_eq(type, "no.such.type");
     free(type);
     free(kid);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, a_nul_byte_in_a_header_of_a_rejected_message_is_kept, .timeout = 240)
@@ -302,7 +282,7 @@ Test(poison, a_nul_byte_in_a_header_of_a_rejected_message_is_kept, .timeout = 24
     expect_row(&e, "n-attr", "rejected", "NUL");
     free(hex);
     free(id);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, messages_clean_with_an_older_than_out_of_range_is_rejected, .timeout = 240)
@@ -334,7 +314,7 @@ Test(poison, messages_clean_with_an_older_than_out_of_range_is_rejected, .timeou
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT attempts FROM loom_commands WHERE message_id = "
                                          "'clean-far'"),
                  1, "rejected at once, not retried");
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, the_same_id_with_other_data_or_type_is_a_conflict, .timeout = 240)
@@ -384,7 +364,7 @@ Test(poison, the_same_id_with_other_data_or_type_is_a_conflict, .timeout = 240)
     cr_assert_eq(json_array_size(json_object_get(doc, "conflicts")), 3, "%s", out);
     json_decref(doc);
     free(out);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, malformed_ce_time_or_ce_deadline_is_rejected_under_its_own_id, .timeout = 240)
@@ -405,7 +385,7 @@ Test(poison, malformed_ce_time_or_ce_deadline_is_rejected_under_its_own_id, .tim
     char *out = loom_out(&e, get);
     cr_assert(strstr(out, "\"rejected\""), "%s", out);
     free(out);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, a_missing_ce_specversion_is_named_in_the_error, .timeout = 240)
@@ -427,7 +407,7 @@ Test(poison, a_missing_ce_specversion_is_named_in_the_error, .timeout = 240)
     expect_row(&e, "no-spec", "rejected", "ce_specversion");
     free(err);
     free(kid);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- every other way a message can fail before its row exists ------------------------ */
@@ -475,7 +455,7 @@ Test(poison, other_malformed_messages_are_each_recorded, .timeout = 240)
         free(kid);
     }
     cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands"), (long long)n + 1);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 /* ---- an outcome that cannot be recorded holds the partition ------------------------- */
@@ -513,7 +493,7 @@ Test(poison, a_message_whose_outcome_cannot_be_recorded_holds_its_partition, .ti
                                     1, 90000),
                  1);
     expect_row(&e, "r-1", "rejected", "\"time\"");
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }
 
 Test(poison, a_row_refused_as_it_is_is_recorded_in_safe_form, .timeout = 240)
@@ -536,5 +516,5 @@ Test(poison, a_row_refused_as_it_is_is_recorded_in_safe_form, .timeout = 240)
     cr_assert_str_eq(payload, "26", "the raw value is kept");
     free(payload);
     free(kid);
-    penv_stop(&e);
+    loom_test_worker_stop(&e.worker);
 }

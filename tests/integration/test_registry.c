@@ -40,19 +40,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define N_TOPICS 6
-
 typedef struct svc {
     char url[512];
-    char prefix[64];
-    char group[80];
-    char topics_buf[N_TOPICS][LOOM_TOPIC_MAX];
-    const char *topics[N_TOPICS + 1];
-    size_t n_topics;
-    loom_consumer_def_t def;
-    loom_db_pool_t *pool;
-    loom_worker_t *w;
-    loom_producer_t *p;
+    loom_test_app_sub_t sub;   /* registry.store on topics of its own */
+    loom_test_worker_t worker; /* its pool serves the ops, its relay the test */
     loom_op_table_t *ops;
     loom_op_runtime_t rt;
 } svc_t;
@@ -65,60 +56,30 @@ static void expect_text(const json_t *v, size_t flags, const char *want)
     free(got);
 }
 
-static const loom_consumer_def_t *app_consumer(const char *name)
-{
-    const loom_consumer_def_t *c = loom_test_app_consumer(name);
-    if (c)
-        return c;
-    cr_assert_fail("no consumer %s", name);
-    return NULL;
-}
-
 /* The registry consumer on topics of this test's own prefix. */
 static void svc_start(svc_t *s)
 {
     memset(s, 0, sizeof(*s));
     const char *brokers = loom_test_kafka_brokers();
     loom_test_db_create_migrated(s->url, sizeof(s->url));
-    loom_test_unique_name("reg", s->prefix, sizeof(s->prefix));
-    for (char *c = s->prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
-    loom_topic_prefix_set(s->prefix);
-    s->def = *app_consumer("registry.store");
-    s->n_topics = loom_consumer_topics(&s->def, s->topics_buf, N_TOPICS);
-    cr_assert(s->n_topics >= 1 && s->n_topics <= N_TOPICS);
-    for (size_t i = 0; i < s->n_topics; i++)
-        s->topics[i] = s->topics_buf[i];
-    int created;
+    loom_test_app_sub_init(&s->sub, "registry.store", "reg", brokers, 3);
     loom_error_t err;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, s->topics, s->n_topics, 3, &created, &err),
-                 0, "%s", err.message);
-    snprintf(s->group, sizeof(s->group), "%s.", s->prefix);
-    s->pool = loom_test_pool(s->url, 4);
-    loom_producer_opts_t po = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&po, &s->p, &err), 0, "%s", err.message);
     loom_worker_opts_t o = {.brokers = brokers,
-                            .pool = s->pool,
-                            .consumers = &s->def,
+                            .consumers = &s->sub.def,
                             .n_consumers = 1,
-                            .producer = s->p,
-                            .group_prefix = s->group};
-    cr_assert_eq(loom_worker_start(&o, &s->w, &err), 0, "%s", err.message);
+                            .group_prefix = s->sub.group};
+    loom_test_worker_start(&s->worker, s->url, 4, true, o);
     s->ops = loom_op_table_new();
     cr_assert_eq(
         loom_op_table_add(s->ops, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err), 0,
         "%s", err.message);
-    loom_op_runtime_init(&s->rt, s->ops, s->pool, NULL);
+    loom_op_runtime_init(&s->rt, s->ops, s->worker.pool, NULL);
 }
 
 static void svc_stop(svc_t *s)
 {
-    if (s->w)
-        loom_worker_free(s->w);
-    loom_producer_free(s->p);
+    loom_test_worker_stop(&s->worker);
     loom_op_table_free(s->ops);
-    loom_db_pool_free(s->pool);
 }
 
 /* Publishes a command (without waiting); writes its id to id_out (37 bytes). */
@@ -136,9 +97,9 @@ static void publish(svc_t *s, const char *type, const char *key, const char *dat
     loom_delivery_t d;
     loom_delivery_init(&d);
     const char *k = key ? key : ce.id;
-    cr_assert_eq(
-        loom_producer_send(s->p, topic, k, strlen(k), &ce, loom_delivery_future_cb, &d, &err), 0,
-        "%s", err.message);
+    cr_assert_eq(loom_producer_send(s->worker.relay, topic, k, strlen(k), &ce,
+                                    loom_delivery_future_cb, &d, &err),
+                 0, "%s", err.message);
     cr_assert_eq(loom_delivery_wait(&d, 30000, &err), 0, "%s", err.message);
     loom_delivery_release(&d);
     snprintf(id_out, 37, "%s", ce.id);
@@ -905,7 +866,7 @@ Test(registry, nodes_have_a_stale_flag, .timeout = 60)
     loom_op_table_t *t = loom_op_table_new();
     cr_assert_eq(loom_op_table_add(t, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
                  0, "%s", err.message);
-    svc_t s = {.pool = pool, .ops = t};
+    svc_t s = {.worker = {.pool = pool}, .ops = t};
     loom_op_runtime_init(&s.rt, t, pool, NULL);
 
     json_t *got = op(&s, "registry.nodes.get", "{\"id\":\"00000000-0000-4000-8000-0000000000a1\"}");
@@ -1332,8 +1293,8 @@ Test(registry, the_probe_job_publishes_one_status_per_change, .timeout = 240)
                  0, "%s", eb);
     loom_periodic_opts_t po = {.jobs = app_job("registry.probe"),
                                .n_jobs = 1,
-                               .pool = s.pool,
-                               .producer = s.p,
+                               .pool = s.worker.pool,
+                               .producer = s.worker.relay,
                                .cfg = &cfg,
                                .tick_ms = 100};
     loom_periodic_t *runner;

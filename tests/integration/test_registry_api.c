@@ -34,23 +34,18 @@
 #define TOK_ADMIN  "tok-admin-0123456789"
 #define TOK_READER "tok-reader-0123456789"
 #define TOK_OTHER  "tok-other-0123456789"
-#define N_TOPICS   6
 
 typedef struct env {
     char url[512];
-    char prefix[64], group[80];
     char tokens_path[256];
-    char topics_buf[N_TOPICS][LOOM_TOPIC_MAX];
-    const char *topics[N_TOPICS + 1];
-    size_t n_topics;
+    loom_test_app_sub_t sub; /* registry.store on topics of its own */
     loom_route_t routes[32];
     size_t n_routes;
-    loom_consumer_def_t def;
     loom_op_table_t *table;
-    loom_db_pool_t *read_pool, *wpool;
+    loom_db_pool_t *read_pool;
     loom_op_runtime_t rt;
     loom_producer_t *producer;
-    loom_worker_t *w;
+    loom_test_worker_t worker;
     loom_gateway_opts_t opts;
     loom_gateway_t *gw;
     int port;
@@ -83,40 +78,24 @@ static void env_start(env_t *e)
     const char *brokers = loom_test_kafka_brokers();
     loom_error_t err;
     loom_test_db_create_migrated(e->url, sizeof(e->url));
-    loom_test_unique_name("rapi", e->prefix, sizeof(e->prefix));
-    for (char *c = e->prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
-    loom_topic_prefix_set(e->prefix);
-    e->def = *loom_test_app_consumer("registry.store");
-    e->n_topics = loom_consumer_topics(&e->def, e->topics_buf, N_TOPICS);
-    cr_assert(e->n_topics >= 1 && e->n_topics <= N_TOPICS);
-    for (size_t i = 0; i < e->n_topics; i++)
-        e->topics[i] = e->topics_buf[i];
-    int created;
-    cr_assert_eq(loom_kafka_create_topics(brokers, NULL, e->topics, e->n_topics, 3, &created, &err),
-                 0, "%s", err.message);
-    snprintf(e->group, sizeof(e->group), "%s.", e->prefix);
+    loom_test_app_sub_init(&e->sub, "registry.store", "rapi", brokers, 3);
     for (e->n_routes = 0; api_registry_routes[e->n_routes].method; e->n_routes++)
         e->routes[e->n_routes] = api_registry_routes[e->n_routes];
-    cr_assert_not_null(e->def.name);
+    cr_assert_not_null(e->sub.def.name);
 
     e->table = loom_op_table_new();
     cr_assert_eq(
         loom_op_table_add(e->table, loom_test_full_app()->ops, loom_test_full_app()->n_ops, &err),
         0, "%s", err.message);
-    loom_db_pool_opts_t po = {.size = 4, .read_only = true};
-    cr_assert_eq(loom_db_pool_new(e->url, &po, &e->read_pool, &err), 0, "%s", err.message);
+    e->read_pool = loom_test_read_pool(e->url, 4);
     loom_op_runtime_init(&e->rt, e->table, e->read_pool, NULL);
     loom_producer_opts_t o = {.brokers = brokers, .message_timeout_ms = 10000};
     cr_assert_eq(loom_producer_new(&o, &e->producer, &err), 0, "%s", err.message);
-    e->wpool = loom_test_pool(e->url, 3);
     loom_worker_opts_t wo = {.brokers = brokers,
-                             .pool = e->wpool,
-                             .consumers = &e->def,
+                             .consumers = &e->sub.def,
                              .n_consumers = 1,
-                             .group_prefix = e->group};
-    cr_assert_eq(loom_worker_start(&wo, &e->w, &err), 0, "%s", err.message);
+                             .group_prefix = e->sub.group};
+    loom_test_worker_start(&e->worker, e->url, 3, false, wo);
 
     write_tokens(e);
     e->opts = (loom_gateway_opts_t){.listen = "127.0.0.1:0",
@@ -136,8 +115,7 @@ static void env_start(env_t *e)
 static void env_stop(env_t *e)
 {
     loom_gateway_free(e->gw);
-    loom_worker_free(e->w);
-    loom_db_pool_free(e->wpool);
+    loom_test_worker_stop(&e->worker);
     loom_producer_free(e->producer);
     loom_db_pool_free(e->read_pool);
     loom_op_table_free(e->table);

@@ -302,10 +302,7 @@ Test(retention, loom_worker_refuses_an_unsafe_window_and_runs_a_safe_one, .timeo
 {
     char url[512], prefix[64];
     loom_test_db_create(url, sizeof(url));
-    loom_test_unique_name("ret", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-'; /* a topic prefix takes a-z, 0-9 and - */
+    loom_test_topic_prefix("ret", prefix, sizeof(prefix));
     char e_url[600], e_b[300], e_p[128];
     snprintf(e_url, sizeof(e_url), "LOOM_DATABASE_URL=%s", url);
     snprintf(e_b, sizeof(e_b), "LOOM_KAFKA_BROKERS=%s", loom_test_kafka_brokers());

@@ -30,40 +30,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static loom_producer_t *producer(const char *brokers)
-{
-    loom_producer_t *p;
-    loom_error_t err;
-    loom_producer_opts_t o = {.brokers = brokers};
-    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
-    return p;
-}
-
-/* Publishes a credit command and waits for the broker; returns its partition. */
-static int32_t credit(loom_producer_t *p, const char *topic, const char *account, long amount,
-                      const char *extra)
-{
-    loom_arena_t a;
-    loom_arena_init(&a, 0);
-    loom_ce_t ce;
-    loom_ce_init(&ce, &a, "test", "producer", "test.credit");
-    char *data = loom_arena_sprintf(&a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
-                                    extra ? "," : "", extra ? extra : "");
-    ce.data = data;
-    ce.data_len = strlen(data);
-    loom_error_t err;
-    loom_delivery_t d;
-    loom_delivery_init(&d);
-    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
-                                    loom_delivery_future_cb, &d, &err),
-                 0, "%s", err.message);
-    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
-    int32_t part = d.partition;
-    loom_delivery_release(&d);
-    loom_arena_release(&a);
-    return part;
-}
-
 static char *file_text(const char *path)
 {
     FILE *f = fopen(path, "r");
@@ -79,40 +45,11 @@ static char *file_text(const char *path)
     return buf;
 }
 
-static int http_status(int port, const char *path, char **body)
-{
-    loom_test_http_conn_t *c = loom_test_http_try_open(port);
-    if (!c)
-        return -1;
-    char req[256];
-    snprintf(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", path);
-    loom_test_http_res_t res = {0};
-    int status = -1;
-    if (loom_test_http_sends(c, req) && loom_test_http_read(c, 30000, &res)) {
-        status = res.status;
-        if (body)
-            *body = loom_xstrdup(res.body ? res.body : "");
-        loom_test_http_res_free(&res);
-    }
-    loom_test_http_close(c);
-    return status;
-}
-
-/* Polls path until it answers want (deadline timeout_ms); returns the last status. */
-static int wait_status(int port, const char *path, int want, int timeout_ms)
-{
-    int64_t end = loom_mono_ms() + timeout_ms;
-    int st = -1;
-    while ((st = http_status(port, path, NULL)) != want && loom_mono_ms() < end)
-        loom_sleep_ms(200);
-    return st;
-}
-
 /* The worker's /metrics, parsed strictly; aborts on a grammar error. */
 static void metrics(int port, prom_doc_t *doc, char **text)
 {
     char *body = NULL;
-    cr_assert_eq(http_status(port, "/metrics", &body), 200);
+    cr_assert_eq(loom_test_http_get_status(port, "/metrics", 30000, &body), 200);
     char why[256];
     cr_assert_eq(prom_parse(body, doc, why, sizeof(why)), 0, "/metrics: %s\n%s", why, body);
     if (text)
@@ -142,7 +79,8 @@ static double wait_metric(int port, const char *key, double want, int timeout_ms
 }
 
 typedef struct env {
-    char url[768], suffix[64], topic[160], name[128], node[40], dir[128], log[256];
+    char url[768], node[40], dir[128], log[256];
+    loom_test_ledger_t led; /* names of the test consumer the worker runs */
     char e_db[800], e_k[300], e_s[128], e_l[64], e_n[64];
     int port;
     pid_t pid;
@@ -156,10 +94,8 @@ static void env_start(env_t *e, const char *url, int partitions)
         snprintf(e->url, sizeof(e->url), "%s", url);
     else
         loom_test_db_create_ledger(e->url, sizeof(e->url));
-    loom_test_unique_name("w", e->suffix, sizeof(e->suffix));
-    snprintf(e->topic, sizeof(e->topic), "loom.cmd.test.credit.%s", e->suffix);
-    snprintf(e->name, sizeof(e->name), "test.ledger.%s", e->suffix);
-    loom_test_kafka_topic(brokers, e->topic, partitions);
+    loom_test_ledger_init(&e->led, "w");
+    loom_test_kafka_topic(brokers, e->led.topic, partitions);
     snprintf(e->dir, sizeof(e->dir), "/tmp/loom-watch-XXXXXX");
     cr_assert_not_null(mkdtemp(e->dir));
     chmod(e->dir, 0755);
@@ -170,13 +106,13 @@ static void env_start(env_t *e, const char *url, int partitions)
     e->port = loom_free_port();
     snprintf(e->e_db, sizeof(e->e_db), "LOOM_DATABASE_URL=%s", e->url);
     snprintf(e->e_k, sizeof(e->e_k), "LOOM_KAFKA_BROKERS=%s", brokers);
-    snprintf(e->e_s, sizeof(e->e_s), "LOOM_TEST_LEDGER_SUFFIX=%s", e->suffix);
+    snprintf(e->e_s, sizeof(e->e_s), "LOOM_TEST_LEDGER_SUFFIX=%s", e->led.suffix);
     snprintf(e->e_l, sizeof(e->e_l), "LOOM_WORKER_LISTEN=127.0.0.1:%d", e->port);
     snprintf(e->e_n, sizeof(e->e_n), "LOOM_NODE_ID=%s", e->node);
     const char *env[] = {e->e_db, e->e_k, e->e_s, e->e_l, e->e_n, NULL};
     const char *argv[] = {loom_test_app_bin(), "worker", NULL};
     e->pid = loom_test_spawn_logged(argv, env, e->log);
-    cr_assert_eq(wait_status(e->port, "/healthz", 200, 60000), 200,
+    cr_assert_eq(loom_test_http_wait_status(e->port, "/healthz", 200, 60000), 200,
                  "the worker did not serve /healthz (log %s)", e->log);
 }
 
@@ -209,7 +145,7 @@ static int consumers(env_t *e, const char *args, char **out)
 static json_t *consumer_row(env_t *e, int part)
 {
     char *out = NULL, args[200];
-    snprintf(args, sizeof(args), "--json --consumer %s", e->name);
+    snprintf(args, sizeof(args), "--json --consumer %s", e->led.name);
     consumers(e, args, &out);
     json_error_t jerr;
     json_t *a = json_loads(out, 0, &jerr);
@@ -221,7 +157,7 @@ static json_t *consumer_row(env_t *e, int part)
     json_array_foreach(a, i, row)
     {
         if (json_integer_value(json_object_get(row, "partition")) == part &&
-            strcmp(json_string_value(json_object_get(row, "topic")), e->topic) == 0)
+            strcmp(json_string_value(json_object_get(row, "topic")), e->led.topic) == 0)
             found = json_incref(row);
     }
     json_decref(a);
@@ -234,29 +170,30 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
 {
     env_t e;
     env_start(&e, NULL, 3);
-    cr_assert_eq(wait_status(e.port, "/readyz", 200, 60000), 200, "never ready (log %s)", e.log);
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 200, 60000), 200,
+                 "never ready (log %s)", e.log);
     char *body = NULL;
-    cr_assert_eq(http_status(e.port, "/nope", &body), 404);
+    cr_assert_eq(loom_test_http_get_status(e.port, "/nope", 30000, &body), 404);
     free(body);
 
     /* Some commands flow; then a backlog forms behind a blocked account. */
-    loom_producer_t *p = producer(loom_test_kafka_brokers());
+    loom_producer_t *p = loom_test_producer(loom_test_kafka_brokers());
     for (int i = 0; i < 5; i++)
-        credit(p, e.topic, "free", i + 1, NULL);
+        loom_test_credit_sync(p, e.led.topic, NULL, "free", i + 1, NULL);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 5, 60000), 5);
     loom_test_sql(e.url, "INSERT INTO test_blocks VALUES ('held')");
     enum { BACKLOG = 40 };
     int32_t part = -1;
     for (int i = 0; i < BACKLOG; i++)
-        part = credit(p, e.topic, "held", 1, "\"fail\":\"blocked\"");
+        part = loom_test_credit_sync(p, e.led.topic, NULL, "held", 1, "\"fail\":\"blocked\"");
     loom_producer_free(p);
 
     char key[512];
     snprintf(key, sizeof(key), "loom_consumer_lag{consumer=\"%s\",topic=\"%s\",partition=\"%d\"}",
-             e.name, e.topic, (int)part);
+             e.led.name, e.led.topic, (int)part);
     double lag = wait_metric(e.port, key, BACKLOG, 90000);
     cr_assert_eq(lag, BACKLOG, "%s is %g, not %d (log %s)", key, lag, BACKLOG, e.log);
-    snprintf(key, sizeof(key), "loom_consumer_retrying_partitions{consumer=\"%s\"}", e.name);
+    snprintf(key, sizeof(key), "loom_consumer_retrying_partitions{consumer=\"%s\"}", e.led.name);
     cr_assert_eq(wait_metric(e.port, key, 1, 60000), 1, "%s", key);
 
     /* The whole text, for both parsers. */
@@ -269,7 +206,7 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     cr_assert_eq(prom_get(&doc, "loom_ready{check=\"kafka\"}", &found), 1);
     snprintf(key, sizeof(key),
              "loom_consumer_messages_total{consumer=\"%s\",topic=\"%s\",outcome=\"applied\"}",
-             e.name, e.topic);
+             e.led.name, e.led.topic);
     cr_assert_eq(prom_get(&doc, key, &found), 5, "%s", text);
     prom_free(&doc);
     char py[256];
@@ -302,7 +239,7 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     free(dump);
     json_decref(row);
     char *out = NULL, args[200];
-    snprintf(args, sizeof(args), "--consumer %s", e.name);
+    snprintf(args, sizeof(args), "--consumer %s", e.led.name);
     consumers(&e, args, &out);
     cr_assert(strstr(out, "OWNER") && strstr(out, e.node) && strstr(out, "attempts"), "%s", out);
     cr_assert(strstr(out, "1 partition retrying a command"), "%s", out);
@@ -316,7 +253,7 @@ Test(worker_watch, probes_metrics_and_a_backlog_seen_in_the_lag_gauge_and_loom_c
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM test_ledger", 5 + BACKLOG, 120000),
                  5 + BACKLOG);
     snprintf(key, sizeof(key), "loom_consumer_lag{consumer=\"%s\",topic=\"%s\",partition=\"%d\"}",
-             e.name, e.topic, (int)part);
+             e.led.name, e.led.topic, (int)part);
     cr_assert_eq(wait_metric(e.port, key, 0, 60000), 0, "%s", key);
     end = loom_mono_ms() + 60000;
     for (;;) {
@@ -351,21 +288,23 @@ Test(worker_watch, readyz_is_503_while_the_database_is_down_and_200_when_it_is_b
     loom_test_migrate_ledger(pg.url);
     env_t e;
     env_start(&e, pg.url, 2);
-    cr_assert_eq(wait_status(e.port, "/readyz", 200, 60000), 200, "never ready (log %s)", e.log);
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 200, 60000), 200,
+                 "never ready (log %s)", e.log);
 
     cr_assert_eq(loom_pglocal_stop(&pg), 0);
-    cr_assert_eq(wait_status(e.port, "/readyz", 503, 60000), 503,
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 503, 60000), 503,
                  "still ready with the database down (log %s)", e.log);
     char *body = NULL;
-    int st = http_status(e.port, "/readyz", &body);
+    int st = loom_test_http_get_status(e.port, "/readyz", 30000, &body);
     cr_assert_eq(st, 503);
     cr_assert(strstr(body, "\"not_ready\"") && strstr(body, "database"), "%s", body);
     free(body);
-    cr_assert_eq(http_status(e.port, "/healthz", NULL), 200, "alive all the same");
+    cr_assert_eq(loom_test_http_get_status(e.port, "/healthz", 30000, NULL), 200,
+                 "alive all the same");
     cr_assert_eq(wait_metric(e.port, "loom_ready{check=\"database\"}", 0, 30000), 0);
 
     cr_assert_eq(loom_pglocal_start(&pg, pgdir, &po, &err), 0, "%s", err.message);
-    cr_assert_eq(wait_status(e.port, "/readyz", 200, 120000), 200,
+    cr_assert_eq(loom_test_http_wait_status(e.port, "/readyz", 200, 120000), 200,
                  "not ready again after the database came back (log %s)", e.log);
     char *log = file_text(e.log);
     cr_assert(strstr(log, "not ready") && strstr(log, "ready again"), "%s", log);
@@ -392,10 +331,7 @@ Test(worker_watch, one_requests_trace_id_is_in_the_worker_log_and_the_commands_r
     loom_test_tokens_file(tokens, t, 1);
 
     char prefix[64], e_db[800], e_k[300], e_p[128], e_l[64], e_t[400], e_w[64];
-    loom_test_unique_name("tr", prefix, sizeof(prefix));
-    for (char *c = prefix; *c; c++)
-        if (*c == '_')
-            *c = '-';
+    loom_test_topic_prefix("tr", prefix, sizeof(prefix));
     int port = loom_free_port(), wport = loom_free_port();
     snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", url);
     snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", brokers);
@@ -416,8 +352,10 @@ Test(worker_watch, one_requests_trace_id_is_in_the_worker_log_and_the_commands_r
     const char *aargv[] = {loom_test_bin(), "api", NULL};
     pid_t worker = loom_test_spawn_logged(wargv, env, wlog);
     pid_t api = loom_test_spawn_logged(aargv, env, alog);
-    cr_assert_eq(wait_status(port, "/readyz", 200, 60000), 200, "loom api not ready (%s)", alog);
-    cr_assert_eq(wait_status(wport, "/readyz", 200, 60000), 200, "worker not ready (%s)", wlog);
+    cr_assert_eq(loom_test_http_wait_status(port, "/readyz", 200, 60000), 200,
+                 "loom api not ready (%s)", alog);
+    cr_assert_eq(loom_test_http_wait_status(wport, "/readyz", 200, 60000), 200,
+                 "worker not ready (%s)", wlog);
 
     /* A trace id of our own, as a tracing client would send it. */
     char trace[33], tp[64];

@@ -190,6 +190,35 @@ void loom_test_http(int port, const char *method, const char *path, const char *
     loom_test_http_close(c);
 }
 
+int loom_test_http_get_status(int port, const char *path, int timeout_ms, char **body)
+{
+    loom_test_http_conn_t *c = loom_test_http_try_open(port);
+    if (!c)
+        return -1;
+    char *req = loom_xasprintf("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", path);
+    loom_test_http_res_t res = {0};
+    int status = -1;
+    if (loom_test_http_sends(c, req) && loom_test_http_read(c, timeout_ms, &res)) {
+        status = res.status;
+        if (body)
+            *body = loom_xstrdup(res.body ? res.body : "");
+    }
+    loom_test_http_res_free(&res);
+    loom_test_http_close(c);
+    free(req);
+    return status;
+}
+
+int loom_test_http_wait_status(int port, const char *path, int want, int timeout_ms)
+{
+    int64_t end = loom_mono_ms() + timeout_ms;
+    int status;
+    while ((status = loom_test_http_get_status(port, path, 10000, NULL)) != want &&
+           loom_mono_ms() < end)
+        loom_sleep_ms(100);
+    return status;
+}
+
 const char *loom_test_http_error_code(const loom_test_http_res_t *res)
 {
     const char *code =

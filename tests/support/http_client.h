@@ -51,6 +51,16 @@ void loom_test_http_res_free(loom_test_http_res_t *res);
 void loom_test_http(int port, const char *method, const char *path, const char *token,
                     const char *headers, const char *body, loom_test_http_res_t *res);
 
+/* GET path on a fresh connection, for a server that may not listen yet: the
+ * status, or -1 when the connection is refused or no answer comes within
+ * timeout_ms. With body, *body is set to a new string of the answer's body
+ * (left alone when there is no answer). */
+int loom_test_http_get_status(int port, const char *path, int timeout_ms, char **body);
+/* Asks GET path (each try waiting up to 10 s for its answer, tries 100 ms
+ * apart) until it answers want or timeout_ms passes; returns the last status
+ * (-1: no answer), so want when it came. */
+int loom_test_http_wait_status(int port, const char *path, int want, int timeout_ms);
+
 /* The error code of a JSON error body ("" when none). */
 const char *loom_test_http_error_code(const loom_test_http_res_t *res);
 

@@ -96,6 +96,14 @@ void loom_test_unique_name(const char *prefix, char *out, size_t size)
     snprintf(out, size, "%s_%d_%d_%u", prefix, (int)getpid(), ++counter, r % 100000);
 }
 
+void loom_test_topic_prefix(const char *prefix, char *out, size_t size)
+{
+    loom_test_unique_name(prefix, out, size);
+    for (char *c = out; *c; c++)
+        if (*c == '_')
+            *c = '-';
+}
+
 static PGconn *connect_or_die(const char *url)
 {
     PGconn *c = PQconnectdb(url);
@@ -188,6 +196,16 @@ loom_db_pool_t *loom_test_pool(const char *url, int size)
     loom_db_pool_opts_t opts = {.size = size};
     if (loom_db_pool_new(url, &opts, &pool, &err) != 0)
         cr_assert_fail("could not open a pool on %s: %s", url, err.message);
+    return pool;
+}
+
+loom_db_pool_t *loom_test_read_pool(const char *url, int size)
+{
+    loom_db_pool_t *pool = NULL;
+    loom_error_t err;
+    loom_db_pool_opts_t opts = {.size = size, .read_only = true};
+    if (loom_db_pool_new(url, &opts, &pool, &err) != 0)
+        cr_assert_fail("could not open a read-only pool on %s: %s", url, err.message);
     return pool;
 }
 
@@ -412,6 +430,108 @@ void loom_test_kafka_topic(const char *brokers, const char *topic, int partition
     const char *t[] = {topic};
     if (loom_kafka_create_topics(brokers, NULL, t, 1, partitions, &created, &err) != 0)
         cr_assert_fail("could not create topic %s on %s: %s", topic, brokers, err.message);
+}
+
+void loom_test_ledger_init(loom_test_ledger_t *l, const char *prefix)
+{
+    memset(l, 0, sizeof(*l));
+    loom_test_unique_name(prefix, l->suffix, sizeof(l->suffix));
+    snprintf(l->topic, sizeof(l->topic), "loom.cmd.test.credit.%s", l->suffix);
+    snprintf(l->name, sizeof(l->name), "test.ledger.%s", l->suffix);
+    l->topics[0] = l->topic;
+    l->def = loom_test_consumers[0];
+    l->def.name = l->name;
+    l->def.topics = l->topics;
+}
+
+loom_producer_t *loom_test_producer(const char *brokers)
+{
+    loom_producer_t *p;
+    loom_error_t err;
+    loom_producer_opts_t o = {.brokers = brokers};
+    cr_assert_eq(loom_producer_new(&o, &p, &err), 0, "%s", err.message);
+    return p;
+}
+
+/* The CloudEvent of a test.credit command, in arena a. */
+static void credit_event(loom_ce_t *ce, loom_arena_t *a, const char *id, const char *account,
+                         long amount, const char *extra)
+{
+    loom_ce_init(ce, a, "test", "producer", "test.credit");
+    if (id)
+        ce->id = id;
+    char *data = loom_arena_sprintf(a, "{\"account\":\"%s\",\"amount\":%ld%s%s}", account, amount,
+                                    extra ? "," : "", extra ? extra : "");
+    ce->data = data;
+    ce->data_len = strlen(data);
+}
+
+void loom_test_credit(loom_producer_t *p, const char *topic, const char *id, const char *account,
+                      long amount, const char *extra)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    credit_event(&ce, &a, id, account, amount, extra);
+    loom_error_t err;
+    int rc;
+    while ((rc = loom_producer_send(p, topic, account, strlen(account), &ce, NULL, NULL, &err)) !=
+               0 &&
+           strcmp(err.code, "QUEUE_FULL") == 0)
+        loom_sleep_ms(5);
+    cr_assert_eq(rc, 0, "%s", err.message);
+    loom_arena_release(&a);
+}
+
+int32_t loom_test_credit_sync(loom_producer_t *p, const char *topic, const char *id,
+                              const char *account, long amount, const char *extra)
+{
+    loom_arena_t a;
+    loom_arena_init(&a, 0);
+    loom_ce_t ce;
+    credit_event(&ce, &a, id, account, amount, extra);
+    loom_error_t err;
+    loom_delivery_t d;
+    loom_delivery_init(&d);
+    cr_assert_eq(loom_producer_send(p, topic, account, strlen(account), &ce,
+                                    loom_delivery_future_cb, &d, &err),
+                 0, "%s", err.message);
+    cr_assert_eq(loom_delivery_wait(&d, 60000, &err), 0, "%s", err.message);
+    int32_t part = d.partition;
+    loom_delivery_release(&d);
+    loom_arena_release(&a);
+    return part;
+}
+
+loom_worker_opts_t loom_test_worker_opts(const char *brokers, const loom_consumer_def_t *def)
+{
+    return (loom_worker_opts_t){.brokers = brokers,
+                                .consumers = def,
+                                .n_consumers = 1,
+                                .retry_base_ms = 50,
+                                .retry_max_ms = 500};
+}
+
+void loom_test_worker_start(loom_test_worker_t *tw, const char *url, int pool_size, bool relay,
+                            loom_worker_opts_t o)
+{
+    *tw = (loom_test_worker_t){0};
+    tw->pool = loom_test_pool(url, pool_size);
+    if (relay) {
+        tw->relay = loom_test_producer(o.brokers);
+        o.producer = tw->relay;
+    }
+    o.pool = tw->pool;
+    loom_error_t err;
+    cr_assert_eq(loom_worker_start(&o, &tw->w, &err), 0, "%s", err.message);
+}
+
+void loom_test_worker_stop(loom_test_worker_t *tw)
+{
+    loom_worker_free(tw->w); /* stops it first */
+    loom_producer_free(tw->relay);
+    loom_db_pool_free(tw->pool);
+    *tw = (loom_test_worker_t){0};
 }
 
 pid_t loom_test_spawn_logged(const char *const argv[], const char *const env[],
