@@ -453,12 +453,15 @@ static void on_timer(uv_timer_t *h)
     }
     if (p->state != P_READY)
         return;
-    /* A call far past its deadline: the server would have cancelled its
-     * statement long ago, so the connection is lost without saying so. */
+    /* The oldest call far past its deadline: the server would have
+     * cancelled its statement long ago (statement_timeout), so the
+     * connection is lost without saying so. Calls behind it have not
+     * started: their time on the server has not begun. */
     int64_t now = loom_mono_ms();
     for (entry_t *e = p->head; e; e = e->next)
-        if (e->kind == E_CALL && now > e->ctx.op_deadline_mono_ms + PIPE_LOST_MS) {
-            pipe_down(p, "no answer from the database long past a call's deadline");
+        if (e->kind == E_CALL) {
+            if (now > e->ctx.op_deadline_mono_ms + PIPE_LOST_MS)
+                pipe_down(p, "no answer from the database long past a call's deadline");
             return;
         }
 }
