@@ -20,8 +20,9 @@
  * run loom_op_call() as for any other op:
  *   - calls while the connection is being opened or is down;
  *   - calls when PIPE_MAX_CALLS are in flight, or when the oldest call in
- *     flight has waited PIPE_STALL_MS: a slow statement then holds only the
- *     calls already queued behind it, not those that come later;
+ *     flight has waited PIPE_STALL_MS; the calls already queued behind such
+ *     a call go to the threads too (their results, when they come, are
+ *     dropped), so one slow statement holds only itself;
  *   - calls whose statement failed with a transient error (the threads retry
  *     them), and calls aborted because an earlier statement of the same Sync
  *     failed.
@@ -45,7 +46,9 @@
 #define PIPE_CHECK_MS           250
 #define PIPE_CONNECT_TIMEOUT_MS 5000
 
-typedef enum { E_CALL, E_SET, E_PREPARE, E_SYNC } entry_kind_t;
+/* E_DROPPED: a call handed to the threads while its statement was queued
+ * behind a slow one; its result, when it comes, is thrown away. */
+typedef enum { E_CALL, E_SET, E_PREPARE, E_SYNC, E_DROPPED } entry_kind_t;
 
 /* Something sent on the connection whose result is still to be read. */
 typedef struct entry {
@@ -70,7 +73,8 @@ struct gw_pipe {
     int poll_fd, poll_events;
     uv_prepare_t sync; /* sends the Sync of what this turn queued */
     uv_timer_t timer;  /* reconnects; looks for calls lost in flight */
-    int handles_open;  /* sync and timer, until closed */
+    uv_timer_t stall;  /* while calls are in flight: one slow statement? */
+    int handles_open;  /* sync, timer and stall, until closed */
     bool sync_pending; /* statements queued since the last Sync */
     entry_t *head, *tail;
     int calls; /* E_CALL entries in flight */
@@ -83,6 +87,7 @@ struct gw_pipe {
 
 static void pipe_down(gw_pipe_t *p, const char *why);
 static void on_sync(uv_prepare_t *h);
+static void on_stall(uv_timer_t *h);
 
 /* ---- finishing calls ---------------------------------------------------------------- */
 
@@ -190,8 +195,11 @@ static void entry_push(gw_pipe_t *p, entry_t *e)
     else
         p->head = e;
     p->tail = e;
-    if (e->kind == E_CALL)
+    if (e->kind == E_CALL) {
         p->calls++;
+        if (!uv_is_active((uv_handle_t *)&p->stall))
+            uv_timer_start(&p->stall, on_stall, PIPE_STALL_MS, 0);
+    }
     if (e->kind != E_SYNC && !p->sync_pending) {
         p->sync_pending = true;
         uv_prepare_start(&p->sync, on_sync);
@@ -348,6 +356,7 @@ static void entry_done(gw_pipe_t *p, entry_t *e)
         }
         return;
     case E_SYNC:
+    case E_DROPPED:
         break;
     }
     PQclear(e->res);
@@ -466,6 +475,41 @@ static void on_timer(uv_timer_t *h)
         }
 }
 
+/* The oldest call in flight has run PIPE_STALL_MS: the calls queued behind
+ * it on the connection go to the worker threads (a read runs twice at
+ * worst), so one slow statement holds no call but its own for longer. */
+static void on_stall(uv_timer_t *h)
+{
+    gw_pipe_t *p = h->data;
+    if (p->state != P_READY)
+        return;
+    int64_t now = loom_mono_ns();
+    entry_t *first = NULL;
+    for (entry_t *e = p->head; e; e = e->next) {
+        if (e->kind != E_CALL)
+            continue;
+        if (!first) {
+            first = e;
+            int64_t age_ms = (now - e->start_ns) / 1000000;
+            if (age_ms < PIPE_STALL_MS) {
+                uv_timer_start(h, on_stall, (uint64_t)(PIPE_STALL_MS - age_ms), 0);
+                return;
+            }
+            continue;
+        }
+        /* Behind the slow one: answered elsewhere, its result dropped. */
+        entry_t *moved = loom_xcalloc(1, sizeof(*moved));
+        *moved = *e;
+        moved->next = NULL;
+        e->kind = E_DROPPED;
+        e->t = NULL;
+        p->calls--;
+        call_to_threads(p, moved);
+    }
+    if (first)
+        uv_timer_start(h, on_stall, PIPE_STALL_MS, 0);
+}
+
 /* ---- calls ---------------------------------------------------------------------------- */
 
 /* The oldest call in flight has waited too long: something slow is ahead. */
@@ -485,7 +529,7 @@ bool gw_pipe_call(loom_http_req_t *req, gw_op_task_t *t)
     const loom_op_t *op = loom_op_find(p->gw->opts.ops->table, t->name);
     if (!op || !op->stmt)
         return false;
-    int64_t start_ns = loom_mono_fast_ns();
+    int64_t start_ns = loom_mono_ns();
     if (p->calls >= PIPE_MAX_CALLS || pipe_stalled(p, start_ns))
         return false;
 
@@ -572,7 +616,9 @@ void *gw_pipe_loop_start(uv_loop_t *loop, void *opaque)
     p->sync.data = p;
     uv_timer_init(loop, &p->timer);
     p->timer.data = p;
-    p->handles_open = 2;
+    uv_timer_init(loop, &p->stall);
+    p->stall.data = p;
+    p->handles_open = 3;
     pipe_connect(p);
     if (p->state != P_DOWN) /* else pipe_down started it */
         uv_timer_start(&p->timer, on_timer, PIPE_CHECK_MS, PIPE_CHECK_MS);
@@ -614,4 +660,5 @@ void gw_pipe_loop_stop(uv_loop_t *loop, void *loop_data, void *opaque)
     p->pg = NULL;
     uv_close((uv_handle_t *)&p->sync, handle_closed);
     uv_close((uv_handle_t *)&p->timer, handle_closed);
+    uv_close((uv_handle_t *)&p->stall, handle_closed);
 }

@@ -379,8 +379,17 @@ Test(gateway_pipe, a_call_stuck_on_a_lock_holds_only_itself, .timeout = 300)
     raw_exec(locker, "BEGIN");
     raw_exec(locker, "LOCK TABLE pipe_items IN ACCESS EXCLUSIVE MODE");
     loom_test_http_conn_t *stuck = loom_test_http_open(e.port);
+    enum { N_BEHIND = 4 };
+    loom_test_http_conn_t *behind[N_BEHIND];
+    for (int i = 0; i < N_BEHIND; i++)
+        behind[i] = loom_test_http_open(e.port);
     char *req = request("GET", "/v1/pipe/items/i9");
     loom_test_http_sends(stuck, req);
+    free(req);
+    /* Sent right after it: most go on the loop's connection behind it. */
+    req = request("GET", "/v1/pipe/other/o1");
+    for (int i = 0; i < N_BEHIND; i++)
+        loom_test_http_sends(behind[i], req);
     free(req);
     /* It is in flight on the loop's connection once it waits on the lock. */
     cr_assert_eq(loom_test_wait_for(e.url,
@@ -391,7 +400,16 @@ Test(gateway_pipe, a_call_stuck_on_a_lock_holds_only_itself, .timeout = 300)
                  1);
 
     /* Reads of another table, on the same loop, still flow while it is
-     * stuck: the ones that come later go to the worker threads. */
+     * stuck: those queued behind it on the loop's connection, and those
+     * that come later, go to the worker threads. */
+    for (int i = 0; i < N_BEHIND; i++) {
+        loom_test_http_res_t r;
+        cr_assert(loom_test_http_read(behind[i], 20000, &r), "a read behind the stuck one waits");
+        cr_assert_eq(r.status, 200, "%s", r.body);
+        cr_expect_str_eq(json_string_value(json_object_get(r.json, "v")), "other-1");
+        loom_test_http_res_free(&r);
+        loom_test_http_close(behind[i]);
+    }
     for (int i = 0; i < 5; i++) {
         loom_test_http_res_t r;
         call(&e, "GET", "/v1/pipe/other/o1", &r);
@@ -399,7 +417,7 @@ Test(gateway_pipe, a_call_stuck_on_a_lock_holds_only_itself, .timeout = 300)
         cr_expect_str_eq(json_string_value(json_object_get(r.json, "v")), "other-1");
         loom_test_http_res_free(&r);
     }
-    cr_expect_geq(metric(&e, ON_THREAD) - thread0, 5);
+    cr_expect_geq(metric(&e, ON_THREAD) - thread0, N_BEHIND + 5);
     /* The stuck one is still waiting... */
     loom_test_http_res_t r;
     cr_expect_not(loom_test_http_read(stuck, 200, &r), "answered while the lock was held");
