@@ -336,11 +336,14 @@ static void entry_done(gw_pipe_t *p, entry_t *e)
         if (ok) {
             loom_error_t err;
             loom_error_clear(&err);
-            call_answer(p, e, e->res, &err);
-            PQclear(e->res);
+            PGresult *rows = e->res;
+            call_answer(p, e, rows, &err); /* frees e */
+            PQclear(rows);
             return;
         }
         if (st == PGRES_PIPELINE_ABORTED || !e->res) {
+            PQclear(e->res);
+            e->res = NULL;
             call_to_threads(p, e);
             return;
         }
