@@ -60,6 +60,7 @@ typedef struct entry {
     loom_op_ctx_t ctx;          /* E_CALL */
     int64_t start_ns;           /* E_CALL */
     int64_t session_timeout_ms; /* E_SET of statement_timeout: the value; 0 other SETs */
+    uint64_t gen;               /* E_SET: the pipe's set_gen when it was sent */
 } entry_t;
 
 typedef enum { P_DOWN, P_CONNECTING, P_READY, P_STOPPED } pipe_state_t;
@@ -80,7 +81,8 @@ struct gw_pipe {
     int calls; /* E_CALL entries in flight */
     const loom_db_stmt_t **prepared;
     size_t n_prepared, cap_prepared;
-    int64_t session_timeout_ms; /* -1: not known */
+    int64_t session_timeout_ms; /* what the last SET sent asks; -1: not known */
+    uint64_t set_gen;           /* SETs sent */
     int64_t connect_start_ms;
     bool warned;
 };
@@ -100,8 +102,12 @@ static void call_count(gw_pipe_t *p, const char *path)
 static void call_to_threads(gw_pipe_t *p, entry_t *e)
 {
     loom_http_req_t *req = e->t->task.req;
-    call_count(p, "thread");
-    gw_op_start(req, e->t); /* takes its own reference */
+    if (loom_http_req_detached(req)) {
+        e->t->fin(req, e->t, true); /* nobody waits for it */
+    } else {
+        call_count(p, "thread");
+        gw_op_start(req, e->t); /* takes its own reference */
+    }
     loom_http_req_unref(req);
     free(e);
 }
@@ -217,7 +223,9 @@ static entry_t *entry_pop(gw_pipe_t *p)
     return e;
 }
 
-/* Queues a SET; false when libpq refused it (the connection is broken). */
+/* Queues a SET with a Sync of its own, so that it commits alone: in a
+ * group with a statement that then fails, the rollback would undo it.
+ * False when libpq refused it (the connection is broken). */
 static bool send_set(gw_pipe_t *p, const char *sql, int64_t timeout_ms)
 {
     if (!PQsendQueryParams(p->pg, sql, 0, NULL, NULL, NULL, NULL, 0))
@@ -225,13 +233,26 @@ static bool send_set(gw_pipe_t *p, const char *sql, int64_t timeout_ms)
     entry_t *e = loom_xcalloc(1, sizeof(*e));
     e->kind = E_SET;
     e->session_timeout_ms = timeout_ms;
+    e->gen = ++p->set_gen;
     entry_push(p, e);
+    if (!PQpipelineSync(p->pg))
+        return false;
+    entry_t *sync = loom_xcalloc(1, sizeof(*sync));
+    sync->kind = E_SYNC;
+    entry_push(p, sync);
     return true;
 }
 
 /* The connection is open: pipeline mode, and the read-only SET first. */
+static void notice_to_log(void *arg, const char *message)
+{
+    (void)arg;
+    LOOM_DEBUG("database notice", "notice=%.*s", (int)strcspn(message, "\n"), message);
+}
+
 static void pipe_ready(gw_pipe_t *p)
 {
+    PQsetNoticeProcessor(p->pg, notice_to_log, NULL);
     if (PQsetnonblocking(p->pg, 1) != 0 || !PQenterPipelineMode(p->pg) ||
         !send_set(p, "SET default_transaction_read_only = on", 0)) {
         pipe_down(p, PQerrorMessage(p->pg));
@@ -250,6 +271,9 @@ static void pipe_ready(gw_pipe_t *p)
 static void pipe_connect_step(gw_pipe_t *p)
 {
     PostgresPollingStatusType st = PQconnectPoll(p->pg);
+    /* libpq may have closed the socket and opened another under the same
+     * number (the next address): a fresh handle registers it again. */
+    poll_close(p);
     if (st == PGRES_POLLING_OK) {
         pipe_ready(p);
     } else if (st == PGRES_POLLING_FAILED) {
@@ -263,9 +287,9 @@ static void pipe_connect(gw_pipe_t *p)
 {
     loom_db_pool_t *pool = p->gw->opts.ops->pool;
     /* As the pool connects: values inside the conninfo win. */
-    const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
-    const char *vals[] = {"5", loom_db_pool_application_name(pool), loom_db_pool_conninfo(pool),
-                          NULL};
+    const char *keys[] = {"connect_timeout", "application_name", "options", "dbname", NULL};
+    const char *vals[] = {"5", loom_db_pool_application_name(pool),
+                          "-c default_transaction_read_only=on", loom_db_pool_conninfo(pool), NULL};
     p->pg = PQconnectStartParams(keys, vals, 1);
     if (!p->pg || PQstatus(p->pg) == CONNECTION_BAD) {
         pipe_down(p, p->pg ? PQerrorMessage(p->pg) : "out of memory");
@@ -313,11 +337,11 @@ static void entry_done(gw_pipe_t *p, entry_t *e)
     bool ok = st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK;
     switch (e->kind) {
     case E_SET:
-        if (ok && e->session_timeout_ms > 0)
-            p->session_timeout_ms = e->session_timeout_ms;
-        else if (!ok)
+        /* The value was taken when the SET was sent; a failed SET that is
+         * still the last one sent leaves it unknown. */
+        if (!ok && e->gen == p->set_gen)
             p->session_timeout_ms = -1;
-        if (!ok && e->session_timeout_ms == 0 && st != PGRES_PIPELINE_ABORTED) {
+        if (!ok && e->session_timeout_ms == 0) {
             /* The read-only SET failed: this connection must not serve ops. */
             char why[256];
             snprintf(why, sizeof(why), "SET default_transaction_read_only failed: %s",
@@ -350,9 +374,13 @@ static void entry_done(gw_pipe_t *p, entry_t *e)
         {
             loom_error_t err;
             loom_db_error(p->pg, e->res, &err);
+            /* 26000: its PREPARE went down with an earlier statement's
+             * group; the threads run it on a connection of their own. */
+            const char *state = PQresultErrorField(e->res, PG_DIAG_SQLSTATE);
+            bool unprepared = state && strcmp(state, "26000") == 0;
             PQclear(e->res);
             e->res = NULL;
-            if (loom_db_error_is_transient(&err))
+            if (loom_db_error_is_transient(&err) || unprepared)
                 call_to_threads(p, e);
             else
                 call_answer(p, e, NULL, &err);
@@ -366,13 +394,9 @@ static void entry_done(gw_pipe_t *p, entry_t *e)
     free(e);
 }
 
-/* Reads every result that has arrived, in order. */
-static void pipe_read(gw_pipe_t *p)
+/* Takes every result libpq holds, in order (a flush may have read some). */
+static void pipe_drain(gw_pipe_t *p)
 {
-    if (!PQconsumeInput(p->pg)) {
-        pipe_down(p, PQerrorMessage(p->pg));
-        return;
-    }
     while (p->state == P_READY && p->head && !PQisBusy(p->pg)) {
         PGresult *r = PQgetResult(p->pg);
         entry_t *e = p->head;
@@ -402,6 +426,16 @@ static void pipe_read(gw_pipe_t *p)
         pipe_down(p, PQerrorMessage(p->pg));
 }
 
+/* Reads what arrived on the socket, then takes the results. */
+static void pipe_read(gw_pipe_t *p)
+{
+    if (!PQconsumeInput(p->pg)) {
+        pipe_down(p, PQerrorMessage(p->pg));
+        return;
+    }
+    pipe_drain(p);
+}
+
 static void pipe_flush(gw_pipe_t *p)
 {
     int rc = PQflush(p->pg);
@@ -409,6 +443,8 @@ static void pipe_flush(gw_pipe_t *p)
         pipe_down(p, PQerrorMessage(p->pg));
     else if (poll_watch(p, rc ? UV_READABLE | UV_WRITABLE : UV_READABLE) != 0)
         pipe_down(p, "cannot watch the connection's socket");
+    else
+        pipe_drain(p); /* a send that would block reads what has come meanwhile */
 }
 
 static void on_poll(uv_poll_t *h, int status, int events)
@@ -471,7 +507,7 @@ static void on_timer(uv_timer_t *h)
      * started: their time on the server has not begun. */
     int64_t now = loom_mono_ms();
     for (entry_t *e = p->head; e; e = e->next)
-        if (e->kind == E_CALL) {
+        if (e->kind == E_CALL || e->kind == E_DROPPED) {
             if (now > e->ctx.op_deadline_mono_ms + PIPE_LOST_MS)
                 pipe_down(p, "no answer from the database long past a call's deadline");
             return;
@@ -513,6 +549,15 @@ static void on_stall(uv_timer_t *h)
         uv_timer_start(h, on_stall, PIPE_STALL_MS, 0);
 }
 
+/* The server has said the session is read-only (PostgreSQL 14+ reports the
+ * setting with every change; a server that reports nothing has the SET,
+ * which is sent alone and first, and whose failure closes the connection). */
+static bool session_read_only(const gw_pipe_t *p)
+{
+    const char *v = PQparameterStatus(p->pg, "default_transaction_read_only");
+    return !v || strcmp(v, "on") == 0;
+}
+
 /* ---- calls ---------------------------------------------------------------------------- */
 
 /* The oldest call in flight has waited too long: something slow is ahead. */
@@ -527,7 +572,7 @@ static bool pipe_stalled(const gw_pipe_t *p, int64_t now_ns)
 bool gw_pipe_call(loom_http_req_t *req, gw_op_task_t *t)
 {
     gw_pipe_t *p = loom_http_req_loop_data(req);
-    if (!p || p->state != P_READY)
+    if (!p || p->state != P_READY || !session_read_only(p))
         return false;
     const loom_op_t *op = loom_op_find(p->gw->opts.ops->table, t->name);
     if (!op || !op->stmt)
