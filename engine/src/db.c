@@ -332,6 +332,16 @@ bool loom_db_pool_read_only(const loom_db_pool_t *pool)
     return pool->opts.read_only;
 }
 
+const char *loom_db_pool_conninfo(const loom_db_pool_t *pool)
+{
+    return pool->conninfo;
+}
+
+const char *loom_db_pool_application_name(const loom_db_pool_t *pool)
+{
+    return pool->opts.application_name;
+}
+
 int loom_db_acquire(loom_db_pool_t *pool, loom_db_t **out, loom_error_t *err)
 {
     struct timespec until;

@@ -888,6 +888,12 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
         "Requests answered 429 by the per-caller rate limit, by what keyed the caller's bucket "
         "(token or address).",
         by_labels);
+    static const char *const path_labels[] = {"path", NULL};
+    gw->op_paths = loom_metrics_counter(
+        gw->metrics, "loom_http_op_calls_total",
+        "Op calls of the gateway by where they ran: \"loop\" (a statement op pipelined on the "
+        "event loop's own connection) or \"thread\" (a worker thread).",
+        path_labels);
     gw->limiter = loom_rate_limiter_new(opts->rate_limit, opts->rate_burst, 0);
     gw_limits_init(gw);
 
@@ -918,7 +924,9 @@ int loom_gateway_start(const loom_gateway_opts_t *opts, loom_gateway_t **out, lo
                               .limits = opts->limits,
                               .handler = gateway_handle,
                               .on_done = gateway_done,
-                              .opaque = gw};
+                              .opaque = gw,
+                              .loop_start = gw_pipe_loop_start,
+                              .loop_stop = gw_pipe_loop_stop};
     rc = loom_http_server_start(&hopts, &gw->http, err);
     if (rc != 0) {
         gw_poller_stop(gw);

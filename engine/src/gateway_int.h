@@ -73,7 +73,8 @@ struct loom_gateway {
     loom_metrics_t *metrics; /* opts.metrics or own_metrics */
     loom_metrics_t *own_metrics;
     loom_metrics_family_t *requests, *duration, *in_flight, *connections, *rate_limited;
-    loom_rate_limiter_t *limiter; /* NULL: no rate limit */
+    loom_metrics_family_t *op_paths; /* loom_http_op_calls_total{path} */
+    loom_rate_limiter_t *limiter;    /* NULL: no rate limit */
 
     pthread_rwlock_t tokens_mu;
     gw_token_t **tokens;
@@ -138,6 +139,16 @@ struct gw_op_task {
 };
 /* Starts t (filled: gw, name, op_req, fin; cb/arg as fin needs). */
 void gw_op_start(loom_http_req_t *req, gw_op_task_t *t);
+
+/* ---- statement ops on the loops (gateway_pipe.c) ---- */
+
+typedef struct gw_pipe gw_pipe_t;
+/* The HTTP server's loop hooks: one pipelined connection per loop. */
+void *gw_pipe_loop_start(uv_loop_t *loop, void *opaque);
+void gw_pipe_loop_stop(uv_loop_t *loop, void *loop_data, void *opaque);
+/* Runs t on the request's loop when t's op is a statement op and the loop's
+ * connection can take it; false (t untouched) otherwise. */
+bool gw_pipe_call(loom_http_req_t *req, gw_op_task_t *t);
 /* Frees t's JSON and t. */
 void gw_op_task_free(gw_op_task_t *t);
 

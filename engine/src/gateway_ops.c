@@ -1,8 +1,10 @@
 /*
  * gateway_ops.c: calling ops from route handlers.
  *
- * loom_op_call() blocks on the database, so it never runs on an event loop:
- * the request goes to the gateway's worker threads with the caller's slug,
+ * A statement op runs on the request's own loop, pipelined on the loop's
+ * connection (gateway_pipe.c). Any other op goes through loom_op_call(),
+ * which blocks on the database, so it never runs on an event loop: the
+ * request goes to the gateway's worker threads with the caller's slug,
  * scopes and ray id, and the answer comes back to the request's loop through
  * loom_http_req_post().
  */
@@ -87,10 +89,6 @@ int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char 
                        name ? name : "");
         return loom_gateway_fail(req, res, &err);
     }
-    if (gw_queue_full(g->gw)) {
-        json_decref(op_req);
-        return gw_shed(req, res, "queue");
-    }
     gw_op_task_t *t = loom_xcalloc(1, sizeof(*t));
     t->gw = g->gw;
     snprintf(t->name, sizeof(t->name), "%s", name);
@@ -98,6 +96,13 @@ int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char 
     t->fin = call_fin;
     t->cb = cb;
     t->arg = arg;
+    if (gw_pipe_call(req, t))
+        return 0;
+    if (gw_queue_full(g->gw)) {
+        gw_op_task_free(t);
+        return gw_shed(req, res, "queue");
+    }
+    loom_metrics_counter_inc(g->gw->op_paths, (const char *[]){"thread"});
     gw_op_start(req, t);
     return 0;
 }

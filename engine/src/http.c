@@ -162,6 +162,7 @@ struct loop {
     conn_t *written_head, *written_tail; /* responses written whole, to move on from */
     pthread_t thread;
     bool started;
+    void *user; /* what the owner's loop_start returned */
     uv_tcp_t *listeners;
     size_t n_listeners;
     pthread_mutex_t mu; /* guards posts, closed, stop */
@@ -194,6 +195,8 @@ struct loom_http_server {
     atomic_bool draining;
     bool stopped;
     int64_t stop_timeout_ms;
+    void *(*loop_start)(uv_loop_t *loop, void *opaque);
+    void (*loop_stop)(uv_loop_t *loop, void *loop_data, void *opaque);
 };
 
 struct loom_http_session {
@@ -615,6 +618,11 @@ uv_loop_t *loom_http_req_loop(loom_http_req_t *req)
 loom_http_res_t *loom_http_req_res(loom_http_req_t *req)
 {
     return &req->res;
+}
+
+void *loom_http_req_loop_data(const loom_http_req_t *req)
+{
+    return req->loop ? req->loop->user : NULL;
 }
 
 void *loom_http_req_data(const loom_http_req_t *req)
@@ -1460,6 +1468,9 @@ static void loop_maybe_finish(loop_t *l)
         free(p);
         p = next;
     }
+    if (l->srv->loop_stop)
+        l->srv->loop_stop(&l->uv, l->user, l->srv->host.opaque);
+    l->user = NULL;
     uv_close((uv_handle_t *)&l->wake, loop_close_cb);
     uv_close((uv_handle_t *)&l->drain_timer, loop_close_cb);
     uv_close((uv_handle_t *)&l->written_idle, loop_close_cb);
@@ -1589,6 +1600,8 @@ static void walk_close(uv_handle_t *h, void *arg)
 static void *loop_main(void *arg)
 {
     loop_t *l = arg;
+    if (l->srv->loop_start)
+        l->user = l->srv->loop_start(&l->uv, l->srv->host.opaque);
     uv_run(&l->uv, UV_RUN_DEFAULT);
     /* Anything still open is a bug elsewhere; close it so the thread can end. */
     uv_walk(&l->uv, walk_close, NULL);
@@ -1725,6 +1738,8 @@ int loom_http_server_start(const loom_http_opts_t *opts, loom_http_server_t **ou
     srv->host.handler = opts->handler;
     srv->host.on_done = opts->on_done;
     srv->host.opaque = opts->opaque;
+    srv->loop_start = opts->loop_start;
+    srv->loop_stop = opts->loop_stop;
     int threads = opts->threads > 0 ? opts->threads : (int)uv_available_parallelism();
     if (threads < 1)
         threads = 1;

@@ -112,9 +112,18 @@ int loom_op_table_add(loom_op_table_t *table, const loom_op_t *const *ops, size_
                                   "invalid op name \"%s\": expected [a-z0-9_] parts joined by "
                                   "'.', at most %d characters",
                                   op && op->name ? op->name : "(null)", LOOM_OP_NAME_MAX);
-        if (!op->fn)
-            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "op \"%s\" has no handler",
+        if (!op->fn == !op->stmt)
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                  "op \"%s\" needs a handler or a statement, and not both",
                                   op->name);
+        if (op->stmt &&
+            (!op->stmt->stmt || !op->stmt->bind || !op->stmt->result ||
+             op->stmt->stmt->nparams < 0 || op->stmt->stmt->nparams > LOOM_OP_STMT_PARAMS_MAX ||
+             (op->flags & LOOM_OP_NO_DB)))
+            return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
+                                  "statement op \"%s\" needs a statement of at most %d "
+                                  "parameters, bind and result, and a database",
+                                  op->name, LOOM_OP_STMT_PARAMS_MAX);
         if (op->timeout_ms < 0)
             return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT,
                                   "op \"%s\" has a negative timeout", op->name);
@@ -268,6 +277,9 @@ typedef struct call {
     bool callers;     /* the deadline is the caller's, earlier than the op's */
 } call_t;
 
+static int stmt_run(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
+                    loom_error_t *err);
+
 static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
 {
     call_t *c = arg;
@@ -291,7 +303,8 @@ static int tx_body(loom_db_t *db, void *arg, loom_error_t *err)
     if (rc != 0)
         return rc;
     loom_error_clear(err);
-    rc = c->ctx->op->fn(c->ctx, db, c->req, &c->res, err);
+    rc = c->ctx->op->stmt ? stmt_run(c->ctx, db, c->req, &c->res, err)
+                          : c->ctx->op->fn(c->ctx, db, c->req, &c->res, err);
     if (rc != 0 && loom_db_single(db) && loom_error_is(err, LOOM_CODE_INTERNAL)) {
         char reason[LOOM_ERROR_MESSAGE_MAX];
         snprintf(reason, sizeof(reason), "%s", err->message);
@@ -324,6 +337,103 @@ static void record(const loom_op_ctx_t *ctx, const char *op_label, const char *r
     loom_metrics_histogram_observe(rt->duration, duration_values, seconds);
 }
 
+/* The handler of a statement op: bind, run, make the result. */
+static int stmt_run(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
+                    loom_error_t *err)
+{
+    const loom_op_stmt_t *st = ctx->op->stmt;
+    loom_op_params_t params;
+    memset(params.v, 0, sizeof(params.v));
+    int rc = st->bind(ctx, req, &params, err);
+    if (rc != 0)
+        return rc;
+    PGresult *r = NULL;
+    rc = loom_db_exec(db, st->stmt, params.v, &r, err);
+    if (rc != 0)
+        return rc;
+    rc = st->result(ctx, req, r, res, err);
+    PQclear(r);
+    return rc;
+}
+
+/* Looks the op up, checks the request, fills ctx's op and deadline. */
+static int call_begin(loom_op_ctx_t *ctx, const loom_op_t *op, const char *name, const json_t *req,
+                      int64_t start_ns, bool *callers, loom_error_t *e)
+{
+    if (!ctx->ray_id) {
+        loom_uuid_v7_string(ctx->ray_buf);
+        ctx->ray_id = ctx->ray_buf;
+    }
+    if (!op) {
+        int rc = loom_error_set(e, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
+                                name ? name : "");
+        /* Unknown names share one series: callers must not grow the label set. */
+        record(ctx, "_unknown", e->code, start_ns, 0);
+        return rc;
+    }
+    if (req && !json_is_object(req)) {
+        int rc = loom_error_set(e, LOOM_CODE_INVALID_JSON,
+                                "op \"%s\" takes a JSON object as its request", op->name);
+        record(ctx, op->name, e->code, start_ns, 0);
+        return rc;
+    }
+    int64_t now = start_ns / 1000000;
+    int64_t timeout = op->timeout_ms > 0 ? op->timeout_ms : LOOM_OP_DEFAULT_TIMEOUT_MS;
+    int64_t deadline = now + timeout;
+    *callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms < deadline;
+    if (*callers)
+        deadline = ctx->deadline_mono_ms;
+    ctx->op = op;
+    ctx->op_deadline_mono_ms = deadline;
+    return 0;
+}
+
+/* Maps what the call came to (rc, e, *res) as loom_op_call() reports it,
+ * counts it, and clears ctx->op. */
+static int call_end(loom_op_ctx_t *ctx, int rc, loom_error_t *e, json_t **res, int64_t start_ns,
+                    bool callers, loom_error_t *err)
+{
+    const loom_op_t *op = ctx->op;
+    int64_t now = start_ns / 1000000;
+    int64_t deadline = ctx->op_deadline_mono_ms;
+    int64_t end_ns = loom_mono_fast_ns();
+    int64_t end = end_ns / 1000000;
+    if (rc == 0 && !*res)
+        rc = loom_error_set(e, LOOM_CODE_INTERNAL, "op \"%s\" returned no result", op->name);
+    if (rc == 0 && end > deadline)
+        rc = loom_error_set(e, LOOM_CODE_DEADLINE_EXCEEDED, "ran %lld ms", (long long)(end - now));
+    if (rc != 0) {
+        json_decref(*res);
+        *res = NULL;
+        char reason[LOOM_ERROR_MESSAGE_MAX];
+        snprintf(reason, sizeof(reason), "%s", e->message);
+        if (!e->code) {
+            loom_error_set(e, LOOM_CODE_INTERNAL, "op \"%s\" failed: %s", op->name,
+                           loom_strerror(rc));
+        } else if (loom_error_is(e, LOOM_CODE_DEADLINE_EXCEEDED)) {
+            loom_error_set(e, LOOM_CODE_DEADLINE_EXCEEDED,
+                           "op \"%s\" did not finish within %s %lld ms: %s", op->name,
+                           callers ? "the caller's deadline of" : "its timeout of",
+                           (long long)(deadline - now), reason);
+        } else if (loom_error_is(e, LOOM_CODE_READ_ONLY_VIOLATION)) {
+            loom_error_set(e, LOOM_CODE_READ_ONLY_VIOLATION,
+                           "op \"%s\" tried to write; ops are read-only: %s", op->name, reason);
+        }
+        if (e->cls == LOOM_ERR_INTERNAL)
+            LOOM_ERROR("op failed", "op=%s ray_id=%s code=%s error=%s", op->name, ctx->ray_id,
+                       e->code, e->message);
+    }
+    record(ctx, op->name, rc == 0 ? "ok" : e->code, start_ns, end_ns);
+    ctx->op = NULL;
+    if (rc == 0) {
+        loom_error_clear(err); /* not a copy of e: that is 600 bytes per call */
+        return 0;
+    }
+    if (err && err != e)
+        *err = *e;
+    return rc < 0 ? rc : LOOM_EIO;
+}
+
 int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t **res,
                  loom_error_t *err)
 {
@@ -335,45 +445,21 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
     int64_t start_ns = loom_mono_fast_ns();
     loom_error_t e;
     loom_error_clear(&e);
-    if (!ctx->ray_id) {
-        loom_uuid_v7_string(ctx->ray_buf);
-        ctx->ray_id = ctx->ray_buf;
-    }
-
     const loom_op_t *op = loom_op_find(ctx->rt->table, name);
-    if (!op) {
-        int rc = loom_error_set(&e, LOOM_CODE_OP_NOT_FOUND, "unknown op \"%.*s\"", LOOM_OP_NAME_MAX,
-                                name);
-        /* Unknown names share one series: callers must not grow the label set. */
-        record(ctx, "_unknown", e.code, start_ns, 0);
+    bool callers = false;
+    int rc = call_begin(ctx, op, name, req, start_ns, &callers, &e);
+    if (rc != 0) {
         if (err)
             *err = e;
         return rc;
     }
-    if (req && !json_is_object(req)) {
-        int rc = loom_error_set(&e, LOOM_CODE_INVALID_JSON,
-                                "op \"%s\" takes a JSON object as its request", op->name);
-        record(ctx, op->name, e.code, start_ns, 0);
-        if (err)
-            *err = e;
-        return rc;
-    }
-
-    int64_t now = start_ns / 1000000;
-    int64_t timeout = op->timeout_ms > 0 ? op->timeout_ms : LOOM_OP_DEFAULT_TIMEOUT_MS;
-    int64_t deadline = now + timeout;
-    bool callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms < deadline;
-    if (callers)
-        deadline = ctx->deadline_mono_ms;
-    ctx->op = op;
-    ctx->op_deadline_mono_ms = deadline;
 
     json_t *empty = NULL;
     if (!req)
         req = empty = json_object();
+    int64_t now = start_ns / 1000000;
     call_t c = {.ctx = ctx, .req = req, .res = NULL, .start_ms = now, .callers = callers};
-    int rc;
-    if (deadline <= now) {
+    if (ctx->op_deadline_mono_ms <= now) {
         rc = loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
     } else if (op->flags & LOOM_OP_NO_DB) {
         rc = op->fn(ctx, NULL, req, &c.res, &e);
@@ -381,48 +467,51 @@ int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t
         rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" needs a database and none is set",
                             op->name);
     } else {
+        bool one = (op->flags & LOOM_OP_ONE_STATEMENT) || op->stmt;
         loom_tx_opts_t opts = {.read_only = true,
-                               .deadline_mono_ms = deadline,
-                               .single_statement = (op->flags & LOOM_OP_ONE_STATEMENT) != 0};
+                               .deadline_mono_ms = ctx->op_deadline_mono_ms,
+                               .single_statement = one};
         rc = loom_tx_run(ctx->rt->pool, &opts, tx_body, &c, &e);
     }
     json_decref(empty);
-
-    int64_t end_ns = loom_mono_fast_ns();
-    int64_t end = end_ns / 1000000;
-    if (rc == 0 && !c.res)
-        rc = loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" returned no result", op->name);
-    if (rc == 0 && end > deadline)
-        rc = loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED, "ran %lld ms", (long long)(end - now));
-    if (rc != 0) {
-        json_decref(c.res);
-        c.res = NULL;
-        char reason[LOOM_ERROR_MESSAGE_MAX];
-        snprintf(reason, sizeof(reason), "%s", e.message);
-        if (!e.code) {
-            loom_error_set(&e, LOOM_CODE_INTERNAL, "op \"%s\" failed: %s", op->name,
-                           loom_strerror(rc));
-        } else if (loom_error_is(&e, LOOM_CODE_DEADLINE_EXCEEDED)) {
-            loom_error_set(&e, LOOM_CODE_DEADLINE_EXCEEDED,
-                           "op \"%s\" did not finish within %s %lld ms: %s", op->name,
-                           callers ? "the caller's deadline of" : "its timeout of",
-                           (long long)(deadline - now), reason);
-        } else if (loom_error_is(&e, LOOM_CODE_READ_ONLY_VIOLATION)) {
-            loom_error_set(&e, LOOM_CODE_READ_ONLY_VIOLATION,
-                           "op \"%s\" tried to write; ops are read-only: %s", op->name, reason);
-        }
-        if (e.cls == LOOM_ERR_INTERNAL)
-            LOOM_ERROR("op failed", "op=%s ray_id=%s code=%s error=%s", op->name, ctx->ray_id,
-                       e.code, e.message);
-    }
-    record(ctx, op->name, rc == 0 ? "ok" : e.code, start_ns, end_ns);
-    ctx->op = NULL;
     *res = c.res;
-    if (rc == 0) {
-        loom_error_clear(err); /* not a copy of e: that is 600 bytes per call */
-        return 0;
+    return call_end(ctx, rc, &e, res, start_ns, callers, err);
+}
+
+int loom_op_stmt_begin(loom_op_ctx_t *ctx, const loom_op_t *op, const json_t *req, int64_t start_ns,
+                       loom_op_params_t *params, loom_error_t *err)
+{
+    loom_error_clear(err);
+    bool callers = false;
+    int rc = call_begin(ctx, op, op ? op->name : "", req, start_ns, &callers, err);
+    if (rc != 0)
+        return rc;
+    if (!op->stmt) {
+        rc = loom_error_set(err, LOOM_CODE_INTERNAL, "op \"%s\" is not a statement op", op->name);
+    } else if (ctx->op_deadline_mono_ms <= start_ns / 1000000) {
+        rc = loom_error_set(err, LOOM_CODE_DEADLINE_EXCEEDED, "deadline passed");
+    } else {
+        memset(params->v, 0, sizeof(params->v));
+        rc = op->stmt->bind(ctx, req, params, err);
     }
-    if (err)
-        *err = e;
-    return rc < 0 ? rc : LOOM_EIO;
+    if (rc == 0)
+        return 0;
+    json_t *none = NULL;
+    return call_end(ctx, rc, err, &none, start_ns, callers, err);
+}
+
+int loom_op_stmt_end(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, int64_t start_ns,
+                     json_t **res, loom_error_t *err)
+{
+    *res = NULL;
+    const loom_op_t *op = ctx->op;
+    bool callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms == ctx->op_deadline_mono_ms;
+    int rc;
+    if (rows) {
+        loom_error_clear(err);
+        rc = op->stmt->result(ctx, req, rows, res, err);
+    } else {
+        rc = err->code ? LOOM_EIO : loom_error_set(err, LOOM_CODE_INTERNAL, "no result");
+    }
+    return call_end(ctx, rc, err, res, start_ns, callers, err);
 }

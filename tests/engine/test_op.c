@@ -191,7 +191,21 @@ Test(op, registration_rejects_bad_names_duplicates_and_missing_handlers)
     loom_op_t nofn = {"test.nofn", NULL, 0, "x", 0};
     const loom_op_t *one[] = {&nofn};
     cr_assert_neq(loom_op_table_add(table, one, 1, &err), 0);
-    cr_assert(strstr(err.message, "has no handler"), "%s", err.message);
+    cr_assert(strstr(err.message, "needs a handler or a statement"), "%s", err.message);
+
+    /* A statement op: a statement, bind and result, and no handler too. */
+    static const loom_db_stmt_t nine = {"test_nine", "SELECT 1", 9};
+    static const loom_op_stmt_t too_many = {&nine, NULL, NULL};
+    loom_op_t many = {.name = "test.many", .stmt = &too_many};
+    one[0] = &many;
+    cr_assert_neq(loom_op_table_add(table, one, 1, &err), 0);
+    cr_assert(strstr(err.message, "at most 8 parameters"), "%s", err.message);
+    static const loom_db_stmt_t sel = {"test_sel", "SELECT 1", 0};
+    static const loom_op_stmt_t no_result = {&sel, NULL, NULL};
+    loom_op_t both = {.name = "test.both", .fn = echo, .stmt = &no_result};
+    one[0] = &both;
+    cr_assert_neq(loom_op_table_add(table, one, 1, &err), 0);
+    cr_assert(strstr(err.message, "and not both"), "%s", err.message);
     cr_assert_eq(loom_op_table_count(table), N_OPS);
 }
 

@@ -46,6 +46,10 @@ int loom_db_pool_new(const char *conninfo, const loom_db_pool_opts_t *opts, loom
 /* Closes every connection. All connections must have been released. */
 void loom_db_pool_free(loom_db_pool_t *pool);
 bool loom_db_pool_read_only(const loom_db_pool_t *pool);
+/* The pool's connection string and application name, for code that opens
+ * connections of its own with the same settings (the gateway's event loops). */
+const char *loom_db_pool_conninfo(const loom_db_pool_t *pool);
+const char *loom_db_pool_application_name(const loom_db_pool_t *pool);
 
 /* Takes a connection (reconnecting it if it was lost). */
 int loom_db_acquire(loom_db_pool_t *pool, loom_db_t **out, loom_error_t *err);

@@ -109,6 +109,8 @@ typedef struct loom_gateway_opts {
                                    * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_WAITERS */
     int max_queue;                /* LOOM_API_MAX_QUEUE: op calls queued for the workers;
                                    * beyond, 503 OVERLOADED; 0: LOOM_GATEWAY_MAX_QUEUE */
+    bool no_op_pipeline;          /* LOOM_API_OP_PIPELINE=off: statement ops run on the
+                                   * worker threads too, not on the loops */
     int64_t wait_target_ms;       /* LOOM_API_WAIT_TARGET: while more than 1 in 10 ?wait
                                    * requests take longer, fewer are held (gateway_limit.c);
                                    * 0: LOOM_GATEWAY_WAIT_TARGET_MS; < 0: off */

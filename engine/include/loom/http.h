@@ -97,7 +97,15 @@ typedef struct loom_http_opts {
     loom_http_limits_t limits;
     loom_http_handler_fn handler; /* required */
     loom_http_done_fn on_done;    /* may be NULL */
-    void *opaque;                 /* passed to handler and on_done */
+    void *opaque;                 /* passed to handler, on_done and the loop hooks */
+    /* Per-loop state of the owner (both may be NULL). loop_start runs on
+     * each loop's thread before it serves; what it returns is the loop's
+     * data (loom_http_req_loop_data). loop_stop runs on that thread once the
+     * loop has drained (every request over, or the stop's deadline passed:
+     * then requests the owner still holds are to be cancelled), and must
+     * close every handle loop_start opened on the loop. */
+    void *(*loop_start)(uv_loop_t *loop, void *opaque);
+    void (*loop_stop)(uv_loop_t *loop, void *loop_data, void *opaque);
 } loom_http_opts_t;
 
 /*
@@ -173,6 +181,10 @@ loom_http_res_t *loom_http_req_res(loom_http_req_t *req);
 /* A pointer for the handler's own state (NULL until set). */
 void *loom_http_req_data(const loom_http_req_t *req);
 void loom_http_req_set_data(loom_http_req_t *req, void *data);
+
+/* What the server's loop_start returned for the request's loop (NULL for
+ * sessions and without loop_start). */
+void *loom_http_req_loop_data(const loom_http_req_t *req);
 
 /* Keeps the request alive after the handler returned; every ref needs an
  * unref. The request is freed when the last reference goes. */

@@ -65,16 +65,50 @@ enum {
     LOOM_OP_ONE_STATEMENT = 1u << 1,
 };
 
+/* Most parameters a statement op binds, and the bytes of text it may
+ * format for them (numbers, joined values). */
+#define LOOM_OP_STMT_PARAMS_MAX  8
+#define LOOM_OP_STMT_SCRATCH_MAX 256
+
+/* What a statement op's bind fills: the statement's parameters as text
+ * (NULL: SQL NULL), borrowed from the request or written into scratch. */
+typedef struct loom_op_params {
+    const char *v[LOOM_OP_STMT_PARAMS_MAX];
+    char scratch[LOOM_OP_STMT_SCRATCH_MAX];
+} loom_op_params_t;
+
+/*
+ * A statement op: an op that is one prepared statement, given in parts so
+ * that the engine can run it wherever it is cheapest. loom_op_call() runs it
+ * on the calling thread like any one-statement op; the gateway runs it on its
+ * event loops, pipelined with other calls on one connection per loop, with
+ * no thread in between (docs/architecture.md, "Operations").
+ *
+ * bind checks the request and fills the parameters; result turns the rows
+ * into the op's result. Both run on whatever thread the engine chooses, must
+ * not block, and have the handler's contract for errors (a negative LOOM_E*
+ * code with err filled; *res a new reference on success). ctx is the call's
+ * context (the caller, its scopes).
+ */
+typedef struct loom_op_stmt {
+    const loom_db_stmt_t *stmt; /* at most LOOM_OP_STMT_PARAMS_MAX parameters */
+    int (*bind)(loom_op_ctx_t *ctx, const json_t *req, loom_op_params_t *params, loom_error_t *err);
+    int (*result)(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, json_t **res,
+                  loom_error_t *err);
+} loom_op_stmt_t;
+
 /* One op. Define them `const` with static storage, one per file. */
 struct loom_op {
-    const char *name;        /* "service.noun.verb": [a-z0-9_] parts joined by '.' */
-    loom_op_fn fn;           /* the handler */
-    int64_t timeout_ms;      /* 0: LOOM_OP_DEFAULT_TIMEOUT_MS */
-    const char *description; /* one line for `loom op --list` */
-    unsigned flags;          /* LOOM_OP_* */
-    const char *scope;       /* scope a caller of POST /v1/ops/{name} needs besides
-                              * ops:call; NULL: its service's read scope,
-                              * "<service>:read" (loom_op_scope) */
+    const char *name;           /* "service.noun.verb": [a-z0-9_] parts joined by '.' */
+    loom_op_fn fn;              /* the handler; NULL when stmt is set */
+    int64_t timeout_ms;         /* 0: LOOM_OP_DEFAULT_TIMEOUT_MS */
+    const char *description;    /* one line for `loom op --list` */
+    unsigned flags;             /* LOOM_OP_* */
+    const char *scope;          /* scope a caller of POST /v1/ops/{name} needs besides
+                                 * ops:call; NULL: its service's read scope,
+                                 * "<service>:read" (loom_op_scope) */
+    const loom_op_stmt_t *stmt; /* a statement op, instead of fn; it runs one
+                                 * statement (as LOOM_OP_ONE_STATEMENT) */
 };
 
 /* Longest scope. */
@@ -161,6 +195,21 @@ struct loom_op_ctx {
  */
 int loom_op_call(loom_op_ctx_t *ctx, const char *name, const json_t *req, json_t **res,
                  loom_error_t *err);
+
+/*
+ * For engines that run a statement op's statement themselves (the gateway's
+ * event loops). loom_op_stmt_begin() looks the op up and checks the request
+ * like loom_op_call(), fills ctx (its op and deadline) and binds the
+ * parameters; it returns 0, or an error already counted in the metrics.
+ * loom_op_stmt_end() takes the statement's result (rows NULL: the statement
+ * failed with *err, e.g. from loom_db_error), makes the op's result or
+ * error exactly as loom_op_call() would (deadline passed, errors that name
+ * the op), counts the call in the metrics, and clears ctx->op.
+ */
+int loom_op_stmt_begin(loom_op_ctx_t *ctx, const loom_op_t *op, const json_t *req, int64_t start_ns,
+                       loom_op_params_t *params, loom_error_t *err);
+int loom_op_stmt_end(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, int64_t start_ns,
+                     json_t **res, loom_error_t *err);
 
 /* True when the caller holds `scope` (exact match). */
 bool loom_op_ctx_has_scope(const loom_op_ctx_t *ctx, const char *scope);
