@@ -136,6 +136,10 @@ struct gw_op_task {
     gw_op_fin fin;
     loom_gateway_op_cb cb;
     void *arg;
+    bool answers_result; /* the route answers with the op's result as it is */
+    char *json;          /* that result as JSON text already (a statement op's
+                          * json_column), sent instead of result; owned */
+    size_t json_len;
 };
 /* Starts t (filled: gw, name, op_req, fin; cb/arg as fin needs). */
 void gw_op_start(loom_http_req_t *req, gw_op_task_t *t);

@@ -18,6 +18,7 @@ void gw_op_task_free(gw_op_task_t *t)
 {
     json_decref(t->op_req);
     json_decref(t->result);
+    free(t->json);
     free(t);
 }
 
@@ -59,7 +60,15 @@ void gw_op_start(loom_http_req_t *req, gw_op_task_t *t)
 /* The fin of the public helpers: hand the result to the callback. */
 static void call_fin(loom_http_req_t *req, gw_op_task_t *t, bool cancelled)
 {
-    if (!cancelled)
+    if (!cancelled && t->rc == 0 && t->json) {
+        /* A stored JSON document, sent as it is (gateway_pipe.c). */
+        loom_http_res_t *res = loom_http_req_res(req);
+        loom_http_res_status(res, 200);
+        loom_http_res_header(res, "Content-Type", "application/json");
+        loom_http_res_body_take(res, t->json, t->json_len);
+        t->json = NULL;
+        loom_http_res_send(res);
+    } else if (!cancelled)
         t->cb(req, loom_http_req_res(req), t->rc, t->result, t->rc ? &t->err : NULL, t->arg);
     gw_op_task_free(t);
 }
@@ -73,8 +82,17 @@ static int answer_cb(loom_http_req_t *req, loom_http_res_t *res, int rc, json_t 
     return loom_gateway_reply(req, res, 200, json_incref(result));
 }
 
+static int gw_op_call(loom_http_req_t *req, loom_http_res_t *res, const char *name, json_t *op_req,
+                      loom_gateway_op_cb cb, void *arg, bool answers_result);
+
 int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char *name,
                          json_t *op_req, loom_gateway_op_cb cb, void *arg)
+{
+    return gw_op_call(req, res, name, op_req, cb, arg, false);
+}
+
+static int gw_op_call(loom_http_req_t *req, loom_http_res_t *res, const char *name, json_t *op_req,
+                      loom_gateway_op_cb cb, void *arg, bool answers_result)
 {
     gw_req_t *g = gw_req(req);
     loom_error_t err;
@@ -96,6 +114,7 @@ int loom_gateway_op_call(loom_http_req_t *req, loom_http_res_t *res, const char 
     t->fin = call_fin;
     t->cb = cb;
     t->arg = arg;
+    t->answers_result = answers_result;
     if (gw_pipe_call(req, t))
         return 0;
     if (gw_queue_full(g->gw)) {
@@ -129,5 +148,5 @@ int loom_gateway_op_authorize(loom_http_req_t *req, const char *name, loom_error
 int loom_gateway_op_answer(loom_http_req_t *req, loom_http_res_t *res, const char *name,
                            json_t *op_req)
 {
-    return loom_gateway_op_call(req, res, name, op_req, answer_cb, NULL);
+    return gw_op_call(req, res, name, op_req, answer_cb, NULL, true);
 }

@@ -112,13 +112,41 @@ static void call_to_threads(gw_pipe_t *p, entry_t *e)
     free(e);
 }
 
+/* The op's result is its first column as it is (loom_op_stmt_t.json_column),
+ * and that column holds what looks like a JSON object or array in UTF-8:
+ * the answer can be those bytes, with no parsing and printing again. */
+static bool json_document(const loom_op_t *op, const PGresult *rows, size_t *len)
+{
+    if (!op->stmt->json_column || PQntuples(rows) < 1 || PQnfields(rows) < 1 ||
+        PQgetisnull(rows, 0, 0))
+        return false;
+    const char *v = PQgetvalue(rows, 0, 0);
+    size_t n = (size_t)PQgetlength(rows, 0, 0), i = 0;
+    while (i < n && (v[i] == ' ' || v[i] == '\n' || v[i] == '\t' || v[i] == '\r'))
+        i++;
+    if (i == n || (v[i] != '{' && v[i] != '[') || !loom_http_utf8_valid(v, n))
+        return false;
+    *len = n;
+    return true;
+}
+
 /* Answers a call on the loop, as op_done would after a worker ran it. */
 static void call_answer(gw_pipe_t *p, entry_t *e, const PGresult *rows, loom_error_t *err)
 {
     gw_op_task_t *t = e->t;
     loom_http_req_t *req = t->task.req;
     json_t *result = NULL;
-    t->rc = loom_op_stmt_end(&e->ctx, t->op_req, rows, e->start_ns, &result, err);
+    size_t len = 0;
+    if (rows && t->answers_result && json_document(e->ctx.op, rows, &len)) {
+        t->rc = loom_op_stmt_end_sent(&e->ctx, e->start_ns, err);
+        if (t->rc == 0) {
+            t->json = loom_xmalloc(len + 1);
+            memcpy(t->json, PQgetvalue(rows, 0, 0), len + 1);
+            t->json_len = len;
+        }
+    } else {
+        t->rc = loom_op_stmt_end(&e->ctx, t->op_req, rows, e->start_ns, &result, err);
+    }
     t->result = result;
     if (t->rc != 0)
         t->err = *err;

@@ -500,6 +500,15 @@ int loom_op_stmt_begin(loom_op_ctx_t *ctx, const loom_op_t *op, const json_t *re
     return call_end(ctx, rc, err, &none, start_ns, callers, err);
 }
 
+int loom_op_stmt_end_sent(loom_op_ctx_t *ctx, int64_t start_ns, loom_error_t *err)
+{
+    bool callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms == ctx->op_deadline_mono_ms;
+    json_t *mark = json_true(); /* stands for the result the caller sends */
+    loom_error_t e;
+    loom_error_clear(&e);
+    return call_end(ctx, 0, &e, &mark, start_ns, callers, err);
+}
+
 int loom_op_stmt_end(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, int64_t start_ns,
                      json_t **res, loom_error_t *err)
 {

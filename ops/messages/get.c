@@ -39,7 +39,7 @@ static int get_result(loom_op_ctx_t *ctx, const json_t *req, const PGresult *row
 
 /* One SELECT by primary key: a statement op, which the gateway pipelines on
  * its event loops. */
-static const loom_op_stmt_t get_stmt = {&select_one, get_bind, get_result};
+static const loom_op_stmt_t get_stmt = {&select_one, get_bind, get_result, .json_column = true};
 
 const loom_op_t loom_op_messages_get = {
     .name = "messages.get",

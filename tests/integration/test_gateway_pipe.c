@@ -92,6 +92,25 @@ static const loom_op_stmt_t sleep_stmt = {&sleep_sql, bind_ms, slept_result};
 static const loom_op_t sleep_op = {
     .name = "test.pipe.sleep", .stmt = &sleep_stmt, .timeout_ms = 3000};
 
+/* A stored JSON document, answered as it is (json_column). */
+static int doc_result(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, json_t **res,
+                      loom_error_t *err)
+{
+    (void)ctx;
+    (void)req;
+    if (PQntuples(rows) == 0)
+        return loom_error_set(err, LOOM_CODE_NOT_FOUND, "no document");
+    *res = json_loads(PQgetvalue(rows, 0, 0), 0, NULL);
+    if (!*res)
+        return loom_error_set(err, LOOM_CODE_INTERNAL, "the stored document is not JSON");
+    return 0;
+}
+
+static const loom_db_stmt_t doc_sql = {"test_pipe_doc", "SELECT doc FROM pipe_docs WHERE id = $1",
+                                       1};
+static const loom_op_stmt_t doc_stmt = {&doc_sql, bind_id, doc_result, .json_column = true};
+static const loom_op_t doc_op = {.name = "test.pipe.doc", .stmt = &doc_stmt};
+
 /* ---- routes ----------------------------------------------------------------------------- */
 
 static int route_get(loom_http_req_t *req, loom_http_res_t *res)
@@ -112,6 +131,30 @@ static int route_write(loom_http_req_t *req, loom_http_res_t *res)
                                   json_pack("{s:s}", "id", loom_gateway_param(req, "id")));
 }
 
+static int route_doc(loom_http_req_t *req, loom_http_res_t *res)
+{
+    return loom_gateway_op_answer(req, res, "test.pipe.doc",
+                                  json_pack("{s:s}", "id", loom_gateway_param(req, "id")));
+}
+
+/* The result through a callback of the route's own: a json_t, as always. */
+static int doc_keys(loom_http_req_t *req, loom_http_res_t *res, int rc, json_t *result,
+                    const loom_error_t *err, void *arg)
+{
+    (void)arg;
+    if (rc != 0)
+        return loom_gateway_fail(req, res, err);
+    return loom_gateway_reply(req, res, 200,
+                              json_pack("{s:i}", "keys", (int)json_object_size(result)));
+}
+
+static int route_doc_keys(loom_http_req_t *req, loom_http_res_t *res)
+{
+    return loom_gateway_op_call(req, res, "test.pipe.doc",
+                                json_pack("{s:s}", "id", loom_gateway_param(req, "id")), doc_keys,
+                                NULL);
+}
+
 static int route_sleep(loom_http_req_t *req, loom_http_res_t *res)
 {
     const char *ms = loom_http_req_query(req, "ms");
@@ -130,6 +173,8 @@ static const loom_route_t routes[] = {
     {"GET", "/v1/pipe/other/{id}", route_other, NULL},
     {"POST", "/v1/pipe/items/{id}", route_write, NULL},
     {"GET", "/v1/pipe/sleep", route_sleep, NULL},
+    {"GET", "/v1/pipe/docs/{id}", route_doc, NULL},
+    {"GET", "/v1/pipe/docs/{id}/keys", route_doc_keys, NULL},
     {"GET", "/v1/pipe/bad", route_bad, NULL},
 };
 
@@ -155,15 +200,18 @@ static void env_init(env_t *e)
     loom_test_tokens_file(e->tokens_path, t, 1);
     loom_error_t err;
     e->table = loom_op_table_new();
-    const loom_op_t *mine[] = {&get_op, &other_op, &write_op, &sleep_op};
-    cr_assert_eq(loom_op_table_add(e->table, mine, 4, &err), 0, "%s", err.message);
+    const loom_op_t *mine[] = {&get_op, &other_op, &write_op, &sleep_op, &doc_op};
+    cr_assert_eq(loom_op_table_add(e->table, mine, 5, &err), 0, "%s", err.message);
     e->metrics = loom_metrics_new();
     loom_test_db_create(e->url, sizeof(e->url));
     char *sql = loom_xasprintf(
         "CREATE TABLE pipe_items (id TEXT PRIMARY KEY, v TEXT NOT NULL);"
         "CREATE TABLE pipe_other (id TEXT PRIMARY KEY, v TEXT NOT NULL);"
         "INSERT INTO pipe_items SELECT 'i' || g, 'value-' || g FROM generate_series(1, %d) g;"
-        "INSERT INTO pipe_other VALUES ('o1', 'other-1')",
+        "INSERT INTO pipe_other VALUES ('o1', 'other-1');"
+        "CREATE TABLE pipe_docs (id TEXT PRIMARY KEY, doc TEXT NOT NULL);"
+        "INSERT INTO pipe_docs VALUES ('d1', '{\"a\": 1,  \"b\": [true]}'), ('d2', 'not json'),"
+        " ('d3', '[1, 2]')",
         N_ROWS);
     loom_test_sql(e->url, sql);
     free(sql);
@@ -470,6 +518,42 @@ Test(gateway_pipe, a_lost_connection_hands_its_calls_to_the_threads_and_comes_ba
     /* ...and the loop connects again and takes calls once more. */
     wait_loop_ready(&e);
     burst(&e, 8, 5, 11);
+    env_free(&e);
+}
+
+Test(gateway_pipe, a_stored_document_is_answered_as_it_is, .timeout = 300)
+{
+    env_t e;
+    env_init(&e);
+    env_start(&e);
+    wait_loop_ready(&e);
+    loom_test_http_res_t r;
+    /* The bytes as stored (jansson would have printed them without the
+     * extra spaces). */
+    call(&e, "GET", "/v1/pipe/docs/d1", &r);
+    cr_expect_eq(r.status, 200, "%s", r.body);
+    cr_expect_str_eq(r.body, "{\"a\": 1,  \"b\": [true]}");
+    char ct[64];
+    cr_expect_str_eq(loom_test_http_header(&r, "Content-Type", ct, sizeof(ct)), "application/json");
+    loom_test_http_res_free(&r);
+    call(&e, "GET", "/v1/pipe/docs/d3", &r);
+    cr_expect_str_eq(r.body, "[1, 2]");
+    loom_test_http_res_free(&r);
+    /* What does not look like JSON goes through the op's result, which
+     * says what is wrong; no row, the same. */
+    call(&e, "GET", "/v1/pipe/docs/d2", &r);
+    cr_expect_eq(r.status, 500, "%s", r.body);
+    cr_expect_str_eq(loom_test_http_error_code(&r), "INTERNAL", "%s", r.body);
+    loom_test_http_res_free(&r);
+    call(&e, "GET", "/v1/pipe/docs/none", &r);
+    cr_expect_str_eq(loom_test_http_error_code(&r), "NOT_FOUND", "%s", r.body);
+    loom_test_http_res_free(&r);
+    /* A route with a callback of its own gets the result as a json_t. */
+    call(&e, "GET", "/v1/pipe/docs/d1/keys", &r);
+    cr_expect_eq(r.status, 200, "%s", r.body);
+    cr_expect_eq(json_integer_value(json_object_get(r.json, "keys")), 2, "%s", r.body);
+    loom_test_http_res_free(&r);
+    cr_expect_eq(metric(&e, "loom_op_calls_total{op=\"test.pipe.doc\",result=\"ok\"}"), 3);
     env_free(&e);
 }
 

@@ -95,6 +95,14 @@ typedef struct loom_op_stmt {
     int (*bind)(loom_op_ctx_t *ctx, const json_t *req, loom_op_params_t *params, loom_error_t *err);
     int (*result)(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, json_t **res,
                   loom_error_t *err);
+    /* Optional: the result is exactly the JSON document in the first
+     * column of the first row (one Loom stored, such as a message). A
+     * caller that answers with the result as it is (the gateway's
+     * loom_gateway_op_answer) may then send those bytes without parsing and
+     * printing them again. result still runs for every other caller, and
+     * when there is no row or the column does not look like a JSON object or
+     * array of UTF-8 text. */
+    bool json_column;
 } loom_op_stmt_t;
 
 /* One op. Define them `const` with static storage, one per file. */
@@ -210,6 +218,10 @@ int loom_op_stmt_begin(loom_op_ctx_t *ctx, const loom_op_t *op, const json_t *re
                        loom_op_params_t *params, loom_error_t *err);
 int loom_op_stmt_end(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows, int64_t start_ns,
                      json_t **res, loom_error_t *err);
+/* Instead of loom_op_stmt_end(), for an op with json_column whose caller
+ * sends the first column's bytes itself: checks the deadline and counts the
+ * call the same way (0, or DEADLINE_EXCEEDED), and clears ctx->op. */
+int loom_op_stmt_end_sent(loom_op_ctx_t *ctx, int64_t start_ns, loom_error_t *err);
 
 /* True when the caller holds `scope` (exact match). */
 bool loom_op_ctx_has_scope(const loom_op_ctx_t *ctx, const char *scope);
