@@ -247,17 +247,7 @@ static void env_free(env_t *e)
 
 static double metric(env_t *e, const char *key)
 {
-    loom_test_http_res_t r;
-    loom_test_http(e->port, "GET", "/metrics", NULL, NULL, NULL, &r);
-    cr_assert_eq(r.status, 200);
-    prom_doc_t doc;
-    char why[200];
-    cr_assert_eq(prom_parse(r.body, &doc, why, sizeof(why)), 0, "%s", why);
-    bool found = false;
-    double v = prom_get(&doc, key, &found);
-    prom_free(&doc);
-    loom_test_http_res_free(&r);
-    return found ? v : 0;
+    return prom_scrape(e->port, key);
 }
 
 #define ON_LOOP   "loom_http_op_calls_total{path=\"loop\"}"

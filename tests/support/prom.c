@@ -4,7 +4,10 @@
  * registry's renderer, so the two check each other.
  */
 #include "prom.h"
+#include "http_client.h"
 #include "loom/mem.h"
+
+#include <criterion/criterion.h>
 
 #include <errno.h>
 #include <math.h>
@@ -375,4 +378,19 @@ bool prom_python_parse(const char *text, char *out, size_t size)
     if (ok)
         out[strcspn(out, "\n")] = '\0';
     return ok;
+}
+
+double prom_scrape(int port, const char *key)
+{
+    loom_test_http_res_t r;
+    loom_test_http(port, "GET", "/metrics", NULL, NULL, NULL, &r);
+    cr_assert_eq(r.status, 200);
+    prom_doc_t doc;
+    char why[200];
+    cr_assert_eq(prom_parse(r.body, &doc, why, sizeof(why)), 0, "%s", why);
+    bool found = false;
+    double v = prom_get(&doc, key, &found);
+    prom_free(&doc);
+    loom_test_http_res_free(&r);
+    return found ? v : 0;
 }

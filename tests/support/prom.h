@@ -29,6 +29,9 @@ int prom_parse(const char *text, prom_doc_t *doc, char *errbuf, size_t errlen);
 /* The value of the sample with this exact key; found says whether it exists. */
 double prom_get(const prom_doc_t *doc, const char *key, bool *found);
 void prom_free(prom_doc_t *doc);
+/* One sample of what GET /metrics on 127.0.0.1:port renders, checked by
+ * prom_parse (0 when the sample is absent). */
+double prom_scrape(int port, const char *key);
 
 /* Parses text with prometheus_client.parser.text_string_to_metric_families
  * (Debian's python3-prometheus-client) and writes its summary,
