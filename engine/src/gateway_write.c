@@ -63,6 +63,8 @@ struct pub {
     bool failed;
     bool admitted; /* holds a place among the waiters */
     int64_t admitted_ns;
+    int held_at_admit; /* waiters held then, itself included */
+    int64_t admit_seq; /* its number among the admissions */
     loom_error_t err;
     size_t bytes; /* of the command's data, for a too-large answer */
     char topic[300];
@@ -164,7 +166,7 @@ static void pub_free(pub_t *p)
             held = p->outcome == W_NONE || p->outcome == W_RAN_OUT
                        ? 0
                        : loom_mono_ns() - p->admitted_ns;
-        gw_waiter_release(p->gw, held);
+        gw_waiter_release(p->gw, held, p->held_at_admit, p->admit_seq);
     }
     free(p->text);
     free(p);
@@ -655,7 +657,7 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     /* A ?wait request takes a place among the waiters before anything is
      * published; with none left it is refused at once. */
     if (wait_ms > 0 && g->gw->poller.running) {
-        if (!gw_waiter_admit(g->gw)) {
+        if (!gw_waiter_admit(g->gw, &p->held_at_admit, &p->admit_seq)) {
             free(text);
             free(p);
             return gw_shed(req, res, "waiters");
