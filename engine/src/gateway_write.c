@@ -369,6 +369,16 @@ static void *poller_main(void *arg)
     while (!pl->stop) {
         if (pl->n == 0) {
             pthread_cond_wait(&pl->cond, &pl->mu);
+            /* The first waiter after a pause: its command was acknowledged
+             * just now, and a worker still has to fetch and apply it, so a
+             * query at once would find nothing. The first round is a tick
+             * later. */
+            int64_t first = loom_mono_ms() + WAIT_TICK_MIN_MS;
+            struct timespec ts;
+            abs_ms(&ts, first);
+            while (!pl->stop && loom_mono_ms() < first)
+                if (pthread_cond_timedwait(&pl->cond, &pl->mu, &ts) == ETIMEDOUT)
+                    break;
             continue;
         }
         int64_t tick = loom_mono_ms();
