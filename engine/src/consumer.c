@@ -5,9 +5,11 @@
  *
  * Partitions are independent: the batches of different partitions run at
  * once on the consumer's apply threads (LOOM_WORKER_APPLY_THREADS, each with
- * its own transaction), while each partition's batches stay in order. Each
- * partition's offset (its lowest command not finished) is committed at most
- * every COMMIT_EVERY_MS while it flows, and at once on a stop or a revoke.
+ * its own transaction), while each partition's batches stay in order.
+ * Commands that come while a partition's last batch waits for a thread join
+ * that batch (job_join). Each partition's offset (its lowest command not
+ * finished) is committed at most every COMMIT_EVERY_MS while it flows, and
+ * at once on a stop or a revoke.
  *
  * Failure handling. A batch that fails is run again one message at a time
  * to find the bad one. A message a handler rejects (4xx class) or that is
@@ -934,6 +936,7 @@ typedef struct part_state {
     bool stalled;
     int repairs;         /* stall repairs tried since it last moved */
     int64_t repaired_ms; /* when the first was (mono ms) */
+    struct job *waiting; /* its last batch handed out, until it lands (it may have started) */
 } part_state_t;
 
 /* ---- apply threads ------------------------------------------------------------------ */
@@ -958,6 +961,9 @@ typedef struct job {
     int64_t *retry_ms;   /* out: the backoff of a retried one */
     bool hold_partition; /* out: a failure no command caused (the database is down) */
     char why[256];       /* out: why, for the log */
+    size_t cap;          /* messages its arrays have room for */
+    bool started;        /* an apply thread took it (pool mutex) */
+    bool alone;          /* holds a command that failed before: nothing joins it */
     struct job *next;
 } job_t;
 
@@ -1005,6 +1011,7 @@ static void *apply_thread(void *arg)
         if (!ap->todo)
             ap->todo_tail = NULL;
         ap->queued--;
+        job->started = true;
         pthread_mutex_unlock(&ap->mu);
         job_run(job);
         pthread_mutex_lock(&ap->mu);
@@ -1581,6 +1588,7 @@ static job_t *job_new(consumer_rt_t *rt, part_state_t *ps, size_t max)
     job_t *job = loom_xcalloc(1, sizeof(*job));
     job->rt = rt;
     job->ps = ps;
+    job->cap = max;
     job->msgs = loom_xcalloc(max, sizeof(*job->msgs));
     job->attempt = loom_xcalloc(max, sizeof(*job->attempt));
     job->first_fail = loom_xcalloc(max, sizeof(*job->first_fail));
@@ -1682,6 +1690,8 @@ static void job_land(consumer_rt_t *rt, job_t *job)
         ps->hold_attempts = 0;
     }
     ps->jobs--;
+    if (ps->waiting == job)
+        ps->waiting = NULL;
     job_free(job);
 }
 
@@ -1694,6 +1704,76 @@ static void collect(consumer_rt_t *rt, int64_t wait_ms)
         job_land(rt, list);
         list = next;
     }
+}
+
+/* Gives a job that no thread took yet room for cap messages. */
+static void job_grow(job_t *job, size_t cap)
+{
+    if (cap <= job->cap)
+        return;
+    size_t old = job->cap;
+    job->msgs = loom_xrealloc(job->msgs, cap * sizeof(*job->msgs));
+    job->attempt = loom_xrealloc(job->attempt, cap * sizeof(*job->attempt));
+    job->first_fail = loom_xrealloc(job->first_fail, cap * sizeof(*job->first_fail));
+    job->out = loom_xrealloc(job->out, cap * sizeof(*job->out));
+    job->retry_ms = loom_xrealloc(job->retry_ms, cap * sizeof(*job->retry_ms));
+    memset(job->msgs + old, 0, (cap - old) * sizeof(*job->msgs));
+    memset(job->attempt + old, 0, (cap - old) * sizeof(*job->attempt));
+    memset(job->first_fail + old, 0, (cap - old) * sizeof(*job->first_fail));
+    memset(job->out + old, 0, (cap - old) * sizeof(*job->out));
+    memset(job->retry_ms + old, 0, (cap - old) * sizeof(*job->retry_ms));
+    job->cap = cap;
+}
+
+/* Fills job->msgs[from, from + n) from what kq_take gave. */
+static void job_fill(job_t *job, part_state_t *ps, size_t from, size_t n, const int64_t *offsets,
+                     void **msgs)
+{
+    for (size_t i = 0; i < n; i++) {
+        kq_item_t *it = kq_find(&ps->q, offsets[i]);
+        job->msgs[from + i] = msgs[i];
+        job->attempt[from + i] = it->attempts + 1;
+        job->first_fail[from + i] = it->first_fail_ms;
+        if (it->attempts > 0)
+            job->alone = true;
+    }
+    job->n = from + n;
+}
+
+/*
+ * Commands of ps that came while its last batch still waits for a thread
+ * join that batch, up to batch_size, instead of making a transaction of
+ * their own: under load a partition's commands then share transactions
+ * rather than queueing one transaction each behind the busy threads. The
+ * batch stays one partition's, its commands taken by kq_take as any batch's
+ * (keys free, in order). Nothing joins a batch a thread took already, a
+ * full one (batch_size), or one that holds a command taken alone.
+ */
+static void job_join(consumer_rt_t *rt, part_state_t *ps, job_t *job, int64_t now, int64_t *offsets,
+                     void **msgs)
+{
+    apply_pool_t *ap = &rt->pool;
+    pthread_mutex_lock(&ap->mu);
+    if (!job->started && !job->alone && job->n < rt->batch_size) {
+        size_t n =
+            kq_take(&ps->q, now, rt->batch_size - job->n, rt->key_concurrency, offsets, msgs);
+        kq_item_t *first = n ? kq_find(&ps->q, offsets[0]) : NULL;
+        if (n == 1 && first->attempts > 0) {
+            /* a command that failed before goes alone: a batch of its own */
+            pthread_mutex_unlock(&ap->mu);
+            job_t *own = job_new(rt, ps, 1);
+            job_fill(own, ps, 0, 1, offsets, msgs);
+            ps->jobs++;
+            ps->waiting = own;
+            apply_pool_submit(ap, own);
+            return;
+        }
+        if (n > 0) {
+            job_grow(job, job->n + n);
+            job_fill(job, ps, job->n, n, offsets, msgs);
+        }
+    }
+    pthread_mutex_unlock(&ap->mu);
 }
 
 /* Hands out batches of commands whose keys are free, partition after
@@ -1709,19 +1789,16 @@ static void schedule(consumer_rt_t *rt)
         if (ps->held && now < ps->held_until)
             continue;
         ps->held = false;
+        if (ps->waiting)
+            job_join(rt, ps, ps->waiting, now, offsets, msgs);
         while (rt->pool.queued < room) {
             size_t n = kq_take(&ps->q, now, rt->batch_size, rt->key_concurrency, offsets, msgs);
             if (n == 0)
                 break;
             job_t *job = job_new(rt, ps, n);
-            job->n = n;
-            for (size_t i = 0; i < n; i++) {
-                kq_item_t *it = kq_find(&ps->q, offsets[i]);
-                job->msgs[i] = msgs[i];
-                job->attempt[i] = it->attempts + 1;
-                job->first_fail[i] = it->first_fail_ms;
-            }
+            job_fill(job, ps, 0, n, offsets, msgs);
             ps->jobs++;
+            ps->waiting = job;
             apply_pool_submit(&rt->pool, job);
         }
     }

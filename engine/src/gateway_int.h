@@ -48,24 +48,46 @@ typedef struct gw_poller {
  * it were held longer than the target, the bound comes down by a tenth (to
  * min at the lowest), else it goes up by a sixteenth (to max). With the bound, a gateway whose
  * workers fall behind holds about as many requests as can be answered within the target and refuses
- * the rest at once, instead of holding max_waiters requests that all end late. */
-#define GW_WAIT_WINDOW_MS 100
+ * the rest at once, instead of holding max_waiters requests that all end late.
+ *
+ * Two things keep it from refusing loads the machine answers. A slow window
+ * brings the bound down only when the gateway held at least half of the
+ * bound at some time in it: slow waits with fewer held are slow for another
+ * reason (a busy machine, a slow database), and refusing would not make them
+ * faster. And a wait is judged slow against the larger of the target and
+ * GW_WAIT_BASE_FACTOR times the machine's unloaded wait: the quickest wait
+ * of the last GW_WAIT_BASE_WINDOWS windows among those that ended while the
+ * gateway held at most 1/32 of its maximum (so a deep queue of waiters
+ * never raises it). */
+#define GW_WAIT_WINDOW_MS    100
+#define GW_WAIT_BASE_WINDOWS 100
+#define GW_WAIT_BASE_FACTOR  3
 typedef struct gw_wait_limit {
     pthread_mutex_t mu;
     int64_t target_ns; /* 0: off, the bound stays max */
+    int64_t judge_ns;  /* what a wait is slow against: max(target, factor x base) */
     int min, max;
     double limit;
     atomic_int now; /* (int)limit, read by admissions without the mutex */
     int64_t window_ns;
-    int n, slow; /* requests that ended in the window, and how many took longer than the target */
+    int n, slow; /* requests that ended in the window, and how many took longer than judge_ns */
+    int peak;    /* the most held at once when one of them ended */
+    int64_t light_min_ns; /* the quickest of the window's waits that ended with few held; -1 none */
+    int64_t base[GW_WAIT_BASE_WINDOWS]; /* light_min_ns of the last windows, -1: none */
+    int base_i;
     loom_metrics_family_t *gauge; /* set to the bound when it changes (NULL: none) */
 } gw_wait_limit_t;
 
 void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms);
 void gw_wait_limit_destroy(gw_wait_limit_t *l);
-/* A ?wait request held held_ns ended at now_ns (monotonic). Returns the bound
- * from now on. */
-int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns);
+/* A ?wait request held held_ns ended at now_ns (monotonic). held: the most
+ * requests held (itself included) when it was admitted or when it ended;
+ * crowd: at least the most held at any time while it waited (light waits,
+ * crowd small, measure the machine's unloaded wait). Returns the bound from
+ * now on. */
+int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns, int held, int crowd);
+/* What a wait is judged slow against now (ns; 0: the bound is off). */
+int64_t gw_wait_limit_judge(gw_wait_limit_t *l);
 
 struct loom_gateway {
     loom_gateway_opts_t opts;
@@ -93,8 +115,9 @@ struct loom_gateway {
     char ready_db[200], ready_kafka[200];
 
     /* Overload bounds (gateway_limit.c): what is held now, what is allowed. */
-    atomic_int waiters; /* ?wait requests from publish to answer */
-    atomic_int queued;  /* tasks queued for the workers, not yet taken */
+    atomic_int waiters;      /* ?wait requests from publish to answer */
+    atomic_llong admissions; /* ?wait requests admitted so far */
+    atomic_int queued;       /* tasks queued for the workers, not yet taken */
     int max_waiters, max_queue;
     gw_wait_limit_t wait_limit; /* how many ?wait requests may be held now */
     loom_metrics_family_t *shed, *waiters_gauge, *wait_ticks, *wait_queries;
@@ -162,10 +185,12 @@ void gw_op_task_free(gw_op_task_t *t);
 void gw_limits_init(loom_gateway_t *gw);
 /* Takes a place among the ?wait requests; false (nothing taken) when as
  * many are held as the adaptive bound allows (at most max_waiters).
- * gw_waiter_release gives it back, saying how long the wait took (0: counts
- * as on time; < 0: not counted, the request was never published). */
-bool gw_waiter_admit(loom_gateway_t *gw);
-void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns);
+ * *held: how many it holds now, itself included; *seq: its number among
+ * the admissions. gw_waiter_release gives it back, saying how long the wait
+ * took (0: counts as on time; < 0: not counted, the request was never
+ * published), and the held and seq it was admitted with. */
+bool gw_waiter_admit(loom_gateway_t *gw, int *held, int64_t *seq);
+void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns, int held_at_admit, int64_t seq);
 /* True when the workers' queue holds max_queue tasks already. */
 bool gw_queue_full(loom_gateway_t *gw);
 /* Answers 503 OVERLOADED with Retry-After, naming the bound (`what`: "waiters"

@@ -33,12 +33,22 @@
  * Only waits that ended with their command's outcome are judged: one that
  * ran out, or whose client left, counts as on time, so a stopped consumer
  * does not bring the bound down for the commands of every other one.
+ *
+ * The bound is for waits that are slow because too many are held. So a slow
+ * window lowers it only when the waiters filled at least half of it: on a
+ * busy machine whose waits are long at a load it answers, a bound of 16
+ * would cap the rate at 16 / wait and refuse what it could answer. And a
+ * machine whose unloaded waits come near the target (the quickest wait that
+ * ended while at most 1/32 of the maximum were held, over the last 10
+ * s) is judged against three times that instead: the target cannot be met
+ * there by refusing.
  */
 #include "gateway_int.h"
 #include "loom/clock.h"
 #include "loom/mem.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -188,6 +198,7 @@ void gw_limits_init(loom_gateway_t *gw)
         gw->opts.wait_target_ms ? gw->opts.wait_target_ms : LOOM_GATEWAY_WAIT_TARGET_MS;
     gw_wait_limit_init(&gw->wait_limit, gw->max_waiters, LOOM_GATEWAY_MIN_WAITERS, target);
     atomic_init(&gw->waiters, 0);
+    atomic_init(&gw->admissions, 0);
     atomic_init(&gw->queued, 0);
     static const char *const what_labels[] = {"bound", NULL};
     gw->shed = loom_metrics_counter(
@@ -221,6 +232,10 @@ void gw_wait_limit_init(gw_wait_limit_t *l, int max, int min, int64_t target_ms)
     if (target_ms > 3600 * 1000LL)
         target_ms = 3600 * 1000LL;
     l->target_ns = target_ms > 0 ? target_ms * 1000000 : 0;
+    l->judge_ns = l->target_ns;
+    l->light_min_ns = -1;
+    for (int i = 0; i < GW_WAIT_BASE_WINDOWS; i++)
+        l->base[i] = -1;
     atomic_init(&l->now, max);
 }
 
@@ -229,7 +244,30 @@ void gw_wait_limit_destroy(gw_wait_limit_t *l)
     pthread_mutex_destroy(&l->mu);
 }
 
-int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns)
+int64_t gw_wait_limit_judge(gw_wait_limit_t *l)
+{
+    pthread_mutex_lock(&l->mu);
+    int64_t j = l->judge_ns;
+    pthread_mutex_unlock(&l->mu);
+    return j;
+}
+
+/* A window ended: its quickest light wait joins the base, and the judge
+ * follows the base; mu held. */
+static void base_update(gw_wait_limit_t *l)
+{
+    l->base[l->base_i] = l->light_min_ns;
+    l->base_i = (l->base_i + 1) % GW_WAIT_BASE_WINDOWS;
+    l->light_min_ns = -1;
+    int64_t base = -1;
+    for (int i = 0; i < GW_WAIT_BASE_WINDOWS; i++)
+        if (l->base[i] >= 0 && (base < 0 || l->base[i] < base))
+            base = l->base[i];
+    int64_t j = base > 0 ? GW_WAIT_BASE_FACTOR * base : 0;
+    l->judge_ns = j > l->target_ns ? j : l->target_ns;
+}
+
+int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns, int held, int crowd)
 {
     if (!l->target_ns)
         return l->max;
@@ -237,18 +275,32 @@ int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns)
     if (!l->window_ns)
         l->window_ns = now_ns;
     l->n++;
-    if (held_ns > l->target_ns)
+    if (held_ns > l->judge_ns)
         l->slow++;
+    if (held > l->peak)
+        l->peak = held;
+    /* An unloaded wait: so few held (itself among them) while it waited
+     * that no queue of waiters made it longer. */
+    int light = l->max / 32 > 1 ? l->max / 32 : 1;
+    if (held_ns > 0 && crowd <= light && (l->light_min_ns < 0 || held_ns < l->light_min_ns))
+        l->light_min_ns = held_ns;
     /* A window ends with a request that ended after it; one with fewer than
      * four requests says too little and runs on. */
     if (now_ns - l->window_ns >= GW_WAIT_WINDOW_MS * 1000000LL && l->n >= 4) {
-        if (l->slow * 10 > l->n) /* more than one in ten took longer than the target */
-            l->limit = l->limit * 0.9 > l->min ? l->limit * 0.9 : l->min;
-        else
+        /* More than one in ten took longer than the judge: the bound comes
+         * down if the waiters filled half of it; with fewer held, their
+         * number is not what made them slow. */
+        if (l->slow * 10 > l->n) {
+            if (l->peak * 2 >= (int)l->limit)
+                l->limit = l->limit * 0.9 > l->min ? l->limit * 0.9 : l->min;
+        } else {
             l->limit = l->limit + l->limit / 16 < l->max ? l->limit + l->limit / 16 : l->max;
+        }
         l->window_ns = now_ns;
         l->n = 0;
         l->slow = 0;
+        l->peak = 0;
+        base_update(l);
         if ((int)l->limit != atomic_load(&l->now)) {
             atomic_store(&l->now, (int)l->limit);
             loom_metrics_gauge_set(l->gauge, NULL, (int)l->limit);
@@ -259,21 +311,30 @@ int gw_wait_limit_done(gw_wait_limit_t *l, int64_t held_ns, int64_t now_ns)
     return now;
 }
 
-bool gw_waiter_admit(loom_gateway_t *gw)
+bool gw_waiter_admit(loom_gateway_t *gw, int *held, int64_t *seq)
 {
     int n = atomic_fetch_add(&gw->waiters, 1);
     if (n >= atomic_load(&gw->wait_limit.now)) {
         atomic_fetch_sub(&gw->waiters, 1);
         return false;
     }
+    *held = n + 1;
+    *seq = atomic_fetch_add(&gw->admissions, 1);
     return true;
 }
 
-void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns)
+void gw_waiter_release(loom_gateway_t *gw, int64_t held_ns, int held_at_admit, int64_t seq)
 {
-    atomic_fetch_sub(&gw->waiters, 1);
-    if (held_ns >= 0)
-        gw_wait_limit_done(&gw->wait_limit, held_ns, loom_mono_ns());
+    int held = atomic_fetch_sub(&gw->waiters, 1);
+    if (held_ns < 0)
+        return;
+    /* Held when it came, plus every one admitted after it: at least the
+     * most held at once while it waited. */
+    int64_t later = atomic_load(&gw->admissions) - seq - 1;
+    int64_t crowd = held_at_admit + (later > 0 ? later : 0);
+    gw_wait_limit_done(&gw->wait_limit, held_ns, loom_mono_ns(),
+                       held > held_at_admit ? held : held_at_admit,
+                       crowd < INT32_MAX ? (int)crowd : INT32_MAX);
 }
 
 bool gw_queue_full(loom_gateway_t *gw)

@@ -10,13 +10,19 @@
  *               its command reached a final status or the wait ran out; the
  *               poller then posts the outcome back to the loop
  *
- * The poller: one thread per gateway. Every WAIT_TICK_MS while requests
- * wait, it reads the status of the waiting commands in at most
+ * The poller: one thread per gateway. Every tick while requests wait, it
+ * reads the status of the waiting commands in at most
  * WAIT_QUERIES_PER_TICK queries of at most WAIT_IDS_PER_QUERY ids each
  * (message_id = ANY($1), on the loom_commands_by_message index), taking the
  * waiters in turn when there are more. So waiting costs the database a
  * bounded number of queries a second whatever the number of waiters, instead
- * of a query per waiter that grows with the load. The number of waiters is
+ * of a query per waiter that grows with the load. A tick is WAIT_TICK_MIN_MS
+ * (an answer waits about half a tick after its command was applied: with 5
+ * ms ticks that was a third of an unloaded ?wait), stretched to
+ * WAIT_TICK_SHARE times what the last round's queries took, up to
+ * WAIT_TICK_MAX_MS: a quick database is kept busy by the poller at most a
+ * fifth of the time, and a slow one is asked no more often than with 5 ms
+ * ticks. The number of waiters is
  * bounded too (LOOM_API_MAX_WAITERS, gateway_limit.c): past it a ?wait
  * request is refused with 503 before anything is published.
  *
@@ -44,7 +50,9 @@
 #include <string.h>
 #include <time.h>
 
-#define WAIT_TICK_MS          5
+#define WAIT_TICK_MIN_MS      2
+#define WAIT_TICK_MAX_MS      5
+#define WAIT_TICK_SHARE       5
 #define WAIT_IDS_PER_QUERY    500
 #define WAIT_QUERIES_PER_TICK 4
 #define WAIT_BATCH            (WAIT_IDS_PER_QUERY * WAIT_QUERIES_PER_TICK)
@@ -63,6 +71,8 @@ struct pub {
     bool failed;
     bool admitted; /* holds a place among the waiters */
     int64_t admitted_ns;
+    int held_at_admit; /* waiters held then, itself included */
+    int64_t admit_seq; /* its number among the admissions */
     loom_error_t err;
     size_t bytes; /* of the command's data, for a too-large answer */
     char topic[300];
@@ -164,7 +174,7 @@ static void pub_free(pub_t *p)
             held = p->outcome == W_NONE || p->outcome == W_RAN_OUT
                        ? 0
                        : loom_mono_ns() - p->admitted_ns;
-        gw_waiter_release(p->gw, held);
+        gw_waiter_release(p->gw, held, p->held_at_admit, p->admit_seq);
     }
     free(p->text);
     free(p);
@@ -359,6 +369,16 @@ static void *poller_main(void *arg)
     while (!pl->stop) {
         if (pl->n == 0) {
             pthread_cond_wait(&pl->cond, &pl->mu);
+            /* The first waiter after a pause: its command was acknowledged
+             * just now, and a worker still has to fetch and apply it, so a
+             * query at once would find nothing. The first round is a tick
+             * later. */
+            int64_t first = loom_mono_ms() + WAIT_TICK_MIN_MS;
+            struct timespec ts;
+            abs_ms(&ts, first);
+            while (!pl->stop && loom_mono_ms() < first)
+                if (pthread_cond_timedwait(&pl->cond, &pl->mu, &ts) == ETIMEDOUT)
+                    break;
             continue;
         }
         int64_t tick = loom_mono_ms();
@@ -376,6 +396,7 @@ static void *poller_main(void *arg)
 
         loom_metrics_counter_inc(gw->wait_ticks, NULL);
         qsort(batch, nb, sizeof(*batch), by_id);
+        int64_t q0 = loom_mono_ns();
         loom_db_t *db = NULL;
         loom_error_t err;
         if (loom_db_acquire(gw->opts.ops->pool, &db, &err) == 0) {
@@ -388,6 +409,8 @@ static void *poller_main(void *arg)
             LOOM_WARN("?wait poll has no database connection; the waits go on", "error=%s",
                       err.message);
         }
+
+        int64_t query_ns = loom_mono_ns() - q0;
 
         /* Out of the list: the decided, the gone, and those whose wait ran
          * out; then posted to their loops, outside the lock. */
@@ -421,10 +444,14 @@ static void *poller_main(void *arg)
             loom_http_req_post(post[i]->req, wait_done, post[i]);
 
         /* The next tick. */
+        int64_t tk = (WAIT_TICK_SHARE * query_ns + 999999) / 1000000;
+        tk = tk < WAIT_TICK_MIN_MS   ? WAIT_TICK_MIN_MS
+             : tk > WAIT_TICK_MAX_MS ? WAIT_TICK_MAX_MS
+                                     : tk;
         pthread_mutex_lock(&pl->mu);
         struct timespec ts;
-        abs_ms(&ts, tick + WAIT_TICK_MS);
-        while (!pl->stop && loom_mono_ms() < tick + WAIT_TICK_MS)
+        abs_ms(&ts, tick + tk);
+        while (!pl->stop && loom_mono_ms() < tick + tk)
             if (pthread_cond_timedwait(&pl->cond, &pl->mu, &ts) == ETIMEDOUT)
                 break;
     }
@@ -655,7 +682,7 @@ int loom_gateway_publish(loom_http_req_t *req, loom_http_res_t *res,
     /* A ?wait request takes a place among the waiters before anything is
      * published; with none left it is refused at once. */
     if (wait_ms > 0 && g->gw->poller.running) {
-        if (!gw_waiter_admit(g->gw)) {
+        if (!gw_waiter_admit(g->gw, &p->held_at_admit, &p->admit_seq)) {
             free(text);
             free(p);
             return gw_shed(req, res, "waiters");
