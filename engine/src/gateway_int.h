@@ -41,6 +41,8 @@ typedef struct gw_poller {
     bool running, stop;
     pub_t **waiting; /* the waiters, in no order; each knows its slot */
     size_t n, cap, cursor;
+    int64_t warned_ms; /* the poller's last warning (its thread only) */
+    int warnings_held; /* warnings not logged since */
 } gw_poller_t;
 
 /* The adaptive bound on ?wait requests (gateway_limit.c): every window of
@@ -56,7 +58,7 @@ typedef struct gw_poller {
  * reason (a busy machine, a slow database), and refusing would not make them
  * faster. And a wait is judged slow against the larger of the target and
  * GW_WAIT_BASE_FACTOR times the machine's unloaded wait: the quickest wait
- * of the last GW_WAIT_BASE_WINDOWS windows among those that ended while the
+ * of the last GW_WAIT_BASE_WINDOWS windows that had one, among those that ended while the
  * gateway held at most 1/32 of its maximum (so a deep queue of waiters
  * never raises it). */
 #define GW_WAIT_WINDOW_MS    100

@@ -17,12 +17,13 @@
  * waiters in turn when there are more. So waiting costs the database a
  * bounded number of queries a second whatever the number of waiters, instead
  * of a query per waiter that grows with the load. A tick is WAIT_TICK_MIN_MS
- * (an answer waits about half a tick after its command was applied: with 5
- * ms ticks that was a third of an unloaded ?wait), stretched to
- * WAIT_TICK_SHARE times what the last round's queries took, up to
- * WAIT_TICK_MAX_MS: a quick database is kept busy by the poller at most a
- * fifth of the time, and a slow one is asked no more often than with 5 ms
- * ticks. The number of waiters is
+ * (an answer waits about half a tick after its command was applied),
+ * stretched to WAIT_TICK_SHARE times what the last round's queries took, up
+ * to WAIT_TICK_MAX_MS: a slow database is asked less often. Ticks of 2 ms
+ * made the poller's 500 queries a second most of the database's
+ * transactions at a light load, and the worker's commits waited behind
+ * them on this kind of 2-core machine: the tail of ?wait grew; 5 ms keeps
+ * that cost at 200 queries a second per gateway. The number of waiters is
  * bounded too (LOOM_API_MAX_WAITERS, gateway_limit.c): past it a ?wait
  * request is refused with 503 before anything is published.
  *
@@ -50,8 +51,12 @@
 #include <string.h>
 #include <time.h>
 
-#define WAIT_TICK_MIN_MS      2
-#define WAIT_TICK_MAX_MS      5
+#define WAIT_TICK_MIN_MS 5
+#define WAIT_TICK_MAX_MS 10
+/* While the database cannot be read: a round this often, and a warning at
+ * most once a second (the waits still end at their deadlines). */
+#define WAIT_TICK_DOWN_MS     100
+#define WAIT_WARN_EVERY_MS    1000
 #define WAIT_TICK_SHARE       5
 #define WAIT_IDS_PER_QUERY    500
 #define WAIT_QUERIES_PER_TICK 4
@@ -295,7 +300,22 @@ static int by_id(const void *a, const void *b)
 }
 
 /* One query for batch[0..n) (sorted by id); fills their outcomes. */
-static void poll_chunk(loom_gateway_t *gw, loom_db_t *db, pub_t **batch, size_t n)
+/* A warning of the poller, at most once every WAIT_WARN_EVERY_MS (the
+ * poller's thread only). */
+static void poll_warn(gw_poller_t *pl, const char *what, const char *error)
+{
+    int64_t now = loom_mono_ms();
+    if (pl->warned_ms && now - pl->warned_ms < WAIT_WARN_EVERY_MS) {
+        pl->warnings_held++;
+        return;
+    }
+    LOOM_WARN(what, "error=%s warnings_held=%d", error, pl->warnings_held);
+    pl->warned_ms = now;
+    pl->warnings_held = 0;
+}
+
+/* Returns 0, or -1 when the query failed. */
+static int poll_chunk(loom_gateway_t *gw, loom_db_t *db, pub_t **batch, size_t n)
 {
     char *arr = loom_xmalloc(n * (LOOM_UUID_STRLEN + 1) + 3);
     size_t o = 0;
@@ -323,8 +343,8 @@ static void poll_chunk(loom_gateway_t *gw, loom_db_t *db, pub_t **batch, size_t 
     int rc = loom_db_exec(db, &wait_status_stmt, params, &r, &err);
     free(arr);
     if (rc != 0) {
-        LOOM_WARN("?wait poll failed; the waits go on", "error=%s", err.message);
-        return;
+        poll_warn(&gw->poller, "?wait poll failed; the waits go on", err.message);
+        return -1;
     }
     for (int row = 0; row < PQntuples(r); row++) {
         const char *id = PQgetvalue(r, row, 0);
@@ -350,6 +370,7 @@ static void poll_chunk(loom_gateway_t *gw, loom_db_t *db, pub_t **batch, size_t 
         if (batch[i]->outcome == W_NONE && batch[i]->n_rows > 0 &&
             batch[i]->n_applied == batch[i]->n_rows)
             batch[i]->outcome = W_APPLIED;
+    return 0;
 }
 
 static void abs_ms(struct timespec *ts, int64_t mono_ms)
@@ -399,15 +420,17 @@ static void *poller_main(void *arg)
         int64_t q0 = loom_mono_ns();
         loom_db_t *db = NULL;
         loom_error_t err;
+        bool failed = false;
         if (loom_db_acquire(gw->opts.ops->pool, &db, &err) == 0) {
             for (size_t i = 0; i < nb; i += WAIT_IDS_PER_QUERY) {
                 size_t m = nb - i < WAIT_IDS_PER_QUERY ? nb - i : WAIT_IDS_PER_QUERY;
-                poll_chunk(gw, db, batch + i, m);
+                if (poll_chunk(gw, db, batch + i, m) != 0)
+                    failed = true;
             }
             loom_db_release(db);
         } else {
-            LOOM_WARN("?wait poll has no database connection; the waits go on", "error=%s",
-                      err.message);
+            failed = true;
+            poll_warn(pl, "?wait poll has no database connection; the waits go on", err.message);
         }
 
         int64_t query_ns = loom_mono_ns() - q0;
@@ -448,6 +471,8 @@ static void *poller_main(void *arg)
         tk = tk < WAIT_TICK_MIN_MS   ? WAIT_TICK_MIN_MS
              : tk > WAIT_TICK_MAX_MS ? WAIT_TICK_MAX_MS
                                      : tk;
+        if (failed)
+            tk = WAIT_TICK_DOWN_MS;
         pthread_mutex_lock(&pl->mu);
         struct timespec ts;
         abs_ms(&ts, tick + tk);

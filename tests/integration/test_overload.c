@@ -37,9 +37,9 @@
 
 #define TOK "tok-overload-0123456789"
 
-/* The poller's figures (gateway_write.c): a tick every 2 ms at most (longer
+/* The poller's figures (gateway_write.c): a tick every 5 ms at most (longer
  * when its queries are slow), at most 4 queries of at most 500 ids a tick. */
-#define TICK_MS         2
+#define TICK_MS         5
 #define IDS_PER_QUERY   500
 #define QUERIES_PER_TCK 4
 
