@@ -252,10 +252,14 @@ int64_t gw_wait_limit_judge(gw_wait_limit_t *l)
     return j;
 }
 
-/* A window ended: its quickest light wait joins the base, and the judge
- * follows the base; mu held. */
+/* A window ended: its quickest light wait, when it had one, joins the base
+ * (the last GW_WAIT_BASE_WINDOWS windows that had one: under steady load
+ * with none, the base stays rather than expiring), and the judge follows the
+ * base; mu held. */
 static void base_update(gw_wait_limit_t *l)
 {
+    if (l->light_min_ns < 0)
+        return;
     l->base[l->base_i] = l->light_min_ns;
     l->base_i = (l->base_i + 1) % GW_WAIT_BASE_WINDOWS;
     l->light_min_ns = -1;
