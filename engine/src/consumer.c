@@ -1753,27 +1753,36 @@ static void job_join(consumer_rt_t *rt, part_state_t *ps, job_t *job, int64_t no
                      void **msgs)
 {
     apply_pool_t *ap = &rt->pool;
+    /* Only this thread adds to a job, so its room is known until a thread
+     * takes it; the scan of the partition's queue runs without the pool's
+     * lock, which the apply threads need to take and land jobs. */
     pthread_mutex_lock(&ap->mu);
-    if (!job->started && !job->alone && job->n < rt->batch_size) {
-        size_t n =
-            kq_take(&ps->q, now, rt->batch_size - job->n, rt->key_concurrency, offsets, msgs);
-        kq_item_t *first = n ? kq_find(&ps->q, offsets[0]) : NULL;
-        if (n == 1 && first->attempts > 0) {
-            /* a command that failed before goes alone: a batch of its own */
-            pthread_mutex_unlock(&ap->mu);
-            job_t *own = job_new(rt, ps, 1);
-            job_fill(own, ps, 0, 1, offsets, msgs);
-            ps->jobs++;
-            ps->waiting = own;
-            apply_pool_submit(ap, own);
-            return;
-        }
-        if (n > 0) {
+    size_t room =
+        !job->started && !job->alone && job->n < rt->batch_size ? rt->batch_size - job->n : 0;
+    pthread_mutex_unlock(&ap->mu);
+    if (room == 0)
+        return;
+    size_t n = kq_take(&ps->q, now, room, rt->key_concurrency, offsets, msgs);
+    if (n == 0)
+        return;
+    bool alone = n == 1 && kq_find(&ps->q, offsets[0])->attempts > 0;
+    if (!alone) {
+        pthread_mutex_lock(&ap->mu);
+        if (!job->started) {
             job_grow(job, job->n + n);
             job_fill(job, ps, job->n, n, offsets, msgs);
+            pthread_mutex_unlock(&ap->mu);
+            return;
         }
+        pthread_mutex_unlock(&ap->mu);
     }
-    pthread_mutex_unlock(&ap->mu);
+    /* A command that failed before goes alone, and commands taken while a
+     * thread took the job meanwhile make a batch of their own. */
+    job_t *own = job_new(rt, ps, alone ? 1 : rt->batch_size);
+    job_fill(own, ps, 0, n, offsets, msgs);
+    ps->jobs++;
+    ps->waiting = own;
+    apply_pool_submit(ap, own);
 }
 
 /* Hands out batches of commands whose keys are free, partition after
@@ -1795,7 +1804,8 @@ static void schedule(consumer_rt_t *rt)
             size_t n = kq_take(&ps->q, now, rt->batch_size, rt->key_concurrency, offsets, msgs);
             if (n == 0)
                 break;
-            job_t *job = job_new(rt, ps, n);
+            /* Room for a full batch: commands may join it (job_join). */
+            job_t *job = job_new(rt, ps, rt->batch_size > n ? rt->batch_size : n);
             job_fill(job, ps, 0, n, offsets, msgs);
             ps->jobs++;
             ps->waiting = job;
