@@ -62,6 +62,7 @@ int cli_gateway_start(cli_ctx_t *ctx, const loom_op_runtime_t *rt, loom_producer
         .rate_burst = (int)cfg_num(&ctx->cfg, "LOOM_API_RATE_BURST"),
         .max_waiters = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_WAITERS"),
         .max_queue = (int)cfg_num(&ctx->cfg, "LOOM_API_MAX_QUEUE"),
+        .no_access_log = strcmp(loom_config_get(&ctx->cfg, "LOOM_API_ACCESS_LOG")->raw, "off") == 0,
         .no_op_pipeline =
             strcmp(loom_config_get(&ctx->cfg, "LOOM_API_OP_PIPELINE")->raw, "off") == 0,
         /* 0 turns the adaptive bound off; the option's 0 means the default */

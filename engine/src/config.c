@@ -87,6 +87,9 @@ const loom_config_var_t loom_config_engine_vars[] = {
      "off"},
     {"LOOM_API_MAX_QUEUE", LOOM_CFG_INT, "1024", NULL, 1, 1000000, false,
      "op calls queued for the gateway's workers; more get 503 OVERLOADED"},
+    {"LOOM_API_ACCESS_LOG", LOOM_CFG_ENUM, "on", "on,off", 0, 0, false,
+     "on: one info line per HTTP request (method, path, status, duration, caller, ray id); off: "
+     "none (requests still count in the metrics)"},
     {"LOOM_API_OP_PIPELINE", LOOM_CFG_ENUM, "on", "on,off", 0, 0, false,
      "on: statement ops (one SELECT, like messages.get) run on the gateway's event loops, "
      "pipelined on one database connection per loop; off: on the worker threads like other ops"},

@@ -43,6 +43,8 @@ static const case_t cases[] = {
     {"LOOM_API_RATE_BURST", "200", "x", "from 0 to 10000000"},
     {"LOOM_API_MAX_WAITERS", "500", "0", "from 1 to 1000000"},
     {"LOOM_API_MAX_QUEUE", "2048", "x", "from 1 to 1000000"},
+    {"LOOM_API_ACCESS_LOG", "off", "no", "one of on, off"},
+    {"LOOM_API_OP_PIPELINE", "off", "yes", "one of on, off"},
     {"LOOM_API_WAIT_TARGET", "20ms", "fast", "duration"},
     {"LOOM_API_HEADER_TIMEOUT", "5s", "5", "duration"},
     {"LOOM_API_IDLE_TIMEOUT", "2m", "forever", "duration"},
