@@ -322,6 +322,39 @@ Test(e2e, loom_broker_shared_by_api_and_worker, .timeout = 600)
     stop(&broker, "loom broker");
 }
 
+/* Runs `loom api` with extra (NULL: none), sends GET /readyz, stops it, and
+ * says whether its log has the request's access line. */
+static bool access_logged(const char *url, const char *extra)
+{
+    int port = loom_free_port();
+    char e_db[600], e_k[256], e_l[64];
+    snprintf(e_db, sizeof(e_db), "LOOM_DATABASE_URL=%s", url);
+    snprintf(e_k, sizeof(e_k), "LOOM_KAFKA_BROKERS=%s", loom_test_kafka_brokers());
+    snprintf(e_l, sizeof(e_l), "LOOM_API_LISTEN=127.0.0.1:%d", port);
+    const char *env[] = {e_db, e_k, e_l, extra, NULL};
+    proc_t api;
+    start(&api, "api", env);
+    cr_assert_eq(loom_test_http_wait_status(port, "/readyz", 200, 60000), 200,
+                 "loom api did not become ready");
+    kill(api.pid, SIGTERM);
+    cr_assert_eq(loom_test_wait(api.pid, 60000), 0);
+    loom_test_read_until(api.fd, "\x01", 200, &api.log);
+    close(api.fd);
+    bool logged =
+        api.log && strstr(api.log, "msg=\"http request\"") && strstr(api.log, "path=/readyz");
+    free(api.log);
+    return logged;
+}
+
+Test(e2e, the_access_log_can_be_turned_off, .timeout = 300)
+{
+    char url[512];
+    loom_test_db_create_migrated(url, sizeof(url));
+    cr_expect(access_logged(url, NULL), "no access line by default");
+    cr_expect_not(access_logged(url, "LOOM_API_ACCESS_LOG=off"),
+                  "an access line with LOOM_API_ACCESS_LOG=off");
+}
+
 Test(e2e, loom_dev_alone, .timeout = 600)
 {
     char dir[] = "/tmp/loom-e2e-dev-XXXXXX";
