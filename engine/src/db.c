@@ -169,7 +169,7 @@ bool loom_db_error_is_transient(const loom_error_t *err)
 /* ---- connections ----------------------------------------------------------- */
 
 /* Server notices (e.g. "relation already exists, skipping") go to the debug log. */
-static void notice_to_log(void *arg, const char *message)
+void loom_db_notice_log(void *arg, const char *message)
 {
     (void)arg;
     LOOM_DEBUG("database notice", "notice=%.*s", (int)strcspn(message, "\n"), message);
@@ -193,7 +193,7 @@ static int db_connect(loom_db_t *db, loom_error_t *err)
         db->pg = NULL;
         return LOOM_EDBCONN;
     }
-    PQsetNoticeProcessor(db->pg, notice_to_log, NULL);
+    PQsetNoticeProcessor(db->pg, loom_db_notice_log, NULL);
     db->session_timeout_ms = -1;
     if (!pool->opts.read_only) {
         /* A prepared statement's generic plan is made once per connection,

@@ -168,6 +168,11 @@ struct gw_op_task {
 };
 /* Starts t (filled: gw, name, op_req, fin; cb/arg as fin needs). */
 void gw_op_start(loom_http_req_t *req, gw_op_task_t *t);
+/* Ties t to req (the caller's token and ray id; the request is answered
+ * later), for the worker threads and the loops alike. */
+void gw_op_attach(loom_http_req_t *req, gw_op_task_t *t);
+/* The op context of t's call: the gateway's runtime, the caller, its scopes. */
+loom_op_ctx_t gw_op_ctx(const gw_op_task_t *t);
 
 /* ---- statement ops on the loops (gateway_pipe.c) ---- */
 

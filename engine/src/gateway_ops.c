@@ -22,6 +22,24 @@ void gw_op_task_free(gw_op_task_t *t)
     free(t);
 }
 
+void gw_op_attach(loom_http_req_t *req, gw_op_task_t *t)
+{
+    gw_req_t *g = gw_req(req);
+    t->token = g ? g->token : NULL;
+    t->ray_id = g ? g->ray_id : NULL;
+    t->task.req = req;
+    if (g)
+        g->async = true;
+}
+
+loom_op_ctx_t gw_op_ctx(const gw_op_task_t *t)
+{
+    return (loom_op_ctx_t){.rt = t->gw->opts.ops,
+                           .ray_id = t->ray_id,
+                           .caller = t->token ? t->token->slug : NULL,
+                           .scopes = t->token ? (const char *const *)t->token->scopes : NULL};
+}
+
 static void op_run(gw_task_t *task)
 {
     gw_op_task_t *t = (gw_op_task_t *)task;
@@ -29,10 +47,7 @@ static void op_run(gw_task_t *task)
         t->rc = loom_error_set(&t->err, LOOM_CODE_SHUTTING_DOWN, "the gateway is shutting down");
         return;
     }
-    loom_op_ctx_t ctx = {.rt = t->gw->opts.ops,
-                         .ray_id = t->ray_id,
-                         .caller = t->token ? t->token->slug : NULL,
-                         .scopes = t->token ? (const char *const *)t->token->scopes : NULL};
+    loom_op_ctx_t ctx = gw_op_ctx(t);
     loom_error_clear(&t->err);
     t->rc = loom_op_call(&ctx, t->name, t->op_req, &t->result, &t->err);
 }
@@ -46,14 +61,9 @@ static void op_done(loom_http_req_t *req, void *arg, bool cancelled)
 
 void gw_op_start(loom_http_req_t *req, gw_op_task_t *t)
 {
-    gw_req_t *g = gw_req(req);
-    t->token = g ? g->token : NULL;
-    t->ray_id = g ? g->ray_id : NULL;
+    gw_op_attach(req, t);
     t->task.run = op_run;
     t->task.done = op_done;
-    t->task.req = req;
-    if (g)
-        g->async = true;
     gw_task_submit(t->gw, &t->task);
 }
 

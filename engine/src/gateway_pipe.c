@@ -130,11 +130,22 @@ static bool json_document(const loom_op_t *op, const PGresult *rows, size_t *len
     return true;
 }
 
-/* Answers a call on the loop, as op_done would after a worker ran it. */
+/* Hands a call whose t->rc (and t->err or t->result) is set to its route,
+ * on the loop, as op_done would after a worker ran it. */
+static void call_finish(gw_pipe_t *p, entry_t *e)
+{
+    loom_http_req_t *req = e->t->task.req;
+    call_count(p, "loop");
+    e->t->fin(req, e->t, loom_http_req_detached(req));
+    loom_http_req_unref(req);
+    free(e);
+}
+
+/* Makes a call's answer from its statement's rows (NULL: it failed with
+ * *err) and hands it over. */
 static void call_answer(gw_pipe_t *p, entry_t *e, const PGresult *rows, loom_error_t *err)
 {
     gw_op_task_t *t = e->t;
-    loom_http_req_t *req = t->task.req;
     json_t *result = NULL;
     size_t len = 0;
     if (rows && t->answers_result && json_document(e->ctx.op, rows, &len)) {
@@ -150,10 +161,7 @@ static void call_answer(gw_pipe_t *p, entry_t *e, const PGresult *rows, loom_err
     t->result = result;
     if (t->rc != 0)
         t->err = *err;
-    call_count(p, "loop");
-    t->fin(req, t, loom_http_req_detached(req));
-    loom_http_req_unref(req);
-    free(e);
+    call_finish(p, e);
 }
 
 /* ---- the connection --------------------------------------------------------------- */
@@ -272,15 +280,9 @@ static bool send_set(gw_pipe_t *p, const char *sql, int64_t timeout_ms)
 }
 
 /* The connection is open: pipeline mode, and the read-only SET first. */
-static void notice_to_log(void *arg, const char *message)
-{
-    (void)arg;
-    LOOM_DEBUG("database notice", "notice=%.*s", (int)strcspn(message, "\n"), message);
-}
-
 static void pipe_ready(gw_pipe_t *p)
 {
-    PQsetNoticeProcessor(p->pg, notice_to_log, NULL);
+    PQsetNoticeProcessor(p->pg, loom_db_notice_log, NULL);
     if (PQsetnonblocking(p->pg, 1) != 0 || !PQenterPipelineMode(p->pg) ||
         !send_set(p, "SET default_transaction_read_only = on", 0)) {
         pipe_down(p, PQerrorMessage(p->pg));
@@ -542,6 +544,16 @@ static void on_timer(uv_timer_t *h)
         }
 }
 
+/* The oldest call in flight (the one the server runs now, or next); NULL
+ * when none is. */
+static entry_t *first_call(const gw_pipe_t *p)
+{
+    for (entry_t *e = p->head; e; e = e->next)
+        if (e->kind == E_CALL)
+            return e;
+    return NULL;
+}
+
 /* The oldest call in flight has run PIPE_STALL_MS: the calls queued behind
  * it on the connection go to the worker threads (a read runs twice at
  * worst), so one slow statement holds no call but its own for longer. */
@@ -550,20 +562,17 @@ static void on_stall(uv_timer_t *h)
     gw_pipe_t *p = h->data;
     if (p->state != P_READY)
         return;
-    int64_t now = loom_mono_ns();
-    entry_t *first = NULL;
-    for (entry_t *e = p->head; e; e = e->next) {
+    entry_t *first = first_call(p);
+    if (!first)
+        return;
+    int64_t age_ms = (loom_mono_ns() - first->start_ns) / 1000000;
+    if (age_ms < PIPE_STALL_MS) {
+        uv_timer_start(h, on_stall, (uint64_t)(PIPE_STALL_MS - age_ms), 0);
+        return;
+    }
+    for (entry_t *e = first->next; e; e = e->next) {
         if (e->kind != E_CALL)
             continue;
-        if (!first) {
-            first = e;
-            int64_t age_ms = (now - e->start_ns) / 1000000;
-            if (age_ms < PIPE_STALL_MS) {
-                uv_timer_start(h, on_stall, (uint64_t)(PIPE_STALL_MS - age_ms), 0);
-                return;
-            }
-            continue;
-        }
         /* Behind the slow one: answered elsewhere, its result dropped. */
         entry_t *moved = loom_xcalloc(1, sizeof(*moved));
         *moved = *e;
@@ -573,8 +582,7 @@ static void on_stall(uv_timer_t *h)
         p->calls--;
         call_to_threads(p, moved);
     }
-    if (first)
-        uv_timer_start(h, on_stall, PIPE_STALL_MS, 0);
+    uv_timer_start(h, on_stall, PIPE_STALL_MS, 0);
 }
 
 /* The server has said the session is read-only (PostgreSQL 14+ reports the
@@ -591,10 +599,8 @@ static bool session_read_only(const gw_pipe_t *p)
 /* The oldest call in flight has waited too long: something slow is ahead. */
 static bool pipe_stalled(const gw_pipe_t *p, int64_t now_ns)
 {
-    for (const entry_t *e = p->head; e; e = e->next)
-        if (e->kind == E_CALL)
-            return now_ns - e->start_ns > (int64_t)PIPE_STALL_MS * 1000000;
-    return false;
+    const entry_t *e = first_call(p);
+    return e && now_ns - e->start_ns > (int64_t)PIPE_STALL_MS * 1000000;
 }
 
 bool gw_pipe_call(loom_http_req_t *req, gw_op_task_t *t)
@@ -609,20 +615,12 @@ bool gw_pipe_call(loom_http_req_t *req, gw_op_task_t *t)
     if (p->calls >= PIPE_MAX_CALLS || pipe_stalled(p, start_ns))
         return false;
 
-    gw_req_t *g = gw_req(req);
     entry_t *e = loom_xcalloc(1, sizeof(*e));
     e->kind = E_CALL;
     e->t = t;
     e->start_ns = start_ns;
-    t->token = g ? g->token : NULL;
-    t->ray_id = g ? g->ray_id : NULL;
-    t->task.req = req;
-    e->ctx = (loom_op_ctx_t){.rt = p->gw->opts.ops,
-                             .ray_id = t->ray_id,
-                             .caller = t->token ? t->token->slug : NULL,
-                             .scopes = t->token ? (const char *const *)t->token->scopes : NULL};
-    if (g)
-        g->async = true;
+    gw_op_attach(req, t);
+    e->ctx = gw_op_ctx(t);
     loom_http_req_ref(req);
     if (!t->op_req)
         t->op_req = json_object();
@@ -632,10 +630,7 @@ bool gw_pipe_call(loom_http_req_t *req, gw_op_task_t *t)
     t->rc = loom_op_stmt_begin(&e->ctx, op, t->op_req, start_ns, &params, &err);
     if (t->rc != 0) { /* a bad request, counted already: answered at once */
         t->err = err;
-        call_count(p, "loop");
-        t->fin(req, t, loom_http_req_detached(req));
-        loom_http_req_unref(req);
-        free(e);
+        call_finish(p, e);
         return true;
     }
     /* statement_timeout: the op's own timeout, set on the session when it

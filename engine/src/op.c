@@ -500,9 +500,16 @@ int loom_op_stmt_begin(loom_op_ctx_t *ctx, const loom_op_t *op, const json_t *re
     return call_end(ctx, rc, err, &none, start_ns, callers, err);
 }
 
+/* After call_begin: the call's deadline is the caller's (earlier than the
+ * op's own timeout), for the wording of DEADLINE_EXCEEDED. */
+static bool deadline_is_callers(const loom_op_ctx_t *ctx)
+{
+    return ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms == ctx->op_deadline_mono_ms;
+}
+
 int loom_op_stmt_end_sent(loom_op_ctx_t *ctx, int64_t start_ns, loom_error_t *err)
 {
-    bool callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms == ctx->op_deadline_mono_ms;
+    bool callers = deadline_is_callers(ctx);
     json_t *mark = json_true(); /* stands for the result the caller sends */
     loom_error_t e;
     loom_error_clear(&e);
@@ -514,7 +521,7 @@ int loom_op_stmt_end(loom_op_ctx_t *ctx, const json_t *req, const PGresult *rows
 {
     *res = NULL;
     const loom_op_t *op = ctx->op;
-    bool callers = ctx->deadline_mono_ms > 0 && ctx->deadline_mono_ms == ctx->op_deadline_mono_ms;
+    bool callers = deadline_is_callers(ctx);
     int rc;
     if (rows) {
         loom_error_clear(err);

@@ -46,6 +46,9 @@ int loom_db_pool_new(const char *conninfo, const loom_db_pool_opts_t *opts, loom
 /* Closes every connection. All connections must have been released. */
 void loom_db_pool_free(loom_db_pool_t *pool);
 bool loom_db_pool_read_only(const loom_db_pool_t *pool);
+/* A libpq notice processor that writes server notices ("relation already
+ * exists, skipping") to the debug log; every connection Loom opens uses it. */
+void loom_db_notice_log(void *arg, const char *message);
 /* The pool's connection string and application name, for code that opens
  * connections of its own with the same settings (the gateway's event loops). */
 const char *loom_db_pool_conninfo(const loom_db_pool_t *pool);
