@@ -1478,7 +1478,16 @@ static void cluster_scenario(cluster_fault_t kind)
     }
     cr_assert_eq(strlen(reps), 5, "partition 0 of %s has replicas '%s', want three", l.led.topic,
                  reps);
-    char *isr = topic_config(brokers, l.led.topic, "min.insync.replicas");
+    /* A broker may answer for a topic it learnt of a moment ago without its
+     * config yet (the value then reads "?"): ask again, for up to 10 s. */
+    char *isr = NULL;
+    for (int i = 0; i < 50; i++) {
+        free(isr);
+        isr = topic_config(brokers, l.led.topic, "min.insync.replicas");
+        if (strcmp(isr, "2") == 0)
+            break;
+        loom_sleep_ms(200);
+    }
     cr_assert_str_eq(isr, "2", "min.insync.replicas of %s", l.led.topic);
     free(isr);
     free(reps);
