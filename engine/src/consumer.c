@@ -24,6 +24,9 @@
  * statement handlers fed with loom_msg_add_row(). Round trips per batch:
  * BEGIN goes with the dedup SELECT, all the multi-row INSERTs go in one
  * pipeline, then COMMIT; a handler adds only the statements it runs itself.
+ * A partition whose batches found nothing handled skips the dedup SELECT
+ * (apply_job says why that is safe): BEGIN, the INSERTs and COMMIT are then
+ * one round trip.
  */
 #include "keyq.h"
 #include "worker_int.h"
@@ -503,6 +506,20 @@ static const loom_db_stmt_t stmt_commands_applied = {
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
     15};
 
+/* The same rows for a batch applied without the dedup probe: any row there
+ * already fails the INSERT (unique violation), and the batch runs again with
+ * the probe (apply_job says when). */
+static const loom_db_stmt_t stmt_commands_new = {
+    "loom_commands_new",
+    "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
+    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id, "
+    "request) "
+    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp, "
+    "u.c, u.rq::jsonb FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], "
+    "$9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[]) "
+    "AS u(m, t, s, o, a, r, ray, src, dg, tp, c, rq)",
+    15};
+
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
     "loom_events_append",
@@ -541,9 +558,12 @@ typedef struct apply_arg {
                       * says whose */
     int stop;        /* set with in_handler: the transaction runner does not
                       * run the batch again (the command's key backs off) */
+    bool optimistic; /* no dedup probe: the loom_commands rows are inserted
+                      * plainly, and go with the COMMIT (one round trip) */
+    size_t found;    /* rows the dedup probe found handled already */
 } apply_arg_t;
 
-static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
+static int flush_rows(batch_t *b, size_t from, size_t to, bool optimistic, loom_error_t *err)
 {
     worker_consumer_t *wc = b->wc;
     loom_db_array_t ids = {0}, types = {0}, streams = {0}, offs = {0}, atts = {0}, results = {0},
@@ -624,14 +644,19 @@ static int flush_rows(batch_t *b, size_t from, size_t to, loom_error_t *err)
                            loom_db_array_str(&causes),
                            loom_db_array_str(&reqs)};
         PGresult *res = NULL;
-        rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
-        if (rc == 0 && (size_t)PQntuples(res) != expected)
-            /* Another worker applied one of these meanwhile (a rebalance):
-             * undo ours; the retry finds its row and skips it. */
-            rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
-                                "%zu of %zu commands were applied concurrently",
-                                expected - (size_t)PQntuples(res), expected);
-        PQclear(res);
+        if (optimistic) {
+            /* Sent with the COMMIT: a row that exists fails the transaction. */
+            rc = loom_db_exec_deferred(b->db, &stmt_commands_new, p, err);
+        } else {
+            rc = loom_db_exec(b->db, &stmt_commands_applied, p, &res, err);
+            if (rc == 0 && (size_t)PQntuples(res) != expected)
+                /* Another worker applied one of these meanwhile (a rebalance):
+                 * undo ours; the retry finds its row and skips it. */
+                rc = loom_error_set(err, LOOM_CODE_SERIALIZATION_FAILURE,
+                                    "%zu of %zu commands were applied concurrently",
+                                    expected - (size_t)PQntuples(res), expected);
+            PQclear(res);
+        }
     }
     /* Another writer took a version we counted on: run the batch again. */
     if (rc != 0 && loom_error_is(err, LOOM_CODE_ALREADY_EXISTS) &&
@@ -668,6 +693,34 @@ static void dedup_mark(batch_t *b, loom_msg_t *m, const char *digest, const char
         m->ce.type ? m->ce.type : "unknown", m->ce.source ? m->ce.source : "unknown");
 }
 
+/* Marks the messages of [a->from, a->to) that loom_commands holds as
+ * handled already (applied, rejected, parked, expired): one index probe per
+ * id (worker_int.h says how). */
+static int dedup_probe(batch_t *b, apply_arg_t *a, loom_error_t *err)
+{
+    loom_db_array_t ids = {0};
+    loom_db_array_reset(&ids);
+    for (size_t i = a->from; i < a->to; i++)
+        if (!b->msgs[i].skip)
+            loom_db_array_add(&ids, msg_id(&b->msgs[i]));
+    const char *p[] = {b->wc->def->name, loom_db_array_str(&ids)};
+    PGresult *res = NULL;
+    int rc = loom_db_exec(b->db, &stmt_dedup, p, &res, err);
+    loom_db_array_free(&ids);
+    if (rc != 0)
+        return rc;
+    a->found = (size_t)PQntuples(res);
+    for (int r = 0; r < PQntuples(res); r++)
+        for (size_t i = a->from; i < a->to; i++)
+            if (!b->msgs[i].skip && strcmp(PQgetvalue(res, r, 0), msg_id(&b->msgs[i])) == 0)
+                dedup_mark(b, &b->msgs[i], PQgetisnull(res, r, 1) ? NULL : PQgetvalue(res, r, 1),
+                           PQgetvalue(res, r, 2),
+                           PQgetisnull(res, r, 3) ? NULL : PQgetvalue(res, r, 3),
+                           PQgetvalue(res, r, 4));
+    PQclear(res);
+    return 0;
+}
+
 static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
 {
     apply_arg_t *a = arg;
@@ -679,29 +732,16 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
     a->in_handler = false;
     a->stop = 0;
 
-    /* Dedup: which of these were handled already? */
-    loom_db_array_t ids = {0};
-    loom_db_array_reset(&ids);
+    /* Dedup: which of these were handled already? Not asked on the
+     * optimistic path: there a row that exists fails the transaction. */
+    a->found = 0;
     for (size_t i = a->from; i < a->to; i++) {
         b->msgs[i].done = b->msgs[i].skip;
         b->msgs[i].conflict = NULL;
-        if (!b->msgs[i].skip)
-            loom_db_array_add(&ids, msg_id(&b->msgs[i]));
     }
-    const char *p[] = {wc->def->name, loom_db_array_str(&ids)};
-    PGresult *res = NULL;
-    int rc = loom_db_exec(db, &stmt_dedup, p, &res, err);
-    loom_db_array_free(&ids);
+    int rc = a->optimistic ? 0 : dedup_probe(b, a, err);
     if (rc != 0)
         return rc;
-    for (int r = 0; r < PQntuples(res); r++)
-        for (size_t i = a->from; i < a->to; i++)
-            if (!b->msgs[i].skip && strcmp(PQgetvalue(res, r, 0), msg_id(&b->msgs[i])) == 0)
-                dedup_mark(b, &b->msgs[i], PQgetisnull(res, r, 1) ? NULL : PQgetvalue(res, r, 1),
-                           PQgetvalue(res, r, 2),
-                           PQgetisnull(res, r, 3) ? NULL : PQgetvalue(res, r, 3),
-                           PQgetvalue(res, r, 4));
-    PQclear(res);
     /* The same command twice in one batch (a producer retry, a replay): the
      * first copy is applied, the others are skipped (or are conflicts). */
     for (size_t i = a->from; i < a->to; i++)
@@ -742,7 +782,7 @@ static int apply_body(loom_db_t *db, void *arg, loom_error_t *err)
             return rc;
         }
     }
-    rc = flush_rows(b, a->from, a->to, err);
+    rc = flush_rows(b, a->from, a->to, a->optimistic, err);
     if (rc != 0 && err && !loom_db_error_is_transient(err)) {
         /* A batch statement refused a row (a handler's row, an event): the
          * batch is isolated message by message to find whose. */
@@ -937,6 +977,8 @@ typedef struct part_state {
     int repairs;         /* stall repairs tried since it last moved */
     int64_t repaired_ms; /* when the first was (mono ms) */
     struct job *waiting; /* its last batch handed out, until it lands (it may have started) */
+    bool optimistic;     /* its batches skip the dedup probe (apply_job); off when it
+                          * is assigned and after a batch met a command handled already */
 } part_state_t;
 
 /* ---- apply threads ------------------------------------------------------------------ */
@@ -964,6 +1006,9 @@ typedef struct job {
     size_t cap;          /* messages its arrays have room for */
     bool started;        /* an apply thread took it (pool mutex) */
     bool alone;          /* holds a command that failed before: nothing joins it */
+    bool optimistic;     /* in: try it without the dedup probe first */
+    bool met_handled;    /* out: it met a command handled already */
+    bool probed_clean;   /* out: applied after a dedup probe that found none */
     struct job *next;
 } job_t;
 
@@ -1448,9 +1493,38 @@ static void apply_job(job_t *job, batch_t *b)
     char lock[64];
     snprintf(lock, sizeof(lock), "SET LOCAL lock_timeout = %lld",
              (long long)w->opts.lock_timeout_ms);
-    apply_arg_t a = {.b = b, .from = 0, .to = b->n};
+    /* Optimistic first, when its partition has met no command handled
+     * already since it was assigned: no dedup probe, and the loom_commands
+     * rows go with the COMMIT, so the whole transaction is one round trip.
+     * A row there already (a redelivery after a crash between the database
+     * commit and the offset commit, a producer's resend) fails it with a
+     * unique violation, and nothing of it is kept. Any failure on that path,
+     * a handler's too (it may have refused a command it applied before), is
+     * not judged: the batch runs again with the probe, as below. A command
+     * that failed before has a loom_commands row ("retrying"): its batch is
+     * probed. */
+    apply_arg_t a = {.b = b, .from = 0, .to = b->n, .optimistic = job->optimistic && !job->alone};
     loom_error_t err;
     int rc = 0;
+    if (a.optimistic) {
+        loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock, .stop = &a.stop};
+        rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
+        if (rc == 0) {
+            atomic_fetch_add(&w->unprobed, 1);
+            applied_ok(job, b, 0, b->n);
+            return;
+        }
+        if (!a.in_handler && is_outage(&err)) {
+            job->hold_partition = true;
+            snprintf(job->why, sizeof(job->why), "%s", err.message);
+            return;
+        }
+        if (loom_error_is(&err, LOOM_CODE_ALREADY_EXISTS) &&
+            strcmp(err.constraint, "loom_commands_pkey") == 0)
+            job->met_handled = true;
+        atomic_fetch_add(&w->reprobed, 1);
+        a.optimistic = false;
+    }
     /* A command whose handler fails is known: it leaves the batch (failed or
      * rejected, and its key's later commands with it when it failed) and the
      * rest runs again as a batch, a few times; what cannot be pinned on one
@@ -1459,6 +1533,8 @@ static void apply_job(job_t *job, batch_t *b)
         loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock, .stop = &a.stop};
         rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
         if (rc == 0) {
+            job->met_handled = job->met_handled || a.found > 0;
+            job->probed_clean = a.found == 0;
             applied_ok(job, b, 0, b->n);
             return;
         }
@@ -1503,6 +1579,7 @@ static void apply_job(job_t *job, batch_t *b)
         loom_tx_opts_t o1 = {.max_attempts = 2, .begin_extra = lock, .stop = &one.stop};
         rc = loom_tx_run(w->opts.pool, &o1, apply_body, &one, &err);
         if (rc == 0) {
+            job->met_handled = job->met_handled || one.found > 0;
             applied_ok(job, b, i, i + 1);
             continue;
         }
@@ -1689,6 +1766,15 @@ static void job_land(consumer_rt_t *rt, job_t *job)
     } else if (progress) {
         ps->hold_attempts = 0;
     }
+    if (job->met_handled && ps->optimistic)
+        LOOM_INFO("a command was handled already: the partition's batches ask loom_commands "
+                  "first again",
+                  "consumer=%s topic=%s partition=%d", rt->wc->def->name, ps->topic,
+                  (int)ps->partition);
+    if (job->met_handled)
+        ps->optimistic = false;
+    else if (job->probed_clean)
+        ps->optimistic = true;
     ps->jobs--;
     if (ps->waiting == job)
         ps->waiting = NULL;
@@ -1779,6 +1865,7 @@ static void job_join(consumer_rt_t *rt, part_state_t *ps, job_t *job, int64_t no
     /* A command that failed before goes alone, and commands taken while a
      * thread took the job meanwhile make a batch of their own. */
     job_t *own = job_new(rt, ps, alone ? 1 : rt->batch_size);
+    own->optimistic = ps->optimistic;
     job_fill(own, ps, 0, n, offsets, msgs);
     ps->jobs++;
     ps->waiting = own;
@@ -1806,6 +1893,7 @@ static void schedule(consumer_rt_t *rt)
                 break;
             /* Room for a full batch: commands may join it (job_join). */
             job_t *job = job_new(rt, ps, rt->batch_size > n ? rt->batch_size : n);
+            job->optimistic = ps->optimistic;
             job_fill(job, ps, 0, n, offsets, msgs);
             ps->jobs++;
             ps->waiting = job;

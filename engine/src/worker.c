@@ -158,6 +158,8 @@ void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out)
 {
     out->applied = atomic_load(&w->applied);
     out->skipped = atomic_load(&w->skipped);
+    out->unprobed = atomic_load(&w->unprobed);
+    out->reprobed = atomic_load(&w->reprobed);
     out->rejected = atomic_load(&w->rejected);
     out->retries = atomic_load(&w->retries);
     out->relayed = atomic_load(&w->relayed);

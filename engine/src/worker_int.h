@@ -38,6 +38,7 @@ struct loom_worker {
     pthread_t relay_thread;
     bool relay_started;
     atomic_llong applied, skipped, rejected, retries, relayed, stalls, parked, expired;
+    atomic_llong unprobed, reprobed;   /* batches without the dedup probe; of them, run again */
     loom_metrics_family_t *m_messages; /* {consumer,topic,outcome} */
     loom_metrics_family_t *m_lag;      /* {consumer,topic,partition} */
     loom_metrics_family_t *m_stalled;  /* {consumer} */

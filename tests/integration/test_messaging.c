@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -170,6 +171,106 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     loom_worker_stats(e.worker.w, &st);
     cr_assert_eq(st.applied, 50);
     cr_assert_eq(st.skipped, 50);
+    loom_producer_free(p);
+    loom_test_worker_stop(&e.worker);
+}
+
+/* Once a partition has found no command handled already, its batches skip
+ * the dedup probe and send their loom_commands rows with the COMMIT. A copy
+ * of an applied command must still be found: its row fails that transaction
+ * and the batch runs again with the probe, whatever the handler said on the
+ * way (here it refuses the copy of an "expect": 0 append, which the stream
+ * has passed). */
+static long long wait_stats(loom_worker_t *w, size_t field, long long want)
+{
+    loom_worker_stats_t st;
+    int64_t end = loom_mono_ms() + 60000;
+    for (;;) {
+        loom_worker_stats(w, &st);
+        long long v = *(const int64_t *)((const char *)&st + field);
+        if (v >= want || loom_mono_ms() > end)
+            return v;
+        loom_sleep_ms(20);
+    }
+}
+
+Test(messaging, a_copy_of_an_applied_command_is_found_when_batches_skip_the_probe, .timeout = 180)
+{
+    const char *brokers = loom_test_kafka_brokers();
+    env_t e;
+    env_init(&e, brokers, 1);
+    env_start_worker(&e, brokers);
+    loom_producer_t *p = loom_test_producer(brokers);
+    char id[64];
+    /* 1: the first batch of the partition asks loom_commands, finds nothing. */
+    for (int i = 0; i < 20; i++) {
+        snprintf(id, sizeof(id), "opt-%d", i);
+        loom_test_credit(p, e.led.topic, id, "o", i + 1, NULL);
+    }
+    loom_test_credit(p, e.led.topic, "exp-1", "x", 100, "\"expect\":0");
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 21, 60000), 21);
+    /* 2: from then on its batches skip the probe. */
+    for (int i = 0; i < 20; i++) {
+        snprintf(id, sizeof(id), "new-%d", i);
+        loom_test_credit(p, e.led.topic, id, "o", 1, NULL);
+    }
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 41, 60000), 41);
+    cr_assert_geq(wait_stats(e.worker.w, offsetof(loom_worker_stats_t, unprobed), 1), 1);
+    loom_worker_stats_t before;
+    loom_worker_stats(e.worker.w, &before);
+    /* 3: copies of applied commands, an id reused with other data and new
+     * commands, back to back. */
+    for (int i = 0; i < 10; i++) {
+        snprintf(id, sizeof(id), "opt-%d", i);
+        loom_test_credit(p, e.led.topic, id, "o", i + 1, NULL);
+    }
+    loom_test_credit(p, e.led.topic, "opt-10", "o", 999, NULL);
+    for (int i = 0; i < 5; i++) {
+        snprintf(id, sizeof(id), "late-%d", i);
+        loom_test_credit(p, e.led.topic, id, "o", 1, NULL);
+    }
+    loom_producer_flush(p, 30000);
+    /* 41 + the conflict's own row + 5 new */
+    cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 47, 60000), 47);
+    cr_assert_eq(wait_stats(e.worker.w, offsetof(loom_worker_stats_t, skipped), 11), 11);
+    loom_worker_stats_t st;
+    loom_worker_stats(e.worker.w, &st);
+    cr_assert_gt(st.reprobed, before.reprobed, "the copies never met a batch without the probe");
+    cr_assert_eq(st.applied, 46);
+    cr_assert_eq(st.rejected, 0);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 46);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(DISTINCT message_id) FROM test_ledger"), 46);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT sum(amount) FROM test_ledger"),
+                 210 + 100 + 20 + 5);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE status = "
+                                         "'conflict' AND conflict_of = 'opt-10'"),
+                 1);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_events"), 46);
+    /* 4: a batch that finds nothing handled lets the partition skip the
+     * probe again. */
+    for (int i = 0; i < 3; i++) {
+        snprintf(id, sizeof(id), "after-%d", i);
+        loom_test_credit_sync(p, e.led.topic, id, "o", 1, NULL);
+        cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 48 + i, 60000),
+                     48 + i);
+    }
+    cr_assert_gt(wait_stats(e.worker.w, offsetof(loom_worker_stats_t, unprobed), st.unprobed + 1),
+                 st.unprobed);
+    /* 5: alone, the copy of the "expect": 0 append fails on the way (the
+     * stream is at version 1): it is found applied, not rejected. */
+    loom_worker_stats(e.worker.w, &before);
+    loom_test_credit(p, e.led.topic, "exp-1", "x", 100, "\"expect\":0");
+    loom_producer_flush(p, 30000);
+    cr_assert_eq(wait_stats(e.worker.w, offsetof(loom_worker_stats_t, skipped), 12), 12);
+    loom_worker_stats(e.worker.w, &st);
+    cr_assert_gt(st.reprobed, before.reprobed);
+    cr_assert_eq(st.rejected, 0);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM loom_commands WHERE message_id = "
+                                         "'exp-1' AND status = 'applied'"),
+                 1);
+    cr_assert_eq(loom_test_sql_ll(e.url, "SELECT count(*) FROM test_ledger"), 49);
     loom_producer_free(p);
     loom_test_worker_stop(&e.worker);
 }

@@ -72,6 +72,11 @@ typedef struct loom_worker_stats {
     int64_t expired;  /* commands past their deadline, not applied */
     int64_t relayed;  /* outbox messages sent */
     int64_t stalls;   /* partitions reported stalled */
+    /* Batches applied without the dedup lookup (docs/architecture.md,
+     * "Consumers and the worker"), and batches tried without it that ran
+     * again with it (a command was handled already, or anything failed). */
+    int64_t unprobed;
+    int64_t reprobed;
 } loom_worker_stats_t;
 
 void loom_worker_stats(loom_worker_t *w, loom_worker_stats_t *out);
