@@ -61,6 +61,23 @@ typedef struct gw_poller {
  * of the last GW_WAIT_BASE_WINDOWS windows that had one, among those that ended while the
  * gateway held at most 1/32 of its maximum (so a deep queue of waiters
  * never raises it). */
+/*
+ * The poller's status lookup of waiting commands: one probe of
+ * loom_commands_by_message per id, whatever the statistics say. The ids are
+ * unnested and each is looked up by a LATERAL subquery; OFFSET 0 keeps it
+ * from being turned into a join. The plain `message_id = ANY($1)` planned a
+ * scan of the whole table on a table not yet analyzed, and the gateway's
+ * read-only connections keep a prepared statement's generic plan, made when
+ * the table was empty: every tick of a fresh deployment's poller then read
+ * every row of loom_commands, and PostgreSQL spent most of its time there.
+ * Exported so that tests/integration/test_dedup_plan.c can EXPLAIN it.
+ */
+#define LOOM_SQL_WAIT_STATUS                                                      \
+    "SELECT c.message_id, c.status, c.last_error, c.result::TEXT AS result "      \
+    "FROM unnest($1::TEXT[]) AS u(id) CROSS JOIN LATERAL ("                       \
+    "SELECT message_id, consumer, status, last_error, result FROM loom_commands " \
+    "WHERE message_id = u.id OFFSET 0) AS c ORDER BY c.message_id, c.consumer"
+
 #define GW_WAIT_WINDOW_MS    100
 #define GW_WAIT_BASE_WINDOWS 100
 #define GW_WAIT_BASE_FACTOR  3

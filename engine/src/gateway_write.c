@@ -13,7 +13,7 @@
  * The poller: one thread per gateway. Every tick while requests wait, it
  * reads the status of the waiting commands in at most
  * WAIT_QUERIES_PER_TICK queries of at most WAIT_IDS_PER_QUERY ids each
- * (message_id = ANY($1), on the loom_commands_by_message index), taking the
+ * (one probe of the loom_commands_by_message index per id, LOOM_SQL_WAIT_STATUS), taking the
  * waiters in turn when there are more. So waiting costs the database a
  * bounded number of queries a second whatever the number of waiters, instead
  * of a query per waiter that grows with the load. A tick is WAIT_TICK_MIN_MS
@@ -200,11 +200,8 @@ static void reply_accepted(pub_t *p, const char *status)
 
 /* ---- the poller --------------------------------------------------------------------- */
 
-static const loom_db_stmt_t wait_status_stmt = {
-    "loom_gateway_wait_status",
-    "SELECT message_id, status, last_error, result::TEXT AS result FROM loom_commands "
-    "WHERE message_id = ANY($1::TEXT[]) ORDER BY message_id, consumer",
-    1};
+static const loom_db_stmt_t wait_status_stmt = {"loom_gateway_wait_status", LOOM_SQL_WAIT_STATUS,
+                                                1};
 
 /* poller.mu held. */
 static void waiting_remove(gw_poller_t *pl, pub_t *p)

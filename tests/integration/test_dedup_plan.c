@@ -3,13 +3,16 @@
  * statistics say (engine/src/worker_int.h, LOOM_SQL_COMMANDS_DEDUP): one
  * index probe per message id, on a fresh never-analyzed loom_commands (empty,
  * and with 20,000 rows) as after ANALYZE, with custom and with generic plans.
- * EXPLAIN runs on the very statement text the consumer prepares.
+ * So does the gateway's ?wait status lookup (engine/src/gateway_int.h,
+ * LOOM_SQL_WAIT_STATUS), on loom_commands_by_message. EXPLAIN runs on the
+ * very statement texts the consumer and the gateway prepare.
  *
- * The plain `message_id = ANY($2)` form this replaced planned a scan of every
- * row of the consumer on a table that was never analyzed (its index condition
- * was `consumer = $1` alone).
+ * The plain `message_id = ANY(...)` forms these replaced planned a scan of
+ * every row (of the consumer, for the dedup lookup) on a table that was
+ * never analyzed.
  */
 #include "support.h"
+#include "../../engine/src/gateway_int.h"
 #include "../../engine/src/worker_int.h"
 
 #include <criterion/criterion.h>
@@ -56,21 +59,33 @@ static char *ids_literal(int from, int to)
     return s;
 }
 
-/* The plan of the consumer's statement for 200 ids under plan_cache_mode
- * `mode`, as one string. */
-static char *plan_of(const char *mode)
+/* The statements under test: the consumer's dedup lookup (consumer, ids) and
+ * the gateway's ?wait status lookup (ids). */
+typedef struct lookup {
+    const char *sql;
+    int nparams;
+    const char *index;  /* what the plan must show: the index, or any index scan */
+    const char *before; /* parameters before the ids in EXECUTE */
+} lookup_t;
+
+static const lookup_t dedup = {LOOM_SQL_COMMANDS_DEDUP, 2, "Index Scan using", "'bench', "};
+static const lookup_t wait_status = {LOOM_SQL_WAIT_STATUS, 1, "loom_commands_by_message", ""};
+
+/* The plan of a statement for 200 ids under plan_cache_mode `mode`, as one
+ * string. */
+static char *plan_of(const lookup_t *l, const char *mode)
 {
     PGconn *c = connect_db();
     char set[96];
     snprintf(set, sizeof(set), "SET plan_cache_mode = %s", mode);
     exec_ok(c, set);
-    PGresult *r = PQprepare(c, "dedup", LOOM_SQL_COMMANDS_DEDUP, 2, NULL);
+    PGresult *r = PQprepare(c, "lookup", l->sql, l->nparams, NULL);
     cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQerrorMessage(c));
     PQclear(r);
     char *ids = ids_literal(1, 200);
     size_t qlen = strlen(ids) + 128;
     char *q = malloc(qlen);
-    snprintf(q, qlen, "EXPLAIN EXECUTE dedup('bench', %s)", ids);
+    snprintf(q, qlen, "EXPLAIN EXECUTE lookup(%s%s)", l->before, ids);
     r = PQexec(c, q);
     cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(c));
     size_t cap = 1, len = 0;
@@ -86,23 +101,33 @@ static char *plan_of(const char *mode)
     return plan;
 }
 
-/* Every way the plan could reach loom_commands is a probe of one id. */
-static void assert_probes(const char *when)
+/* Every way the plan could reach loom_commands is a probe of one id. The
+ * dedup lookup's key is unique: a plain index scan. The status lookup's
+ * index is not, and a bitmap scan of it per id is a probe too. */
+static void assert_probes_of(const lookup_t *l, const char *when)
 {
     const char *modes[] = {"force_custom_plan", "force_generic_plan", "auto"};
     for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
-        char *plan = plan_of(modes[i]);
-        cr_assert(strstr(plan, "Index Scan using") || strstr(plan, "Index Only Scan using"),
-                  "%s, %s: no index scan:\n%s", when, modes[i], plan);
+        char *plan = plan_of(l, modes[i]);
+        cr_assert_not_null(strstr(plan, l->index), "%s, %s: no \"%s\":\n%s", when, modes[i],
+                           l->index, plan);
         cr_assert_null(strstr(plan, "Seq Scan"), "%s, %s: a sequential scan:\n%s", when, modes[i],
                        plan);
-        cr_assert_null(strstr(plan, "Bitmap"), "%s, %s: a bitmap scan:\n%s", when, modes[i], plan);
+        if (l == &dedup)
+            cr_assert_null(strstr(plan, "Bitmap"), "%s, %s: a bitmap scan:\n%s", when, modes[i],
+                           plan);
         cr_assert_not_null(strstr(plan, "message_id = u.id"),
                            "%s, %s: the index is not probed per message id:\n%s", when, modes[i],
                            plan);
         cr_assert_null(strstr(plan, "Hash"), "%s, %s: a hash join:\n%s", when, modes[i], plan);
         free(plan);
     }
+}
+
+static void assert_probes(const char *when)
+{
+    assert_probes_of(&dedup, when);
+    assert_probes_of(&wait_status, when);
 }
 
 static void assert_never_analyzed(void)
