@@ -30,6 +30,11 @@ static const loom_db_stmt_t stmt_clean = {
     "SELECT (SELECT count(*) FROM gone), (SELECT t FROM cutoff)::text",
     1};
 
+/* A stream of one command's event: "messages.put-<command id>". The
+ * worker applies a command id once per consumer (its loom_commands row), so
+ * the stream is new when its event is appended: the appends below are plain
+ * (expected version -1, numbered 1 by the INSERT), which spares a query of
+ * the stream's version per command that an expected version 0 costs. */
 static char *stream_of(loom_msg_t *msg, const char *what)
 {
     return loom_arena_sprintf(loom_msg_arena(msg), "messages.%s-%s", what, loom_msg_event(msg)->id);
@@ -84,7 +89,7 @@ static int put_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
                 }
             }
         }
-        rc = loom_emit(msg, stream_of(msg, "put"), 0, "messages.stored",
+        rc = loom_emit(msg, stream_of(msg, "put"), -1, "messages.stored",
                        json_pack("{s:s, s:o}", "stored_at", PQgetvalue(res, 0, 1), "msgs", kept),
                        err);
     }
@@ -126,7 +131,7 @@ static int delete_batch(loom_msg_t *msg, json_t *d, loom_error_t *err)
         json_t *gone = json_array();
         for (int r = 0; r < n; r++)
             json_array_append_new(gone, json_string(PQgetvalue(res, r, 0)));
-        rc = loom_emit(msg, stream_of(msg, "delete"), 0, "messages.deleted",
+        rc = loom_emit(msg, stream_of(msg, "delete"), -1, "messages.deleted",
                        json_pack("{s:o}", "ids", gone), err);
     }
     PQclear(res);
@@ -165,7 +170,7 @@ static int clean(loom_msg_t *msg, json_t *d, loom_error_t *err)
         return rc;
     long long n = atoll(PQgetvalue(res, 0, 0));
     rc = loom_emit(
-        msg, stream_of(msg, "clean"), 0, "messages.cleaned",
+        msg, stream_of(msg, "clean"), -1, "messages.cleaned",
         json_pack("{s:s, s:I}", "before", PQgetvalue(res, 0, 1), "deleted", (json_int_t)n), err);
     PQclear(res);
     if (rc == 0)
