@@ -1260,15 +1260,55 @@ static rd_kafka_topic_partition_list_t *unconfirmed_offsets(consumer_rt_t *rt, b
  * a revoke commit at once). */
 #define COMMIT_EVERY_MS 100
 
+/* How long a revoke (and so a stop) waits for its offsets' commit. A
+ * coordinator that just died may not answer for a long time, and
+ * rd_kafka_commit() would wait for it with the partitions' hand-over and the
+ * worker's shutdown held behind it. What is not confirmed in time is
+ * delivered again to the next owner, whose loom_commands rows skip it. */
+#define COMMIT_SYNC_MS 10000
+
+typedef struct sync_commit {
+    consumer_rt_t *rt;
+    bool done;
+} sync_commit_t;
+
+static void sync_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t e,
+                           rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+    (void)rk;
+    sync_commit_t *sc = opaque;
+    commit_result(sc->rt, e, offsets);
+    sc->done = true;
+}
+
 /* Commits every partition's finished offset the coordinator has not
- * confirmed; a synchronous commit (revoke) sends all of them. */
+ * confirmed; a synchronous commit (revoke) sends all of them and waits for
+ * the answer up to COMMIT_SYNC_MS. */
 static void commit_offsets(consumer_rt_t *rt, bool sync)
 {
     rd_kafka_topic_partition_list_t *l = unconfirmed_offsets(rt, sync);
-    if (l->cnt > 0) {
-        rd_kafka_resp_err_t e = rd_kafka_commit(rt->rk, l, sync ? 0 : 1);
-        if (sync || e)
+    if (l->cnt > 0 && !sync) {
+        rd_kafka_resp_err_t e = rd_kafka_commit(rt->rk, l, 1);
+        if (e)
             commit_result(rt, e, l);
+    } else if (l->cnt > 0) {
+        /* The answer comes on a queue of its own, served here only: past
+         * the wait nobody serves it, and the callback never runs. */
+        rd_kafka_queue_t *q = rd_kafka_queue_new(rt->rk);
+        sync_commit_t sc = {rt, false};
+        rd_kafka_resp_err_t e = rd_kafka_commit_queue(rt->rk, l, q, sync_commit_cb, &sc);
+        if (e) {
+            commit_result(rt, e, l);
+        } else {
+            int64_t end = loom_mono_ms() + COMMIT_SYNC_MS;
+            while (!sc.done && loom_mono_ms() < end)
+                rd_kafka_queue_poll_callback(q, 100);
+            if (!sc.done)
+                LOOM_WARN("offsets not confirmed in time; the next owner skips what was applied",
+                          "consumer=%s partitions=%d wait_ms=%d", rt->wc->def->name, l->cnt,
+                          COMMIT_SYNC_MS);
+        }
+        rd_kafka_queue_destroy(q);
     }
     rd_kafka_topic_partition_list_destroy(l);
 }
