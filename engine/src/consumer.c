@@ -1511,6 +1511,14 @@ static bool same_key(const rd_kafka_message_t *a, const rd_kafka_message_t *b)
     return a->key && b->key && a->key_len == b->key_len && memcmp(a->key, b->key, a->key_len) == 0;
 }
 
+/* The whole partition waits: a failure no command caused (the database is
+ * unavailable). */
+static void job_hold(job_t *job, const loom_error_t *err)
+{
+    job->hold_partition = true;
+    snprintf(job->why, sizeof(job->why), "%s", err->message);
+}
+
 /*
  * Applies a job's messages: in one transaction when all goes well, else one
  * at a time to find the one that fails. A failing command holds only its
@@ -1546,42 +1554,33 @@ static void apply_job(job_t *job, batch_t *b)
     apply_arg_t a = {.b = b, .from = 0, .to = b->n, .optimistic = job->optimistic && !job->alone};
     loom_error_t err;
     int rc = 0;
-    if (a.optimistic) {
-        loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock, .stop = &a.stop};
-        rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
-        if (rc == 0) {
-            atomic_fetch_add(&w->unprobed, 1);
-            applied_ok(job, b, 0, b->n);
-            return;
-        }
-        if (!a.in_handler && is_outage(&err)) {
-            job->hold_partition = true;
-            snprintf(job->why, sizeof(job->why), "%s", err.message);
-            return;
-        }
-        if (loom_error_is(&err, LOOM_CODE_ALREADY_EXISTS) &&
-            strcmp(err.constraint, "loom_commands_pkey") == 0)
-            job->met_handled = true;
-        atomic_fetch_add(&w->reprobed, 1);
-        a.optimistic = false;
-    }
     /* A command whose handler fails is known: it leaves the batch (failed or
      * rejected, and its key's later commands with it when it failed) and the
      * rest runs again as a batch, a few times; what cannot be pinned on one
-     * command is isolated one command at a time below. */
-    for (int round = 0; round < 8; round++) {
+     * command is isolated one command at a time below. The optimistic try
+     * comes first, as round -1. */
+    for (int round = a.optimistic ? -1 : 0; round < 8; round++) {
         loom_tx_opts_t o = {.max_attempts = 3, .begin_extra = lock, .stop = &a.stop};
         rc = loom_tx_run(w->opts.pool, &o, apply_body, &a, &err);
         if (rc == 0) {
+            if (a.optimistic)
+                atomic_fetch_add(&w->unprobed, 1);
             job->met_handled = job->met_handled || a.found > 0;
-            job->probed_clean = a.found == 0;
+            job->probed_clean = !a.optimistic && a.found == 0;
             applied_ok(job, b, 0, b->n);
             return;
         }
         if (!a.in_handler && is_outage(&err)) {
-            job->hold_partition = true;
-            snprintf(job->why, sizeof(job->why), "%s", err.message);
+            job_hold(job, &err);
             return;
+        }
+        if (a.optimistic) {
+            if (loom_error_is(&err, LOOM_CODE_ALREADY_EXISTS) &&
+                strcmp(err.constraint, "loom_commands_pkey") == 0)
+                job->met_handled = true;
+            atomic_fetch_add(&w->reprobed, 1);
+            a.optimistic = false;
+            continue;
         }
         if (!a.in_handler)
             break;
@@ -1624,8 +1623,7 @@ static void apply_job(job_t *job, batch_t *b)
             continue;
         }
         if (!one.in_handler && is_outage(&err)) {
-            job->hold_partition = true;
-            snprintf(job->why, sizeof(job->why), "%s", err.message);
+            job_hold(job, &err);
             return; /* the rest goes back untried */
         }
         if (one.handler_failed && is_permanent(&one.herr))

@@ -194,6 +194,17 @@ static long long wait_stats(loom_worker_t *w, size_t field, long long want)
     }
 }
 
+/* Credits PREFIX-0 .. PREFIX-(n-1) to account "o": amount i + 1 with
+ * `rising`, else 1. */
+static void credits(loom_producer_t *p, const char *topic, const char *prefix, int n, bool rising)
+{
+    char id[64];
+    for (int i = 0; i < n; i++) {
+        snprintf(id, sizeof(id), "%s-%d", prefix, i);
+        loom_test_credit(p, topic, id, "o", rising ? i + 1 : 1, NULL);
+    }
+}
+
 Test(messaging, a_copy_of_an_applied_command_is_found_when_batches_skip_the_probe, .timeout = 180)
 {
     const char *brokers = loom_test_kafka_brokers();
@@ -203,18 +214,12 @@ Test(messaging, a_copy_of_an_applied_command_is_found_when_batches_skip_the_prob
     loom_producer_t *p = loom_test_producer(brokers);
     char id[64];
     /* 1: the first batch of the partition asks loom_commands, finds nothing. */
-    for (int i = 0; i < 20; i++) {
-        snprintf(id, sizeof(id), "opt-%d", i);
-        loom_test_credit(p, e.led.topic, id, "o", i + 1, NULL);
-    }
+    credits(p, e.led.topic, "opt", 20, true);
     loom_test_credit(p, e.led.topic, "exp-1", "x", 100, "\"expect\":0");
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 21, 60000), 21);
     /* 2: from then on its batches skip the probe. */
-    for (int i = 0; i < 20; i++) {
-        snprintf(id, sizeof(id), "new-%d", i);
-        loom_test_credit(p, e.led.topic, id, "o", 1, NULL);
-    }
+    credits(p, e.led.topic, "new", 20, false);
     loom_producer_flush(p, 30000);
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 41, 60000), 41);
     cr_assert_geq(wait_stats(e.worker.w, offsetof(loom_worker_stats_t, unprobed), 1), 1);
@@ -222,15 +227,9 @@ Test(messaging, a_copy_of_an_applied_command_is_found_when_batches_skip_the_prob
     loom_worker_stats(e.worker.w, &before);
     /* 3: copies of applied commands, an id reused with other data and new
      * commands, back to back. */
-    for (int i = 0; i < 10; i++) {
-        snprintf(id, sizeof(id), "opt-%d", i);
-        loom_test_credit(p, e.led.topic, id, "o", i + 1, NULL);
-    }
+    credits(p, e.led.topic, "opt", 10, true);
     loom_test_credit(p, e.led.topic, "opt-10", "o", 999, NULL);
-    for (int i = 0; i < 5; i++) {
-        snprintf(id, sizeof(id), "late-%d", i);
-        loom_test_credit(p, e.led.topic, id, "o", 1, NULL);
-    }
+    credits(p, e.led.topic, "late", 5, false);
     loom_producer_flush(p, 30000);
     /* 41 + the conflict's own row + 5 new */
     cr_assert_eq(loom_test_wait_for(e.url, "SELECT count(*) FROM loom_commands", 47, 60000), 47);
