@@ -488,16 +488,19 @@ static char *msg_request(const loom_msg_t *m)
 /* One index probe per id by construction (worker_int.h says how). */
 static const loom_db_stmt_t stmt_dedup = {"loom_commands_dedup", LOOM_SQL_COMMANDS_DEDUP, 2};
 
+/* A batch's loom_commands rows, one per column array. */
+#define COMMANDS_INSERT                                                                           \
+    "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "  \
+    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id, " \
+    "request) SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, "  \
+    "u.dg, u.tp, u.c, u.rq::jsonb FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], " \
+    "$8::int[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], "    \
+    "$15::text[]) AS u(m, t, s, o, a, r, ray, src, dg, tp, c, rq)"
+
 static const loom_db_stmt_t stmt_commands_applied = {
     "loom_commands_applied",
-    "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id, "
-    "request) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp, "
-    "u.c, u.rq::jsonb FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], "
-    "$9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[]) "
-    "AS u(m, t, s, o, a, r, ray, src, dg, tp, c, rq) "
-    "ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
+    COMMANDS_INSERT
+    " ON CONFLICT (consumer, message_id) DO UPDATE SET status = 'applied', "
     "attempts = greatest(loom_commands.attempts + 1, EXCLUDED.attempts), "
     "result = EXCLUDED.result, last_error = NULL, headers = NULL, payload = NULL, "
     "msg_key = NULL, source = EXCLUDED.source, digest = EXCLUDED.digest, "
@@ -509,16 +512,7 @@ static const loom_db_stmt_t stmt_commands_applied = {
 /* The same rows for a batch applied without the dedup probe: any row there
  * already fails the INSERT (unique violation), and the batch runs again with
  * the probe (apply_job says when). */
-static const loom_db_stmt_t stmt_commands_new = {
-    "loom_commands_new",
-    "INSERT INTO loom_commands (consumer, message_id, type, stream_id, topic, kafka_partition, "
-    "kafka_offset, status, attempts, result, ray_id, source, digest, traceparent, causation_id, "
-    "request) "
-    "SELECT $1, u.m, u.t, u.s, $2, $3, u.o, 'applied', u.a, u.r::jsonb, u.ray, u.src, u.dg, u.tp, "
-    "u.c, u.rq::jsonb FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], "
-    "$9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[]) "
-    "AS u(m, t, s, o, a, r, ray, src, dg, tp, c, rq)",
-    15};
+static const loom_db_stmt_t stmt_commands_new = {"loom_commands_new", COMMANDS_INSERT, 15};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
