@@ -1697,6 +1697,7 @@ static job_t *job_new(consumer_rt_t *rt, part_state_t *ps, size_t max)
     job_t *job = loom_xcalloc(1, sizeof(*job));
     job->rt = rt;
     job->ps = ps;
+    job->optimistic = ps->optimistic; /* read on the consumer's thread, which owns ps */
     job->cap = max;
     job->msgs = loom_xcalloc(max, sizeof(*job->msgs));
     job->attempt = loom_xcalloc(max, sizeof(*job->attempt));
@@ -1897,7 +1898,6 @@ static void job_join(consumer_rt_t *rt, part_state_t *ps, job_t *job, int64_t no
     /* A command that failed before goes alone, and commands taken while a
      * thread took the job meanwhile make a batch of their own. */
     job_t *own = job_new(rt, ps, alone ? 1 : rt->batch_size);
-    own->optimistic = ps->optimistic;
     job_fill(own, ps, 0, n, offsets, msgs);
     ps->jobs++;
     ps->waiting = own;
@@ -1925,7 +1925,6 @@ static void schedule(consumer_rt_t *rt)
                 break;
             /* Room for a full batch: commands may join it (job_join). */
             job_t *job = job_new(rt, ps, rt->batch_size > n ? rt->batch_size : n);
-            job->optimistic = ps->optimistic;
             job_fill(job, ps, 0, n, offsets, msgs);
             ps->jobs++;
             ps->waiting = job;
