@@ -12,9 +12,9 @@
  *
  * The poller: one thread per gateway. Every tick while requests wait, it
  * reads the status of the waiting commands in at most
- * WAIT_QUERIES_PER_TICK queries of at most WAIT_IDS_PER_QUERY ids each
- * (one probe of the loom_commands_by_message index per id, LOOM_SQL_WAIT_STATUS), taking the
- * waiters in turn when there are more. So waiting costs the database a
+ * WAIT_QUERIES_PER_TICK queries of at most WAIT_IDS_PER_QUERY ids each (one
+ * probe of the loom_commands_by_message index per id, LOOM_SQL_WAIT_STATUS),
+ * taking the waiters in turn when there are more. So waiting costs the database a
  * bounded number of queries a second whatever the number of waiters, instead
  * of a query per waiter that grows with the load. A tick is WAIT_TICK_MIN_MS
  * (an answer waits about half a tick after its command was applied),

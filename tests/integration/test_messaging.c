@@ -175,12 +175,8 @@ Test(messaging, the_same_message_delivered_twice_is_applied_once, .timeout = 180
     loom_test_worker_stop(&e.worker);
 }
 
-/* Once a partition has found no command handled already, its batches skip
- * the dedup probe and send their loom_commands rows with the COMMIT. A copy
- * of an applied command must still be found: its row fails that transaction
- * and the batch runs again with the probe, whatever the handler said on the
- * way (here it refuses the copy of an "expect": 0 append, which the stream
- * has passed). */
+/* A worker stats field (offsetof in loom_worker_stats_t) once it reaches
+ * want, or its value after 60 s. */
 static long long wait_stats(loom_worker_t *w, size_t field, long long want)
 {
     loom_worker_stats_t st;
@@ -205,6 +201,12 @@ static void credits(loom_producer_t *p, const char *topic, const char *prefix, i
     }
 }
 
+/* Once a partition has found no command handled already, its batches skip
+ * the dedup probe and send their loom_commands rows with the COMMIT. A copy
+ * of an applied command must still be found: its row fails that transaction
+ * and the batch runs again with the probe, whatever the handler said on the
+ * way (here it refuses the copy of an "expect": 0 append, which the stream
+ * has passed). */
 Test(messaging, a_copy_of_an_applied_command_is_found_when_batches_skip_the_probe, .timeout = 180)
 {
     const char *brokers = loom_test_kafka_brokers();
