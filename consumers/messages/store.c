@@ -18,7 +18,7 @@ static const loom_db_stmt_t stmt_put = {
     "messages_put",
     "INSERT INTO messages (id, event) SELECT * FROM unnest($1::text[], $2::text[]) "
     "ON CONFLICT (id) DO NOTHING RETURNING id, stored_at::text",
-    2};
+    2, .plan_once = true}; /* an INSERT from unnest(): no plan but one (loom/db.h) */
 
 static const loom_db_stmt_t stmt_delete = {
     "messages_delete", "DELETE FROM messages WHERE id = ANY($1::text[]) RETURNING id", 1};

@@ -486,7 +486,8 @@ static char *msg_request(const loom_msg_t *m)
 }
 
 /* One index probe per id by construction (worker_int.h says how). */
-static const loom_db_stmt_t stmt_dedup = {"loom_commands_dedup", LOOM_SQL_COMMANDS_DEDUP, 2};
+static const loom_db_stmt_t stmt_dedup = {"loom_commands_dedup", LOOM_SQL_COMMANDS_DEDUP, 2,
+                                          .plan_once = true};
 
 /* A batch's loom_commands rows, one per column array. */
 #define COMMANDS_INSERT                                                                           \
@@ -507,12 +508,13 @@ static const loom_db_stmt_t stmt_commands_applied = {
     "kafka_partition = EXCLUDED.kafka_partition, kafka_offset = EXCLUDED.kafka_offset, "
     "traceparent = EXCLUDED.traceparent, updated_at = now() "
     "WHERE loom_commands.status = 'retrying' RETURNING message_id",
-    15};
+    15, .plan_once = true};
 
 /* The same rows for a batch applied without the dedup probe: any row there
  * already fails the INSERT (unique violation), and the batch runs again with
  * the probe (apply_job says when). */
-static const loom_db_stmt_t stmt_commands_new = {"loom_commands_new", COMMANDS_INSERT, 15};
+static const loom_db_stmt_t stmt_commands_new = {"loom_commands_new", COMMANDS_INSERT, 15,
+                                                 .plan_once = true};
 
 /* JSON travels as text[] and is cast per row: CockroachDB has no jsonb[]. */
 static const loom_db_stmt_t stmt_events = {
@@ -520,26 +522,18 @@ static const loom_db_stmt_t stmt_events = {
     "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "
     "SELECT u.s, u.v, u.id, u.t, u.d::jsonb, u.ray, u.c FROM unnest($1::text[], $2::bigint[], "
     "$3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) AS u(s, v, id, t, d, ray, c)",
-    7};
+    7, .plan_once = true};
 
-/* Appends numbered after the stream's stored version: each row's subquery
- * sees the table as the statement began, so rows of one stream in one
- * statement get base + 1, base + 2, ... from their relative numbers. */
+/* Appends numbered after the stream's stored version (worker_int.h). */
 static const loom_db_stmt_t stmt_events_append = {
-    "loom_events_append_relative",
-    "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "
-    "SELECT u.s, coalesce((SELECT max(e.version) FROM loom_events e WHERE e.stream_id = u.s), 0) "
-    "+ u.r, u.id, u.t, u.d::jsonb, u.ray, u.c "
-    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], "
-    "$7::text[]) AS u(s, r, id, t, d, ray, c)",
-    7};
+    "loom_events_append_relative", LOOM_SQL_EVENTS_APPEND_RELATIVE, 7, .plan_once = true};
 
 static const loom_db_stmt_t stmt_outbox = {
     "loom_outbox_add",
     "INSERT INTO loom_outbox (topic, msg_key, headers, payload) "
     "SELECT u.t, u.k, u.h::jsonb, u.p FROM unnest($1::text[], $2::text[], $3::text[], "
     "$4::bytea[]) AS u(t, k, h, p)",
-    4};
+    4, .plan_once = true};
 
 typedef struct apply_arg {
     batch_t *b;

@@ -49,7 +49,18 @@ struct loom_db {
     bool single;
     bool single_used;           /* its statement was run */
     int64_t session_timeout_ms; /* statement_timeout this session has; -1: not known */
+    int plan_mode;              /* the session's plan_cache_mode: PLAN_* */
 };
+
+/*
+ * A session's plan_cache_mode. PLAN_POOL is the pool's own: force_custom_plan
+ * on write pools, the server's default on read-only ones. PLAN_ONCE is
+ * force_generic_plan, for statements marked plan_once. PLAN_UNKNOWN follows
+ * whatever may have undone a SET (a rollback, a script, raw use of the
+ * connection): the next statement sets the mode it needs. PLAN_NONE: the
+ * server has no such setting (older CockroachDB); nothing is ever set.
+ */
+enum { PLAN_NONE, PLAN_UNKNOWN, PLAN_POOL, PLAN_ONCE };
 
 struct loom_db_pool {
     char *conninfo;
@@ -175,6 +186,27 @@ void loom_db_notice_log(void *arg, const char *message)
     LOOM_DEBUG("database notice", "notice=%.*s", (int)strcspn(message, "\n"), message);
 }
 
+/* The SET that gives the session the plan mode a statement needs (plan_once
+ * or not), or NULL when it has it. */
+static const char *plan_set(const loom_db_t *db, bool once)
+{
+    int want = once ? PLAN_ONCE : PLAN_POOL;
+    if (db->plan_mode == PLAN_NONE || db->plan_mode == want)
+        return NULL;
+    if (once)
+        return "SET plan_cache_mode = force_generic_plan";
+    return db->pool->opts.read_only ? "SET plan_cache_mode TO DEFAULT"
+                                    : "SET plan_cache_mode = force_custom_plan";
+}
+
+/* A SET of the mode may have been undone (a rollback undoes the SETs of its
+ * transaction): the next statement sets the one it needs. */
+static void plan_forget(loom_db_t *db)
+{
+    if (db->plan_mode != PLAN_NONE)
+        db->plan_mode = PLAN_UNKNOWN;
+}
+
 static int db_connect(loom_db_t *db, loom_error_t *err)
 {
     loom_db_pool_t *pool = db->pool;
@@ -195,18 +227,20 @@ static int db_connect(loom_db_t *db, loom_error_t *err)
     }
     PQsetNoticeProcessor(db->pg, loom_db_notice_log, NULL);
     db->session_timeout_ms = -1;
-    if (!pool->opts.read_only) {
-        /* A prepared statement's generic plan is made once per connection,
-         * from the table's size at that moment: made on a new, empty table
-         * it scans the table, and keeps scanning it as it grows (the dedup
-         * lookup of a fresh worker got slower with every batch). Plans made
-         * for each execution follow the table's size. Servers without the
-         * setting (older CockroachDB) keep their own planning. */
-        PGresult *r = PQexec(db->pg, "SET plan_cache_mode = force_custom_plan");
-        if (PQresultStatus(r) != PGRES_COMMAND_OK)
-            LOOM_DEBUG("plan_cache_mode not set", "error=%s", PQresultErrorMessage(r));
-        PQclear(r);
-    }
+    /* A prepared statement's generic plan is made once per connection, from
+     * the table's size at that moment: made on a new, empty table it may scan
+     * the table, and keep scanning it as it grows (the dedup lookup of a
+     * fresh worker once got slower with every batch). So write pools plan at
+     * each execution, which follows the table's size; read-only pools keep
+     * the server's default. Statements marked plan_once are planned once
+     * either way (plan_set). Servers without the setting (older CockroachDB)
+     * keep their own planning. */
+    PGresult *pr = PQexec(db->pg, pool->opts.read_only ? "SET plan_cache_mode TO DEFAULT"
+                                                       : "SET plan_cache_mode = force_custom_plan");
+    db->plan_mode = PQresultStatus(pr) == PGRES_COMMAND_OK ? PLAN_POOL : PLAN_NONE;
+    if (db->plan_mode == PLAN_NONE)
+        LOOM_DEBUG("plan_cache_mode not set", "error=%s", PQresultErrorMessage(pr));
+    PQclear(pr);
     if (pool->opts.read_only) {
         PGresult *r = PQexec(db->pg, "SET default_transaction_read_only = on");
         bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
@@ -401,6 +435,7 @@ void loom_db_release(loom_db_t *db)
         } else if (PQtransactionStatus(db->pg) != PQTRANS_IDLE) {
             PGresult *r = PQexec(db->pg, "ROLLBACK");
             PQclear(r);
+            plan_forget(db);
             if (PQtransactionStatus(db->pg) != PQTRANS_IDLE)
                 db_disconnect(db);
         }
@@ -421,6 +456,7 @@ PGconn *loom_db_pg(loom_db_t *db)
     loom_error_t e;
     if (db->pg && flush_pending(db, &e) != 0)
         LOOM_WARN("could not send pending statements", "error=%s", e.message);
+    plan_forget(db); /* what the caller runs may undo a SET of the plan mode */
     return db->pg;
 }
 
@@ -505,9 +541,24 @@ typedef struct expect {
     bool final;                    /* the caller's statement */
 } expect_t;
 
+/* Queues the SET a statement's plan mode needs, if any. */
+static bool send_plan_set(loom_db_t *db, bool once, expect_t *ex, size_t *n)
+{
+    const char *set = plan_set(db, once);
+    if (!set)
+        return true;
+    if (!PQsendQueryParams(db->pg, set, 0, NULL, NULL, NULL, NULL, 0))
+        return false;
+    ex[(*n)++] = (expect_t){0};
+    db->plan_mode = once ? PLAN_ONCE : PLAN_POOL;
+    return true;
+}
+
 static bool send_stmt(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
                       expect_t *ex, size_t *n)
 {
+    if (!send_plan_set(db, stmt->plan_once, ex, n))
+        return false;
     bool queued = false;
     for (size_t i = 0; i < *n; i++)
         queued |= ex[i].prepare == stmt;
@@ -532,7 +583,8 @@ static int pipeline(loom_db_t *db, const loom_db_stmt_t *stmt, const char *sql, 
                     const char *const *params, PGresult **res, loom_error_t *err)
 {
     PGconn *pg = db->pg;
-    size_t cap = 2 * db->n_deferred + 4, n = 0;
+    /* Each statement may take a SET of the plan mode, a Parse and a Bind. */
+    size_t cap = 3 * db->n_deferred + 6, n = 0;
     expect_t *ex = loom_xcalloc(cap, sizeof(*ex));
     bool sent = PQenterPipelineMode(pg);
     if (sent && db->begin[0]) {
@@ -550,7 +602,10 @@ static int pipeline(loom_db_t *db, const loom_db_stmt_t *stmt, const char *sql, 
         sent = send_stmt(db, stmt, params, ex, &n);
         ex[n - 1].final = true;
     } else if (sent && sql) {
-        sent = PQsendQueryParams(pg, sql, nparams, NULL, params, NULL, NULL, 0);
+        /* An unnamed statement with parameters is planned as the session's
+         * mode says too (one without is planned the same either way). */
+        sent = (nparams == 0 || send_plan_set(db, false, ex, &n)) &&
+               PQsendQueryParams(pg, sql, nparams, NULL, params, NULL, NULL, 0);
         ex[n++] = (expect_t){.final = true};
     }
     pending_clear(db);
@@ -607,6 +662,8 @@ synced:
             rc = loom_db_error(pg, NULL, err);
         db_disconnect(db);
     }
+    if (rc != 0)
+        plan_forget(db); /* a SET in it, or before it in the transaction, may be undone */
     if (rc != 0 && res && *res) {
         PQclear(*res);
         *res = NULL;
@@ -647,7 +704,7 @@ int loom_db_exec(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *p
     int taken = single_take(db, err);
     if (taken != 0)
         return taken;
-    if (has_pending(db))
+    if (has_pending(db) || plan_set(db, stmt->plan_once))
         return pipeline(db, stmt, NULL, 0, params, res, err);
     if (!is_prepared(db, stmt)) {
         PGresult *r = PQprepare(db->pg, stmt->name, stmt->sql, stmt->nparams, NULL);
@@ -657,7 +714,10 @@ int loom_db_exec(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *p
         mark_prepared(db, stmt);
     }
     PGresult *r = PQexecPrepared(db->pg, stmt->name, stmt->nparams, params, NULL, NULL, 0);
-    return check_result(db, r, res, err);
+    int rc = check_result(db, r, res, err);
+    if (rc != 0)
+        plan_forget(db);
+    return rc;
 }
 
 int loom_db_exec_deferred(loom_db_t *db, const loom_db_stmt_t *stmt, const char *const *params,
@@ -688,10 +748,13 @@ int loom_db_query(loom_db_t *db, const char *sql, int nparams, const char *const
     int taken = single_take(db, err);
     if (taken != 0)
         return taken;
-    if (has_pending(db))
+    if (has_pending(db) || (nparams > 0 && plan_set(db, false)))
         return pipeline(db, NULL, sql, nparams, params, res, err);
     PGresult *r = PQexecParams(db->pg, sql, nparams, NULL, params, NULL, NULL, 0);
-    return check_result(db, r, res, err);
+    int rc = check_result(db, r, res, err);
+    if (rc != 0)
+        plan_forget(db);
+    return rc;
 }
 
 int loom_db_exec_script(loom_db_t *db, const char *sql, loom_error_t *err)
@@ -704,8 +767,10 @@ int loom_db_exec_script(loom_db_t *db, const char *sql, loom_error_t *err)
     int rc = flush_pending(db, err);
     if (rc != 0)
         return rc;
-    /* PQexec returns the last statement's result; an error stops the script. */
+    /* PQexec returns the last statement's result; an error stops the script.
+     * A script may SET the plan mode, or ROLLBACK. */
     PGresult *r = PQexec(db->pg, sql);
+    plan_forget(db);
     return check_result(db, r, NULL, err);
 }
 
@@ -808,8 +873,10 @@ static int single_attempt(loom_db_t *db, loom_tx_fn fn, void *arg, loom_error_t 
         pending_clear(db);
         db->session_timeout_ms = -1;
     }
-    if (rc != 0)
+    if (rc != 0) {
         db->session_timeout_ms = -1; /* a SET sent with a failed statement was undone */
+        plan_forget(db);
+    }
     db->single = false;
     if (rc == 0 && !db->pg)
         return loom_error_set(err, LOOM_CODE_DB_UNAVAILABLE, "database connection lost");
@@ -833,6 +900,7 @@ static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, voi
             PGresult *r = PQexec(db->pg, "ROLLBACK");
             PQclear(r);
         }
+        plan_forget(db);
         return rc;
     }
     if (!db->pg)
@@ -857,7 +925,10 @@ static int tx_attempt(loom_db_t *db, const loom_tx_opts_t *o, loom_tx_fn fn, voi
         return 0;
     }
     PGresult *r = PQexec(db->pg, "COMMIT");
-    return check_result(db, r, NULL, err);
+    rc = check_result(db, r, NULL, err);
+    if (rc != 0)
+        plan_forget(db);
+    return rc;
 }
 
 int loom_tx_run(loom_db_pool_t *pool, loom_tx_opts_t *opts, loom_tx_fn fn, void *arg,

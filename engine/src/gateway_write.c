@@ -200,8 +200,11 @@ static void reply_accepted(pub_t *p, const char *status)
 
 /* ---- the poller --------------------------------------------------------------------- */
 
-static const loom_db_stmt_t wait_status_stmt = {"loom_gateway_wait_status", LOOM_SQL_WAIT_STATUS,
-                                                1};
+/* Planned once per connection: its plan is an index probe per id whatever
+ * the statistics (gateway_int.h), and planning it at every tick cost more
+ * than running it. */
+static const loom_db_stmt_t wait_status_stmt = {"loom_gateway_wait_status", LOOM_SQL_WAIT_STATUS, 1,
+                                                .plan_once = true};
 
 /* poller.mu held. */
 static void waiting_remove(gw_poller_t *pl, pub_t *p)

@@ -69,6 +69,22 @@ struct loom_worker {
     "WHERE consumer = $1 AND message_id = u.id "                          \
     "AND status IN ('applied', 'rejected', 'parked', 'expired') LIMIT 1) AS c"
 
+/*
+ * A batch's appends numbered after each stream's stored version: each row's
+ * subquery sees the table as the statement began, so rows of one stream in
+ * one statement get base + 1, base + 2, ... from their relative numbers
+ * ($2). The subquery reads the last entry of the stream in loom_events_pkey
+ * (stream_id, version); its plan is made once per connection (plan_once),
+ * and tests/integration/test_dedup_plan.c checks that it is that probe on an
+ * empty, never-analyzed table too.
+ */
+#define LOOM_SQL_EVENTS_APPEND_RELATIVE                                                            \
+    "INSERT INTO loom_events (stream_id, version, event_id, type, data, ray_id, causation_id) "    \
+    "SELECT u.s, coalesce((SELECT max(e.version) FROM loom_events e WHERE e.stream_id = u.s), 0) " \
+    "+ u.r, u.id, u.t, u.d::jsonb, u.ray, u.c "                                                    \
+    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], "       \
+    "$7::text[]) AS u(s, r, id, t, d, ray, c)"
+
 /* Thread bodies. */
 void *loom__consumer_run(void *arg);
 void *loom__outbox_relay_run(void *arg);

@@ -17,17 +17,18 @@
 #include <string.h>
 
 static const loom_db_stmt_t account_get = {
-    "ledger_account_get", "SELECT balance, version FROM ledger_accounts WHERE id = $1", 1};
+    "ledger_account_get", "SELECT balance, version FROM ledger_accounts WHERE id = $1", 1,
+    .plan_once = true};
 static const loom_db_stmt_t account_insert = {
     "ledger_account_insert",
     "INSERT INTO ledger_accounts (id, balance, version) VALUES ($1, 0, 1) "
     "ON CONFLICT (id) DO NOTHING RETURNING id",
-    1};
+    1, .plan_once = true};
 static const loom_db_stmt_t account_add = {
     "ledger_account_add",
     "UPDATE ledger_accounts SET balance = balance + $2::bigint, version = version + 1 "
     "WHERE id = $1",
-    2};
+    2, .plan_once = true};
 
 /* The account's balance and stream version; NOT_FOUND when there is none. */
 static int read_account(loom_msg_t *msg, const char *id, long long *balance, long long *version,

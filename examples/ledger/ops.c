@@ -4,7 +4,8 @@
 #include <stdlib.h>
 
 static const loom_db_stmt_t select_account = {
-    "ledger_accounts_get", "SELECT balance, version FROM ledger_accounts WHERE id = $1", 1};
+    "ledger_accounts_get", "SELECT balance, version FROM ledger_accounts WHERE id = $1", 1,
+    .plan_once = true};
 
 static int account_get(loom_op_ctx_t *ctx, loom_db_t *db, const json_t *req, json_t **res,
                        loom_error_t *err)

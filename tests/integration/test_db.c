@@ -391,3 +391,98 @@ Test(db, read_only_transactions_leave_the_connection_ready_for_the_next_user)
     cr_assert_eq(a.seen, 6);
     loom_db_pool_free(pool);
 }
+
+/* ---- plan modes: loom_db_stmt_t.plan_once ------------------------------------------- */
+
+/* The same text twice: one planned once per connection, one at each run. */
+static const loom_db_stmt_t sum_once = {
+    "test_sum_once", "SELECT coalesce(sum(v), 0) FROM items WHERE id = ANY($1::int[])", 1,
+    .plan_once = true};
+static const loom_db_stmt_t sum_each = {
+    "test_sum_each", "SELECT coalesce(sum(v), 0) FROM items WHERE id = ANY($1::int[])", 1};
+
+static void run_sum(loom_db_t *db, const loom_db_stmt_t *stmt)
+{
+    const char *p[] = {"{1,2,3}"};
+    loom_error_t err;
+    PGresult *res = NULL;
+    cr_assert_eq(loom_db_exec(db, stmt, p, &res, &err), 0, "%s: %s", stmt->name, err.message);
+    cr_assert_str_eq(PQgetvalue(res, 0, 0), "0");
+    PQclear(res);
+}
+
+/* How the server planned a statement's runs on this session so far, as the
+ * server counts them (pg_prepared_statements): "generic/custom". */
+static char *plans_of(loom_db_t *db, const loom_db_stmt_t *stmt)
+{
+    const char *p[] = {stmt->name};
+    PGresult *res = NULL;
+    loom_error_t err;
+    cr_assert_eq(loom_db_query(db,
+                               "SELECT generic_plans || '/' || custom_plans "
+                               "FROM pg_prepared_statements WHERE name = $1",
+                               1, p, &res, &err),
+                 0, "%s", err.message);
+    cr_assert_eq(PQntuples(res), 1, "%s is not prepared on this session", stmt->name);
+    char *s = strdup(PQgetvalue(res, 0, 0));
+    PQclear(res);
+    return s;
+}
+
+static void assert_plans(loom_db_t *db, const loom_db_stmt_t *stmt, const char *want)
+{
+    char *got = plans_of(db, stmt);
+    cr_assert_str_eq(got, want, "%s: generic/custom plans %s, want %s", stmt->name, got, want);
+    free(got);
+}
+
+/* Runs sum_each inside the transaction (its SET of the mode with it), then
+ * fails as a handler does: the rollback undoes that SET. */
+static int sum_then_fail(loom_db_t *db, void *arg, loom_error_t *err)
+{
+    (void)arg;
+    run_sum(db, &sum_each);
+    return loom_error_set(err, LOOM_CODE_INVALID_ARGUMENT, "refused");
+}
+
+Test(db, plan_once_statements_get_one_generic_plan_and_others_a_plan_per_run)
+{
+    loom_db_pool_t *pool = loom_test_pool(url, 1);
+    loom_db_t *db;
+    loom_error_t err;
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    for (int i = 0; i < 3; i++) {
+        run_sum(db, &sum_once);
+        run_sum(db, &sum_each);
+    }
+    assert_plans(db, &sum_once, "3/0");
+    assert_plans(db, &sum_each, "0/3");
+    /* The session is left in the generic mode, then a transaction switches
+     * it back and rolls back: the SET is undone with it, and the next run
+     * must not take the session's mode for granted. */
+    run_sum(db, &sum_once);
+    loom_db_release(db);
+    loom_tx_opts_t once = {.max_attempts = 1};
+    cr_assert_neq(loom_tx_run(pool, &once, sum_then_fail, NULL, &err), 0);
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    run_sum(db, &sum_each);
+    assert_plans(db, &sum_each, "0/5");
+    run_sum(db, &sum_once);
+    assert_plans(db, &sum_once, "5/0");
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+
+    /* A read-only pool keeps the server's own mode for the others (auto:
+     * the first five runs get plans of their own). */
+    loom_db_pool_opts_t ro = {.size = 1, .read_only = true};
+    cr_assert_eq(loom_db_pool_new(url, &ro, &pool, &err), 0, "%s", err.message);
+    cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
+    for (int i = 0; i < 3; i++) {
+        run_sum(db, &sum_each);
+        run_sum(db, &sum_once);
+    }
+    assert_plans(db, &sum_once, "3/0");
+    assert_plans(db, &sum_each, "0/3");
+    loom_db_release(db);
+    loom_db_pool_free(pool);
+}

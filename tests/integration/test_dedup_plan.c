@@ -4,8 +4,12 @@
  * index probe per message id, on a fresh never-analyzed loom_commands (empty,
  * and with 20,000 rows) as after ANALYZE, with custom and with generic plans.
  * So does the gateway's ?wait status lookup (engine/src/gateway_int.h,
- * LOOM_SQL_WAIT_STATUS), on loom_commands_by_message. EXPLAIN runs on the
- * very statement texts the consumer and the gateway prepare.
+ * LOOM_SQL_WAIT_STATUS), on loom_commands_by_message, and the relative event
+ * append (LOOM_SQL_EVENTS_APPEND_RELATIVE), whose subquery reads each
+ * stream's last version from loom_events_pkey. All three are planned once
+ * per connection (plan_once): the generic plan made on an empty table is the
+ * one they keep. EXPLAIN runs on the very statement texts the consumer and
+ * the gateway prepare.
  *
  * The plain `message_id = ANY(...)` forms these replaced planned a scan of
  * every row (of the consumer, for the dedup lookup) on a table that was
@@ -28,6 +32,7 @@ static void setup(void)
     loom_test_db_create_migrated(url, sizeof(url));
     /* Nothing may analyze the table behind the test's back. */
     loom_test_sql(url, "ALTER TABLE loom_commands SET (autovacuum_enabled = false)");
+    loom_test_sql(url, "ALTER TABLE loom_events SET (autovacuum_enabled = false)");
 }
 
 TestSuite(dedup_plan, .init = setup, .timeout = 180);
@@ -66,10 +71,24 @@ typedef struct lookup {
     int nparams;
     const char *index;  /* what the plan must show: the index, or any index scan */
     const char *before; /* parameters before the ids in EXECUTE */
+    const char *after;  /* and after them */
+    const char *probe;  /* the condition of the probe, per id */
 } lookup_t;
 
-static const lookup_t dedup = {LOOM_SQL_COMMANDS_DEDUP, 2, "Index Scan using", "'bench', "};
-static const lookup_t wait_status = {LOOM_SQL_WAIT_STATUS, 1, "loom_commands_by_message", ""};
+static const lookup_t dedup = {LOOM_SQL_COMMANDS_DEDUP, 2, "Index Scan using", "'bench', ", "",
+                               "message_id = u.id"};
+static const lookup_t wait_status = {LOOM_SQL_WAIT_STATUS, 1, "loom_commands_by_message", "", "",
+                                     "message_id = u.id"};
+/* 200 appends to streams m1..m200, each the first of its batch (r = 1). */
+static const lookup_t append = {
+    LOOM_SQL_EVENTS_APPEND_RELATIVE,
+    7,
+    "Index Only Scan Backward using loom_events_pkey",
+    "",
+    ", array_fill(1::bigint, ARRAY[200]), array_fill('e'::text, ARRAY[200]), "
+    "array_fill('t'::text, ARRAY[200]), array_fill('{}'::text, ARRAY[200]), "
+    "array_fill(NULL::text, ARRAY[200]), array_fill(NULL::text, ARRAY[200])",
+    "stream_id = u.s"};
 
 /* The plan of a statement for 200 ids under plan_cache_mode `mode`, as one
  * string. */
@@ -83,9 +102,9 @@ static char *plan_of(const lookup_t *l, const char *mode)
     cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s", PQerrorMessage(c));
     PQclear(r);
     char *ids = ids_literal(1, 200);
-    size_t qlen = strlen(ids) + 128;
+    size_t qlen = strlen(ids) + strlen(l->after) + 128;
     char *q = malloc(qlen);
-    snprintf(q, qlen, "EXPLAIN EXECUTE lookup(%s%s)", l->before, ids);
+    snprintf(q, qlen, "EXPLAIN EXECUTE lookup(%s%s%s)", l->before, ids, l->after);
     r = PQexec(c, q);
     cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(c));
     size_t cap = 1, len = 0;
@@ -116,9 +135,9 @@ static void assert_probes_of(const lookup_t *l, const char *when)
         if (l == &dedup)
             cr_assert_null(strstr(plan, "Bitmap"), "%s, %s: a bitmap scan:\n%s", when, modes[i],
                            plan);
-        cr_assert_not_null(strstr(plan, "message_id = u.id"),
-                           "%s, %s: the index is not probed per message id:\n%s", when, modes[i],
-                           plan);
+        cr_assert_not_null(strstr(plan, l->probe),
+                           "%s, %s: the index is not probed per id (%s):\n%s", when, modes[i],
+                           l->probe, plan);
         cr_assert_null(strstr(plan, "Hash"), "%s, %s: a hash join:\n%s", when, modes[i], plan);
         free(plan);
     }
@@ -128,17 +147,18 @@ static void assert_probes(const char *when)
 {
     assert_probes_of(&dedup, when);
     assert_probes_of(&wait_status, when);
+    assert_probes_of(&append, when);
 }
 
 static void assert_never_analyzed(void)
 {
     cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM pg_stat_user_tables "
-                                       "WHERE relname = 'loom_commands' AND last_analyze IS NULL "
-                                       "AND last_autoanalyze IS NULL"),
-                 1, "loom_commands was analyzed");
+                                       "WHERE relname IN ('loom_commands', 'loom_events') "
+                                       "AND last_analyze IS NULL AND last_autoanalyze IS NULL"),
+                 2, "loom_commands or loom_events was analyzed");
     cr_assert_eq(loom_test_sql_ll(url, "SELECT count(*) FROM pg_stats "
-                                       "WHERE tablename = 'loom_commands'"),
-                 0, "loom_commands has statistics");
+                                       "WHERE tablename IN ('loom_commands', 'loom_events')"),
+                 0, "loom_commands or loom_events has statistics");
 }
 
 /* Rows m1..mN of consumer 'bench' (and 'other' for every third id, so the
@@ -156,6 +176,13 @@ static void fill(int n)
              "unnest(CASE WHEN g %% 3 = 0 THEN ARRAY['bench','other'] ELSE ARRAY['bench'] END) c",
              n);
     loom_test_sql(url, q);
+    /* Streams m1..m(N/4) of 4 events each. */
+    snprintf(q, sizeof(q),
+             "INSERT INTO loom_events (stream_id, version, event_id, type, data) "
+             "SELECT 'm' || (1 + g / 4), 1 + g %% 4, 'e' || g, 'test.credited', '{}' "
+             "FROM generate_series(0, %d) g",
+             n - 1);
+    loom_test_sql(url, q);
 }
 
 Test(dedup_plan, probes_the_primary_key_on_an_empty_never_analyzed_table)
@@ -169,7 +196,7 @@ Test(dedup_plan, probes_the_primary_key_with_20k_rows_never_analyzed)
     fill(20000);
     assert_never_analyzed();
     assert_probes("20,000 rows, never analyzed");
-    loom_test_sql(url, "ANALYZE loom_commands");
+    loom_test_sql(url, "ANALYZE loom_commands, loom_events");
     assert_probes("20,000 rows, analyzed");
 }
 

@@ -26,10 +26,11 @@ static const loom_db_stmt_t insert_ledger = {
     "test_ledger_insert",
     "INSERT INTO test_ledger (message_id, account, amount, kafka_partition, kafka_offset) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[])",
-    5};
+    5, .plan_once = true};
 static const loom_db_stmt_t insert_claim = {
     "test_claims_insert",
-    "INSERT INTO test_claims (name, message_id) SELECT * FROM unnest($1::text[], $2::text[])", 2};
+    "INSERT INTO test_claims (name, message_id) SELECT * FROM unnest($1::text[], $2::text[])", 2,
+    .plan_once = true};
 static const loom_db_stmt_t is_blocked = {"test_blocks_get",
                                           "SELECT 1 FROM test_blocks WHERE account = $1", 1};
 

@@ -27,6 +27,19 @@ typedef struct loom_db_stmt {
     const char *name; /* unique across the process, e.g. "loom_commands_insert" */
     const char *sql;
     int nparams;
+    /*
+     * Planned once per connection (PostgreSQL's generic plan) instead of at
+     * each execution. Only for a statement whose best plan is the same
+     * whatever its parameters and the table's size and statistics, such as
+     * an INSERT ... SELECT FROM unnest($1) without subqueries, or a lookup
+     * written so that only an index probe is possible (see
+     * docs/architecture.md, "Plans"). Others are planned at each execution
+     * on write pools (plan_cache_mode force_custom_plan) and as the server
+     * decides on read-only pools. The connection switches its
+     * plan_cache_mode with a SET sent in the same round trip, only when the
+     * statement needs the other mode than the last one.
+     */
+    bool plan_once;
 } loom_db_stmt_t;
 
 typedef struct loom_db_pool_opts {
