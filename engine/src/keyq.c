@@ -18,6 +18,7 @@ void kq_init(keyq_t *q)
     memset(q, 0, sizeof(*q));
     q->free_keys = -1;
     q->next_offset = -1;
+    q->pending_from = -1;
 }
 
 static kq_item_t *at(const keyq_t *q, size_t i)
@@ -127,6 +128,25 @@ static void key_unref(keyq_t *q, int32_t k)
     q->free_keys = k;
 }
 
+/* An item becomes pending, or stops being pending. */
+static void pending_add(keyq_t *q, const kq_item_t *it)
+{
+    if (it->key < 0)
+        q->nokey_pending++;
+    else if (q->keys[it->key].pending++ == 0)
+        q->keys_pending++;
+    if (it->offset < q->pending_from)
+        q->pending_from = it->offset;
+}
+
+static void pending_sub(keyq_t *q, const kq_item_t *it)
+{
+    if (it->key < 0)
+        q->nokey_pending--;
+    else if (--q->keys[it->key].pending == 0)
+        q->keys_pending--;
+}
+
 void kq_push(keyq_t *q, void *msg, int64_t offset, const void *key, size_t len)
 {
     if (q->n == q->cap) {
@@ -145,7 +165,24 @@ void kq_push(keyq_t *q, void *msg, int64_t offset, const void *key, size_t len)
     it->offset = offset;
     it->key = key ? key_ref(q, key, len) : -1;
     it->state = KQ_PENDING;
+    if (q->nokey_pending == 0 && q->keys_pending == 0)
+        q->pending_from = offset; /* nothing before it is pending */
+    pending_add(q, it);
     q->next_offset = offset + 1;
+}
+
+/* The index of the first item at or above offset (q->n: none). */
+static size_t index_from(const keyq_t *q, int64_t offset)
+{
+    size_t lo = 0, hi = q->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (at(q, mid)->offset < offset)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
 }
 
 kq_item_t *kq_find(keyq_t *q, int64_t offset)
@@ -164,12 +201,22 @@ kq_item_t *kq_find(keyq_t *q, int64_t offset)
     return NULL;
 }
 
+/*
+ * The scan starts at the first item that may be pending (pending_from): what
+ * is in flight or done at the front is not read again at each call. It stops
+ * as soon as nothing more can be taken: every key with pending items is
+ * blocked (in flight for another batch, held, or behind an item that
+ * waits). Under load every key of a partition is often in flight, and a
+ * scan of the whole queue then found nothing, at every call.
+ */
 size_t kq_take(keyq_t *q, int64_t now, size_t max, int max_keys, int64_t *offsets, void **msgs)
 {
     size_t n = 0;
-    int new_keys = 0;
+    int new_keys = 0, blocked = 0;
     uint64_t scan = ++q->scan;
-    for (size_t i = 0; i < q->n && n < max; i++) {
+    int64_t first_left = -1; /* the first pending item seen and left */
+    size_t i = index_from(q, q->pending_from);
+    for (; i < q->n && n < max; i++) {
         kq_item_t *it = at(q, i);
         if (it->state != KQ_PENDING)
             continue;
@@ -180,7 +227,16 @@ size_t kq_take(keyq_t *q, int64_t now, size_t max, int max_keys, int64_t *offset
                         (key->inflight > 0 && !ours) || (it->alone && n > 0);
             if (wait) {
                 /* Its later items wait behind it. */
-                key->blocked = scan;
+                if (first_left < 0)
+                    first_left = it->offset;
+                if (key->blocked != scan) {
+                    key->blocked = scan;
+                    blocked++;
+                }
+                if (q->nokey_pending == 0 && blocked >= q->keys_pending) {
+                    i++;
+                    break; /* every key with something pending waits */
+                }
                 continue;
             }
             if (!ours && key->inflight == 0) {
@@ -191,17 +247,26 @@ size_t kq_take(keyq_t *q, int64_t now, size_t max, int max_keys, int64_t *offset
             key->taken = scan;
             key->inflight++;
         } else if (it->alone && n > 0) {
+            if (first_left < 0)
+                first_left = it->offset;
             continue;
         }
         it->state = KQ_INFLIGHT;
+        pending_sub(q, it);
         q->n_inflight++;
         offsets[n] = it->offset;
         msgs[n] = it->msg;
         n++;
-        if (it->alone)
+        if (it->alone) {
+            i++;
             break;
+        }
     }
     q->keys_inflight += new_keys;
+    /* What was not read may be pending: the next scan starts there at the
+     * latest. */
+    int64_t stop = i < q->n ? at(q, i)->offset : q->next_offset;
+    q->pending_from = first_left >= 0 && first_left < stop ? first_left : stop;
     return n;
 }
 
@@ -238,6 +303,7 @@ void kq_retry(keyq_t *q, int64_t offset, int64_t now, int64_t held_until)
     if (!it)
         return;
     it->state = KQ_PENDING;
+    pending_add(q, it);
     it->alone = true;
     it->attempts++;
     if (!it->first_fail_ms)
@@ -249,8 +315,10 @@ void kq_retry(keyq_t *q, int64_t offset, int64_t now, int64_t held_until)
 void kq_return(keyq_t *q, int64_t offset)
 {
     kq_item_t *it = land(q, offset);
-    if (it)
+    if (it) {
         it->state = KQ_PENDING;
+        pending_add(q, it);
+    }
 }
 
 int64_t kq_release(keyq_t *q, void (*free_msg)(void *))

@@ -36,6 +36,7 @@ typedef struct kq_key {
     int32_t next;       /* chain in its bucket, or the free list */
     int inflight;       /* items of this key in flight */
     int open;           /* items of this key not done */
+    int pending;        /* items of this key pending */
     int64_t held_until; /* mono ms; 0: not held */
     uint64_t blocked;   /* scan generation in which an earlier item blocked it */
     uint64_t taken;     /* scan generation in which an item of it was taken */
@@ -49,10 +50,13 @@ typedef struct keyq {
     int32_t *buckets;
     size_t n_buckets;
     int32_t free_keys;
-    int keys_inflight;   /* distinct keys with something in flight */
-    size_t n_inflight;   /* items in flight */
-    uint64_t scan;       /* generation of kq_take scans */
-    int64_t next_offset; /* offset after the last item pushed; -1: none */
+    int keys_inflight;    /* distinct keys with something in flight */
+    size_t n_inflight;    /* items in flight */
+    int keys_pending;     /* distinct keys with something pending */
+    size_t nokey_pending; /* pending items without a key */
+    int64_t pending_from; /* no item below this offset is pending */
+    uint64_t scan;        /* generation of kq_take scans */
+    int64_t next_offset;  /* offset after the last item pushed; -1: none */
 } keyq_t;
 
 void kq_init(keyq_t *q);
