@@ -318,6 +318,23 @@ bool loom_test_read_until(int fd, const char *needle, int timeout_ms, char **buf
     return true;
 }
 
+/* Every thread's stack of a process that does not exit, to stderr, where
+ * the test's output keeps it: a hang then says where it hangs. Needs gdb
+ * (scripts/setup installs it); without it, nothing. */
+static void print_stacks(pid_t pid)
+{
+    if (system("command -v gdb >/dev/null 2>&1") != 0)
+        return;
+    char cmd[160];
+    snprintf(cmd, sizeof(cmd),
+             "gdb -q -batch -p %d -ex 'thread apply all bt 30' </dev/null 2>&1 | "
+             "grep -E '^(Thread|#)' >&2",
+             (int)pid);
+    fprintf(stderr, "--- process %d did not exit in time; its threads:\n", (int)pid);
+    if (system(cmd) != 0)
+        fprintf(stderr, "--- (gdb could not read process %d)\n", (int)pid);
+}
+
 int loom_test_wait(pid_t pid, int timeout_ms)
 {
     int64_t end = loom_mono_ms() + timeout_ms;
@@ -327,6 +344,7 @@ int loom_test_wait(pid_t pid, int timeout_ms)
         if (r == pid)
             break;
         if (loom_mono_ms() > end) {
+            print_stacks(pid);
             kill(pid, SIGKILL);
             waitpid(pid, &status, 0);
             return -1;
