@@ -2302,6 +2302,100 @@ static rd_kafka_topic_partition_list_t *consumer_subscription(consumer_rt_t *rt)
     return subs;
 }
 
+/*
+ * librdkafka calls that can block for good run on a thread of their own, and
+ * the consumer's thread waits for them at most a bound; past it the call is
+ * left behind, logged, rather than the stop hanging. Two are known (librdkafka
+ * 2.0): rd_kafka_destroy() after a close that gave up (a lock-order inversion
+ * between its threads when a broker goes away during destroy), and
+ * rd_kafka_assign() while the consumer closes: when the group's close
+ * finishes meanwhile, the assign's request is dropped unanswered, and the
+ * call waits for its answer forever (librdkafka issue 4884). Offsets were
+ * committed before either, so nothing is lost: the next owner of the
+ * partitions reads from them.
+ */
+#define DESTROY_WAIT_MS  10000
+#define UNASSIGN_WAIT_MS 5000
+
+enum { KCALL_UNASSIGN, KCALL_DESTROY };
+
+typedef struct {
+    rd_kafka_t *rk;
+    int call; /* KCALL_* */
+    int flags;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    bool done;
+    int refs; /* the waiter and the calling thread: the last one frees */
+} kcall_t;
+
+static void kcall_unref(kcall_t *job)
+{
+    pthread_mutex_lock(&job->mu);
+    int left = --job->refs;
+    pthread_mutex_unlock(&job->mu);
+    if (left)
+        return;
+    pthread_mutex_destroy(&job->mu);
+    pthread_cond_destroy(&job->cond);
+    free(job);
+}
+
+static void kcall_run(kcall_t *job)
+{
+    if (job->call == KCALL_DESTROY)
+        rd_kafka_destroy_flags(job->rk, job->flags);
+    else
+        rd_kafka_assign(job->rk, NULL);
+}
+
+static void *kcall_main(void *arg)
+{
+    kcall_t *job = arg;
+    kcall_run(job);
+    pthread_mutex_lock(&job->mu);
+    job->done = true;
+    pthread_cond_signal(&job->cond);
+    pthread_mutex_unlock(&job->mu);
+    kcall_unref(job);
+    return NULL;
+}
+
+/* Runs the call, waiting at most wait_ms; true when it returned. */
+static bool kafka_bounded(rd_kafka_t *rk, int call, int flags, int wait_ms, const char *name)
+{
+    kcall_t *job = loom_xcalloc(1, sizeof(*job));
+    job->rk = rk;
+    job->call = call;
+    job->flags = flags;
+    job->refs = 2;
+    pthread_mutex_init(&job->mu, NULL);
+    pthread_cond_init(&job->cond, NULL);
+    pthread_t t;
+    if (pthread_create(&t, NULL, kcall_main, job) != 0) {
+        job->refs = 1;
+        kcall_run(job);
+        kcall_unref(job);
+        return true;
+    }
+    pthread_detach(t);
+    struct timespec ts;
+    loom_timespec_in(wait_ms, &ts);
+    pthread_mutex_lock(&job->mu);
+    while (!job->done)
+        if (pthread_cond_timedwait(&job->cond, &job->mu, &ts) != 0)
+            break;
+    bool done = job->done;
+    pthread_mutex_unlock(&job->mu);
+    if (!done)
+        LOOM_ERROR(call == KCALL_DESTROY
+                       ? "the Kafka client did not close in time; leaving it behind"
+                       : "the Kafka client did not unassign in time; leaving it",
+                   "consumer=%s waited_ms=%d", name, wait_ms);
+    kcall_unref(job);
+    return done;
+}
+
 /* How long a stopping consumer may take to commit and leave its group. */
 #define CONSUMER_CLOSE_MS 10000
 
@@ -2345,14 +2439,19 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
                   rd_kafka_error_string(e));
         rd_kafka_error_destroy(e);
     } else {
-        while (!(closed = rd_kafka_consumer_closed(rt->rk)) && loom_mono_ms() < until) {
+        bool stuck = false;
+        while (!stuck && !(closed = rd_kafka_consumer_closed(rt->rk)) && loom_mono_ms() < until) {
             rd_kafka_event_t *ev = rd_kafka_queue_poll(cq, 100);
-            /* The offsets are committed above: a revocation only unassigns. */
+            /* The offsets are committed above: a revocation only unassigns
+             * (bounded: the close may finish meanwhile, see kafka_bounded). */
             if (ev && rd_kafka_event_type(ev) == RD_KAFKA_EVENT_REBALANCE)
-                rd_kafka_assign(rt->rk, NULL);
+                stuck =
+                    !kafka_bounded(rt->rk, KCALL_UNASSIGN, 0, UNASSIGN_WAIT_MS, rt->wc->def->name);
             rd_kafka_event_destroy(ev);
         }
-        if (!closed)
+        if (stuck)
+            closed = false;
+        else if (!closed)
             LOOM_WARN("gave up leaving the consumer group: the broker does not answer",
                       "consumer=%s waited_ms=%d", rt->wc->def->name, CONSUMER_CLOSE_MS);
     }
@@ -2360,84 +2459,11 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
     return closed;
 }
 
-/* librdkafka 2.0's rd_kafka_destroy() can block for good after a close that
- * gave up (a lock-order inversion between its threads when a broker goes
- * away during destroy). The handle is destroyed on a thread of its own, and a
- * worker that is stopping waits for it at most DESTROY_WAIT_MS: past that the
- * handle is left behind, logged, rather than the stop hanging. Offsets were
- * committed before, so nothing is lost; the next owner of the partitions
- * reads from them. */
-#define DESTROY_WAIT_MS 10000
-
-typedef struct {
-    rd_kafka_t *rk;
-    int flags;
-    pthread_mutex_t mu;
-    pthread_cond_t cond;
-    bool done;
-    int refs; /* the waiter and the destroying thread: the last one frees */
-} destroy_job_t;
-
-static void destroy_job_unref(destroy_job_t *job)
-{
-    pthread_mutex_lock(&job->mu);
-    int left = --job->refs;
-    pthread_mutex_unlock(&job->mu);
-    if (left)
-        return;
-    pthread_mutex_destroy(&job->mu);
-    pthread_cond_destroy(&job->cond);
-    free(job);
-}
-
-static void *destroy_main(void *arg)
-{
-    destroy_job_t *job = arg;
-    rd_kafka_destroy_flags(job->rk, job->flags);
-    pthread_mutex_lock(&job->mu);
-    job->done = true;
-    pthread_cond_signal(&job->cond);
-    pthread_mutex_unlock(&job->mu);
-    destroy_job_unref(job);
-    return NULL;
-}
-
-static bool consumer_destroy(rd_kafka_t *rk, int flags, const char *name)
-{
-    destroy_job_t *job = loom_xcalloc(1, sizeof(*job));
-    job->rk = rk;
-    job->flags = flags;
-    job->refs = 2;
-    pthread_mutex_init(&job->mu, NULL);
-    pthread_cond_init(&job->cond, NULL);
-    pthread_t t;
-    if (pthread_create(&t, NULL, destroy_main, job) != 0) {
-        job->refs = 1;
-        destroy_job_unref(job);
-        rd_kafka_destroy_flags(rk, flags);
-        return true;
-    }
-    pthread_detach(t);
-    struct timespec ts;
-    loom_timespec_in(DESTROY_WAIT_MS, &ts);
-    pthread_mutex_lock(&job->mu);
-    while (!job->done)
-        if (pthread_cond_timedwait(&job->cond, &job->mu, &ts) != 0)
-            break;
-    bool done = job->done;
-    pthread_mutex_unlock(&job->mu);
-    if (!done)
-        LOOM_ERROR("the Kafka client did not close in time; leaving it behind",
-                   "consumer=%s waited_ms=%d", name, DESTROY_WAIT_MS);
-    destroy_job_unref(job);
-    return done;
-}
-
 void *loom__consumer_run(void *arg)
 {
     worker_consumer_t *wc = arg;
     loom_worker_t *w = wc->w;
-    /* On the heap: a Kafka handle left behind (consumer_destroy) keeps it. */
+    /* On the heap: a Kafka handle left behind (kafka_bounded) keeps it. */
     consumer_rt_t *rt = loom_xcalloc(1, sizeof(*rt));
     rt->wc = wc;
     rt->rk = consumer_new(rt);
@@ -2556,7 +2582,8 @@ void *loom__consumer_run(void *arg)
     free(rt->parts);
     rt->parts = NULL;
     rt->n_parts = 0;
-    if (consumer_destroy(rt->rk, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE, wc->def->name))
+    if (kafka_bounded(rt->rk, KCALL_DESTROY, closed ? 0 : RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE,
+                      DESTROY_WAIT_MS, wc->def->name))
         free(rt);
     report_parts(wc, NULL);
     LOOM_INFO("consumer stopped", "consumer=%s", wc->def->name);
