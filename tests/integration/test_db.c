@@ -436,6 +436,18 @@ static void assert_plans(loom_db_t *db, const loom_db_stmt_t *stmt, const char *
     free(got);
 }
 
+/* Three runs of each, one after the other starting with `first`, on a new
+ * session: each kind gets the plans its mode says, whatever ran before. */
+static void runs_of_both(loom_db_t *db, const loom_db_stmt_t *first, const loom_db_stmt_t *second)
+{
+    for (int i = 0; i < 3; i++) {
+        run_sum(db, first);
+        run_sum(db, second);
+    }
+    assert_plans(db, &sum_once, "3/0");
+    assert_plans(db, &sum_each, "0/3");
+}
+
 /* Runs sum_each inside the transaction (its SET of the mode with it), then
  * fails as a handler does: the rollback undoes that SET. */
 static int sum_then_fail(loom_db_t *db, void *arg, loom_error_t *err)
@@ -451,12 +463,7 @@ Test(db, plan_once_statements_get_one_generic_plan_and_others_a_plan_per_run)
     loom_db_t *db;
     loom_error_t err;
     cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
-    for (int i = 0; i < 3; i++) {
-        run_sum(db, &sum_once);
-        run_sum(db, &sum_each);
-    }
-    assert_plans(db, &sum_once, "3/0");
-    assert_plans(db, &sum_each, "0/3");
+    runs_of_both(db, &sum_once, &sum_each);
     /* The session is left in the generic mode, then a transaction switches
      * it back and rolls back: the SET is undone with it, and the next run
      * must not take the session's mode for granted. */
@@ -477,12 +484,7 @@ Test(db, plan_once_statements_get_one_generic_plan_and_others_a_plan_per_run)
     loom_db_pool_opts_t ro = {.size = 1, .read_only = true};
     cr_assert_eq(loom_db_pool_new(url, &ro, &pool, &err), 0, "%s", err.message);
     cr_assert_eq(loom_db_acquire(pool, &db, &err), 0, "%s", err.message);
-    for (int i = 0; i < 3; i++) {
-        run_sum(db, &sum_each);
-        run_sum(db, &sum_once);
-    }
-    assert_plans(db, &sum_once, "3/0");
-    assert_plans(db, &sum_each, "0/3");
+    runs_of_both(db, &sum_each, &sum_once);
     loom_db_release(db);
     loom_db_pool_free(pool);
 }
