@@ -313,9 +313,8 @@ static void reset_attempt(batch_t *b)
     }
 }
 
-static const loom_db_stmt_t stmt_stream_version = {
-    "loom_events_stream_version",
-    "SELECT coalesce(max(version), 0) FROM loom_events WHERE stream_id = $1", 1};
+static const loom_db_stmt_t stmt_stream_version = {"loom_events_stream_version",
+                                                   LOOM_SQL_STREAM_VERSION, 1, .plan_once = true};
 
 int loom_emit(loom_msg_t *msg, const char *stream_id, int64_t expected_version, const char *type,
               json_t *data, loom_error_t *err)

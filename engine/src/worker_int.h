@@ -85,6 +85,11 @@ struct loom_worker {
     "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], "       \
     "$7::text[]) AS u(s, r, id, t, d, ray, c)"
 
+/* A stream's version (0: none yet), read from the last entry of the stream
+ * in loom_events_pkey; planned once, checked by test_dedup_plan as above. */
+#define LOOM_SQL_STREAM_VERSION \
+    "SELECT coalesce(max(version), 0) FROM loom_events WHERE stream_id = $1"
+
 /* Thread bodies. */
 void *loom__consumer_run(void *arg);
 void *loom__outbox_relay_run(void *arg);

@@ -6,7 +6,8 @@
  * So does the gateway's ?wait status lookup (engine/src/gateway_int.h,
  * LOOM_SQL_WAIT_STATUS), on loom_commands_by_message, and the relative event
  * append (LOOM_SQL_EVENTS_APPEND_RELATIVE), whose subquery reads each
- * stream's last version from loom_events_pkey. All three are planned once
+ * stream's last version from loom_events_pkey, and the read of one stream's
+ * version (LOOM_SQL_STREAM_VERSION). All four are planned once
  * per connection (plan_once): the generic plan made on an empty table is the
  * one they keep. EXPLAIN runs on the very statement texts the consumer and
  * the gateway prepare.
@@ -89,6 +90,11 @@ static const lookup_t append = {
     "array_fill('t'::text, ARRAY[200]), array_fill('{}'::text, ARRAY[200]), "
     "array_fill(NULL::text, ARRAY[200]), array_fill(NULL::text, ARRAY[200])",
     "stream_id = u.s"};
+/* A stream's version before an append that expects one (the "ids" are one
+ * stream's name here). */
+static const lookup_t stream_version = {
+    LOOM_SQL_STREAM_VERSION, 1, "Index Only Scan Backward using loom_events_pkey", "", "",
+    "stream_id = "};
 
 /* The plan of a statement for 200 ids under plan_cache_mode `mode`, as one
  * string. */
@@ -148,6 +154,7 @@ static void assert_probes(const char *when)
     assert_probes_of(&dedup, when);
     assert_probes_of(&wait_status, when);
     assert_probes_of(&append, when);
+    assert_probes_of(&stream_version, when);
 }
 
 static void assert_never_analyzed(void)
