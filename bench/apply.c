@@ -26,6 +26,10 @@
  * time goes to stderr. BENCH_AUTOVACUUM=0 turns autovacuum off for the
  * tables the run writes, so that nothing analyzes them during the run.
  *
+ * BENCH_APPLY_THREADS=N (default 4, as LOOM_WORKER_APPLY_THREADS) sets the
+ * worker's apply threads; its pool has N + 4 connections, as `loom worker`
+ * gives it.
+ *
  * Each run also tells on stderr what ran in the server meanwhile (autovacuum
  * and autoanalyze of the tables written, checkpoints): the usual suspects
  * when two runs differ.
@@ -131,6 +135,9 @@ static char *index_ddl(PGconn *c, const char *what, const char *table, int part)
  * others; ids cmd-1...) and in loom_events (a million streams of up to ten
  * versions each, account-acct-0... among them: the streams the run appends
  * to). Returns the seconds it took. */
+/* LOOM_WORKER_APPLY_THREADS of the worker under test (BENCH_APPLY_THREADS). */
+static int apply_threads = 4;
+
 static double prefill(const char *url, const char *consumer, long rows, int analyze)
 {
     PGconn *c1 = PQconnectdb(url), *c2 = PQconnectdb(url);
@@ -223,7 +230,8 @@ static double run(const char *brokers, const char *admin, long n, int batch, int
     snprintf(url, sizeof(url), "%.*s/%s", (int)(slash - admin), admin, db);
     loom_error_t err;
     loom_db_pool_t *pool = NULL;
-    loom_db_pool_opts_t po = {.size = 4};
+    /* Sized as `loom worker` sizes its pool: the apply threads and 4 more. */
+    loom_db_pool_opts_t po = {.size = apply_threads + 4};
     if (loom_db_pool_new(url, &po, &pool, &err) != 0) {
         fprintf(stderr, "bench_apply: %s\n", err.message);
         exit(1);
@@ -285,7 +293,11 @@ static double run(const char *brokers, const char *admin, long n, int batch, int
     def.name = name;
     def.topics = topics;
     def.batch_size = batch;
-    loom_worker_opts_t wo = {.brokers = brokers, .pool = pool, .consumers = &def, .n_consumers = 1};
+    loom_worker_opts_t wo = {.brokers = brokers,
+                             .pool = pool,
+                             .consumers = &def,
+                             .n_consumers = 1,
+                             .apply_threads = apply_threads};
     PGconn *c = PQconnectdb(url);
     long long before[3], after[3];
     server_activity(c, before);
@@ -355,6 +367,9 @@ int main(int argc, char **argv)
     fill.analyze = !e || atoi(e) != 0;
     e = getenv("BENCH_AUTOVACUUM");
     fill.autovacuum = !e || atoi(e) != 0;
+    e = getenv("BENCH_APPLY_THREADS");
+    if (e && atoi(e) > 0 && atoi(e) <= 64)
+        apply_threads = atoi(e);
     for (int i = 0; i < nb; i++) {
         double r = run(argv[1], argv[2], n, batches[i], 0, &fill);
         if (fill.rows > 0)
