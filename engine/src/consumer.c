@@ -2002,6 +2002,9 @@ static int retrying_parts(consumer_rt_t *rt, int64_t now, int64_t *next_free)
  * are asked at the next checks, in turn. */
 #define STALL_CHECK_BUDGET_MS  50
 #define STALL_QUERY_TIMEOUT_MS 500
+/* A partition that fetched within this long has a fresh cached watermark:
+ * every fetch answer carries it. */
+#define WATERMARK_FRESH_MS 1000
 /* The least a stalled partition waits after its seek before a rejoin. */
 #define STALL_REJOIN_MS 60000
 
@@ -2094,9 +2097,14 @@ static void check_stalls(consumer_rt_t *rt)
         int64_t lo = 0, hi = 0;
         bool idle = !ps->fetch_paused && now - ps->last_msg_ms >= w->opts.stall_after_ms;
         /* Cached watermarks are free; an idle partition gets a fresh answer
-         * while the budget lasts, and so does one holding commands (paused,
-         * or a key waiting: its cached watermark may not move). */
-        bool holding = ps->fetch_paused || ps->held || kq_count(&ps->q) > 0;
+         * while the budget lasts, and so does one holding commands that
+         * fetches nothing (paused, or a key waiting: its cached watermark
+         * may not move). A partition that is flowing is not asked: each
+         * question is a round trip to the broker that holds this loop, and
+         * so every command waiting in it (up to the budget every few
+         * seconds: the ?wait tail of a loaded worker). */
+        bool flowing = !ps->fetch_paused && now - ps->last_msg_ms < WATERMARK_FRESH_MS;
+        bool holding = !flowing && (ps->fetch_paused || ps->held || kq_count(&ps->q) > 0);
         bool ask = (idle || holding) && loom_mono_ms() < budget_end;
         rd_kafka_resp_err_t e =
             ask ? rd_kafka_query_watermark_offsets(rt->rk, tp->topic, tp->partition, &lo, &hi,
