@@ -187,18 +187,8 @@ static size_t index_from(const keyq_t *q, int64_t offset)
 
 kq_item_t *kq_find(keyq_t *q, int64_t offset)
 {
-    size_t lo = 0, hi = q->n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        int64_t o = at(q, mid)->offset;
-        if (o == offset)
-            return at(q, mid);
-        if (o < offset)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return NULL;
+    size_t i = index_from(q, offset);
+    return i < q->n && at(q, i)->offset == offset ? at(q, i) : NULL;
 }
 
 /*
