@@ -2456,9 +2456,7 @@ static bool consumer_leave(consumer_rt_t *rt, int64_t until)
                     !kafka_bounded(rt->rk, KCALL_UNASSIGN, 0, UNASSIGN_WAIT_MS, rt->wc->def->name);
             rd_kafka_event_destroy(ev);
         }
-        if (stuck)
-            closed = false;
-        else if (!closed)
+        if (!closed && !stuck) /* a stuck unassign logged already */
             LOOM_WARN("gave up leaving the consumer group: the broker does not answer",
                       "consumer=%s waited_ms=%d", rt->wc->def->name, CONSUMER_CLOSE_MS);
     }
