@@ -131,13 +131,13 @@ static char *index_ddl(PGconn *c, const char *what, const char *table, int part)
     return out;
 }
 
+/* LOOM_WORKER_APPLY_THREADS of the worker under test (BENCH_APPLY_THREADS). */
+static int apply_threads = 4;
+
 /* ROWS rows in loom_commands (a third for this consumer, the rest for two
  * others; ids cmd-1...) and in loom_events (a million streams of up to ten
  * versions each, account-acct-0... among them: the streams the run appends
  * to). Returns the seconds it took. */
-/* LOOM_WORKER_APPLY_THREADS of the worker under test (BENCH_APPLY_THREADS). */
-static int apply_threads = 4;
-
 static double prefill(const char *url, const char *consumer, long rows, int analyze)
 {
     PGconn *c1 = PQconnectdb(url), *c2 = PQconnectdb(url);
